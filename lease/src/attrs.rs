@@ -1,0 +1,320 @@
+//! The value of a lease key: flannel's `LeaseAttrs` JSON plus `NodeName`.
+//!
+//! ```json
+//! {"PublicIP":"198.18.0.11","PublicIPv6":null,"BackendType":"vxlan",
+//!  "BackendData":{"VNI":1,"VtepMAC":"0e:5a:00:00:00:01"},"NodeName":"host-1"}
+//! ```
+//!
+//! The JSON is kept as written (so leases of other flannel versions and
+//! backends survive a round trip); [`LeaseAttrs::backend`] gives the typed
+//! view that weft's own code uses.
+
+use crate::mac::MacAddr;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::net::{Ipv4Addr, Ipv6Addr};
+use thiserror::Error;
+use weft_config::BackendType;
+
+/// One lease's attributes, field for field as flannel stores them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseAttrs {
+    /// The node's underlay IPv4 address; `0.0.0.0` when it has none yet
+    /// (a reservation for a node that has not joined).
+    #[serde(rename = "PublicIP", default = "unspecified_v4")]
+    pub public_ip: Ipv4Addr,
+    /// The node's underlay IPv6 address.
+    #[serde(rename = "PublicIPv6", default)]
+    pub public_ipv6: Option<Ipv6Addr>,
+    /// Backend name as written (`vxlan`, `host-gw`, `ipsec`, or another
+    /// flannel backend such as `udp` or `wireguard`).
+    #[serde(
+        rename = "BackendType",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub backend_type: String,
+    /// Backend-specific data, as written.
+    #[serde(
+        rename = "BackendData",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backend_data: Option<Value>,
+    /// flannel's IPv6 VTEP data, kept as written.
+    #[serde(
+        rename = "BackendV6Data",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backend_v6_data: Option<Value>,
+    /// The node that owns the lease; absent in leases written by flannel.
+    #[serde(rename = "NodeName", default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+}
+
+fn unspecified_v4() -> Ipv4Addr {
+    Ipv4Addr::UNSPECIFIED
+}
+
+/// Backend data, typed, for the backends weft implements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendData {
+    /// `{"VNI":1,"VtepMAC":"0e:5a:..."}`
+    Vxlan { vni: u32, vtep_mac: MacAddr },
+    /// host-gw carries no data.
+    HostGw,
+    /// `{"PublicKey":"<base64 X25519>","KeyEpoch":1}`
+    Ipsec {
+        public_key: [u8; 32],
+        key_epoch: u64,
+    },
+}
+
+/// Why a lease's backend data cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum BackendDataError {
+    #[error("backend type {0:?} is not one weft implements")]
+    UnknownType(String),
+    #[error("{backend} BackendData is invalid: {reason}")]
+    Invalid {
+        backend: &'static str,
+        reason: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VxlanData {
+    #[serde(rename = "VNI")]
+    vni: u32,
+    #[serde(rename = "VtepMAC")]
+    vtep_mac: MacAddr,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IpsecData {
+    #[serde(rename = "PublicKey")]
+    public_key: String,
+    #[serde(rename = "KeyEpoch")]
+    key_epoch: u64,
+}
+
+impl BackendData {
+    /// Reads backend data of the given type, checking it fully.
+    pub fn parse(backend_type: &str, data: Option<&Value>) -> Result<Self, BackendDataError> {
+        let kind: BackendType = backend_type
+            .parse()
+            .map_err(|_| BackendDataError::UnknownType(backend_type.to_string()))?;
+        let invalid = |reason: String| BackendDataError::Invalid {
+            backend: kind.as_str(),
+            reason,
+        };
+        match kind {
+            BackendType::Vxlan => {
+                let data = data.ok_or_else(|| invalid("missing (needs VNI and VtepMAC)".into()))?;
+                let d: VxlanData =
+                    serde_json::from_value(data.clone()).map_err(|e| invalid(e.to_string()))?;
+                if d.vni > 0xFF_FFFF {
+                    return Err(invalid(format!("VNI {} does not fit in 24 bits", d.vni)));
+                }
+                if !d.vtep_mac.is_unicast() {
+                    return Err(invalid(format!(
+                        "VtepMAC {} is not a unicast address",
+                        d.vtep_mac
+                    )));
+                }
+                Ok(BackendData::Vxlan {
+                    vni: d.vni,
+                    vtep_mac: d.vtep_mac,
+                })
+            }
+            BackendType::HostGw => match data {
+                None => Ok(BackendData::HostGw),
+                Some(Value::Object(m)) if m.is_empty() => Ok(BackendData::HostGw),
+                Some(other) => Err(invalid(format!("expected no data, got {other}"))),
+            },
+            BackendType::Ipsec => {
+                let data =
+                    data.ok_or_else(|| invalid("missing (needs PublicKey and KeyEpoch)".into()))?;
+                let d: IpsecData =
+                    serde_json::from_value(data.clone()).map_err(|e| invalid(e.to_string()))?;
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(d.public_key.as_bytes())
+                    .map_err(|e| invalid(format!("PublicKey is not base64: {e}")))?;
+                let public_key: [u8; 32] = raw.as_slice().try_into().map_err(|_| {
+                    invalid(format!(
+                        "PublicKey is {} bytes; an X25519 key is 32",
+                        raw.len()
+                    ))
+                })?;
+                Ok(BackendData::Ipsec {
+                    public_key,
+                    key_epoch: d.key_epoch,
+                })
+            }
+        }
+    }
+
+    /// The backend this data belongs to.
+    pub fn backend_type(&self) -> BackendType {
+        match self {
+            BackendData::Vxlan { .. } => BackendType::Vxlan,
+            BackendData::HostGw => BackendType::HostGw,
+            BackendData::Ipsec { .. } => BackendType::Ipsec,
+        }
+    }
+
+    /// The data as lease JSON (`None` for host-gw, which has none).
+    pub fn to_value(&self) -> Option<Value> {
+        match self {
+            BackendData::Vxlan { vni, vtep_mac } => {
+                Some(json!({"VNI": vni, "VtepMAC": vtep_mac.to_string()}))
+            }
+            BackendData::HostGw => None,
+            BackendData::Ipsec {
+                public_key,
+                key_epoch,
+            } => Some(json!({
+                "PublicKey": base64::engine::general_purpose::STANDARD.encode(public_key),
+                "KeyEpoch": key_epoch,
+            })),
+        }
+    }
+}
+
+impl LeaseAttrs {
+    /// Attributes for a weft node.
+    pub fn new(
+        node_name: &str,
+        public_ip: Option<Ipv4Addr>,
+        public_ipv6: Option<Ipv6Addr>,
+        backend: &BackendData,
+    ) -> Self {
+        LeaseAttrs {
+            public_ip: public_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            public_ipv6,
+            backend_type: backend.backend_type().as_str().to_string(),
+            backend_data: backend.to_value(),
+            backend_v6_data: None,
+            node_name: Some(node_name.to_string()),
+        }
+    }
+
+    /// The typed backend data.
+    pub fn backend(&self) -> Result<BackendData, BackendDataError> {
+        BackendData::parse(&self.backend_type, self.backend_data.as_ref())
+    }
+
+    /// The public IPv4 address, unless it is unset (`0.0.0.0`).
+    pub fn public_ipv4(&self) -> Option<Ipv4Addr> {
+        (!self.public_ip.is_unspecified()).then_some(self.public_ip)
+    }
+
+    /// Reads lease JSON.
+    pub fn from_json(text: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(text).map_err(|e| e.to_string())
+    }
+
+    /// Writes lease JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("lease attributes always serialize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_flannel_written_leases() {
+        let flannel = br#"{"PublicIP":"198.18.0.5","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}"#;
+        let attrs = LeaseAttrs::from_json(flannel).unwrap();
+        assert_eq!(attrs.node_name, None);
+        assert_eq!(
+            attrs.backend().unwrap(),
+            BackendData::Vxlan {
+                vni: 1,
+                vtep_mac: "c6:d2:32:6f:8f:44".parse().unwrap()
+            }
+        );
+        // Older flannel: no PublicIPv6, no VNI.
+        let old = br#"{"PublicIP":"198.18.0.5","BackendType":"vxlan","BackendData":{"VtepMAC":"82:4b:b6:2f:54:4e"}}"#;
+        let attrs = LeaseAttrs::from_json(old).unwrap();
+        assert!(attrs.backend().is_err());
+        // Backends weft does not implement are still leases.
+        let wg = br#"{"PublicIP":"198.18.0.6","BackendType":"wireguard","BackendData":{"PublicKey":"abc"}}"#;
+        let attrs = LeaseAttrs::from_json(wg).unwrap();
+        assert!(matches!(
+            attrs.backend(),
+            Err(BackendDataError::UnknownType(_))
+        ));
+        let round = LeaseAttrs::from_json(attrs.to_json().as_bytes()).unwrap();
+        assert_eq!(round, attrs);
+    }
+
+    #[test]
+    fn writes_flannel_readable_json() {
+        let attrs = LeaseAttrs::new(
+            "host-1",
+            Some("198.18.0.11".parse().unwrap()),
+            None,
+            &BackendData::Vxlan {
+                vni: 1,
+                vtep_mac: "0e:5a:00:00:00:01".parse().unwrap(),
+            },
+        );
+        let v: Value = serde_json::from_str(&attrs.to_json()).unwrap();
+        assert_eq!(v["PublicIP"], "198.18.0.11");
+        assert_eq!(v["PublicIPv6"], Value::Null);
+        assert_eq!(v["BackendType"], "vxlan");
+        assert_eq!(v["BackendData"]["VNI"], 1);
+        assert_eq!(v["BackendData"]["VtepMAC"], "0e:5a:00:00:00:01");
+        assert_eq!(v["NodeName"], "host-1");
+    }
+
+    #[test]
+    fn backend_data_validation() {
+        assert!(BackendData::parse(
+            "vxlan",
+            Some(&json!({"VNI":1,"VtepMAC":"01:00:00:00:00:01"}))
+        )
+        .is_err());
+        assert!(BackendData::parse(
+            "vxlan",
+            Some(&json!({"VNI":16777216,"VtepMAC":"02:00:00:00:00:01"}))
+        )
+        .is_err());
+        assert!(BackendData::parse("vxlan", Some(&json!("garbage"))).is_err());
+        assert!(BackendData::parse("vxlan", None).is_err());
+        assert_eq!(
+            BackendData::parse("host-gw", None).unwrap(),
+            BackendData::HostGw
+        );
+        assert!(BackendData::parse("host-gw", Some(&json!({"x":1}))).is_err());
+        let key = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+        let ipsec =
+            BackendData::parse("ipsec", Some(&json!({"PublicKey": key, "KeyEpoch": 3}))).unwrap();
+        assert_eq!(
+            ipsec,
+            BackendData::Ipsec {
+                public_key: [7; 32],
+                key_epoch: 3
+            }
+        );
+        assert_eq!(
+            BackendData::parse("ipsec", ipsec.to_value().as_ref()).unwrap(),
+            ipsec
+        );
+        let short = base64::engine::general_purpose::STANDARD.encode([7u8; 31]);
+        assert!(
+            BackendData::parse("ipsec", Some(&json!({"PublicKey": short, "KeyEpoch": 3}))).is_err()
+        );
+        assert!(matches!(
+            BackendData::parse("udp", None),
+            Err(BackendDataError::UnknownType(_))
+        ));
+    }
+}

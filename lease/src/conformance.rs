@@ -1,0 +1,505 @@
+//! The store conformance suite: what every [`LeaseStore`] must do, checked
+//! the same way against [`MemoryStore`](crate::MemoryStore) and a real etcd.
+//!
+//! Use [`conformance_tests!`](crate::conformance_tests) with an async
+//! function that returns a fresh, empty store; it expands to one test per
+//! check.
+
+use crate::store::{LeaseStore, StoreError, StoreEvent, WatchStream};
+use crate::{BackendData, LeaseAttrs, LeaseId, SubnetKey};
+use futures::StreamExt;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A store under test.
+pub type Store = Arc<dyn LeaseStore>;
+
+/// Expands to one `#[tokio::test]` per conformance check. `$make` is an
+/// async fn returning a fresh `Arc<dyn LeaseStore>`; attributes given before
+/// it (e.g. `#[ignore = "..."]`) go on every test.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($(#[$attr:meta])* $make:path) => {
+        $crate::conformance_tests!(@each [$(#[$attr])*] $make;
+            create_claims_a_subnet_once,
+            dual_stack_keys_guard_the_ipv4_subnet,
+            concurrent_creates_have_one_winner,
+            reservation_has_no_lease_and_stays,
+            expired_lease_is_deleted_and_watch_reports_it,
+            keep_alive_renews_the_same_lease,
+            update_is_compare_and_set,
+            delete_is_compare_and_set,
+            revoke_deletes_keys_and_is_idempotent,
+            watch_replays_from_a_revision_then_follows,
+            compaction_is_reported,
+            snapshot_at_reads_the_past,
+            corrupt_entries_are_reported_not_fatal,
+            config_is_stored_and_watched,
+            flannel_written_lease_is_read,
+            unknown_etcd_lease_is_not_found,
+            requests_are_counted
+        );
+    };
+    (@each $attrs:tt $make:path; $($name:ident),*) => {
+        $( $crate::conformance_tests!(@one $attrs $make, $name); )*
+    };
+    (@one [$(#[$attr:meta])*] $make:path, $name:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])*
+        async fn $name() {
+            let store = $make().await;
+            $crate::conformance::$name(store).await;
+        }
+    };
+}
+
+fn key(s: &str) -> SubnetKey {
+    s.parse().expect("test key")
+}
+
+fn attrs(node: &str, ip: &str) -> LeaseAttrs {
+    LeaseAttrs::new(
+        node,
+        Some(ip.parse().expect("test ip")),
+        None,
+        &BackendData::Vxlan {
+            vni: 1,
+            vtep_mac: "0e:00:00:00:00:01".parse().expect("test mac"),
+        },
+    )
+}
+
+/// Reads watch events one at a time across batches.
+struct Events {
+    stream: WatchStream,
+    pending: VecDeque<StoreEvent>,
+}
+
+impl Events {
+    fn new(stream: WatchStream) -> Self {
+        Events {
+            stream,
+            pending: VecDeque::new(),
+        }
+    }
+
+    async fn next(&mut self, within: Duration) -> Result<StoreEvent, StoreError> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Ok(e);
+            }
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Err(_) => panic!("no watch event within {within:?}"),
+                Ok(None) => panic!("watch stream ended"),
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(Some(Ok(batch))) => {
+                    for e in &batch.events {
+                        assert!(
+                            e.revision() <= batch.revision,
+                            "event after its batch revision: {batch:?}"
+                        );
+                    }
+                    self.pending.extend(batch.events);
+                }
+            }
+        }
+    }
+}
+
+pub async fn create_claims_a_subnet_once(store: Store) {
+    let k = key("10.244.3.0-24");
+    let id = store.grant(Duration::from_secs(60)).await.unwrap();
+    let a = attrs("host-1", "198.18.0.11");
+    let lease = store.create(&k, &a, Some(id)).await.unwrap();
+    assert_eq!(lease.key, k);
+    assert_eq!(lease.etcd_lease, Some(id));
+    assert_eq!(lease.create_revision, lease.mod_revision);
+    let err = store
+        .create(&k, &attrs("host-2", "198.18.0.12"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err, StoreError::AlreadyExists(k));
+    let snap = store.snapshot().await.unwrap();
+    assert_eq!(snap.leases.len(), 1);
+    assert_eq!(snap.leases[0].attrs, a);
+    assert_eq!(snap.leases[0].etcd_lease, Some(id));
+    assert_eq!(snap.leases[0].mod_revision, lease.mod_revision);
+    assert!(snap.revision >= lease.mod_revision);
+}
+
+pub async fn dual_stack_keys_guard_the_ipv4_subnet(store: Store) {
+    let v4 = key("10.244.3.0-24");
+    let dual = key("10.244.3.0-24&fd77:0:0:3::-64");
+    store
+        .create(&v4, &attrs("a", "198.18.0.1"), None)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.create(&dual, &attrs("b", "198.18.0.2"), None).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    let dual2 = key("10.244.4.0-24&fd77:0:0:4::-64");
+    store
+        .create(&dual2, &attrs("c", "198.18.0.3"), None)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .create(&key("10.244.4.0-24"), &attrs("d", "198.18.0.4"), None)
+            .await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    // A longer address with the same leading text is another subnet.
+    store
+        .create(&key("10.244.30.0-24"), &attrs("e", "198.18.0.5"), None)
+        .await
+        .unwrap();
+    store
+        .create(&key("10.244.3.0-25"), &attrs("f", "198.18.0.6"), None)
+        .await
+        .unwrap();
+    assert_eq!(store.snapshot().await.unwrap().leases.len(), 4);
+}
+
+pub async fn concurrent_creates_have_one_winner(store: Store) {
+    let k = key("10.244.9.0-24");
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .create(&k, &attrs(&format!("n{i}"), "198.18.0.9"), None)
+                .await
+        }));
+    }
+    let mut won = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => won += 1,
+            Err(StoreError::AlreadyExists(_)) => {}
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert_eq!(won, 1);
+}
+
+pub async fn reservation_has_no_lease_and_stays(store: Store) {
+    let k = key("10.244.7.0-24");
+    let r = store
+        .create(&k, &attrs("reserved-node", "0.0.0.0"), None)
+        .await
+        .unwrap();
+    assert!(r.is_reservation());
+    let snap = store.snapshot().await.unwrap();
+    assert!(snap.leases[0].is_reservation());
+    assert_eq!(snap.leases[0].node_name(), Some("reserved-node"));
+}
+
+pub async fn expired_lease_is_deleted_and_watch_reports_it(store: Store) {
+    let k = key("10.244.5.0-24");
+    let id = store.grant(Duration::from_secs(2)).await.unwrap();
+    let lease = store
+        .create(&k, &attrs("short", "198.18.0.5"), Some(id))
+        .await
+        .unwrap();
+    let reserved = key("10.244.6.0-24");
+    store
+        .create(&reserved, &attrs("keeper", "198.18.0.6"), None)
+        .await
+        .unwrap();
+    let mut events = Events::new(store.watch(lease.mod_revision + 1).await.unwrap());
+    // The reservation's put comes first, then the expiry.
+    loop {
+        match events.next(Duration::from_secs(20)).await.unwrap() {
+            StoreEvent::Put(l) => assert_eq!(l.key, reserved),
+            StoreEvent::Delete {
+                key: gone,
+                revision,
+            } => {
+                assert_eq!(gone, k);
+                assert!(revision > lease.mod_revision);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let snap = store.snapshot().await.unwrap();
+    assert_eq!(snap.leases.len(), 1);
+    assert_eq!(snap.leases[0].key, reserved);
+    assert!(matches!(
+        store.keep_alive(id).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(store.time_to_live(id).await.unwrap(), None);
+}
+
+pub async fn keep_alive_renews_the_same_lease(store: Store) {
+    let k = key("10.244.8.0-24");
+    let id = store.grant(Duration::from_secs(3)).await.unwrap();
+    store
+        .create(&k, &attrs("renewer", "198.18.0.8"), Some(id))
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let ttl = store.keep_alive(id).await.unwrap();
+        assert_eq!(ttl, Duration::from_secs(3));
+    }
+    // 6 s after the grant, twice the TTL: still there, same etcd lease.
+    let snap = store.snapshot().await.unwrap();
+    assert_eq!(snap.leases.len(), 1);
+    assert_eq!(snap.leases[0].etcd_lease, Some(id));
+    let left = store.time_to_live(id).await.unwrap().unwrap();
+    assert!(
+        left <= Duration::from_secs(3) && left >= Duration::from_secs(1),
+        "{left:?}"
+    );
+}
+
+pub async fn update_is_compare_and_set(store: Store) {
+    let k = key("10.244.10.0-24");
+    let id = store.grant(Duration::from_secs(60)).await.unwrap();
+    let first = store
+        .create(&k, &attrs("u", "198.18.0.10"), Some(id))
+        .await
+        .unwrap();
+    let changed = attrs("u", "198.18.0.110");
+    let second = store.update(&first, &changed, Some(id)).await.unwrap();
+    assert!(second.mod_revision > first.mod_revision);
+    assert_eq!(second.create_revision, first.create_revision);
+    // A stale read loses.
+    assert!(matches!(
+        store
+            .update(&first, &attrs("u", "198.18.0.210"), Some(id))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    let snap = store.snapshot().await.unwrap();
+    assert_eq!(snap.leases[0].attrs, changed);
+    assert_eq!(snap.leases[0].etcd_lease, Some(id));
+    // Detaching from the etcd lease turns it into a reservation.
+    let third = store.update(&second, &changed, None).await.unwrap();
+    store.revoke(id).await.unwrap();
+    let snap = store.snapshot().await.unwrap();
+    assert_eq!(snap.leases.len(), 1);
+    assert!(snap.leases[0].is_reservation());
+    store.delete(&k, third.mod_revision).await.unwrap();
+    assert!(matches!(
+        store.update(&third, &changed, None).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+pub async fn delete_is_compare_and_set(store: Store) {
+    let k = key("10.244.11.0-24");
+    let l = store
+        .create(&k, &attrs("d", "198.18.0.11"), None)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.delete(&k, l.mod_revision - 1).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let rev = store.delete(&k, l.mod_revision).await.unwrap();
+    assert!(rev > l.mod_revision);
+    assert!(matches!(
+        store.delete(&k, l.mod_revision).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(store.snapshot().await.unwrap().leases.is_empty());
+}
+
+pub async fn revoke_deletes_keys_and_is_idempotent(store: Store) {
+    let id = store.grant(Duration::from_secs(60)).await.unwrap();
+    store
+        .create(&key("10.244.12.0-24"), &attrs("r", "198.18.0.12"), Some(id))
+        .await
+        .unwrap();
+    store.revoke(id).await.unwrap();
+    assert!(store.snapshot().await.unwrap().leases.is_empty());
+    store.revoke(id).await.unwrap();
+}
+
+pub async fn watch_replays_from_a_revision_then_follows(store: Store) {
+    let a = store
+        .create(&key("10.244.13.0-24"), &attrs("a", "198.18.0.13"), None)
+        .await
+        .unwrap();
+    let b = store
+        .create(&key("10.244.14.0-24"), &attrs("b", "198.18.0.14"), None)
+        .await
+        .unwrap();
+    let c = store
+        .create(&key("10.244.15.0-24"), &attrs("c", "198.18.0.15"), None)
+        .await
+        .unwrap();
+    let mut events = Events::new(store.watch(b.mod_revision).await.unwrap());
+    let first = events.next(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(first, StoreEvent::Put(b.clone()));
+    assert_eq!(
+        events.next(Duration::from_secs(10)).await.unwrap(),
+        StoreEvent::Put(c.clone())
+    );
+    let rev = store.delete(&a.key, a.mod_revision).await.unwrap();
+    assert_eq!(
+        events.next(Duration::from_secs(10)).await.unwrap(),
+        StoreEvent::Delete {
+            key: a.key,
+            revision: rev
+        }
+    );
+}
+
+pub async fn compaction_is_reported(store: Store) {
+    let a = store
+        .create(&key("10.244.16.0-24"), &attrs("a", "198.18.0.16"), None)
+        .await
+        .unwrap();
+    store.delete(&a.key, a.mod_revision).await.unwrap();
+    let b = store
+        .create(&key("10.244.17.0-24"), &attrs("b", "198.18.0.17"), None)
+        .await
+        .unwrap();
+    store.compact(b.mod_revision).await.unwrap();
+    assert!(matches!(
+        store.snapshot_at(a.mod_revision).await,
+        Err(StoreError::Compacted { requested, .. }) if requested == a.mod_revision
+    ));
+    let res = match store.watch(a.mod_revision).await {
+        Err(e) => Err(e),
+        Ok(s) => Events::new(s).next(Duration::from_secs(10)).await,
+    };
+    assert!(matches!(res, Err(StoreError::Compacted { .. })), "{res:?}");
+    // The compaction revision itself is still readable.
+    let snap = store.snapshot_at(b.mod_revision).await.unwrap();
+    assert_eq!(snap.leases.len(), 1);
+}
+
+pub async fn snapshot_at_reads_the_past(store: Store) {
+    store
+        .put_config(r#"{"Network":"10.244.0.0/16"}"#)
+        .await
+        .unwrap();
+    let a = store
+        .create(&key("10.244.18.0-24"), &attrs("a", "198.18.0.18"), None)
+        .await
+        .unwrap();
+    store.delete(&a.key, a.mod_revision).await.unwrap();
+    store
+        .create(&key("10.244.19.0-24"), &attrs("b", "198.18.0.19"), None)
+        .await
+        .unwrap();
+    let past = store.snapshot_at(a.mod_revision).await.unwrap();
+    assert_eq!(past.revision, a.mod_revision);
+    assert_eq!(past.leases.len(), 1);
+    assert_eq!(past.leases[0].key, a.key);
+    assert!(past.config.is_some());
+    let now = store.snapshot().await.unwrap();
+    assert_eq!(now.leases.len(), 1);
+    assert_eq!(now.leases[0].key, key("10.244.19.0-24"));
+}
+
+pub async fn corrupt_entries_are_reported_not_fatal(store: Store) {
+    store
+        .create(&key("10.244.20.0-24"), &attrs("ok", "198.18.0.20"), None)
+        .await
+        .unwrap();
+    let start = store.snapshot().await.unwrap().revision;
+    let mut events = Events::new(store.watch(start + 1).await.unwrap());
+    store
+        .put_raw("subnets/10.244.21.0-24", "{not json", None)
+        .await
+        .unwrap();
+    store
+        .put_raw("subnets/not-a-subnet", "{}", None)
+        .await
+        .unwrap();
+    store.put_raw("elsewhere/ignored", "x", None).await.unwrap();
+    let snap = store.snapshot().await.unwrap();
+    assert_eq!(snap.leases.len(), 1);
+    assert_eq!(snap.corrupt.len(), 2);
+    let with_subnet: Vec<_> = snap.corrupt.iter().filter_map(|c| c.subnet).collect();
+    assert_eq!(with_subnet, vec![key("10.244.21.0-24")]);
+    for _ in 0..2 {
+        match events.next(Duration::from_secs(10)).await.unwrap() {
+            StoreEvent::Corrupt(c) => assert!(c.key.starts_with("subnets/")),
+            other => panic!("expected a corrupt entry, got {other:?}"),
+        }
+    }
+    // The unreadable key still holds its subnet.
+    assert!(matches!(
+        store
+            .create(&key("10.244.21.0-24"), &attrs("x", "198.18.0.21"), None)
+            .await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+}
+
+pub async fn config_is_stored_and_watched(store: Store) {
+    let start = store.snapshot().await.unwrap();
+    assert!(start.config.is_none());
+    let mut events = Events::new(store.watch(start.revision + 1).await.unwrap());
+    let text = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
+    let rev = store.put_config(text).await.unwrap();
+    assert_eq!(
+        events.next(Duration::from_secs(10)).await.unwrap(),
+        StoreEvent::ConfigPut {
+            text: text.into(),
+            revision: rev
+        }
+    );
+    assert_eq!(
+        store.snapshot().await.unwrap().config,
+        Some((text.to_string(), rev))
+    );
+}
+
+pub async fn flannel_written_lease_is_read(store: Store) {
+    let id = store.grant(Duration::from_secs(60)).await.unwrap();
+    let json = r#"{"PublicIP":"198.18.0.50","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}"#;
+    store
+        .put_raw("subnets/10.244.50.0-24", json, Some(id))
+        .await
+        .unwrap();
+    let snap = store.snapshot().await.unwrap();
+    let l = &snap.leases[0];
+    assert_eq!(l.key, key("10.244.50.0-24"));
+    assert_eq!(l.node_name(), None);
+    assert_eq!(l.etcd_lease, Some(id));
+    assert!(l.attrs.backend().is_ok());
+}
+
+pub async fn unknown_etcd_lease_is_not_found(store: Store) {
+    let bogus = LeaseId(0x7777_0000_1234);
+    assert!(matches!(
+        store
+            .create(
+                &key("10.244.60.0-24"),
+                &attrs("x", "198.18.0.60"),
+                Some(bogus)
+            )
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.keep_alive(bogus).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(store.time_to_live(bogus).await.unwrap(), None);
+    assert!(store.snapshot().await.unwrap().leases.is_empty());
+}
+
+pub async fn requests_are_counted(store: Store) {
+    let before = store.requests();
+    let id = store.grant(Duration::from_secs(60)).await.unwrap();
+    store
+        .create(&key("10.244.61.0-24"), &attrs("c", "198.18.0.61"), Some(id))
+        .await
+        .unwrap();
+    let after = store.requests();
+    assert_eq!(after.grant - before.grant, 1);
+    assert_eq!(after.txn - before.txn, 1);
+    assert_eq!(after.total() - before.total(), 2);
+}

@@ -1,0 +1,554 @@
+//! The etcd-backed [`LeaseStore`].
+//!
+//! Keys: `<prefix>/config` and `<prefix>/subnets/<subnet key>`, exactly as
+//! flannel lays them out. A subnet is claimed by a transaction that succeeds
+//! only if no key holds it yet (`create_revision == 0` over the range of keys
+//! that start with its IPv4 part), so any number of writers can allocate at
+//! once without double allocation.
+
+use super::decode::{add_to_snapshot, decode_delete, decode_entry, decode_put};
+use super::{
+    LeaseStore, RequestCounts, Snapshot, StoreError, StoreResult, WatchBatch, WatchStream,
+};
+use crate::attrs::LeaseAttrs;
+use crate::key::SubnetKey;
+use crate::lease::{Lease, LeaseId};
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KvClient, PutOptions, Txn,
+    TxnOp, TxnOpResponse, WatchOptions,
+};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How to reach etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    /// Client URLs, e.g. `http://127.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// Key prefix, e.g. `/weft/network` or flannel's `/coreos.com/network`.
+    pub prefix: String,
+    /// Deadline for each request.
+    pub request_timeout: Duration,
+    /// Deadline for establishing a connection.
+    pub connect_timeout: Duration,
+}
+
+impl EtcdOptions {
+    /// Options with default timeouts (5 s per request, 3 s to connect).
+    pub fn new(endpoints: Vec<String>, prefix: impl Into<String>) -> Self {
+        EtcdOptions {
+            endpoints,
+            prefix: prefix.into(),
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    range: AtomicU64,
+    txn: AtomicU64,
+    put: AtomicU64,
+    grant: AtomicU64,
+    keep_alive: AtomicU64,
+    time_to_live: AtomicU64,
+    revoke: AtomicU64,
+    watch: AtomicU64,
+    other: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Lease store on a real etcd (v3 API).
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    prefix: String,
+    endpoints: Vec<String>,
+    counts: Arc<Counters>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+/// The whole error chain as one line; tonic's transport errors hide the
+/// useful part ("connection refused") in their sources.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+fn map_err(e: etcd_client::Error) -> StoreError {
+    use etcd_client::Error as E;
+    use tonic::Code;
+    match &e {
+        E::GRpcStatus(s) => match s.code() {
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+                StoreError::Unavailable(format!("{}: {}", s.code(), chain_status(s)))
+            }
+            Code::NotFound => StoreError::NotFound(s.message().to_string()),
+            _ => StoreError::Other(format!("{}: {}", s.code(), s.message())),
+        },
+        E::TransportError(_) | E::IoError(_) => StoreError::Unavailable(chain(&e)),
+        E::LeaseKeepAliveError(m) if m.contains("not found") => StoreError::NotFound(m.clone()),
+        E::LeaseKeepAliveError(_) | E::WatchError(_) => StoreError::Unavailable(chain(&e)),
+        _ => StoreError::Other(chain(&e)),
+    }
+}
+
+fn chain_status(s: &tonic::Status) -> String {
+    use std::error::Error as _;
+    let mut m = s.message().to_string();
+    let mut cur = s.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !m.contains(&t) {
+            m.push_str(": ");
+            m.push_str(&t);
+        }
+        cur = c.source();
+    }
+    m
+}
+
+fn compacted_in(e: &StoreError) -> bool {
+    matches!(e, StoreError::Other(m) if m.contains("compacted"))
+}
+
+impl EtcdStore {
+    /// Creates a client. Connection is lazy: this succeeds while etcd is
+    /// down, and requests fail with `Unavailable` until it is up.
+    pub async fn connect(opts: EtcdOptions) -> StoreResult<Self> {
+        if opts.endpoints.is_empty() {
+            return Err(StoreError::Other("no etcd endpoints given".into()));
+        }
+        let prefix = opts.prefix.trim_end_matches('/').to_string();
+        if !prefix.starts_with('/') || prefix.len() < 2 {
+            return Err(StoreError::Other(format!(
+                "etcd prefix {:?} must start with '/' and name a directory, e.g. /weft/network",
+                opts.prefix
+            )));
+        }
+        let connect = ConnectOptions::new()
+            .with_timeout(opts.request_timeout)
+            .with_connect_timeout(opts.connect_timeout)
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
+        let client = Client::connect(&opts.endpoints, Some(connect))
+            .await
+            .map_err(map_err)?;
+        Ok(EtcdStore {
+            client,
+            prefix,
+            endpoints: opts.endpoints,
+            counts: Arc::default(),
+        })
+    }
+
+    /// The key prefix in use (no trailing slash).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn full(&self, rel: &str) -> String {
+        format!("{}/{}", self.prefix, rel)
+    }
+
+    fn subnet_full(&self, key: &SubnetKey) -> String {
+        self.full(&format!("{}{}", super::subnets_prefix(), key))
+    }
+
+    fn rel<'a>(&self, full: &'a [u8]) -> Option<&'a str> {
+        let s = std::str::from_utf8(full).ok()?;
+        s.strip_prefix(&self.prefix)?.strip_prefix('/')
+    }
+
+    fn kv(&self) -> KvClient {
+        // Large clusters list many leases in one response.
+        self.client.kv_client().max_decoding_message_size(256 << 20)
+    }
+
+    async fn read(&self, revision: Option<i64>) -> StoreResult<Snapshot> {
+        bump(&self.counts.range);
+        let mut opts = GetOptions::new().with_prefix();
+        if let Some(r) = revision {
+            opts = opts.with_revision(r);
+        }
+        let resp = self
+            .kv()
+            .get(self.full(""), Some(opts))
+            .await
+            .map_err(map_err)
+            .map_err(|e| match (revision, compacted_in(&e)) {
+                // etcd does not say how far it compacted; 0 means unknown.
+                (Some(requested), true) => StoreError::Compacted {
+                    requested,
+                    compacted: 0,
+                },
+                _ => e,
+            })?;
+        let mut snap = Snapshot {
+            revision: revision.unwrap_or_else(|| resp.header().map_or(0, |h| h.revision())),
+            ..Snapshot::default()
+        };
+        for kv in resp.kvs() {
+            let Some(rel) = self.rel(kv.key()) else {
+                continue;
+            };
+            let entry = decode_entry(
+                rel,
+                kv.value(),
+                kv.create_revision(),
+                kv.mod_revision(),
+                kv.lease(),
+            );
+            add_to_snapshot(&mut snap, entry, kv.mod_revision());
+        }
+        Ok(snap)
+    }
+
+    /// After a failed compare-and-set, tells "gone" from "changed".
+    fn cas_failure(resp: &etcd_client::TxnResponse, what: String) -> StoreError {
+        let gone = resp
+            .op_responses()
+            .iter()
+            .any(|r| matches!(r, TxnOpResponse::Get(g) if g.kvs().is_empty()));
+        if gone {
+            StoreError::NotFound(what)
+        } else {
+            StoreError::Conflict(what)
+        }
+    }
+}
+
+fn header_rev(h: Option<&etcd_client::ResponseHeader>) -> i64 {
+    h.map_or(0, |h| h.revision())
+}
+
+#[async_trait]
+impl LeaseStore for EtcdStore {
+    async fn snapshot(&self) -> StoreResult<Snapshot> {
+        self.read(None).await
+    }
+
+    async fn snapshot_at(&self, revision: i64) -> StoreResult<Snapshot> {
+        self.read(Some(revision)).await
+    }
+
+    async fn watch(&self, from_revision: i64) -> StoreResult<WatchStream> {
+        bump(&self.counts.watch);
+        let mut opts = WatchOptions::new().with_prefix();
+        if from_revision > 0 {
+            opts = opts.with_start_revision(from_revision);
+        }
+        let mut ws = self
+            .client
+            .watch_client()
+            .watch(self.full(""), Some(opts))
+            .await
+            .map_err(map_err)?;
+        let store = self.clone();
+        Ok(super::task_stream(move |tx| async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = tx.closed() => return,
+                    m = ws.message() => m,
+                };
+                let resp = match msg {
+                    Ok(Some(r)) => r,
+                    Ok(None) => {
+                        let _ = tx
+                            .send(Err(StoreError::Unavailable("etcd closed the watch".into())))
+                            .await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(map_err(e))).await;
+                        return;
+                    }
+                };
+                if resp.canceled() {
+                    let err = if resp.compact_revision() > 0 {
+                        StoreError::Compacted {
+                            requested: from_revision,
+                            compacted: resp.compact_revision(),
+                        }
+                    } else {
+                        StoreError::Unavailable(format!(
+                            "etcd cancelled the watch: {}",
+                            resp.cancel_reason()
+                        ))
+                    };
+                    let _ = tx.send(Err(err)).await;
+                    return;
+                }
+                if resp.created() && resp.events().is_empty() {
+                    continue;
+                }
+                let mut batch = WatchBatch {
+                    revision: header_rev(resp.header()),
+                    events: Vec::with_capacity(resp.events().len()),
+                };
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let Some(rel) = store.rel(kv.key()) else {
+                        continue;
+                    };
+                    let event = match ev.event_type() {
+                        EventType::Put => decode_put(
+                            rel,
+                            kv.value(),
+                            kv.create_revision(),
+                            kv.mod_revision(),
+                            kv.lease(),
+                        ),
+                        EventType::Delete => decode_delete(rel, kv.mod_revision()),
+                    };
+                    batch.events.extend(event);
+                }
+                if tx.send(Ok(batch)).await.is_err() {
+                    return;
+                }
+            }
+        }))
+    }
+
+    async fn put_config(&self, text: &str) -> StoreResult<i64> {
+        bump(&self.counts.put);
+        let resp = self
+            .kv()
+            .put(self.full(super::config_key()), text, None)
+            .await
+            .map_err(map_err)?;
+        Ok(header_rev(resp.header()))
+    }
+
+    async fn grant(&self, ttl: Duration) -> StoreResult<LeaseId> {
+        bump(&self.counts.grant);
+        let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let resp = self
+            .client
+            .lease_client()
+            .grant(secs, None)
+            .await
+            .map_err(map_err)?;
+        if !resp.error().is_empty() {
+            return Err(StoreError::Other(format!(
+                "etcd refused the lease: {}",
+                resp.error()
+            )));
+        }
+        Ok(LeaseId(resp.id()))
+    }
+
+    async fn keep_alive(&self, id: LeaseId) -> StoreResult<Duration> {
+        // etcd-client's keep-alive consumes the first answer; a second
+        // message on the same stream reports the TTL it was reset to.
+        bump(&self.counts.keep_alive);
+        let (mut keeper, mut stream) = self
+            .client
+            .lease_client()
+            .keep_alive(id.0)
+            .await
+            .map_err(map_err)
+            .map_err(|e| match e {
+                StoreError::NotFound(_) => StoreError::NotFound(format!("etcd lease {id}")),
+                other => other,
+            })?;
+        bump(&self.counts.keep_alive);
+        keeper.keep_alive().await.map_err(map_err)?;
+        match stream.message().await.map_err(map_err)? {
+            Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl() as u64)),
+            Some(_) => Err(StoreError::NotFound(format!("etcd lease {id}"))),
+            None => Err(StoreError::Unavailable(
+                "etcd closed the keep-alive stream".into(),
+            )),
+        }
+    }
+
+    async fn time_to_live(&self, id: LeaseId) -> StoreResult<Option<Duration>> {
+        bump(&self.counts.time_to_live);
+        let resp = self
+            .client
+            .lease_client()
+            .time_to_live(id.0, None)
+            .await
+            .map_err(map_err)?;
+        Ok((resp.ttl() >= 0).then(|| Duration::from_secs(resp.ttl() as u64)))
+    }
+
+    async fn revoke(&self, id: LeaseId) -> StoreResult<()> {
+        bump(&self.counts.revoke);
+        match self
+            .client
+            .lease_client()
+            .revoke(id.0)
+            .await
+            .map_err(map_err)
+        {
+            Ok(_) | Err(StoreError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn create(
+        &self,
+        key: &SubnetKey,
+        attrs: &LeaseAttrs,
+        lease: Option<LeaseId>,
+    ) -> StoreResult<Lease> {
+        bump(&self.counts.txn);
+        let full = self.subnet_full(key);
+        let guard = match key.ipv4_part() {
+            Some(part) => {
+                // Every key holding this IPv4 subnet starts with its part and
+                // is either exactly it or continues with '&'; '\'' is the byte
+                // after '&', so this range covers exactly those keys.
+                let start = self.full(&format!("{}{}", super::subnets_prefix(), part));
+                let end = format!("{start}'");
+                Compare::create_revision(start, CompareOp::Equal, 0).with_range(end)
+            }
+            None => Compare::create_revision(full.clone(), CompareOp::Equal, 0),
+        };
+        let put = PutOptions::new().with_lease(lease.map_or(0, |l| l.0));
+        let txn = Txn::new().when([guard]).and_then([TxnOp::put(
+            full.clone(),
+            attrs.to_json(),
+            Some(put),
+        )]);
+        let resp = self.kv().txn(txn).await.map_err(map_err)?;
+        if !resp.succeeded() {
+            return Err(StoreError::AlreadyExists(*key));
+        }
+        let rev = header_rev(resp.header());
+        Ok(Lease {
+            key: *key,
+            attrs: attrs.clone(),
+            etcd_lease: lease,
+            create_revision: rev,
+            mod_revision: rev,
+        })
+    }
+
+    async fn update(
+        &self,
+        current: &Lease,
+        attrs: &LeaseAttrs,
+        lease: Option<LeaseId>,
+    ) -> StoreResult<Lease> {
+        bump(&self.counts.txn);
+        let full = self.subnet_full(&current.key);
+        let put = PutOptions::new().with_lease(lease.map_or(0, |l| l.0));
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                full.clone(),
+                CompareOp::Equal,
+                current.mod_revision,
+            )])
+            .and_then([TxnOp::put(full.clone(), attrs.to_json(), Some(put))])
+            .or_else([TxnOp::get(full, None)]);
+        let resp = self.kv().txn(txn).await.map_err(map_err)?;
+        if !resp.succeeded() {
+            return Err(Self::cas_failure(&resp, format!("lease {}", current.key)));
+        }
+        Ok(Lease {
+            key: current.key,
+            attrs: attrs.clone(),
+            etcd_lease: lease,
+            create_revision: current.create_revision,
+            mod_revision: header_rev(resp.header()),
+        })
+    }
+
+    async fn delete(&self, key: &SubnetKey, mod_revision: i64) -> StoreResult<i64> {
+        bump(&self.counts.txn);
+        let full = self.subnet_full(key);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                full.clone(),
+                CompareOp::Equal,
+                mod_revision,
+            )])
+            .and_then([TxnOp::delete(full.clone(), None)])
+            .or_else([TxnOp::get(full, None)]);
+        let resp = self.kv().txn(txn).await.map_err(map_err)?;
+        if !resp.succeeded() {
+            return Err(Self::cas_failure(&resp, format!("lease {key}")));
+        }
+        Ok(header_rev(resp.header()))
+    }
+
+    async fn put_raw(&self, key: &str, value: &str, lease: Option<LeaseId>) -> StoreResult<i64> {
+        bump(&self.counts.put);
+        let opts = PutOptions::new().with_lease(lease.map_or(0, |l| l.0));
+        let resp = self
+            .kv()
+            .put(self.full(key), value, Some(opts))
+            .await
+            .map_err(map_err)?;
+        Ok(header_rev(resp.header()))
+    }
+
+    async fn compact(&self, revision: i64) -> StoreResult<()> {
+        bump(&self.counts.other);
+        match self.kv().compact(revision, None).await.map_err(map_err) {
+            Ok(_) => Ok(()),
+            Err(e) if compacted_in(&e) => Err(StoreError::Compacted {
+                requested: revision,
+                compacted: 0,
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        bump(&self.counts.other);
+        self.client
+            .maintenance_client()
+            .status()
+            .await
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
+    fn requests(&self) -> RequestCounts {
+        let c = &self.counts;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RequestCounts {
+            range: l(&c.range),
+            txn: l(&c.txn),
+            put: l(&c.put),
+            grant: l(&c.grant),
+            keep_alive: l(&c.keep_alive),
+            time_to_live: l(&c.time_to_live),
+            revoke: l(&c.revoke),
+            watch: l(&c.watch),
+            other: l(&c.other),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("etcd {} prefix {}", self.endpoints.join(","), self.prefix)
+    }
+}

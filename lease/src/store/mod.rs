@@ -1,0 +1,244 @@
+//! Where leases live: the [`LeaseStore`] trait, implemented by [`EtcdStore`]
+//! (production) and [`MemoryStore`] (unit tests). Both pass the same
+//! conformance suite (`weft_lease::conformance`).
+//!
+//! The store speaks etcd's model: every change has a revision, a key can be
+//! attached to an expiring lease, writes are compare-and-set, and a watch
+//! replays changes from a revision or reports that it was compacted.
+
+mod decode;
+mod etcd;
+mod memory;
+
+pub(crate) use decode::Entry;
+pub use decode::{config_key, subnets_prefix};
+pub use etcd::{EtcdOptions, EtcdStore};
+pub use memory::MemoryStore;
+
+use crate::attrs::LeaseAttrs;
+use crate::key::SubnetKey;
+use crate::lease::{Lease, LeaseId};
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use std::time::Duration;
+use thiserror::Error;
+
+/// Errors from a lease store.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum StoreError {
+    /// The store cannot be reached or did not answer in time.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// `create` found the subnet already held.
+    #[error("subnet {0} is already leased")]
+    AlreadyExists(SubnetKey),
+    /// A compare-and-set lost: the key changed since it was read.
+    #[error("{0} changed concurrently")]
+    Conflict(String),
+    /// The key or etcd lease does not exist (any more).
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The requested revision is older than the store's history.
+    #[error("revision {requested} is compacted (oldest available is {compacted})")]
+    Compacted { requested: i64, compacted: i64 },
+    /// Any other failure reported by the store.
+    #[error("store error: {0}")]
+    Other(String),
+}
+
+/// Result of store operations.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A key under `subnets/` whose key or value cannot be read. It is reported
+/// and skipped, and its subnet (when the key names one) is never handed out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorruptEntry {
+    /// The key relative to the prefix (`subnets/...`).
+    pub key: String,
+    /// The subnet, when the key itself is readable.
+    pub subnet: Option<SubnetKey>,
+    /// What is wrong.
+    pub reason: String,
+    /// Revision of the entry's last change.
+    pub mod_revision: i64,
+}
+
+/// Everything under the prefix at one revision.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The store revision the snapshot was read at.
+    pub revision: i64,
+    /// The raw config text and its revision, if the config key exists.
+    pub config: Option<(String, i64)>,
+    /// Readable leases and reservations.
+    pub leases: Vec<Lease>,
+    /// Unreadable entries under `subnets/`.
+    pub corrupt: Vec<CorruptEntry>,
+}
+
+/// One change seen by a watch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreEvent {
+    /// A lease was created or changed.
+    Put(Lease),
+    /// A lease key was deleted (released, expired, or removed by hand).
+    Delete { key: SubnetKey, revision: i64 },
+    /// A key under `subnets/` was written with something unreadable.
+    Corrupt(CorruptEntry),
+    /// An unreadable key under `subnets/` was deleted.
+    CorruptDeleted { key: String, revision: i64 },
+    /// The config key was written.
+    ConfigPut { text: String, revision: i64 },
+    /// The config key was deleted.
+    ConfigDelete { revision: i64 },
+}
+
+impl StoreEvent {
+    /// The revision of the change.
+    pub fn revision(&self) -> i64 {
+        match self {
+            StoreEvent::Put(l) => l.mod_revision,
+            StoreEvent::Delete { revision, .. }
+            | StoreEvent::CorruptDeleted { revision, .. }
+            | StoreEvent::ConfigPut { revision, .. }
+            | StoreEvent::ConfigDelete { revision } => *revision,
+            StoreEvent::Corrupt(c) => c.mod_revision,
+        }
+    }
+}
+
+/// The changes of one store response; `revision` is the store's revision
+/// when it was sent (at least the revision of every event in it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchBatch {
+    pub revision: i64,
+    pub events: Vec<StoreEvent>,
+}
+
+/// A live watch. It ends with an error when the store goes away or the
+/// watch was compacted; callers re-list and watch again.
+pub type WatchStream = BoxStream<'static, StoreResult<WatchBatch>>;
+
+/// Counts of requests sent to the store, by operation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestCounts {
+    pub range: u64,
+    pub txn: u64,
+    pub put: u64,
+    pub grant: u64,
+    pub keep_alive: u64,
+    pub time_to_live: u64,
+    pub revoke: u64,
+    pub watch: u64,
+    pub other: u64,
+}
+
+impl RequestCounts {
+    /// All requests.
+    pub fn total(&self) -> u64 {
+        self.range
+            + self.txn
+            + self.put
+            + self.grant
+            + self.keep_alive
+            + self.time_to_live
+            + self.revoke
+            + self.watch
+            + self.other
+    }
+
+    /// `(operation, count)` pairs, for metrics.
+    pub fn by_op(&self) -> [(&'static str, u64); 9] {
+        [
+            ("range", self.range),
+            ("txn", self.txn),
+            ("put", self.put),
+            ("grant", self.grant),
+            ("keep_alive", self.keep_alive),
+            ("time_to_live", self.time_to_live),
+            ("revoke", self.revoke),
+            ("watch", self.watch),
+            ("other", self.other),
+        ]
+    }
+}
+
+/// Where leases and the network config are kept.
+#[async_trait]
+pub trait LeaseStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Reads the config and all leases in one consistent read.
+    async fn snapshot(&self) -> StoreResult<Snapshot>;
+
+    /// Reads them as they were at `revision`; `Compacted` if that is gone.
+    async fn snapshot_at(&self, revision: i64) -> StoreResult<Snapshot>;
+
+    /// Streams every change with a revision `>= from_revision`.
+    async fn watch(&self, from_revision: i64) -> StoreResult<WatchStream>;
+
+    /// Writes the config text (the caller validates it). Returns the revision.
+    async fn put_config(&self, text: &str) -> StoreResult<i64>;
+
+    /// Grants an etcd lease with this TTL (whole seconds).
+    async fn grant(&self, ttl: Duration) -> StoreResult<LeaseId>;
+
+    /// Renews an etcd lease; returns its TTL. `NotFound` if it expired.
+    async fn keep_alive(&self, id: LeaseId) -> StoreResult<Duration>;
+
+    /// Time left on an etcd lease; `None` if it does not exist.
+    async fn time_to_live(&self, id: LeaseId) -> StoreResult<Option<Duration>>;
+
+    /// Revokes an etcd lease, deleting its keys. Revoking a lease that does
+    /// not exist succeeds.
+    async fn revoke(&self, id: LeaseId) -> StoreResult<()>;
+
+    /// Creates a lease key if no key holds any of its subnets, attached to
+    /// `lease` (or none: a reservation). `AlreadyExists` otherwise.
+    async fn create(
+        &self,
+        key: &SubnetKey,
+        attrs: &LeaseAttrs,
+        lease: Option<LeaseId>,
+    ) -> StoreResult<Lease>;
+
+    /// Rewrites an existing lease if it is unchanged since `current` was read
+    /// (`Conflict` otherwise), attaching it to `lease`.
+    async fn update(
+        &self,
+        current: &Lease,
+        attrs: &LeaseAttrs,
+        lease: Option<LeaseId>,
+    ) -> StoreResult<Lease>;
+
+    /// Deletes a lease key if its revision is still `mod_revision`. Returns
+    /// the store revision after the delete. `NotFound` if the key is gone,
+    /// `Conflict` if it changed.
+    async fn delete(&self, key: &SubnetKey, mod_revision: i64) -> StoreResult<i64>;
+
+    /// Writes a raw value under the prefix, with no checks: for tools and for
+    /// tests that need to write what another program (flannel) would.
+    async fn put_raw(&self, key: &str, value: &str, lease: Option<LeaseId>) -> StoreResult<i64>;
+
+    /// Discards history before `revision`.
+    async fn compact(&self, revision: i64) -> StoreResult<()>;
+
+    /// Checks that the store answers.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Requests sent so far.
+    fn requests(&self) -> RequestCounts;
+
+    /// A one-line description for logs (`etcd http://... prefix /weft/network`).
+    fn describe(&self) -> String;
+}
+
+/// A stream fed by a spawned task, ending when the task ends. The task should
+/// stop when `tx` is closed (the reader went away).
+pub(crate) fn task_stream<F, Fut>(body: F) -> WatchStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<StoreResult<WatchBatch>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(body(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

@@ -1,0 +1,87 @@
+//! Child processes tied to the life of the test (or benchmark) process.
+//!
+//! Children are spawned from one long-lived thread with `PR_SET_PDEATHSIG`,
+//! so the kernel kills them when this process dies for any reason (the
+//! signal is tied to the thread that forked, which is why it is one thread
+//! that lives as long as the process). Normal teardown still stops them by
+//! PID in `Drop`.
+
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+
+type Request = (Command, mpsc::Sender<io::Result<Child>>);
+
+fn spawner() -> &'static Mutex<mpsc::Sender<Request>> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Request>();
+        std::thread::Builder::new()
+            .name("weft-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+                // Keep the thread (the children's parent) alive until exit.
+                loop {
+                    std::thread::park();
+                }
+            })
+            .expect("spawn the process spawner thread");
+        Mutex::new(tx)
+    })
+}
+
+/// Spawns `cmd` so that it is killed (SIGKILL) when this process exits.
+pub fn spawn_tied(mut cmd: Command) -> io::Result<Child> {
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls prctl(2) and getppid(2), which are async-signal-safe; it touches
+    // no memory shared with the parent and allocates nothing.
+    let parent = std::process::id() as libc::pid_t;
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() != parent {
+                return Err(io::Error::other("parent exited before the child started"));
+            }
+            Ok(())
+        });
+    }
+    let (tx, rx) = mpsc::channel();
+    spawner()
+        .lock()
+        .expect("spawner lock")
+        .send((cmd, tx))
+        .map_err(|_| io::Error::other("spawner thread is gone"))?;
+    rx.recv()
+        .map_err(|_| io::Error::other("spawner thread is gone"))?
+}
+
+/// Stops a child by PID: SIGTERM, then SIGKILL after `grace`, then reaps it.
+pub fn stop(child: &mut Child, grace: std::time::Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: kill(2) with a PID we own and have not reaped yet (try_wait
+    // above returned None), so the PID cannot have been reused.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
