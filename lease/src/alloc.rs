@@ -2,11 +2,15 @@
 //!
 //! Subnets are handed out from the config's pool (`SubnetMin..=SubnetMax`).
 //! With dual stack, the `i`th IPv4 subnet pairs with the `i`th IPv6 subnet,
-//! so the IPv4 part of a key determines the whole key.
+//! so the IPv4 part of a key determines the whole key. [`Occupancy`] counts
+//! what existing keys occupy and is updated incrementally, so picking a
+//! subnet does not rescan every lease.
 
 use crate::key::SubnetKey;
+use ipnet::{Ipv4Net, Ipv6Net};
 use rand::Rng;
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::hash::Hash;
 use thiserror::Error;
 use weft_config::NetworkConfig;
 
@@ -37,54 +41,6 @@ pub fn key_fits(config: &NetworkConfig, key: &SubnetKey) -> bool {
     v4_ok && v6_ok
 }
 
-/// The pool positions that existing keys occupy.
-#[derive(Debug, Clone, Default)]
-pub struct Taken {
-    indexes: HashSet<u128>,
-}
-
-impl Taken {
-    /// Marks the pool positions `key` occupies (none if it is outside the pool).
-    pub fn insert(&mut self, config: &NetworkConfig, key: &SubnetKey) {
-        if let (Some(pool), Some(n)) = (&config.ipv4, key.ipv4()) {
-            if let Some(i) = pool.index_of(&n) {
-                self.indexes.insert(i);
-            }
-        }
-        if let (Some(pool), Some(n)) = (&config.ipv6, key.ipv6()) {
-            if let Some(i) = pool.index_of(&n) {
-                self.indexes.insert(i);
-            }
-        }
-    }
-
-    /// Builds the set from keys.
-    pub fn from_keys<'a>(
-        config: &NetworkConfig,
-        keys: impl IntoIterator<Item = &'a SubnetKey>,
-    ) -> Self {
-        let mut t = Taken::default();
-        for k in keys {
-            t.insert(config, k);
-        }
-        t
-    }
-
-    /// Number of occupied pool positions.
-    pub fn len(&self) -> usize {
-        self.indexes.len()
-    }
-
-    /// Whether no position is occupied.
-    pub fn is_empty(&self) -> bool {
-        self.indexes.is_empty()
-    }
-
-    fn contains(&self, i: u128) -> bool {
-        self.indexes.contains(&i)
-    }
-}
-
 /// The key at pool position `index`.
 pub fn key_at(config: &NetworkConfig, index: u128) -> Option<SubnetKey> {
     let v4 = match &config.ipv4 {
@@ -98,48 +54,147 @@ pub fn key_at(config: &NetworkConfig, index: u128) -> Option<SubnetKey> {
     SubnetKey::new(v4, v6).ok()
 }
 
-/// Whether `key` can be handed out now: it fits the network, and none of its
-/// subnets collides with a taken key.
-pub fn is_free(
-    config: &NetworkConfig,
-    taken_keys: &HashSet<SubnetKey>,
-    taken: &Taken,
-    key: &SubnetKey,
-) -> bool {
-    if !key_fits(config, key) || taken_keys.contains(key) {
-        return false;
+fn bump<K: Hash + Eq>(map: &mut HashMap<K, u32>, k: K, up: bool) {
+    if up {
+        *map.entry(k).or_default() += 1;
+    } else if let Some(n) = map.get_mut(&k) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&k);
+        }
     }
-    let mut probe = Taken::default();
-    probe.insert(config, key);
-    !probe.indexes.iter().any(|i| taken.contains(*i))
-        && !taken_keys.iter().any(|k| shares_subnet(k, key))
 }
 
-fn shares_subnet(a: &SubnetKey, b: &SubnetKey) -> bool {
-    (a.ipv4().is_some() && a.ipv4() == b.ipv4()) || (a.ipv6().is_some() && a.ipv6() == b.ipv6())
+/// What a set of keys occupies: pool positions and individual subnets,
+/// counted, so keys can be added and removed in any order.
+#[derive(Debug, Clone, Default)]
+pub struct Occupancy {
+    positions: HashMap<u128, u32>,
+    v4: HashMap<Ipv4Net, u32>,
+    v6: HashMap<Ipv6Net, u32>,
+}
+
+impl Occupancy {
+    /// Builds the occupancy of `keys` under `config`.
+    pub fn from_keys<'a>(
+        config: &NetworkConfig,
+        keys: impl IntoIterator<Item = &'a SubnetKey>,
+    ) -> Self {
+        let mut o = Occupancy::default();
+        for k in keys {
+            o.insert(config, k);
+        }
+        o
+    }
+
+    fn change(&mut self, config: &NetworkConfig, key: &SubnetKey, up: bool) {
+        if let Some(n) = key.ipv4() {
+            bump(&mut self.v4, n, up);
+            if let Some(i) = config.ipv4.as_ref().and_then(|p| p.index_of(&n)) {
+                bump(&mut self.positions, i, up);
+            }
+        }
+        if let Some(n) = key.ipv6() {
+            bump(&mut self.v6, n, up);
+            if let Some(i) = config.ipv6.as_ref().and_then(|p| p.index_of(&n)) {
+                bump(&mut self.positions, i, up);
+            }
+        }
+    }
+
+    /// Adds a key.
+    pub fn insert(&mut self, config: &NetworkConfig, key: &SubnetKey) {
+        self.change(config, key, true);
+    }
+
+    /// Removes a key added before (with the same config).
+    pub fn remove(&mut self, config: &NetworkConfig, key: &SubnetKey) {
+        self.change(config, key, false);
+    }
+
+    /// Pool positions in use.
+    pub fn positions_used(&self) -> usize {
+        self.positions.len()
+    }
+
+    fn position_count(&self, i: u128) -> u32 {
+        self.positions.get(&i).copied().unwrap_or(0)
+    }
+
+    fn subnet_counts(&self, key: &SubnetKey) -> (u32, u32) {
+        (
+            key.ipv4()
+                .and_then(|n| self.v4.get(&n).copied())
+                .unwrap_or(0),
+            key.ipv6()
+                .and_then(|n| self.v6.get(&n).copied())
+                .unwrap_or(0),
+        )
+    }
+}
+
+/// What is in use when picking: the `base` occupancy (all keys in the
+/// store), plus `extra` (allocations in flight, keys just lost to another
+/// writer), minus `exclude` (keys of the asking node that are going away,
+/// e.g. its own expired lease, which it may take again).
+#[derive(Debug, Clone, Copy)]
+pub struct InUse<'a> {
+    pub base: &'a Occupancy,
+    pub extra: &'a Occupancy,
+    pub exclude: &'a Occupancy,
+}
+
+impl InUse<'_> {
+    fn position_taken(&self, i: u128) -> bool {
+        self.base.position_count(i) > self.exclude.position_count(i)
+            || self.extra.position_count(i) > 0
+    }
+
+    /// Whether any of `key`'s subnets is in use.
+    pub fn subnet_taken(&self, key: &SubnetKey) -> bool {
+        let (b4, b6) = self.base.subnet_counts(key);
+        let (x4, x6) = self.exclude.subnet_counts(key);
+        let (e4, e6) = self.extra.subnet_counts(key);
+        b4 > x4 || b6 > x6 || e4 > 0 || e6 > 0
+    }
+
+    /// Pool positions in use.
+    pub fn used(&self) -> u128 {
+        let freed = self
+            .exclude
+            .positions
+            .keys()
+            .filter(|i| !self.position_taken(**i))
+            .count();
+        let added = self
+            .extra
+            .positions
+            .keys()
+            .filter(|i| self.base.position_count(**i) == 0)
+            .count();
+        (self.base.positions_used() - freed + added) as u128
+    }
+}
+
+/// Whether `key` can be handed out now.
+pub fn is_free(config: &NetworkConfig, in_use: &InUse<'_>, key: &SubnetKey) -> bool {
+    key_fits(config, key) && !in_use.subnet_taken(key)
 }
 
 /// Picks a subnet: the first of `preferred` that is free, else a random free
 /// position of the pool (random, as flannel does, so that controller replicas
 /// allocating at once rarely collide).
-///
-/// `taken_keys` are all keys in use (leases, reservations, unreadable entries,
-/// allocations in flight); `taken` is the same set as pool positions.
 pub fn pick<R: Rng + ?Sized>(
     config: &NetworkConfig,
-    taken_keys: &HashSet<SubnetKey>,
-    taken: &Taken,
+    in_use: &InUse<'_>,
     preferred: &[SubnetKey],
     rng: &mut R,
 ) -> Result<SubnetKey, Exhausted> {
-    if let Some(k) = preferred
-        .iter()
-        .find(|k| is_free(config, taken_keys, taken, k))
-    {
+    if let Some(k) = preferred.iter().find(|k| is_free(config, in_use, k)) {
         return Ok(*k);
     }
     let total = config.subnet_count();
-    let used = taken.len() as u128;
+    let used = in_use.used();
     if used >= total {
         return Err(Exhausted {
             used: used.min(total),
@@ -147,12 +202,14 @@ pub fn pick<R: Rng + ?Sized>(
         });
     }
     let start = rng.random_range(0..total);
-    // At most `used + 1` probes: every probe that fails hits a taken position.
+    // At most `used + 1` probes: every probe that fails hits a used position.
     for step in 0..=used {
         let i = (start + step) % total;
-        if !taken.contains(i) {
+        if !in_use.position_taken(i) {
             if let Some(key) = key_at(config, i) {
-                return Ok(key);
+                if !in_use.subnet_taken(&key) {
+                    return Ok(key);
+                }
             }
         }
     }
@@ -179,15 +236,14 @@ mod tests {
         preferred: &[SubnetKey],
         seed: u64,
     ) -> Result<SubnetKey, Exhausted> {
-        let keys: HashSet<_> = used.iter().copied().collect();
-        let taken = Taken::from_keys(config, used);
-        pick(
-            config,
-            &keys,
-            &taken,
-            preferred,
-            &mut StdRng::seed_from_u64(seed),
-        )
+        let base = Occupancy::from_keys(config, used);
+        let none = Occupancy::default();
+        let in_use = InUse {
+            base: &base,
+            extra: &none,
+            exclude: &none,
+        };
+        pick(config, &in_use, preferred, &mut StdRng::seed_from_u64(seed))
     }
 
     #[test]
@@ -240,6 +296,11 @@ mod tests {
             pick_with(&c, &used, &[], 1),
             Err(Exhausted { used: 2, total: 2 })
         );
+        // The reserved subnet itself is never handed to someone else.
+        assert_ne!(
+            pick_with(&c, &[reserved], &[reserved], 1).unwrap(),
+            reserved
+        );
     }
 
     #[test]
@@ -247,18 +308,67 @@ mod tests {
         let c = cfg(r#"{"Network":"10.244.0.0/16"}"#);
         let prev = key("10.244.42.0-24");
         assert_eq!(pick_with(&c, &[], &[prev], 5).unwrap(), prev);
-        // Taken: fall back to another subnet, never the taken one.
         let got = pick_with(&c, &[prev], &[prev], 5).unwrap();
         assert_ne!(got, prev);
-        // Not in this network any more: ignored.
         let foreign = key("10.99.42.0-24");
         assert_ne!(pick_with(&c, &[], &[foreign], 5).unwrap(), foreign);
-        // Wrong length for this network: ignored.
         let wrong_len = key("10.244.42.0-25");
         assert_ne!(pick_with(&c, &[], &[wrong_len], 5).unwrap(), wrong_len);
-        // The first free preference wins.
         let second = key("10.244.43.0-24");
         assert_eq!(pick_with(&c, &[prev], &[prev, second], 5).unwrap(), second);
+    }
+
+    #[test]
+    fn excluded_keys_are_free_again_and_extra_keys_are_not() {
+        let c = cfg(r#"{"Network":"10.0.0.0/26"}"#);
+        let all = [
+            key("10.0.0.16-28"),
+            key("10.0.0.32-28"),
+            key("10.0.0.48-28"),
+        ];
+        let base = Occupancy::from_keys(&c, &all);
+        let own = Occupancy::from_keys(&c, &all[1..2]);
+        let none = Occupancy::default();
+        let mut rng = StdRng::seed_from_u64(1);
+        let in_use = InUse {
+            base: &base,
+            extra: &none,
+            exclude: &own,
+        };
+        assert_eq!(in_use.used(), 2);
+        assert_eq!(pick(&c, &in_use, &[], &mut rng).unwrap(), all[1]);
+        let in_use = InUse {
+            base: &base,
+            extra: &own,
+            exclude: &own,
+        };
+        assert_eq!(
+            pick(&c, &in_use, &[], &mut rng),
+            Err(Exhausted { used: 3, total: 3 })
+        );
+        let base = Occupancy::from_keys(&c, &all[..1]);
+        let in_flight = Occupancy::from_keys(&c, &all[1..]);
+        let in_use = InUse {
+            base: &base,
+            extra: &in_flight,
+            exclude: &none,
+        };
+        assert_eq!(in_use.used(), 3);
+    }
+
+    #[test]
+    fn occupancy_counts_survive_remove() {
+        let c = cfg(r#"{"Network":"10.244.0.0/16"}"#);
+        let k = key("10.244.5.0-24");
+        let mut o = Occupancy::default();
+        o.insert(&c, &k);
+        o.insert(&c, &k);
+        o.remove(&c, &k);
+        assert_eq!(o.positions_used(), 1);
+        o.remove(&c, &k);
+        assert_eq!(o.positions_used(), 0);
+        o.remove(&c, &k);
+        assert_eq!(o.positions_used(), 0);
     }
 
     #[test]
@@ -268,9 +378,7 @@ mod tests {
         let i4 = c.ipv4.unwrap().index_of(&k.ipv4().unwrap()).unwrap();
         let i6 = c.ipv6.unwrap().index_of(&k.ipv6().unwrap()).unwrap();
         assert_eq!(i4, i6);
-        // A v4-only key in a dual-stack network does not fit.
         assert!(!key_fits(&c, &key("10.244.3.0-24")));
-        // A taken IPv6 subnet blocks its paired IPv4 subnet too.
         let v6_taken = key("10.244.200.0-24&fd77:0:0:3::-64");
         let prev = key("10.244.9.0-24&fd77:0:0:3::-64");
         assert_ne!(pick_with(&c, &[v6_taken], &[prev], 1).unwrap(), prev);

@@ -35,6 +35,29 @@ fn find_etcd() -> Result<PathBuf> {
     bail!("etcd is not installed: this test needs a real etcd server; install Debian's etcd-server package (scripts/test does this)")
 }
 
+const DIR_PREFIX: &str = "weft-etcd-";
+
+/// Removes data dirs left by test processes that are gone. The per-process
+/// shared server is killed with its process but its directory is not (statics
+/// are never dropped), so each start cleans up after earlier runs.
+fn sweep_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(DIR_PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -43,12 +66,15 @@ impl EtcdServer {
     /// Starts a fresh etcd and waits until it is healthy.
     pub fn start() -> Result<Self> {
         let binary = find_etcd()?;
+        sweep_stale_dirs();
         let mut last_err = None;
         // Another process may grab a port between probing and binding.
         for _ in 0..5 {
             let mut server = EtcdServer {
                 child: None,
-                dir: tempfile::Builder::new().prefix("weft-etcd-").tempdir()?,
+                dir: tempfile::Builder::new()
+                    .prefix(&format!("{DIR_PREFIX}{}-", std::process::id()))
+                    .tempdir()?,
                 client_port: free_port()?,
                 peer_port: free_port()?,
                 binary: binary.clone(),

@@ -327,6 +327,13 @@ impl LeaseStore for EtcdStore {
                     };
                     batch.events.extend(event);
                 }
+                // A watch that is catching up gets old events under a header
+                // with the current revision; resuming from that header would
+                // skip the events still to come. The last event's revision is
+                // the safe resume point.
+                if let Some(last) = batch.events.last() {
+                    batch.revision = last.revision();
+                }
                 if tx.send(Ok(batch)).await.is_err() {
                     return;
                 }

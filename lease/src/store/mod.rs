@@ -107,8 +107,10 @@ impl StoreEvent {
     }
 }
 
-/// The changes of one store response; `revision` is the store's revision
-/// when it was sent (at least the revision of every event in it).
+/// The changes of one store response. `revision` is that of the last event,
+/// or for a batch without events the store's revision (progress): every
+/// change up to `revision` has been delivered, so a watch resumes from
+/// `revision + 1`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WatchBatch {
     pub revision: i64,

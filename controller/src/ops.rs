@@ -1,0 +1,651 @@
+//! Lease operations: acquire, renew, release, reserve, list, and the
+//! network config. HTTP handlers call these; they hold no HTTP types.
+
+use crate::cache::ConfigState;
+use crate::error::ControllerError;
+use crate::metrics::Levels;
+use crate::{validate, Shared};
+use futures::{stream, StreamExt};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use weft_config::NetworkConfig;
+use weft_lease::alloc::{self, key_fits, InUse, Occupancy};
+use weft_lease::api::{
+    AcquireRequest, LeaseList, LeaseResponse, LeaseView, NetworkView, Readiness, ReleaseResponse,
+    UnreadableView,
+};
+use weft_lease::{Lease, LeaseAttrs, LeaseId, NodeName, StoreError, SubnetKey};
+
+/// Claim attempts before giving up when other writers keep winning.
+const MAX_CLAIM_ATTEMPTS: usize = 16;
+
+/// A subnet this controller is claiming; forgotten on drop.
+struct InFlight<'a> {
+    shared: &'a Shared,
+    config: Arc<NetworkConfig>,
+    key: SubnetKey,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .in_flight
+            .lock()
+            .expect("in-flight lock")
+            .remove(&self.config, &self.key);
+    }
+}
+
+impl Shared {
+    /// The valid network config, or why there is none.
+    pub(crate) fn config(&self) -> Result<Arc<NetworkConfig>, ControllerError> {
+        let cache = self.read();
+        if !cache.synced {
+            return Err(ControllerError::NotReady(self.not_synced_reason()));
+        }
+        match &cache.config {
+            ConfigState::Valid { config, .. } => Ok(config.clone()),
+            ConfigState::Missing => Err(ControllerError::NotReady(format!(
+                "no network config in the store ({}): set one with `weftctl network set --file F`",
+                self.store.describe()
+            ))),
+            ConfigState::Invalid { error, .. } => Err(ControllerError::NotReady(format!(
+                "the network config in the store is invalid: {error}"
+            ))),
+        }
+    }
+
+    fn not_synced_reason(&self) -> String {
+        match self.store_error.lock().expect("health lock").as_ref() {
+            Some(e) => format!("leases not loaded yet: {e}"),
+            None => "leases not loaded from the store yet".into(),
+        }
+    }
+
+    async fn lock_node(&self, node: &NodeName) -> tokio::sync::MutexGuard<'_, ()> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        node.hash(&mut h);
+        let stripe = (h.finish() as usize) % self.node_locks.len();
+        self.node_locks[stripe].lock().await
+    }
+
+    fn store_err(&self, what: &str, e: StoreError) -> ControllerError {
+        if matches!(e, StoreError::Unavailable(_)) {
+            self.store_failed(what, &e);
+        }
+        ControllerError::Store(e)
+    }
+
+    /// Acquires or refreshes `node`'s lease.
+    pub(crate) async fn acquire(
+        &self,
+        node: &NodeName,
+        req: &AcquireRequest,
+    ) -> Result<LeaseResponse, ControllerError> {
+        let start = Instant::now();
+        let result = self.acquire_inner(node, req).await;
+        self.metrics
+            .acquire_seconds
+            .observe(start.elapsed().as_secs_f64());
+        self.metrics.acquired(match &result {
+            Ok(_) => "ok",
+            Err(ControllerError::Exhausted(_)) => "exhausted",
+            Err(ControllerError::BadRequest { .. }) => "bad_request",
+            Err(ControllerError::Conflict { .. }) => "conflict",
+            Err(_) => "error",
+        });
+        match &result {
+            Ok(r) => tracing::debug!(%node, subnet = %r.lease.key, "lease acquired"),
+            Err(e) => tracing::info!(%node, error = %e, "lease acquire refused"),
+        }
+        result
+    }
+
+    async fn acquire_inner(
+        &self,
+        node: &NodeName,
+        req: &AcquireRequest,
+    ) -> Result<LeaseResponse, ControllerError> {
+        let config = self.config()?;
+        let want = validate::acquire(req, &config)?;
+        let attrs = LeaseAttrs::new(node.as_str(), want.ipv4, want.ipv6, &want.backend);
+        let _guard = self.lock_node(node).await;
+        let mine = self.read().leases_of(node.as_str());
+
+        // Keep a live lease the node already has: a reservation first, then
+        // the subnet it asks for, then the oldest.
+        let mut candidates: Vec<&Lease> =
+            mine.iter().filter(|l| key_fits(&config, &l.key)).collect();
+        candidates.sort_by_key(|l| {
+            (
+                !l.is_reservation(),
+                Some(l.key) != want.previous,
+                l.create_revision,
+            )
+        });
+        let mut kept = None;
+        let mut expired = Vec::new();
+        for l in candidates {
+            match l.etcd_lease {
+                None => {
+                    kept = Some((self.refresh(l, &attrs, None).await?, None));
+                    break;
+                }
+                Some(id) => match self.store.keep_alive(id).await {
+                    Ok(ttl) => {
+                        kept = Some((self.refresh(l, &attrs, Some(id)).await?, Some(ttl)));
+                        break;
+                    }
+                    Err(StoreError::NotFound(_)) => expired.push(l.key),
+                    Err(e) => return Err(self.store_err("renewing a lease", e)),
+                },
+            }
+        }
+        let mut flights = Vec::new();
+        let (lease, ttl) = match kept {
+            Some(k) => k,
+            None => {
+                let mut preferred: Vec<SubnetKey> = want.previous.into_iter().collect();
+                preferred.extend(expired.iter().copied());
+                let exclude = Occupancy::from_keys(&config, &expired);
+                let lease = self
+                    .allocate(&config, &attrs, &preferred, &exclude, &mut flights)
+                    .await?;
+                tracing::info!(%node, subnet = %lease.key, "subnet allocated");
+                (lease, Some(config.lease_ttl))
+            }
+        };
+        // One node, one lease: retire duplicates and leases outside the network.
+        for other in mine
+            .iter()
+            .filter(|l| l.key != lease.key && !expired.contains(&l.key))
+        {
+            self.retire(other).await;
+        }
+        self.wait_applied(lease.mod_revision).await;
+        drop(flights);
+        let view = self.read().view(&lease, ttl);
+        Ok(LeaseResponse {
+            lease: view,
+            network: config.to_json(),
+        })
+    }
+
+    /// Writes new attributes to a lease the node keeps, if they changed.
+    async fn refresh(
+        &self,
+        lease: &Lease,
+        attrs: &LeaseAttrs,
+        id: Option<LeaseId>,
+    ) -> Result<Lease, ControllerError> {
+        if &lease.attrs == attrs {
+            return Ok(lease.clone());
+        }
+        tracing::info!(node = ?attrs.node_name, subnet = %lease.key, "lease attributes changed; updating");
+        self.store
+            .update(lease, attrs, id)
+            .await
+            .map_err(|e| self.store_err("updating a lease", e))
+    }
+
+    /// Claims a free subnet for a new lease.
+    async fn allocate<'a>(
+        &'a self,
+        config: &Arc<NetworkConfig>,
+        attrs: &LeaseAttrs,
+        preferred: &[SubnetKey],
+        exclude: &Occupancy,
+        flights: &mut Vec<InFlight<'a>>,
+    ) -> Result<Lease, ControllerError> {
+        let mut id = self
+            .store
+            .grant(config.lease_ttl)
+            .await
+            .map_err(|e| self.store_err("granting an etcd lease", e))?;
+        for _ in 0..MAX_CLAIM_ATTEMPTS {
+            let picked = {
+                let cache = self.read();
+                let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+                let in_use = InUse {
+                    base: cache.occupancy(),
+                    extra: &in_flight,
+                    exclude,
+                };
+                let mut rng = self.rng.lock().expect("rng lock");
+                let picked = alloc::pick(config, &in_use, preferred, &mut *rng);
+                if let Ok(key) = &picked {
+                    in_flight.insert(config, key);
+                }
+                picked
+            };
+            let key = match picked {
+                Ok(k) => k,
+                Err(exhausted) => {
+                    let _ = self.store.revoke(id).await;
+                    return Err(exhausted.into());
+                }
+            };
+            // Held until the caller has seen the lease in the cache; a key
+            // lost to another writer stays held, so it is not picked again.
+            flights.push(InFlight {
+                shared: self,
+                config: config.clone(),
+                key,
+            });
+            match self.store.create(&key, attrs, Some(id)).await {
+                Ok(lease) => return Ok(lease),
+                Err(StoreError::AlreadyExists(_)) => {
+                    tracing::debug!(subnet = %key, "subnet taken by another writer; picking again");
+                }
+                Err(StoreError::NotFound(_)) => {
+                    // The etcd lease vanished (etcd restarted and dropped it).
+                    id = self
+                        .store
+                        .grant(config.lease_ttl)
+                        .await
+                        .map_err(|e| self.store_err("granting an etcd lease", e))?;
+                }
+                Err(e) => {
+                    let _ = self.store.revoke(id).await;
+                    return Err(self.store_err("claiming a subnet", e));
+                }
+            }
+        }
+        let _ = self.store.revoke(id).await;
+        Err(ControllerError::conflict(
+            "contention",
+            format!("other writers took {MAX_CLAIM_ATTEMPTS} subnets in a row; retry"),
+        ))
+    }
+
+    /// Deletes a lease the node no longer needs, and its etcd lease.
+    async fn retire(&self, lease: &Lease) {
+        match self.store.delete(&lease.key, lease.mod_revision).await {
+            Ok(_) | Err(StoreError::NotFound(_)) => {
+                tracing::info!(node = ?lease.node_name(), subnet = %lease.key, "retired a superseded lease");
+            }
+            Err(e) => {
+                tracing::warn!(subnet = %lease.key, error = %e, "could not retire a superseded lease; it expires with its TTL")
+            }
+        }
+        if let Some(id) = lease.etcd_lease {
+            let _ = self.store.revoke(id).await;
+        }
+    }
+
+    /// Renews `node`'s lease.
+    pub(crate) async fn renew(&self, node: &NodeName) -> Result<LeaseResponse, ControllerError> {
+        let _guard = self.lock_node(node).await;
+        let (mine, config) = {
+            let cache = self.read();
+            (
+                cache.leases_of(node.as_str()),
+                cache.config.valid().cloned(),
+            )
+        };
+        let fits = |l: &Lease| config.as_ref().is_some_and(|c| key_fits(c, &l.key));
+        let mut candidates: Vec<&Lease> = mine.iter().collect();
+        candidates.sort_by_key(|l| (!l.is_reservation(), !fits(l), l.create_revision));
+        for l in candidates {
+            let ttl = match l.etcd_lease {
+                None => None,
+                Some(id) => match self.store.keep_alive(id).await {
+                    Ok(ttl) => Some(ttl),
+                    Err(StoreError::NotFound(_)) => continue,
+                    Err(e) => return Err(self.store_err("renewing a lease", e)),
+                },
+            };
+            let view = self.read().view(l, ttl);
+            return Ok(LeaseResponse {
+                lease: view,
+                network: config.map_or(serde_json::Value::Null, |c| c.to_json()),
+            });
+        }
+        Err(ControllerError::not_found(
+            "no_lease",
+            format!("node {node} holds no live lease; acquire one with PUT /v1/leases/{node}"),
+        ))
+    }
+
+    /// Releases every lease and reservation of `node`.
+    pub(crate) async fn release(
+        &self,
+        node: &NodeName,
+    ) -> Result<ReleaseResponse, ControllerError> {
+        let _guard = self.lock_node(node).await;
+        let mine = self.read().leases_of(node.as_str());
+        if mine.is_empty() {
+            return Err(ControllerError::not_found(
+                "no_lease",
+                format!("node {node} holds no lease"),
+            ));
+        }
+        let mut released = Vec::new();
+        let mut last = 0;
+        for l in &mine {
+            match self.store.delete(&l.key, l.mod_revision).await {
+                Ok(rev) => {
+                    last = last.max(rev);
+                    released.push(l.key);
+                }
+                Err(StoreError::NotFound(_)) => released.push(l.key),
+                Err(StoreError::Conflict(_)) => {
+                    return Err(ControllerError::conflict(
+                        "conflict",
+                        format!(
+                            "lease {} of {node} changed while releasing it; retry",
+                            l.key
+                        ),
+                    ))
+                }
+                Err(e) => return Err(self.store_err("releasing a lease", e)),
+            }
+            if let Some(id) = l.etcd_lease {
+                if let Err(e) = self.store.revoke(id).await {
+                    tracing::warn!(%node, lease = %id, error = %e, "could not revoke the etcd lease; it expires with its TTL");
+                }
+            }
+        }
+        tracing::info!(%node, ?released, "leases released");
+        self.wait_applied(last).await;
+        Ok(ReleaseResponse { released })
+    }
+
+    /// Reserves `subnet` for `node`: a key without an etcd lease.
+    pub(crate) async fn reserve(
+        &self,
+        subnet: &str,
+        node: &NodeName,
+    ) -> Result<LeaseView, ControllerError> {
+        let config = self.config()?;
+        let key = SubnetKey::from_cidrs(subnet)
+            .map_err(|e| ControllerError::bad("invalid_subnet", format!("subnet: {e}")))?;
+        if !key_fits(&config, &key) {
+            return Err(ControllerError::bad(
+                "invalid_subnet",
+                format!(
+                    "subnet {} is not a subnet of this network: {}",
+                    key.to_cidrs(),
+                    describe_pools(&config)
+                ),
+            ));
+        }
+        let _guard = self.lock_node(node).await;
+        let (holder, mine) = {
+            let cache = self.read();
+            let holder = cache
+                .leases
+                .values()
+                .find(|l| {
+                    l.key == key
+                        || (key.ipv4().is_some() && l.key.ipv4() == key.ipv4())
+                        || (key.ipv6().is_some() && l.key.ipv6() == key.ipv6())
+                })
+                .cloned();
+            let corrupt = cache.corrupt.values().any(|c| c.subnet == Some(key));
+            if corrupt {
+                return Err(ControllerError::conflict(
+                    "subnet_taken",
+                    format!(
+                        "subnet {} is held by an unreadable entry in the store",
+                        key.to_cidrs()
+                    ),
+                ));
+            }
+            (holder, cache.leases_of(node.as_str()))
+        };
+        let lease = match holder {
+            Some(l) if l.key == key && l.node_name() == Some(node.as_str()) => {
+                if l.is_reservation() {
+                    l
+                } else {
+                    let converted = self
+                        .store
+                        .update(&l, &l.attrs, None)
+                        .await
+                        .map_err(|e| self.store_err("reserving a subnet", e))?;
+                    if let Some(id) = l.etcd_lease {
+                        let _ = self.store.revoke(id).await;
+                    }
+                    converted
+                }
+            }
+            Some(l) => {
+                return Err(ControllerError::conflict(
+                    "subnet_taken",
+                    format!(
+                        "subnet {} is held by {}; release it first",
+                        l.key.to_cidrs(),
+                        l.node_name()
+                            .map_or("a flannel node (no NodeName)".to_string(), |n| format!(
+                                "node {n}"
+                            ))
+                    ),
+                ))
+            }
+            None => {
+                let mut attrs = mine.first().map(|l| l.attrs.clone()).unwrap_or(LeaseAttrs {
+                    public_ip: std::net::Ipv4Addr::UNSPECIFIED,
+                    public_ipv6: None,
+                    backend_type: config.backend.backend_type().as_str().to_string(),
+                    backend_data: None,
+                    backend_v6_data: None,
+                    node_name: None,
+                });
+                attrs.node_name = Some(node.to_string());
+                self.store
+                    .create(&key, &attrs, None)
+                    .await
+                    .map_err(|e| match e {
+                        StoreError::AlreadyExists(_) => ControllerError::conflict(
+                            "subnet_taken",
+                            format!("subnet {} was just taken; try another", key.to_cidrs()),
+                        ),
+                        e => self.store_err("reserving a subnet", e),
+                    })?
+            }
+        };
+        tracing::info!(%node, subnet = %lease.key, "subnet reserved");
+        self.wait_applied(lease.mod_revision).await;
+        Ok(self.read().view(&lease, None))
+    }
+
+    /// All leases; with `with_ttl`, etcd is asked for each lease's time left.
+    pub(crate) async fn list(&self, with_ttl: bool) -> Result<LeaseList, ControllerError> {
+        let (revision, leases, unreadable) = {
+            let cache = self.read();
+            if !cache.synced {
+                return Err(ControllerError::NotReady(self.not_synced_reason()));
+            }
+            let unreadable = cache
+                .corrupt
+                .values()
+                .map(|c| UnreadableView {
+                    key: c.key.clone(),
+                    reason: c.reason.clone(),
+                })
+                .collect();
+            (
+                cache.revision,
+                cache.leases.values().cloned().collect::<Vec<_>>(),
+                unreadable,
+            )
+        };
+        let ttls: Vec<Option<Duration>> = if with_ttl {
+            let ids: Vec<Option<LeaseId>> = leases.iter().map(|l| l.etcd_lease).collect();
+            let store = self.store.clone();
+            stream::iter(ids.into_iter().map(move |id| {
+                let store = store.clone();
+                async move {
+                    match id {
+                        Some(id) => store.time_to_live(id).await,
+                        None => Ok(None),
+                    }
+                }
+            }))
+            .buffered(32)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.store_err("reading lease TTLs", e))?
+        } else {
+            vec![None; leases.len()]
+        };
+        let cache = self.read();
+        Ok(LeaseList {
+            revision,
+            leases: leases
+                .iter()
+                .zip(ttls)
+                .map(|(l, ttl)| cache.view(l, ttl))
+                .collect(),
+            unreadable,
+        })
+    }
+
+    /// The stored network config.
+    pub(crate) fn network(&self) -> Result<NetworkView, ControllerError> {
+        let cache = self.read();
+        if !cache.synced {
+            return Err(ControllerError::NotReady(self.not_synced_reason()));
+        }
+        match &cache.config {
+            ConfigState::Missing => Err(ControllerError::not_found(
+                "no_config",
+                format!("no network config in the store ({})", self.store.describe()),
+            )),
+            ConfigState::Invalid {
+                raw,
+                error,
+                revision,
+            } => Ok(NetworkView {
+                valid: false,
+                config: None,
+                error: Some(error.clone()),
+                raw: raw.clone(),
+                revision: *revision,
+            }),
+            ConfigState::Valid {
+                raw,
+                config,
+                revision,
+            } => Ok(NetworkView {
+                valid: true,
+                config: Some(config.to_json()),
+                error: None,
+                raw: raw.clone(),
+                revision: *revision,
+            }),
+        }
+    }
+
+    /// Validates and stores a network config.
+    pub(crate) async fn set_network(&self, text: &str) -> Result<NetworkView, ControllerError> {
+        let parsed = NetworkConfig::parse(text)
+            .map_err(|e| ControllerError::bad("invalid_config", e.to_string()))?;
+        let rev = self
+            .store
+            .put_config(text.trim())
+            .await
+            .map_err(|e| self.store_err("writing the network config", e))?;
+        tracing::info!(revision = rev, backend = %parsed.backend.backend_type(), "network config written");
+        self.wait_applied(rev).await;
+        self.network()
+    }
+
+    /// Readiness, with the numbers `weftctl status` shows.
+    pub(crate) fn readiness(&self) -> Readiness {
+        let store_error = self.store_error.lock().expect("health lock").clone();
+        let cache = self.read();
+        let mut reasons = Vec::new();
+        if let Some(e) = store_error {
+            reasons.push(format!("store unreachable: {e}"));
+        }
+        if !cache.synced {
+            reasons.push("leases not loaded from the store yet".into());
+        } else {
+            match &cache.config {
+                ConfigState::Missing => reasons.push(format!(
+                    "no network config in the store ({}): set one with `weftctl network set --file F`",
+                    self.store.describe()
+                )),
+                ConfigState::Invalid { error, .. } => {
+                    reasons.push(format!("the network config in the store is invalid: {error}"))
+                }
+                ConfigState::Valid { .. } => {}
+            }
+        }
+        let outside = cache.outside_network();
+        let mut warnings = Vec::new();
+        if !outside.is_empty() {
+            let names: Vec<String> = outside
+                .iter()
+                .take(5)
+                .map(|l| {
+                    format!(
+                        "{} ({})",
+                        l.key.to_cidrs(),
+                        l.node_name().unwrap_or("flannel")
+                    )
+                })
+                .collect();
+            warnings.push(format!(
+                "{} lease(s) outside the current network, e.g. {}; their nodes get new subnets when they next acquire",
+                outside.len(),
+                names.join(", ")
+            ));
+        }
+        if !cache.corrupt.is_empty() {
+            warnings.push(format!(
+                "{} unreadable entr(ies) under subnets/ are skipped (see `weftctl leases list -o json`)",
+                cache.corrupt.len()
+            ));
+        }
+        let total = cache.config.valid().map_or(0, |c| c.subnet_count());
+        let reservations = cache.leases.values().filter(|l| l.is_reservation()).count() as u64;
+        Readiness {
+            ready: reasons.is_empty(),
+            reasons,
+            warnings,
+            store: self.store.describe(),
+            revision: cache.revision,
+            subnets_total: u64::try_from(total).unwrap_or(u64::MAX),
+            subnets_used: cache.occupancy().positions_used() as u64,
+            leases: cache.leases.len() as u64 - reservations,
+            reservations,
+            leases_outside_network: outside.len() as u64,
+            unreadable_entries: cache.corrupt.len() as u64,
+            watch_clients: self.metrics.watch_clients.get().max(0) as u64,
+        }
+    }
+
+    /// The metrics text.
+    pub(crate) fn metrics_text(&self) -> String {
+        let r = self.readiness();
+        let levels = Levels {
+            subnets_total: i64::try_from(r.subnets_total).unwrap_or(i64::MAX),
+            subnets_used: r.subnets_used as i64,
+            leases: r.leases as i64,
+            reservations: r.reservations as i64,
+            outside_network: r.leases_outside_network as i64,
+            unreadable: r.unreadable_entries as i64,
+            revision: r.revision,
+            ready: r.ready,
+        };
+        self.metrics.render(levels, self.store.requests())
+    }
+}
+
+/// "10.244.0.0/16 in /24 subnets" (and the IPv6 pool), for error messages.
+fn describe_pools(config: &NetworkConfig) -> String {
+    let mut parts = Vec::new();
+    if let Some(p) = &config.ipv4 {
+        parts.push(format!("{} in /{} subnets", p.network(), p.subnet_len()));
+    }
+    if let Some(p) = &config.ipv6 {
+        parts.push(format!("{} in /{} subnets", p.network(), p.subnet_len()));
+    }
+    parts.join(" and ")
+}

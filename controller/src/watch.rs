@@ -1,0 +1,164 @@
+//! `GET /v1/leases/watch?from_revision=N`: an NDJSON stream of lease
+//! changes for nodes, served from the cache's history. One store watch
+//! feeds every stream; each line is serialized once and shared.
+
+use crate::cache::line;
+use crate::error::ControllerError;
+use crate::Shared;
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use weft_lease::api::{WatchEvent, WatchKind};
+use weft_lease::{Lease, StoreError, SubnetKey};
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct WatchParams {
+    /// First revision wanted (list revision + 1); absent: from now.
+    from_revision: Option<i64>,
+}
+
+/// Decrements the client gauge when the stream goes away.
+struct ClientGuard(Arc<Shared>);
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.0.metrics.watch_clients.dec();
+    }
+}
+
+pub(crate) async fn handler(
+    State(s): State<Arc<Shared>>,
+    params: Result<Query<WatchParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ControllerError> {
+    let Query(params) = params.map_err(|e| ControllerError::bad("invalid_query", e.body_text()))?;
+    let (initial, cursor) = catch_up(&s, params.from_revision).await?;
+    s.metrics.watch_clients.inc();
+    let guard = ClientGuard(s.clone());
+    let body = futures::stream::unfold(
+        (guard, initial, cursor, s.applied.subscribe()),
+        |(guard, mut pending, mut cursor, mut rx)| async move {
+            let shared = guard.0.clone();
+            loop {
+                if !pending.is_empty() {
+                    // One chunk per wake-up: fewer writes under load.
+                    let chunk: Vec<u8> =
+                        pending.drain(..).flat_map(|b: Bytes| b.to_vec()).collect();
+                    return Some((
+                        Ok::<_, Infallible>(Bytes::from(chunk)),
+                        (guard, pending, cursor, rx),
+                    ));
+                }
+                if cursor == i64::MAX {
+                    return None;
+                }
+                let heartbeat = tokio::time::sleep(shared.opts.heartbeat);
+                tokio::select! {
+                    changed = rx.changed() => {
+                        if changed.is_err() {
+                            return None;
+                        }
+                        let cache = shared.read();
+                        match cache.history.since(cursor) {
+                            Some((lines, last)) => {
+                                pending.extend(lines);
+                                cursor = last;
+                            }
+                            None => {
+                                // This stream fell further behind than the
+                                // history reaches: tell the node to re-list.
+                                pending.push(line(&WatchEvent {
+                                    kind: WatchKind::Error,
+                                    revision: cache.revision,
+                                    lease: None,
+                                    message: Some("watch fell behind the controller's history; list again".into()),
+                                }));
+                                cursor = i64::MAX;
+                            }
+                        }
+                    }
+                    _ = heartbeat => {
+                        let revision = shared.read().revision;
+                        pending.push(line(&WatchEvent { kind: WatchKind::Heartbeat, revision, lease: None, message: None }));
+                    }
+                }
+            }
+        },
+    );
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+/// The lines a new stream starts with, and the revision they bring it to.
+async fn catch_up(s: &Shared, from: Option<i64>) -> Result<(Vec<Bytes>, i64), ControllerError> {
+    let after = {
+        let cache = s.read();
+        if !cache.synced {
+            return Err(ControllerError::NotReady(
+                "leases not loaded from the store yet".into(),
+            ));
+        }
+        match from {
+            None => return Ok((Vec::new(), cache.revision)),
+            Some(n) if n < 1 => {
+                return Err(ControllerError::bad(
+                    "invalid_query",
+                    "from_revision must be at least 1",
+                ))
+            }
+            Some(n) => {
+                if let Some(found) = cache.history.since(n - 1) {
+                    return Ok(found);
+                }
+                n - 1
+            }
+        }
+    };
+    // Older than the controller's history (e.g. the controller restarted):
+    // read the leases as they were at that revision and send the difference.
+    let old = match s.store.snapshot_at(after).await {
+        Ok(old) => old,
+        Err(StoreError::Compacted { .. }) => {
+            return Err(ControllerError::Gone(format!(
+                "revision {} is compacted; list the leases again (GET /v1/leases) and watch from the list's revision + 1",
+                after + 1
+            )))
+        }
+        Err(e) => return Err(ControllerError::Store(e)),
+    };
+    let cache = s.read();
+    let then: BTreeMap<SubnetKey, Lease> = old.leases.into_iter().map(|l| (l.key, l)).collect();
+    let mut lines = Vec::new();
+    let rev = cache.revision;
+    for (key, l) in &then {
+        if !cache.leases.contains_key(key) {
+            lines.push(line(&WatchEvent {
+                kind: WatchKind::Delete,
+                revision: rev,
+                lease: Some(cache.view(l, None)),
+                message: None,
+            }));
+        }
+    }
+    for l in cache.leases.values() {
+        if then.get(&l.key) != Some(l) {
+            lines.push(line(&WatchEvent {
+                kind: WatchKind::Put,
+                revision: rev,
+                lease: Some(cache.view(l, None)),
+                message: None,
+            }));
+        }
+    }
+    Ok((lines, rev))
+}
