@@ -4,13 +4,14 @@ use crate::attrs::LeaseAttrs;
 use crate::key::SubnetKey;
 use std::fmt;
 
-/// An etcd lease id. Shown in hex, as `etcdctl lease list` shows it.
+/// An etcd lease id. Shown as 16 hex digits, exactly as `etcdctl` prints it
+/// (so ids can be pasted into `etcdctl lease timetolive`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LeaseId(pub i64);
 
 impl fmt::Display for LeaseId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:x}", self.0)
+        write!(f, "{:016x}", self.0)
     }
 }
 
@@ -39,5 +40,23 @@ impl Lease {
     /// The owning node, if the lease names one (flannel's leases do not).
     pub fn node_name(&self) -> Option<&str> {
         self.attrs.node_name.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_ids_print_like_etcdctl() {
+        assert_eq!(
+            LeaseId(0x0e8c_a213_6525_a407).to_string(),
+            "0e8ca2136525a407"
+        );
+        assert_eq!(
+            LeaseId(0x694d_8543_30fc_5110).to_string(),
+            "694d854330fc5110"
+        );
+        assert_eq!(LeaseId(1).to_string(), "0000000000000001");
     }
 }

@@ -2,10 +2,16 @@
 //!
 //! - [`process`]: child processes that die with the test process, even when
 //!   it is killed.
-//! - [`etcd`]: a real etcd server on loopback with a temporary data dir.
+//! - [`etcd`]: a real etcd server on loopback with a temporary data dir;
+//!   [`etcdctl`]: the operator's tool as an independent oracle.
+//! - [`controller`]: a controller serving HTTP in-process.
+//! - [`bins`]: paths of workspace binaries and system tools.
 //!
 //! Tests that need something this machine lacks (etcd, root) fail with a
 //! message saying what to install; they are never skipped silently.
 
+pub mod bins;
+pub mod controller;
 pub mod etcd;
+pub mod etcdctl;
 pub mod process;
