@@ -65,9 +65,10 @@ pub fn spawn_tied(mut cmd: Command) -> io::Result<Child> {
 }
 
 /// Stops a child by PID: SIGTERM, then SIGKILL after `grace`, then reaps it.
-pub fn stop(child: &mut Child, grace: std::time::Duration) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
+/// Returns how it exited.
+pub fn stop(child: &mut Child, grace: std::time::Duration) -> Option<std::process::ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
     }
     let pid = child.id() as libc::pid_t;
     // SAFETY: kill(2) with a PID we own and have not reaped yet (try_wait
@@ -77,11 +78,11 @@ pub fn stop(child: &mut Child, grace: std::time::Duration) {
     }
     let deadline = std::time::Instant::now() + grace;
     while std::time::Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let _ = child.kill();
-    let _ = child.wait();
+    child.wait().ok()
 }

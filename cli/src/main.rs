@@ -1,0 +1,183 @@
+//! `weftctl`: look at and change a weft network through its controller.
+//!
+//! Exit codes: 0 success; 1 the controller refused or could not be reached,
+//! or (for `status`) is not ready; 2 bad usage.
+
+mod table;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::Read;
+use std::process::ExitCode;
+use weft_lease::client::{ClientError, ControllerClient};
+
+/// Operate a weft network through its controller.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Controller URL.
+    #[arg(
+        long,
+        env = "WEFT_CONTROLLER",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
+    controller: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The network config.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// All leases.
+    #[command(subcommand)]
+    Leases(LeasesCmd),
+    /// One node's lease.
+    #[command(subcommand)]
+    Lease(LeaseCmd),
+    /// Controller readiness, subnet usage, and every lease with its TTL.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum NetworkCmd {
+    /// Print the effective config (defaults filled in).
+    Get,
+    /// Validate and store a config (flannel's JSON format).
+    Set {
+        /// File with the config; `-` reads standard input.
+        #[arg(long)]
+        file: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum LeasesCmd {
+    /// List leases and reservations with their time left.
+    List {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LeaseCmd {
+    /// Release every lease and reservation of a node.
+    Release { node: String },
+    /// Reserve a subnet for a node; it never expires and no one else gets it.
+    Reserve {
+        /// e.g. 10.244.7.0/24
+        subnet: String,
+        #[arg(long)]
+        node: String,
+    },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("weftctl: {}", explain(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// One line an operator can act on.
+fn explain(e: &anyhow::Error) -> String {
+    match e.downcast_ref::<ClientError>() {
+        Some(ClientError::Connect { .. }) => {
+            format!("{e:#} (is weft-controller running? set --controller or WEFT_CONTROLLER)")
+        }
+        Some(ClientError::Api { body, .. }) => format!("{} [{}]", body.message, body.error),
+        _ => format!("{e:#}"),
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let client = ControllerClient::new(&cli.controller)?;
+    match cli.command {
+        Command::Network(NetworkCmd::Get) => {
+            let view = client.network().await?;
+            match view.config {
+                Some(cfg) if view.valid => println!("{}", serde_json::to_string_pretty(&cfg)?),
+                _ => {
+                    eprintln!(
+                        "weftctl: the stored network config is invalid: {}",
+                        view.error.unwrap_or_default()
+                    );
+                    eprintln!("stored text: {}", view.raw);
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+        Command::Network(NetworkCmd::Set { file }) => {
+            let text = if file == "-" {
+                let mut s = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut s)
+                    .context("reading standard input")?;
+                s
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?
+            };
+            let view = client.set_network(&text).await?;
+            println!("network config stored (revision {})", view.revision);
+            let ready = client.readiness().await?;
+            for w in ready.warnings {
+                println!("warning: {w}");
+            }
+        }
+        Command::Leases(LeasesCmd::List { output }) => {
+            let list = client.list(true).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+                Output::Table => {
+                    print!("{}", table::leases(&list.leases));
+                    for u in &list.unreadable {
+                        println!("unreadable: {} ({})", u.key, u.reason);
+                    }
+                }
+            }
+        }
+        Command::Lease(LeaseCmd::Release { node }) => {
+            let r = client.release(&node).await?;
+            let keys: Vec<String> = r.released.iter().map(|k| k.to_cidrs()).collect();
+            println!("released {} of {node}", keys.join(", "));
+        }
+        Command::Lease(LeaseCmd::Reserve { subnet, node }) => {
+            let v = client.reserve(&subnet, &node).await?;
+            println!("reserved {} for {node}", v.key.to_cidrs());
+        }
+        Command::Status => {
+            let ready = client.readiness().await?;
+            print!("{}", table::status(client.url(), &ready));
+            if ready
+                .reasons
+                .iter()
+                .any(|r| r.starts_with("leases not loaded"))
+            {
+                return Ok(ExitCode::from(1));
+            }
+            match client.list(true).await {
+                Ok(list) => print!("\n{}", table::leases(&list.leases)),
+                Err(e) => println!("\nleases: {}", explain(&e.into())),
+            }
+            if !ready.ready {
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

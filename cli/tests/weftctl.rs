@@ -1,0 +1,250 @@
+//! The weftctl binary against an in-process controller (MemoryStore).
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use weft_controller::{Controller, Options};
+use weft_lease::api::AcquireRequest;
+use weft_lease::client::ControllerClient;
+use weft_lease::{BackendData, LeaseStore, MemoryStore};
+
+struct Setup {
+    url: String,
+    client: ControllerClient,
+    _controller: Controller,
+}
+
+async fn setup(config: Option<&str>) -> Setup {
+    let store = MemoryStore::new();
+    if let Some(c) = config {
+        store.put_config(c).await.unwrap();
+    }
+    let controller = Controller::start(Arc::new(store), Options::default());
+    controller.synced().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let router = controller.router();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    Setup {
+        client: ControllerClient::new(&url).unwrap(),
+        url,
+        _controller: controller,
+    }
+}
+
+async fn weftctl(url: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let url = url.to_string();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let stdin = stdin.map(str::to_string);
+    tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_weftctl"))
+            .env("WEFT_CONTROLLER", url)
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(text) = stdin {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+async fn acquire(client: &ControllerClient, node: &str, last: u8) -> String {
+    let req = AcquireRequest::new(
+        Some(format!("198.18.0.{last}").parse().unwrap()),
+        None,
+        &BackendData::Vxlan {
+            vni: 1,
+            vtep_mac: format!("0e:00:00:00:00:{last:02x}").parse().unwrap(),
+        },
+        None,
+    );
+    client
+        .acquire(node, &req)
+        .await
+        .unwrap()
+        .lease
+        .key
+        .to_cidrs()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_set_and_get() {
+    let s = setup(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("net.json");
+    std::fs::write(
+        &file,
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#,
+    )
+    .unwrap();
+    let out = weftctl(
+        &s.url,
+        &["network", "set", "--file", file.to_str().unwrap()],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("network config stored"));
+    let out = weftctl(&s.url, &["network", "get"], None).await;
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["SubnetMin"], "10.244.1.0");
+    assert_eq!(v["Backend"]["Type"], "host-gw");
+    // From standard input.
+    let out = weftctl(
+        &s.url,
+        &["network", "set", "--file", "-"],
+        Some(r#"{"Network":"10.245.0.0/16"}"#),
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = weftctl(&s.url, &["network", "get"], None).await;
+    assert!(text(&out.stdout).contains("10.245.0.0/16"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_config_is_refused_with_the_field() {
+    let s = setup(Some(r#"{"Network":"10.244.0.0/16"}"#)).await;
+    let out = weftctl(
+        &s.url,
+        &["network", "set", "--file", "-"],
+        Some(r#"{"Network":"10.244.0.0/16","SubnetLen":31}"#),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("SubnetLen") && err.contains("[invalid_config]"),
+        "{err}"
+    );
+    let out = weftctl(
+        &s.url,
+        &["network", "set", "--file", "/nonexistent/file"],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("reading /nonexistent/file"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_list_reserve_release() {
+    let s = setup(Some(r#"{"Network":"10.244.0.0/16","LeaseTTL":"2h"}"#)).await;
+    let subnet = acquire(&s.client, "host-1", 11).await;
+    let out = weftctl(
+        &s.url,
+        &["lease", "reserve", "10.244.99.0/24", "--node", "db-1"],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "reserved 10.244.99.0/24 for db-1");
+
+    let out = weftctl(&s.url, &["leases", "list"], None).await;
+    assert!(out.status.success());
+    let table = text(&out.stdout);
+    let row = table.lines().find(|l| l.contains("host-1")).expect(&table);
+    assert!(
+        row.starts_with(&subnet)
+            && row.contains("198.18.0.11")
+            && row.contains("vxlan")
+            && (row.contains("2h") || row.contains("1h59m")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("db-1") && l.contains("never (reserved)")),
+        "{table}"
+    );
+
+    let out = weftctl(&s.url, &["leases", "list", "-o", "json"], None).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["leases"].as_array().unwrap().len(), 2);
+
+    let out = weftctl(&s.url, &["lease", "release", "host-1"], None).await;
+    assert!(out.status.success());
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("released {subnet} of host-1")
+    );
+    let out = weftctl(&s.url, &["lease", "release", "host-1"], None).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("holds no lease"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = weftctl(
+        &s.url,
+        &["lease", "reserve", "10.244.99.0/24", "--node", "other"],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("held by node db-1"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_readiness_usage_and_ttls() {
+    let s = setup(Some(r#"{"Network":"10.244.0.0/16","LeaseTTL":"1h"}"#)).await;
+    acquire(&s.client, "host-1", 11).await;
+    let out = weftctl(&s.url, &["status"], None).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let t = text(&out.stdout);
+    assert!(t.contains("ready"), "{t}");
+    assert!(t.contains("1 used, 254 free of 255"), "{t}");
+    assert!(
+        t.lines()
+            .any(|l| l.contains("host-1") && (l.contains("1h") || l.contains("59m"))),
+        "{t}"
+    );
+
+    let empty = setup(None).await;
+    let out = weftctl(&empty.url, &["status"], None).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).contains("NOT READY"));
+    assert!(text(&out.stdout).contains("no network config"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_controller_and_bad_usage() {
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = weftctl(&format!("http://127.0.0.1:{port}"), &["status"], None).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("cannot reach the controller") && err.contains("WEFT_CONTROLLER"),
+        "{err}"
+    );
+    let out = weftctl("http://127.0.0.1:1", &["leases", "frobnicate"], None).await;
+    assert_eq!(out.status.code(), Some(2));
+    let out = weftctl("not-a-url", &["status"], None).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("bad controller URL"));
+}
