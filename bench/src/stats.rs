@@ -1,0 +1,50 @@
+//! Percentiles of measured durations.
+
+use std::time::Duration;
+
+/// The `p`th percentile (0..=100) by nearest rank.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// `p50 X p99 Y max Z` of unsorted samples.
+pub fn summary(samples: &mut [Duration]) -> String {
+    samples.sort();
+    format!(
+        "p50 {} p99 {} max {}",
+        ms(percentile(samples, 50.0)),
+        ms(percentile(samples, 99.0)),
+        ms(samples.last().copied().unwrap_or_default())
+    )
+}
+
+/// Milliseconds with sensible precision.
+pub fn ms(d: Duration) -> String {
+    let v = d.as_secs_f64() * 1000.0;
+    if v >= 100.0 {
+        format!("{v:.0} ms")
+    } else if v >= 10.0 {
+        format!("{v:.1} ms")
+    } else {
+        format!("{v:.2} ms")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&v, 50.0), Duration::from_millis(50));
+        assert_eq!(percentile(&v, 99.0), Duration::from_millis(99));
+        assert_eq!(percentile(&v, 100.0), Duration::from_millis(100));
+        assert_eq!(percentile(&v[..1], 99.0), Duration::from_millis(1));
+        assert_eq!(percentile(&[], 50.0), Duration::ZERO);
+    }
+}
