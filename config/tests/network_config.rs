@@ -254,3 +254,11 @@ fn flannel_enable_nftables_is_accepted() {
     let cfg = NetworkConfig::parse(r#"{"Network":"10.3.0.0/16","EnableNFTables":true}"#).unwrap();
     assert!(cfg.enable_nftables);
 }
+
+#[test]
+fn the_example_config_in_deploy_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/network.json");
+    let text = std::fs::read_to_string(path).unwrap();
+    let cfg = NetworkConfig::parse(&text).unwrap();
+    assert_eq!(cfg.ipv4.unwrap().network().to_string(), "10.244.0.0/16");
+}
