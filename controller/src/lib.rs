@@ -84,6 +84,9 @@ pub(crate) struct Shared {
     pub in_flight: Mutex<Occupancy>,
     pub rng: Mutex<StdRng>,
     pub opts: Options,
+    /// Set when the server shuts down: watch streams end so that graceful
+    /// shutdown does not wait for them forever.
+    pub closing: tokio_watch::Sender<bool>,
 }
 
 impl Shared {
@@ -145,6 +148,7 @@ impl Controller {
     /// keeps retrying.
     pub fn start(store: Arc<dyn LeaseStore>, opts: Options) -> Self {
         let (applied, _) = tokio_watch::channel(0);
+        let (closing, _) = tokio_watch::channel(false);
         let shared = Arc::new(Shared {
             store,
             cache: RwLock::new(Cache::new(opts.history)),
@@ -157,6 +161,7 @@ impl Controller {
             in_flight: Mutex::new(Occupancy::default()),
             rng: Mutex::new(StdRng::from_os_rng()),
             opts,
+            closing,
         });
         tracing::info!(store = %shared.store.describe(), "controller starting");
         let tasks = vec![
@@ -169,6 +174,12 @@ impl Controller {
     /// The HTTP API.
     pub fn router(&self) -> axum::Router {
         http::router(self.shared.clone())
+    }
+
+    /// Ends every open watch stream (nodes reconnect, to this controller
+    /// or another); used when shutting down.
+    pub fn close_streams(&self) {
+        self.shared.closing.send_replace(true);
     }
 
     /// Waits until the first list of the store is loaded.
@@ -186,14 +197,18 @@ impl Drop for Controller {
     }
 }
 
-/// Serves the API on `listener` until `shutdown` resolves; open watch
-/// streams are closed then.
+/// Serves the API on `listener` until `shutdown` resolves; then open watch
+/// streams are ended and requests in flight finish.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     controller: &Controller,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let closing = controller.shared.closing.clone();
     axum::serve(listener, controller.router())
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            closing.send_replace(true);
+        })
         .await
 }

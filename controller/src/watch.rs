@@ -31,64 +31,86 @@ impl Drop for ClientGuard {
     }
 }
 
+/// One node's stream: lines waiting to be sent and how far it has got.
+struct Stream {
+    guard: ClientGuard,
+    pending: Vec<Bytes>,
+    /// Revision of the last line queued; `None` once the stream must end.
+    cursor: Option<i64>,
+    applied: tokio::sync::watch::Receiver<i64>,
+    closing: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Stream {
+    /// The next bytes to send, or `None` when the stream ends.
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        let shared = self.guard.0.clone();
+        loop {
+            if !self.pending.is_empty() {
+                // Everything queued in one chunk: fewer writes under load.
+                let chunk: Vec<u8> = self.pending.drain(..).flat_map(|b| b.to_vec()).collect();
+                return Some(Bytes::from(chunk));
+            }
+            let cursor = self.cursor?;
+            if *self.closing.borrow_and_update() {
+                return None;
+            }
+            tokio::select! {
+                _ = self.closing.changed() => return None,
+                changed = self.applied.changed() => {
+                    changed.ok()?;
+                    let cache = shared.read();
+                    match cache.history.since(cursor) {
+                        Some((lines, last)) => {
+                            self.pending.extend(lines);
+                            self.cursor = Some(last);
+                        }
+                        None => {
+                            // Further behind than the history reaches: the
+                            // node must re-list.
+                            self.pending.push(line(&WatchEvent {
+                                kind: WatchKind::Error,
+                                revision: cache.revision,
+                                lease: None,
+                                message: Some("watch fell behind the controller's history; list again".into()),
+                            }));
+                            self.cursor = None;
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(shared.opts.heartbeat) => {
+                    let revision = shared.read().revision;
+                    self.pending.push(line(&WatchEvent { kind: WatchKind::Heartbeat, revision, lease: None, message: None }));
+                }
+            }
+        }
+    }
+}
+
 pub(crate) async fn handler(
     State(s): State<Arc<Shared>>,
     params: Result<Query<WatchParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ControllerError> {
     let Query(params) = params.map_err(|e| ControllerError::bad("invalid_query", e.body_text()))?;
     let (initial, cursor) = catch_up(&s, params.from_revision).await?;
+    let cursor = Some(cursor);
     s.metrics.watch_clients.inc();
     let guard = ClientGuard(s.clone());
-    let body = futures::stream::unfold(
-        (guard, initial, cursor, s.applied.subscribe()),
-        |(guard, mut pending, mut cursor, mut rx)| async move {
-            let shared = guard.0.clone();
-            loop {
-                if !pending.is_empty() {
-                    // One chunk per wake-up: fewer writes under load.
-                    let chunk: Vec<u8> =
-                        pending.drain(..).flat_map(|b: Bytes| b.to_vec()).collect();
-                    return Some((
-                        Ok::<_, Infallible>(Bytes::from(chunk)),
-                        (guard, pending, cursor, rx),
-                    ));
-                }
-                if cursor == i64::MAX {
-                    return None;
-                }
-                let heartbeat = tokio::time::sleep(shared.opts.heartbeat);
-                tokio::select! {
-                    changed = rx.changed() => {
-                        if changed.is_err() {
-                            return None;
-                        }
-                        let cache = shared.read();
-                        match cache.history.since(cursor) {
-                            Some((lines, last)) => {
-                                pending.extend(lines);
-                                cursor = last;
-                            }
-                            None => {
-                                // This stream fell further behind than the
-                                // history reaches: tell the node to re-list.
-                                pending.push(line(&WatchEvent {
-                                    kind: WatchKind::Error,
-                                    revision: cache.revision,
-                                    lease: None,
-                                    message: Some("watch fell behind the controller's history; list again".into()),
-                                }));
-                                cursor = i64::MAX;
-                            }
-                        }
-                    }
-                    _ = heartbeat => {
-                        let revision = shared.read().revision;
-                        pending.push(line(&WatchEvent { kind: WatchKind::Heartbeat, revision, lease: None, message: None }));
-                    }
-                }
-            }
-        },
-    );
+    let mut applied = s.applied.subscribe();
+    // Changes applied since `catch_up` read the history must not be taken
+    // as seen: look at the history once more before waiting.
+    applied.mark_changed();
+    let state = Stream {
+        guard,
+        pending: initial,
+        cursor,
+        applied,
+        closing: s.closing.subscribe(),
+    };
+    let body = futures::stream::unfold(state, |mut st| async move {
+        let chunk = st.next_chunk().await?;
+        Some((Ok::<_, Infallible>(chunk), st))
+    });
     Ok((
         [
             (header::CONTENT_TYPE, "application/x-ndjson"),

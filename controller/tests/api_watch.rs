@@ -175,3 +175,20 @@ async fn a_live_stream_that_falls_behind_is_told_to_relist() {
     assert_eq!(e["type"], "error", "{e}");
     assert!(e["message"].as_str().unwrap().contains("list again"), "{e}");
 }
+
+#[tokio::test]
+async fn closing_ends_open_streams() {
+    let api = Api::new(Some(VXLAN_NET)).await;
+    api.subnet_of("a", "198.18.0.1").await;
+    let mut live = Lines::open(&api, "/v1/leases/watch").await.unwrap();
+    let mut replaying = Lines::open(&api, "/v1/leases/watch?from_revision=1")
+        .await
+        .unwrap();
+    assert_eq!(replaying.next_event().await["lease"]["node_name"], "a");
+    api.controller.close_streams();
+    assert!(live.ended().await, "the live stream ended");
+    assert!(replaying.ended().await, "the replaying stream ended");
+    // New streams after closing end at once too: the server is going away.
+    let mut late = Lines::open(&api, "/v1/leases/watch").await.unwrap();
+    assert!(late.ended().await);
+}

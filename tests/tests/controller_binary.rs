@@ -1,6 +1,7 @@
 //! The weft-controller binary: flags, environment, start-up without etcd,
 //! and shutdown on SIGTERM.
 
+use futures::StreamExt;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -157,6 +157,31 @@ impl Lines {
         }
     }
 
+    /// Waits for the end of the stream, skipping heartbeats; panics on any
+    /// other line.
+    pub async fn ended(&mut self) -> bool {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                let v: Value = serde_json::from_slice(&line).unwrap();
+                assert_eq!(
+                    v["type"], "heartbeat",
+                    "unexpected line before the end: {v}"
+                );
+                continue;
+            }
+            match tokio::time::timeout(Duration::from_secs(10), self.body.frame()).await {
+                Err(_) => return false,
+                Ok(None) => return true,
+                Ok(Some(frame)) => {
+                    if let Ok(data) = frame.unwrap().into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+
     pub async fn next(&mut self) -> Value {
         loop {
             if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
