@@ -34,6 +34,7 @@ macro_rules! conformance_tests {
             watch_replays_from_a_revision_then_follows,
             compaction_is_reported,
             snapshot_at_reads_the_past,
+            snapshot_at_zero_is_empty_until_compacted,
             corrupt_entries_are_reported_not_fatal,
             config_is_stored_and_watched,
             flannel_written_lease_is_read,
@@ -399,6 +400,24 @@ pub async fn snapshot_at_reads_the_past(store: Store) {
     let now = store.snapshot().await.unwrap();
     assert_eq!(now.leases.len(), 1);
     assert_eq!(now.leases[0].key, key("10.244.19.0-24"));
+}
+
+pub async fn snapshot_at_zero_is_empty_until_compacted(store: Store) {
+    store
+        .put_config(r#"{"Network":"10.244.0.0/16"}"#)
+        .await
+        .unwrap();
+    let a = store
+        .create(&key("10.244.22.0-24"), &attrs("a", "198.18.0.22"), None)
+        .await
+        .unwrap();
+    let before_anything = store.snapshot_at(0).await.unwrap();
+    assert!(before_anything.leases.is_empty() && before_anything.config.is_none());
+    store.compact(a.mod_revision).await.unwrap();
+    assert!(matches!(
+        store.snapshot_at(0).await,
+        Err(StoreError::Compacted { .. })
+    ));
 }
 
 pub async fn corrupt_entries_are_reported_not_fatal(store: Store) {

@@ -203,7 +203,9 @@ impl Drop for EtcdServer {
 }
 
 /// One etcd per test process, started on first use and killed when the
-/// process exits. Tests isolate themselves with [`unique_prefix`].
+/// process exits. Tests isolate themselves with [`unique_prefix`]; a test
+/// that compacts (global in etcd) or reads past revisions of other tests'
+/// keys must start its own [`EtcdServer`] instead.
 pub fn shared() -> &'static str {
     static SHARED: OnceLock<(String, std::sync::Mutex<EtcdServer>)> = OnceLock::new();
     &SHARED

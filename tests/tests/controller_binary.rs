@@ -96,6 +96,11 @@ async fn serves_with_env_and_flags_and_stops_on_sigterm() {
         .await
         .unwrap();
     assert!(client.readiness().await.unwrap().ready);
+    // A node following the leases must not hold up shutdown.
+    let mut watch = client.watch(1).await.unwrap();
+    let first = watch.next().await;
+    assert!(matches!(first, Some(Ok(_))), "{first:?}");
+    let started = Instant::now();
     let status = tokio::task::spawn_blocking(move || {
         let s = stop(&mut p.child, Duration::from_secs(10));
         (s, p.log())
@@ -107,6 +112,18 @@ async fn serves_with_env_and_flags_and_stops_on_sigterm() {
         "exit on SIGTERM: {:?}\n{}",
         status.0,
         status.1
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown with an open watch took {:?}",
+        started.elapsed()
+    );
+    let rest: Vec<_> = tokio::time::timeout(Duration::from_secs(5), watch.collect::<Vec<_>>())
+        .await
+        .expect("the watch stream ended with the controller");
+    assert!(
+        rest.iter().all(|l| l.is_ok()),
+        "the stream ended cleanly: {rest:?}"
     );
     assert!(status.1.contains("serving the lease API"), "{}", status.1);
     assert!(status.1.contains("shutting down"), "{}", status.1);

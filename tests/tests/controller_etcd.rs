@@ -238,9 +238,11 @@ async fn restarting_the_controller_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs etcd; run by scripts/test"]
 async fn compaction_makes_a_watcher_get_410_and_relisting_recovers() {
-    let url = shared_etcd().await;
-    let prefix = etcd::unique_prefix("compact");
-    let mut c = RunningController::on_etcd(&url, &prefix, test_options())
+    // Compaction is global in etcd: this test has a server of its own.
+    let server = own_etcd().await;
+    let url = server.url();
+    let prefix = "/weft/network";
+    let mut c = RunningController::on_etcd(&url, prefix, test_options())
         .await
         .unwrap();
     c.client
@@ -259,7 +261,7 @@ async fn compaction_makes_a_watcher_get_410_and_relisting_recovers() {
     etcdctl::etcdctl(&url, &["compact", &now.to_string()]).unwrap();
     // A fresh controller has no history of its own; the store's is gone.
     c.stop();
-    let c2 = RunningController::on_etcd(&url, &prefix, test_options())
+    let c2 = RunningController::on_etcd(&url, prefix, test_options())
         .await
         .unwrap();
     let err = c2.client.watch(old).await.err().expect("410");

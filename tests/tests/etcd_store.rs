@@ -3,13 +3,20 @@
 use std::sync::Arc;
 use weft_lease::conformance::Store;
 use weft_lease::{EtcdOptions, EtcdStore};
-use weft_tests::etcd;
+use weft_tests::etcd::EtcdServer;
 
+/// A store on an etcd of its own: compaction is global in etcd, so checks
+/// that compact or read the past must not share a server. The server lives
+/// until the test process exits (it is tied to it), which under nextest is
+/// the end of the test.
 async fn fresh() -> Store {
-    let url = tokio::task::spawn_blocking(|| etcd::shared().to_string())
+    let server = tokio::task::spawn_blocking(EtcdServer::start)
         .await
-        .expect("start etcd");
-    let store = EtcdStore::connect(EtcdOptions::new(vec![url], etcd::unique_prefix("conf")))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let url = server.url();
+    Box::leak(Box::new(server));
+    let store = EtcdStore::connect(EtcdOptions::new(vec![url], "/weft/network"))
         .await
         .expect("connect to etcd");
     Arc::new(store)

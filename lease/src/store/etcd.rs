@@ -190,6 +190,29 @@ impl EtcdStore {
     }
 
     async fn read(&self, revision: Option<i64>) -> StoreResult<Snapshot> {
+        if let Some(r) = revision.filter(|r| *r < 1) {
+            // etcd reads revision 0 as "latest"; we mean "before anything",
+            // which is empty unless history has been compacted away.
+            bump(&self.counts.range);
+            let probe = GetOptions::new()
+                .with_prefix()
+                .with_revision(1)
+                .with_limit(1)
+                .with_keys_only();
+            return match self
+                .kv()
+                .get(self.full(""), Some(probe))
+                .await
+                .map_err(map_err)
+            {
+                Ok(_) => Ok(Snapshot::default()),
+                Err(e) if compacted_in(&e) => Err(StoreError::Compacted {
+                    requested: r,
+                    compacted: 0,
+                }),
+                Err(e) => Err(e),
+            };
+        }
         bump(&self.counts.range);
         let mut opts = GetOptions::new().with_prefix();
         if let Some(r) = revision {

@@ -263,6 +263,7 @@ impl LeaseStore for MemoryStore {
 
     async fn snapshot_at(&self, revision: i64) -> StoreResult<Snapshot> {
         let st = self.op(|c| c.range += 1)?;
+        let revision = revision.max(0);
         if revision < st.compacted {
             return Err(StoreError::Compacted {
                 requested: revision,
