@@ -48,6 +48,23 @@ pub struct ControllerClient {
     http: reqwest::Client,
 }
 
+/// Deadline of every request but the watch.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The error an answer with a failure status carries.
+fn api_error(status: reqwest::StatusCode, bytes: &[u8]) -> ClientError {
+    let body = serde_json::from_slice::<ApiError>(bytes).unwrap_or_else(|_| ApiError {
+        error: "http_error".into(),
+        message: String::from_utf8_lossy(bytes).trim().to_string(),
+        used: None,
+        total: None,
+    });
+    ClientError::Api {
+        status: status.as_u16(),
+        body,
+    }
+}
+
 /// Escapes a path segment; node names are validated by the controller, but
 /// whatever the caller passes must not change which route is hit.
 fn segment(s: &str) -> String {
@@ -96,28 +113,29 @@ impl ControllerClient {
         }
     }
 
+    /// Sends a request; the status and body of the answer.
+    async fn raw(
+        &self,
+        req: reqwest::RequestBuilder,
+        timeout: Option<Duration>,
+    ) -> Result<(reqwest::StatusCode, bytes::Bytes), ClientError> {
+        let req = match timeout {
+            Some(t) => req.timeout(t),
+            None => req,
+        };
+        let resp = req.send().await.map_err(|e| self.connect_err(e))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| self.connect_err(e))?;
+        Ok((status, bytes))
+    }
+
     async fn send<T: DeserializeOwned>(
         &self,
         req: reqwest::RequestBuilder,
     ) -> Result<T, ClientError> {
-        let resp = req
-            .timeout(Duration::from_secs(30))
-            .send()
-            .await
-            .map_err(|e| self.connect_err(e))?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| self.connect_err(e))?;
+        let (status, bytes) = self.raw(req, Some(REQUEST_TIMEOUT)).await?;
         if !status.is_success() {
-            let body = serde_json::from_slice::<ApiError>(&bytes).unwrap_or_else(|_| ApiError {
-                error: "http_error".into(),
-                message: String::from_utf8_lossy(&bytes).trim().to_string(),
-                used: None,
-                total: None,
-            });
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                body,
-            });
+            return Err(api_error(status, &bytes));
         }
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
     }
@@ -178,27 +196,27 @@ impl ControllerClient {
 
     /// Readiness and counts; answered also when not ready.
     pub async fn readiness(&self) -> Result<Readiness, ClientError> {
-        let resp = self
-            .http
-            .get(format!("{}/readyz", self.base))
-            .timeout(Duration::from_secs(30))
-            .send()
-            .await
-            .map_err(|e| self.connect_err(e))?;
-        let bytes = resp.bytes().await.map_err(|e| self.connect_err(e))?;
+        let (_, bytes) = self
+            .raw(
+                self.http.get(format!("{}/readyz", self.base)),
+                Some(REQUEST_TIMEOUT),
+            )
+            .await?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
     }
 
     /// The Prometheus metrics text.
     pub async fn metrics(&self) -> Result<String, ClientError> {
-        let resp = self
-            .http
-            .get(format!("{}/metrics", self.base))
-            .timeout(Duration::from_secs(30))
-            .send()
-            .await
-            .map_err(|e| self.connect_err(e))?;
-        resp.text().await.map_err(|e| self.connect_err(e))
+        let (status, bytes) = self
+            .raw(
+                self.http.get(format!("{}/metrics", self.base)),
+                Some(REQUEST_TIMEOUT),
+            )
+            .await?;
+        if !status.is_success() {
+            return Err(api_error(status, &bytes));
+        }
+        String::from_utf8(bytes.to_vec()).map_err(|e| ClientError::Decode(e.to_string()))
     }
 
     /// Follows lease changes with a revision `>= from_revision`. A `410`
@@ -217,16 +235,7 @@ impl ControllerClient {
         let status = resp.status();
         if !status.is_success() {
             let bytes = resp.bytes().await.map_err(|e| self.connect_err(e))?;
-            let body = serde_json::from_slice::<ApiError>(&bytes).unwrap_or_else(|_| ApiError {
-                error: "http_error".into(),
-                message: String::from_utf8_lossy(&bytes).into_owned(),
-                used: None,
-                total: None,
-            });
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                body,
-            });
+            return Err(api_error(status, &bytes));
         }
         let client = self.clone();
         let bytes = resp.bytes_stream();

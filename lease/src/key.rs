@@ -153,18 +153,7 @@ impl FromStr for SubnetKey {
     }
 }
 
-impl serde::Serialize for SubnetKey {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for SubnetKey {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
+serde_as_text!(SubnetKey);
 
 #[cfg(test)]
 mod tests {

@@ -6,8 +6,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_lease::api::{AcquireRequest, WatchKind};
-use weft_lease::client::{ClientError, ControllerClient};
-use weft_lease::{BackendData, LeaseStore};
+use weft_lease::client::{ClientError, ControllerClient, WatchLines};
+use weft_lease::{BackendData, LeaseStore, SubnetKey};
 use weft_tests::controller::{test_options, RunningController};
 use weft_tests::etcd::{self, EtcdServer};
 use weft_tests::etcdctl;
@@ -24,6 +24,20 @@ fn req(i: u32) -> AcquireRequest {
         },
         None,
     )
+}
+
+/// The next put or delete on a watch stream (heartbeats skipped).
+async fn next_change(watch: &mut WatchLines) -> (WatchKind, SubnetKey) {
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .expect("a watch line within 10 s")
+            .expect("stream open")
+            .unwrap();
+        if let Some(l) = line.lease {
+            return (line.kind, l.key);
+        }
+    }
 }
 
 async fn own_etcd() -> EtcdServer {
@@ -270,17 +284,7 @@ async fn compaction_makes_a_watcher_get_410_and_relisting_recovers() {
     assert_eq!(list.leases.len(), 2);
     let mut watch = c2.client.watch(list.revision + 1).await.unwrap();
     let lease = c2.client.acquire("c", &req(3)).await.unwrap().lease;
-    loop {
-        let line = tokio::time::timeout(Duration::from_secs(10), watch.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if line.kind == WatchKind::Put {
-            assert_eq!(line.lease.unwrap().key, lease.key);
-            break;
-        }
-    }
+    assert_eq!(next_change(&mut watch).await, (WatchKind::Put, lease.key));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,17 +332,7 @@ async fn etcd_stopped_and_restarted_mid_run() {
     let b = c.client.acquire("b", &req(2)).await.unwrap().lease;
     assert_ne!(a.key, b.key);
     // A stream opened before the outage sees the lease made after it.
-    loop {
-        let line = tokio::time::timeout(Duration::from_secs(10), watch.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if line.kind == WatchKind::Put {
-            assert_eq!(line.lease.unwrap().key, b.key);
-            break;
-        }
-    }
+    assert_eq!(next_change(&mut watch).await, (WatchKind::Put, b.key));
     assert_eq!(
         c.client.renew("a").await.unwrap().lease.key,
         a.key,
@@ -398,15 +392,9 @@ async fn flannel_interop_on_the_coreos_prefix() {
     // A flannel lease that goes away shows in the watch stream.
     etcdctl::etcdctl(&url, &["lease", "revoke", &id]).unwrap();
     let mut kinds = Vec::new();
-    while !kinds.contains(&(WatchKind::Delete, "10.244.0.16-28".to_string())) {
-        let line = tokio::time::timeout(Duration::from_secs(10), watch.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if let Some(l) = line.lease {
-            kinds.push((line.kind, l.key.to_string()));
-        }
+    let flannel_key: SubnetKey = "10.244.0.16-28".parse().unwrap();
+    while !kinds.contains(&(WatchKind::Delete, flannel_key)) {
+        kinds.push(next_change(&mut watch).await);
     }
     // weft's lease as flannel reads it: its key, its LeaseAttrs JSON, its TTL.
     let key = format!("{p}/subnets/{}", a.key);

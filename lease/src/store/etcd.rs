@@ -82,18 +82,17 @@ impl std::fmt::Debug for EtcdStore {
     }
 }
 
-/// The whole error chain as one line; tonic's transport errors hide the
-/// useful part ("connection refused") in their sources.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
+/// `first` and the messages of `source` and its sources, as one line;
+/// tonic hides the useful part ("connection refused") in the sources.
+fn chain(first: String, mut source: Option<&dyn std::error::Error>) -> String {
+    let mut s = first;
+    while let Some(c) = source {
         let m = c.to_string();
         if !s.contains(&m) {
             s.push_str(": ");
             s.push_str(&m);
         }
-        cur = c.source();
+        source = c.source();
     }
     s
 }
@@ -104,31 +103,23 @@ fn map_err(e: etcd_client::Error) -> StoreError {
     match &e {
         E::GRpcStatus(s) => match s.code() {
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
-                StoreError::Unavailable(format!("{}: {}", s.code(), chain_status(s)))
+                use std::error::Error as _;
+                StoreError::Unavailable(format!(
+                    "{}: {}",
+                    s.code(),
+                    chain(s.message().to_string(), s.source())
+                ))
             }
             Code::NotFound => StoreError::NotFound(s.message().to_string()),
             _ => StoreError::Other(format!("{}: {}", s.code(), s.message())),
         },
-        E::TransportError(_) | E::IoError(_) => StoreError::Unavailable(chain(&e)),
-        E::LeaseKeepAliveError(m) if m.contains("not found") => StoreError::NotFound(m.clone()),
-        E::LeaseKeepAliveError(_) | E::WatchError(_) => StoreError::Unavailable(chain(&e)),
-        _ => StoreError::Other(chain(&e)),
-    }
-}
-
-fn chain_status(s: &tonic::Status) -> String {
-    use std::error::Error as _;
-    let mut m = s.message().to_string();
-    let mut cur = s.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !m.contains(&t) {
-            m.push_str(": ");
-            m.push_str(&t);
+        E::TransportError(_) | E::IoError(_) => {
+            StoreError::Unavailable(chain(e.to_string(), std::error::Error::source(&e)))
         }
-        cur = c.source();
+        E::LeaseKeepAliveError(m) if m.contains("not found") => StoreError::NotFound(m.clone()),
+        E::LeaseKeepAliveError(_) | E::WatchError(_) => StoreError::Unavailable(e.to_string()),
+        _ => StoreError::Other(chain(e.to_string(), std::error::Error::source(&e))),
     }
-    m
 }
 
 fn compacted_in(e: &StoreError) -> bool {

@@ -131,19 +131,40 @@ impl Default for MemoryStore {
     }
 }
 
+/// Applies one change to a key space.
+fn apply_change(kv: &mut BTreeMap<String, Kv>, change: &Change) {
+    match change {
+        Change::Put(k, v) => {
+            kv.insert(k.clone(), v.clone());
+        }
+        Change::Delete(k) => {
+            kv.remove(k);
+        }
+    }
+}
+
+/// A snapshot of a key space at `revision`.
+fn snapshot_of(kv: &BTreeMap<String, Kv>, revision: i64) -> Snapshot {
+    let mut snap = Snapshot {
+        revision,
+        ..Snapshot::default()
+    };
+    for (k, v) in kv {
+        add_to_snapshot(
+            &mut snap,
+            decode_entry(k, &v.value, v.create, v.modified, v.lease),
+            v.modified,
+        );
+    }
+    snap
+}
+
 /// Applies changes as one revision and tells watchers.
 fn commit(st: &mut State, tx: &broadcast::Sender<(i64, Vec<Change>)>, changes: Vec<Change>) -> i64 {
     st.revision += 1;
     let rev = st.revision;
     for c in &changes {
-        match c {
-            Change::Put(k, kv) => {
-                st.kv.insert(k.clone(), kv.clone());
-            }
-            Change::Delete(k) => {
-                st.kv.remove(k);
-            }
-        }
+        apply_change(&mut st.kv, c);
         st.log.push((rev, c.clone()));
     }
     let _ = tx.send((rev, changes));
@@ -247,18 +268,7 @@ fn to_batch(rev: i64, changes: &[Change]) -> WatchBatch {
 impl LeaseStore for MemoryStore {
     async fn snapshot(&self) -> StoreResult<Snapshot> {
         let st = self.op(|c| c.range += 1)?;
-        let mut snap = Snapshot {
-            revision: st.revision,
-            ..Snapshot::default()
-        };
-        for (k, kv) in &st.kv {
-            add_to_snapshot(
-                &mut snap,
-                decode_entry(k, &kv.value, kv.create, kv.modified, kv.lease),
-                kv.modified,
-            );
-        }
-        Ok(snap)
+        Ok(snapshot_of(&st.kv, st.revision))
     }
 
     async fn snapshot_at(&self, revision: i64) -> StoreResult<Snapshot> {
@@ -277,31 +287,10 @@ impl LeaseStore for MemoryStore {
             )));
         }
         let mut kv = st.base.clone();
-        for (rev, change) in &st.log {
-            if *rev > revision {
-                break;
-            }
-            match change {
-                Change::Put(k, v) => {
-                    kv.insert(k.clone(), v.clone());
-                }
-                Change::Delete(k) => {
-                    kv.remove(k);
-                }
-            }
+        for (_, change) in st.log.iter().take_while(|(rev, _)| *rev <= revision) {
+            apply_change(&mut kv, change);
         }
-        let mut snap = Snapshot {
-            revision,
-            ..Snapshot::default()
-        };
-        for (k, v) in &kv {
-            add_to_snapshot(
-                &mut snap,
-                decode_entry(k, &v.value, v.create, v.modified, v.lease),
-                v.modified,
-            );
-        }
-        Ok(snap)
+        Ok(snapshot_of(&kv, revision))
     }
 
     async fn watch(&self, from_revision: i64) -> StoreResult<WatchStream> {
@@ -557,15 +546,8 @@ impl LeaseStore for MemoryStore {
         let (old, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut st.log)
             .into_iter()
             .partition(|(rev, _)| *rev < revision);
-        for (_, change) in old {
-            match change {
-                Change::Put(k, v) => {
-                    st.base.insert(k, v);
-                }
-                Change::Delete(k) => {
-                    st.base.remove(&k);
-                }
-            }
+        for (_, change) in &old {
+            apply_change(&mut st.base, change);
         }
         st.log = keep;
         st.compacted = revision;
