@@ -1,1 +1,1 @@
-//! placeholder
+//! The CNI plugin `weft-cni`. Filled by the CNI issue.
