@@ -1,2 +1,30 @@
-//! Data plane backends (vxlan, host-gw, ipsec): desired state from leases,
-//! diff, and the netlink `Dataplane`. Filled by the node-daemon issue.
+//! weft's data plane.
+//!
+//! A [`Backend`] turns the local node and its peers into the [`NetState`]
+//! the kernel should have (pure); [`diff`] compares it with what a
+//! [`Dataplane`] observes; the dataplane applies the changes. The node's
+//! reconcile loop does exactly that, every time, from scratch.
+//!
+//! - [`Vxlan`] and [`HostGw`] are the backends, picked by [`for_config`].
+//! - [`NetlinkDataplane`] is the kernel; [`FakeDataplane`] a stand-in for tests.
+//! - [`peer::select`] checks leases before they are programmed.
+
+mod backend;
+pub mod dataplane;
+mod diff;
+mod hostgw;
+mod local;
+pub mod netlink;
+pub mod peer;
+pub mod state;
+mod vxlan;
+
+pub use backend::{for_config, Backend, BackendError};
+pub use dataplane::{ApplyError, Dataplane, DataplaneError, FakeDataplane};
+pub use diff::diff;
+pub use hostgw::HostGw;
+pub use local::{vtep_mac, ExternalIface, LocalNode};
+pub use netlink::{Interface, NetlinkDataplane};
+pub use peer::{Peer, Skipped};
+pub use state::{Change, NetState, RouteTarget, VxlanLink, WEFT_ROUTE_PROTOCOL};
+pub use vxlan::{Vxlan, VXLAN_OVERHEAD};

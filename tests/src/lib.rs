@@ -6,6 +6,7 @@
 //!   [`etcdctl`]: the operator's tool as an independent oracle.
 //! - [`controller`]: a controller serving HTTP in-process.
 //! - [`bins`]: paths of workspace binaries and system tools.
+//! - [`netns`]: throwaway network namespaces, `ip -j` as the oracle.
 //!
 //! Tests that need something this machine lacks (etcd, root) fail with a
 //! message saying what to install; they are never skipped silently.
@@ -14,4 +15,5 @@ pub mod bins;
 pub mod controller;
 pub mod etcd;
 pub mod etcdctl;
+pub mod netns;
 pub mod process;

@@ -1,0 +1,65 @@
+//! The host-gw backend: per peer a route to its subnet via its public IP on
+//! the external interface. Every node must be on the same L2.
+
+use crate::backend::Backend;
+use crate::local::LocalNode;
+use crate::peer::{Peer, Skipped};
+use crate::state::{NetState, RouteTarget};
+use ipnet::IpNet;
+use std::net::IpAddr;
+use weft_config::BackendType;
+use weft_lease::BackendData;
+
+/// The host-gw backend.
+#[derive(Debug, Clone, Copy)]
+pub struct HostGw;
+
+impl Backend for HostGw {
+    fn backend_type(&self) -> BackendType {
+        BackendType::HostGw
+    }
+
+    fn lease_data(&self, _local_name: &str) -> BackendData {
+        BackendData::HostGw
+    }
+
+    fn pod_mtu(&self, underlay_mtu: u32) -> u32 {
+        underlay_mtu
+    }
+
+    fn desired(&self, local: &LocalNode, peers: &[Peer]) -> (NetState, Vec<Skipped>) {
+        let mut st = NetState::default();
+        let mut skipped = Vec::new();
+        for p in peers {
+            if !local.ext.addr.contains(&p.public_ip) {
+                skipped.push(Skipped::of(
+                    p,
+                    format!(
+                        "public IP {} is not directly reachable from {} ({}); host-gw needs every node on one L2 (use vxlan otherwise)",
+                        p.public_ip, local.ext.name, local.ext.addr
+                    ),
+                ));
+                continue;
+            }
+            st.routes.insert(
+                IpNet::V4(p.subnet),
+                RouteTarget {
+                    via: IpAddr::V4(p.public_ip),
+                    dev: local.ext.name.clone(),
+                    onlink: false,
+                },
+            );
+            if let (Some(s6), Some(ip6)) = (p.subnet6, p.public_ipv6) {
+                st.routes.insert(
+                    IpNet::V6(s6),
+                    RouteTarget {
+                        via: IpAddr::V6(ip6),
+                        dev: local.ext.name.clone(),
+                        onlink: false,
+                    },
+                );
+            }
+        }
+        (st, skipped)
+    }
+}

@@ -1,0 +1,124 @@
+//! The vxlan backend: one `weft.<VNI>` device; per peer a permanent
+//! neighbour (peer subnet address -> peer VTEP MAC), an FDB entry (MAC ->
+//! peer public IP) and an onlink route via the peer's subnet address, in
+//! flannel's order. With `DirectRouting`, peers on our L2 get a plain route.
+
+use crate::backend::Backend;
+use crate::local::{vtep_mac, LocalNode};
+use crate::peer::{Peer, Skipped};
+use crate::state::{vxlan_name, NetState, RouteTarget, VxlanLink};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use std::net::IpAddr;
+use weft_config::{BackendType, VxlanConfig};
+use weft_lease::BackendData;
+
+/// VXLAN over IPv4: outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// The vxlan backend.
+#[derive(Debug, Clone)]
+pub struct Vxlan {
+    cfg: VxlanConfig,
+}
+
+impl Vxlan {
+    pub fn new(cfg: VxlanConfig) -> Self {
+        Vxlan { cfg }
+    }
+
+    /// The device name, `weft.<VNI>`.
+    pub fn device(&self) -> String {
+        vxlan_name(self.cfg.vni)
+    }
+}
+
+impl Backend for Vxlan {
+    fn backend_type(&self) -> BackendType {
+        BackendType::Vxlan
+    }
+
+    fn lease_data(&self, local_name: &str) -> BackendData {
+        BackendData::Vxlan {
+            vni: self.cfg.vni,
+            vtep_mac: vtep_mac(local_name),
+        }
+    }
+
+    fn pod_mtu(&self, underlay_mtu: u32) -> u32 {
+        self.cfg.mtu.unwrap_or(underlay_mtu.saturating_sub(VXLAN_OVERHEAD))
+    }
+
+    fn desired(&self, local: &LocalNode, peers: &[Peer]) -> (NetState, Vec<Skipped>) {
+        let dev = self.device();
+        let mut st = NetState::default();
+        st.links.insert(
+            dev.clone(),
+            VxlanLink {
+                vni: self.cfg.vni,
+                port: self.cfg.port,
+                local: IpAddr::V4(local.public_ip),
+                mac: local.vtep_mac,
+                underlay: Some(local.ext.name.clone()),
+                learning: false,
+                mtu: self.pod_mtu(local.ext.mtu),
+                up: true,
+            },
+        );
+        if let Some(s) = local.subnet.ipv4() {
+            st.addresses.insert((dev.clone(), IpNet::V4(Ipv4Net::new(s.network(), 32).expect("/32"))), ());
+        }
+        if let Some(s) = local.subnet.ipv6() {
+            st.addresses.insert((dev.clone(), IpNet::V6(Ipv6Net::new(s.network(), 128).expect("/128"))), ());
+        }
+        let mut skipped = Vec::new();
+        for p in peers {
+            let BackendData::Vxlan { vni, vtep_mac } = &p.backend else {
+                skipped.push(Skipped::of(p, "not a vxlan lease".into()));
+                continue;
+            };
+            if *vni != self.cfg.vni {
+                skipped.push(Skipped::of(p, format!("VNI {vni} differs from ours ({})", self.cfg.vni)));
+                continue;
+            }
+            if *vtep_mac == local.vtep_mac {
+                skipped.push(Skipped::of(p, format!("VTEP MAC {vtep_mac} is ours")));
+                continue;
+            }
+            if self.cfg.direct_routing && local.ext.addr.contains(&p.public_ip) {
+                st.routes.insert(
+                    IpNet::V4(p.subnet),
+                    RouteTarget {
+                        via: IpAddr::V4(p.public_ip),
+                        dev: local.ext.name.clone(),
+                        onlink: false,
+                    },
+                );
+                continue;
+            }
+            let gw = IpAddr::V4(p.subnet.network());
+            st.neighbours.insert((dev.clone(), gw), *vtep_mac);
+            st.fdb.insert((dev.clone(), *vtep_mac), IpAddr::V4(p.public_ip));
+            st.routes.insert(
+                IpNet::V4(p.subnet),
+                RouteTarget {
+                    via: gw,
+                    dev: dev.clone(),
+                    onlink: true,
+                },
+            );
+            if let (Some(s6), Some(_)) = (p.subnet6, local.subnet.ipv6()) {
+                let gw6 = IpAddr::V6(s6.network());
+                st.neighbours.insert((dev.clone(), gw6), *vtep_mac);
+                st.routes.insert(
+                    IpNet::V6(s6),
+                    RouteTarget {
+                        via: gw6,
+                        dev: dev.clone(),
+                        onlink: true,
+                    },
+                );
+            }
+        }
+        (st, skipped)
+    }
+}

@@ -1,0 +1,287 @@
+//! Desired state of each backend, peer checks, diff, and convergence on the
+//! fake dataplane. Pure: no root needed.
+
+use ipnet::IpNet;
+use serde_json::json;
+use std::net::IpAddr;
+use std::sync::Arc;
+use weft_backends::peer::select;
+use weft_backends::{
+    diff, for_config, vtep_mac, Backend, Change, Dataplane, ExternalIface, FakeDataplane, HostGw, LocalNode, NetState,
+    Vxlan,
+};
+use weft_config::{BackendType, NetworkConfig, VxlanConfig};
+use weft_lease::api::LeaseView;
+use weft_lease::{BackendData, Lease, LeaseAttrs, SubnetKey};
+
+fn net() -> Arc<NetworkConfig> {
+    Arc::new(NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap())
+}
+
+fn local() -> LocalNode {
+    LocalNode {
+        name: "host-1".into(),
+        subnet: "10.244.1.0-24".parse().unwrap(),
+        public_ip: "198.18.0.11".parse().unwrap(),
+        ext: ExternalIface { name: "eth0".into(), index: 2, mtu: 1500, addr: "198.18.0.11/16".parse().unwrap() },
+        vtep_mac: vtep_mac("host-1"),
+        network: net(),
+    }
+}
+
+fn lease(key: &str, node: &str, ip: &str, backend: &BackendData) -> LeaseView {
+    let l = Lease {
+        key: key.parse().unwrap(),
+        attrs: LeaseAttrs::new(node, Some(ip.parse().unwrap()), None, backend),
+        etcd_lease: None,
+        create_revision: 1,
+        mod_revision: 1,
+    };
+    LeaseView::new(&l, true, None)
+}
+
+fn vx(node: &str) -> BackendData {
+    BackendData::Vxlan { vni: 1, vtep_mac: vtep_mac(node) }
+}
+
+fn vxlan() -> Vxlan {
+    Vxlan::new(VxlanConfig::default())
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn netw(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+#[test]
+fn vxlan_programs_device_neighbour_fdb_and_onlink_route_per_peer() {
+    let leases = [
+        lease("10.244.1.0-24", "host-1", "198.18.0.11", &vx("host-1")),
+        lease("10.244.2.0-24", "host-2", "198.18.0.12", &vx("host-2")),
+        lease("10.244.3.0-24", "host-3", "198.18.0.13", &vx("host-3")),
+    ];
+    let (peers, skipped) = select(&leases, &local(), BackendType::Vxlan);
+    assert!(skipped.is_empty(), "{skipped:?}");
+    assert_eq!(peers.len(), 2, "our own lease is not a peer");
+    let (st, skipped) = vxlan().desired(&local(), &peers);
+    assert!(skipped.is_empty());
+    let link = &st.links["weft.1"];
+    assert_eq!((link.vni, link.port, link.mtu, link.learning), (1, 8472, 1450, false));
+    assert_eq!(link.local, ip("198.18.0.11"));
+    assert_eq!(link.mac, vtep_mac("host-1"));
+    assert_eq!(link.underlay.as_deref(), Some("eth0"));
+    assert!(st.addresses.contains_key(&("weft.1".to_string(), netw("10.244.1.0/32"))));
+    assert_eq!(st.neighbours[&("weft.1".to_string(), ip("10.244.2.0"))], vtep_mac("host-2"));
+    assert_eq!(st.fdb[&("weft.1".to_string(), vtep_mac("host-2"))], ip("198.18.0.12"));
+    let r = &st.routes[&netw("10.244.3.0/24")];
+    assert_eq!((r.via, r.dev.as_str(), r.onlink), (ip("10.244.3.0"), "weft.1", true));
+    assert_eq!(st.object_count(), 1 + 1 + 2 * 3);
+}
+
+#[test]
+fn vxlan_direct_routing_uses_plain_routes_on_the_same_l2() {
+    let b = Vxlan::new(VxlanConfig { direct_routing: true, ..VxlanConfig::default() });
+    let leases = [
+        lease("10.244.2.0-24", "near", "198.18.0.12", &vx("near")),
+        lease("10.244.3.0-24", "far", "203.0.113.7", &vx("far")),
+    ];
+    let (peers, _) = select(&leases, &local(), BackendType::Vxlan);
+    let (st, _) = b.desired(&local(), &peers);
+    let near = &st.routes[&netw("10.244.2.0/24")];
+    assert_eq!((near.via, near.dev.as_str(), near.onlink), (ip("198.18.0.12"), "eth0", false));
+    assert!(!st.fdb.contains_key(&("weft.1".to_string(), vtep_mac("near"))));
+    let far = &st.routes[&netw("10.244.3.0/24")];
+    assert_eq!(far.dev, "weft.1");
+}
+
+#[test]
+fn vxlan_skips_peers_it_cannot_program() {
+    let leases = [
+        lease("10.244.2.0-24", "other-vni", "198.18.0.12", &BackendData::Vxlan { vni: 7, vtep_mac: vtep_mac("x") }),
+        lease("10.244.3.0-24", "same-mac", "198.18.0.13", &BackendData::Vxlan { vni: 1, vtep_mac: vtep_mac("host-1") }),
+        lease("10.244.4.0-24", "good", "198.18.0.14", &vx("good")),
+    ];
+    let (peers, _) = select(&leases, &local(), BackendType::Vxlan);
+    let (st, skipped) = vxlan().desired(&local(), &peers);
+    let reasons: Vec<&str> = skipped.iter().map(|s| s.reason.as_str()).collect();
+    assert_eq!(skipped.len(), 2, "{reasons:?}");
+    assert!(reasons[0].contains("VNI 7"), "{reasons:?}");
+    assert!(reasons[1].contains("is ours"), "{reasons:?}");
+    assert_eq!(st.routes.len(), 1, "the good peer is still programmed");
+}
+
+#[test]
+fn bad_leases_are_skipped_with_a_reason_and_the_rest_programmed() {
+    let mut garbage = lease("10.244.2.0-24", "garbage", "198.18.0.12", &vx("garbage"));
+    garbage.backend_data = Some(json!({"VNI": "one", "VtepMAC": 5}));
+    let mut unknown = lease("10.244.3.0-24", "wg", "198.18.0.13", &vx("wg"));
+    unknown.backend_type = "wireguard".into();
+    let same_ip = lease("10.244.4.0-24", "dup-ip", "198.18.0.11", &vx("dup-ip"));
+    let overlap = lease("10.244.1.128-25", "overlap", "198.18.0.15", &vx("overlap"));
+    let mut no_ip = lease("10.244.6.0-24", "reserved", "198.18.0.16", &vx("reserved"));
+    no_ip.public_ip = None;
+    let hostgw = lease("10.244.7.0-24", "hgw", "198.18.0.17", &BackendData::HostGw);
+    let good = lease("10.244.8.0-24", "good", "198.18.0.18", &vx("good"));
+    let leases = [garbage, unknown, same_ip, overlap, no_ip, hostgw, good];
+    let (peers, skipped) = select(&leases, &local(), BackendType::Vxlan);
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].node.as_deref(), Some("good"));
+    let why: Vec<(String, String)> = skipped.iter().map(|s| (s.node.clone().unwrap(), s.reason.clone())).collect();
+    let find = |n: &str| why.iter().find(|(k, _)| k == n).map(|(_, r)| r.clone()).unwrap();
+    assert!(find("garbage").contains("BackendData is invalid"), "{why:?}");
+    assert!(find("wg").contains("wireguard"), "{why:?}");
+    assert!(find("dup-ip").contains("is ours"), "{why:?}");
+    assert!(find("overlap").contains("overlaps ours"), "{why:?}");
+    assert!(find("reserved").contains("no public IP"), "{why:?}");
+    assert!(find("hgw").contains("differs from ours"), "{why:?}");
+}
+
+#[test]
+fn host_gw_routes_via_public_ips_and_refuses_routed_peers() {
+    let leases = [
+        lease("10.244.2.0-24", "near", "198.18.0.12", &BackendData::HostGw),
+        lease("10.244.3.0-24", "far", "203.0.113.7", &BackendData::HostGw),
+    ];
+    let (peers, skipped) = select(&leases, &local(), BackendType::HostGw);
+    assert!(skipped.is_empty());
+    let (st, skipped) = HostGw.desired(&local(), &peers);
+    assert!(st.links.is_empty() && st.neighbours.is_empty() && st.fdb.is_empty());
+    let r = &st.routes[&netw("10.244.2.0/24")];
+    assert_eq!((r.via, r.dev.as_str(), r.onlink), (ip("198.18.0.12"), "eth0", false));
+    assert_eq!(skipped.len(), 1);
+    assert!(skipped[0].reason.contains("not directly reachable from eth0"), "{}", skipped[0].reason);
+    assert_eq!(HostGw.pod_mtu(1500), 1500);
+}
+
+#[test]
+fn backends_are_picked_by_config() {
+    let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap();
+    assert_eq!(for_config(&cfg.backend).unwrap().backend_type(), BackendType::HostGw);
+    let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":9}}"#).unwrap();
+    let b = for_config(&cfg.backend).unwrap();
+    assert_eq!(b.lease_data("n"), BackendData::Vxlan { vni: 9, vtep_mac: vtep_mac("n") });
+    let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"ipsec"}}"#).unwrap();
+    assert!(for_config(&cfg.backend).unwrap_err().to_string().contains("ipsec"));
+}
+
+fn desired_with(n: u32) -> NetState {
+    let leases: Vec<LeaseView> = (2..2 + n)
+        .map(|i| lease(&format!("10.244.{i}.0-24"), &format!("host-{i}"), &format!("198.18.0.{}", 10 + i), &vx(&format!("host-{i}"))))
+        .collect();
+    let (peers, _) = select(&leases, &local(), BackendType::Vxlan);
+    vxlan().desired(&local(), &peers).0
+}
+
+#[test]
+fn diff_is_empty_when_in_step_and_orders_changes_like_flannel() {
+    let want = desired_with(2);
+    assert!(diff(&want, &want).is_empty());
+    let changes = diff(&want, &NetState::default());
+    assert!(matches!(changes[0], Change::CreateLink { .. }));
+    let kinds: Vec<u8> = changes
+        .iter()
+        .map(|c| match c {
+            Change::CreateLink { .. } => 0,
+            Change::AddAddress { .. } => 1,
+            Change::SetNeighbour { .. } => 2,
+            Change::SetFdb { .. } => 3,
+            Change::SetRoute { .. } => 4,
+            other => panic!("unexpected {other}"),
+        })
+        .collect();
+    let mut sorted = kinds.clone();
+    sorted.sort();
+    assert_eq!(kinds, sorted, "links, addresses, neighbours, FDB, then routes");
+    assert_eq!(changes.len(), want.object_count());
+}
+
+#[test]
+fn diff_repairs_tampering_and_removes_departed_peers() {
+    let want = desired_with(3);
+    let mut have = want.clone();
+    let dev = "weft.1".to_string();
+    // A neighbour pointing at the wrong MAC, a route deleted by hand, a peer gone.
+    let key = (dev.clone(), ip("10.244.2.0"));
+    have.neighbours.insert(key.clone(), vtep_mac("impostor"));
+    have.routes.remove(&netw("10.244.3.0/24"));
+    let fewer = desired_with(2);
+    let changes = diff(&fewer, &have);
+    assert!(changes.contains(&Change::SetNeighbour { dev: dev.clone(), ip: ip("10.244.2.0"), mac: vtep_mac("host-2") }));
+    assert!(changes.iter().any(|c| matches!(c, Change::SetRoute { dst, .. } if *dst == netw("10.244.3.0/24"))));
+    assert!(changes.iter().any(|c| matches!(c, Change::DelRoute { dst, .. } if *dst == netw("10.244.4.0/24"))));
+    assert!(changes.iter().any(|c| matches!(c, Change::DelFdb { mac, .. } if *mac == vtep_mac("host-4"))));
+    assert!(changes.iter().any(|c| matches!(c, Change::DelNeighbour { ip: i, .. } if *i == ip("10.244.4.0"))));
+    assert!(!changes.iter().any(|c| matches!(c, Change::CreateLink { .. } | Change::DeleteLink { .. })));
+}
+
+#[test]
+fn diff_recreates_a_link_whose_identity_changed_and_drops_old_devices() {
+    let want = desired_with(1);
+    let mut have = want.clone();
+    have.links.get_mut("weft.1").unwrap().local = ip("198.18.9.9");
+    let changes = diff(&want, &have);
+    assert_eq!(changes[0], Change::DeleteLink { name: "weft.1".into() });
+    assert!(matches!(changes[1], Change::CreateLink { .. }));
+    assert_eq!(changes.len(), 2 + want.object_count() - 1, "everything on the device is added again");
+
+    let mut mtu = want.clone();
+    mtu.links.get_mut("weft.1").unwrap().mtu = 1400;
+    assert_eq!(diff(&want, &mtu), vec![Change::UpdateLink { name: "weft.1".into(), mtu: 1450, up: true }]);
+
+    // VNI changed: weft.2 is wanted, weft.1 goes with everything on it.
+    let b2 = Vxlan::new(VxlanConfig { vni: 2, ..VxlanConfig::default() });
+    let leases = [lease("10.244.2.0-24", "host-2", "198.18.0.12", &BackendData::Vxlan { vni: 2, vtep_mac: vtep_mac("host-2") })];
+    let (peers, _) = select(&leases, &local(), BackendType::Vxlan);
+    let want2 = b2.desired(&local(), &peers).0;
+    let changes = diff(&want2, &want);
+    assert!(changes.contains(&Change::DeleteLink { name: "weft.1".into() }));
+    assert!(!changes.iter().any(|c| matches!(c, Change::DelRoute { target, .. } if target.dev == "weft.1")));
+}
+
+#[tokio::test]
+async fn applying_the_diff_converges_and_a_second_pass_changes_nothing() {
+    let fake = FakeDataplane::with_devices(&["eth0"]);
+    let want = desired_with(5);
+    let errors = fake.apply(&diff(&want, &fake.observe().await.unwrap())).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(fake.observe().await.unwrap(), want);
+    assert!(diff(&want, &fake.observe().await.unwrap()).is_empty());
+    // The operator deletes the device: the next pass restores everything.
+    fake.tamper(|st| {
+        st.links.clear();
+        st.neighbours.clear();
+        st.fdb.clear();
+        st.routes.clear();
+        st.addresses.clear();
+    });
+    let errors = fake.apply(&diff(&want, &fake.observe().await.unwrap())).await;
+    assert!(errors.is_empty());
+    assert_eq!(fake.observe().await.unwrap(), want);
+}
+
+#[tokio::test]
+async fn one_failing_change_does_not_stop_the_others() {
+    let fake = FakeDataplane::with_devices(&["eth0"]);
+    fake.fail_changes_containing("10.244.3.0/24");
+    let want = desired_with(3);
+    let errors = fake.apply(&diff(&want, &NetState::default())).await;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].to_string().contains("10.244.3.0/24"));
+    let have = fake.observe().await.unwrap();
+    assert_eq!(have.routes.len(), 2);
+    assert!(have.routes.contains_key(&netw("10.244.4.0/24")));
+    fake.heal();
+    assert!(fake.apply(&diff(&want, &have)).await.is_empty());
+    assert_eq!(fake.observe().await.unwrap(), want);
+}
+
+#[test]
+fn changes_print_as_iproute2_commands() {
+    let c = Change::SetFdb { dev: "weft.1".into(), mac: vtep_mac("host-2"), dst: ip("198.18.0.12") };
+    assert_eq!(c.to_string(), format!("bridge fdb replace {} dev weft.1 dst 198.18.0.12 self permanent", vtep_mac("host-2")));
+    let key: SubnetKey = "10.244.2.0-24".parse().unwrap();
+    assert_eq!(key.to_string(), "10.244.2.0-24");
+}
