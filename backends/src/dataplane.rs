@@ -73,7 +73,10 @@ impl FakeDataplane {
 
     /// Makes every change whose description contains `needle` fail.
     pub fn fail_changes_containing(&self, needle: &str) {
-        self.fail.lock().expect("fake lock").push(needle.to_string());
+        self.fail
+            .lock()
+            .expect("fake lock")
+            .push(needle.to_string());
     }
 
     /// Stops failing changes.
@@ -88,10 +91,18 @@ impl FakeDataplane {
 
     fn apply_one(&self, st: &mut NetState, c: &Change) -> Result<(), String> {
         let text = c.to_string();
-        if self.fail.lock().expect("fake lock").iter().any(|n| text.contains(n.as_str())) {
+        if self
+            .fail
+            .lock()
+            .expect("fake lock")
+            .iter()
+            .any(|n| text.contains(n.as_str()))
+        {
             return Err("injected failure".into());
         }
-        let dev_exists = |st: &NetState, dev: &str| st.links.contains_key(dev) || self.other_devices.iter().any(|d| d == dev);
+        let dev_exists = |st: &NetState, dev: &str| {
+            st.links.contains_key(dev) || self.other_devices.iter().any(|d| d == dev)
+        };
         match c {
             Change::CreateLink { name, link } => {
                 if st.links.contains_key(name) {

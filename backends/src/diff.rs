@@ -14,19 +14,27 @@ pub fn diff(desired: &NetState, observed: &NetState) -> Vec<Change> {
     for (name, want) in &desired.links {
         match observed.links.get(name) {
             None => {
-                out.push(Change::CreateLink { name: name.clone(), link: want.clone() });
+                out.push(Change::CreateLink {
+                    name: name.clone(),
+                    link: want.clone(),
+                });
                 recreated.insert(name.clone());
             }
             Some(have) if !want.same_identity(have) => {
                 out.push(Change::DeleteLink { name: name.clone() });
-                out.push(Change::CreateLink { name: name.clone(), link: want.clone() });
+                out.push(Change::CreateLink {
+                    name: name.clone(),
+                    link: want.clone(),
+                });
                 recreated.insert(name.clone());
             }
-            Some(have) if have.mtu != want.mtu || have.up != want.up => out.push(Change::UpdateLink {
-                name: name.clone(),
-                mtu: want.mtu,
-                up: want.up,
-            }),
+            Some(have) if have.mtu != want.mtu || have.up != want.up => {
+                out.push(Change::UpdateLink {
+                    name: name.clone(),
+                    mtu: want.mtu,
+                    up: want.up,
+                })
+            }
             Some(_) => {}
         }
     }
@@ -35,44 +43,72 @@ pub fn diff(desired: &NetState, observed: &NetState) -> Vec<Change> {
 
     for ((dev, addr), ()) in &desired.addresses {
         if gone(dev) || !observed.addresses.contains_key(&(dev.clone(), *addr)) {
-            out.push(Change::AddAddress { dev: dev.clone(), addr: *addr });
+            out.push(Change::AddAddress {
+                dev: dev.clone(),
+                addr: *addr,
+            });
         }
     }
     for ((dev, ip), mac) in &desired.neighbours {
         if gone(dev) || observed.neighbours.get(&(dev.clone(), *ip)) != Some(mac) {
-            out.push(Change::SetNeighbour { dev: dev.clone(), ip: *ip, mac: *mac });
+            out.push(Change::SetNeighbour {
+                dev: dev.clone(),
+                ip: *ip,
+                mac: *mac,
+            });
         }
     }
     for ((dev, mac), dst) in &desired.fdb {
         if gone(dev) || observed.fdb.get(&(dev.clone(), *mac)) != Some(dst) {
-            out.push(Change::SetFdb { dev: dev.clone(), mac: *mac, dst: *dst });
+            out.push(Change::SetFdb {
+                dev: dev.clone(),
+                mac: *mac,
+                dst: *dst,
+            });
         }
     }
     for (dst, target) in &desired.routes {
         if gone(&target.dev) || observed.routes.get(dst) != Some(target) {
-            out.push(Change::SetRoute { dst: *dst, target: target.clone() });
+            out.push(Change::SetRoute {
+                dst: *dst,
+                target: target.clone(),
+            });
         }
     }
 
-    let doomed = |dev: &String| !desired.links.contains_key(dev) && observed.links.contains_key(dev);
+    let doomed =
+        |dev: &String| !desired.links.contains_key(dev) && observed.links.contains_key(dev);
     for (dst, target) in &observed.routes {
         if !desired.routes.contains_key(dst) && !doomed(&target.dev) && !gone(&target.dev) {
-            out.push(Change::DelRoute { dst: *dst, target: target.clone() });
+            out.push(Change::DelRoute {
+                dst: *dst,
+                target: target.clone(),
+            });
         }
     }
     for ((dev, mac), dst) in &observed.fdb {
         if !desired.fdb.contains_key(&(dev.clone(), *mac)) && !doomed(dev) && !gone(dev) {
-            out.push(Change::DelFdb { dev: dev.clone(), mac: *mac, dst: *dst });
+            out.push(Change::DelFdb {
+                dev: dev.clone(),
+                mac: *mac,
+                dst: *dst,
+            });
         }
     }
     for (dev, ip) in observed.neighbours.keys() {
         if !desired.neighbours.contains_key(&(dev.clone(), *ip)) && !doomed(dev) && !gone(dev) {
-            out.push(Change::DelNeighbour { dev: dev.clone(), ip: *ip });
+            out.push(Change::DelNeighbour {
+                dev: dev.clone(),
+                ip: *ip,
+            });
         }
     }
     for (dev, addr) in observed.addresses.keys() {
         if !desired.addresses.contains_key(&(dev.clone(), *addr)) && !doomed(dev) && !gone(dev) {
-            out.push(Change::DelAddress { dev: dev.clone(), addr: *addr });
+            out.push(Change::DelAddress {
+                dev: dev.clone(),
+                addr: *addr,
+            });
         }
     }
     for name in observed.links.keys() {

@@ -55,7 +55,9 @@ mod tests {
         // changes, every node gets a new MAC on upgrade and every peer's
         // FDB goes stale until it re-reads the leases.
         assert_eq!(vtep_mac("host-1").to_string(), "ae:3a:9f:f9:3f:b3");
-        let many: std::collections::HashSet<_> = (0..10_000).map(|i| vtep_mac(&format!("node-{i}"))).collect();
+        let many: std::collections::HashSet<_> = (0..10_000)
+            .map(|i| vtep_mac(&format!("node-{i}")))
+            .collect();
         assert_eq!(many.len(), 10_000);
     }
 }

@@ -12,9 +12,15 @@ use async_trait::async_trait;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use ipnet::IpNet;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-use netlink_packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
-use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState};
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
+};
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 use std::collections::HashMap;
@@ -84,7 +90,8 @@ impl NetlinkDataplane {
     /// Connects to the kernel in this process's network namespace. Must be
     /// called inside a tokio runtime.
     pub fn new() -> Result<Self, DataplaneError> {
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| DataplaneError::Setup(e.to_string()))?;
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| DataplaneError::Setup(e.to_string()))?;
         Ok(NetlinkDataplane {
             handle,
             connection: tokio::spawn(conn),
@@ -99,7 +106,8 @@ impl NetlinkDataplane {
         let path = path.to_path_buf();
         let made = std::thread::spawn(move || -> Result<_, String> {
             let ns = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns {}: {e}", path.display()))?;
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("setns {}: {e}", path.display()))?;
             let _guard = rt.enter();
             let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| e.to_string())?;
             Ok((conn, handle))
@@ -162,7 +170,10 @@ impl NetlinkDataplane {
             .map_err(|e| observe_err("routes", e))?;
         Ok(routes
             .iter()
-            .filter(|r| r.header.table == RouteHeader::RT_TABLE_MAIN && r.header.destination_prefix_length == 0)
+            .filter(|r| {
+                r.header.table == RouteHeader::RT_TABLE_MAIN
+                    && r.header.destination_prefix_length == 0
+            })
             .find_map(|r| {
                 r.attributes.iter().find_map(|a| match a {
                     RouteAttribute::Oif(i) => Some(*i),
@@ -191,7 +202,10 @@ impl NetlinkDataplane {
             .map_err(|e| observe_err("addresses", e))
     }
 
-    async fn neighbours(&self, family: AddressFamily) -> Result<Vec<NeighbourMessage>, DataplaneError> {
+    async fn neighbours(
+        &self,
+        family: AddressFamily,
+    ) -> Result<Vec<NeighbourMessage>, DataplaneError> {
         self.handle
             .neighbours()
             .get()
@@ -204,7 +218,10 @@ impl NetlinkDataplane {
 
     async fn routes(&self) -> Result<Vec<RouteMessage>, DataplaneError> {
         let mut all = Vec::new();
-        for req in [RouteMessageBuilder::<Ipv4Addr>::new().build(), RouteMessageBuilder::<Ipv6Addr>::new().build()] {
+        for req in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
             let mut got: Vec<RouteMessage> = self
                 .handle
                 .route()
@@ -220,11 +237,18 @@ impl NetlinkDataplane {
 
     async fn indexes(&self) -> Result<HashMap<String, u32>, String> {
         let links = self.links().await.map_err(|e| e.to_string())?;
-        Ok(links.iter().filter_map(|l| Some((link_name(l)?, l.header.index))).collect())
+        Ok(links
+            .iter()
+            .filter_map(|l| Some((link_name(l)?, l.header.index)))
+            .collect())
     }
 
     async fn apply_one(&self, c: &Change, idx: &HashMap<String, u32>) -> Result<(), String> {
-        let index = |dev: &str| idx.get(dev).copied().ok_or_else(|| format!("device {dev} does not exist"));
+        let index = |dev: &str| {
+            idx.get(dev)
+                .copied()
+                .ok_or_else(|| format!("device {dev} does not exist"))
+        };
         let h = &self.handle;
         match c {
             Change::CreateLink { name, link } => {
@@ -285,7 +309,8 @@ impl NetlinkDataplane {
                 let mut m = NeighbourMessage::default();
                 m.header.family = family_of(*ip);
                 m.header.ifindex = i;
-                m.attributes.push(NeighbourAttribute::Destination(neigh_addr(*ip)));
+                m.attributes
+                    .push(NeighbourAttribute::Destination(neigh_addr(*ip)));
                 ignore_gone(h.neighbours().del(m).execute().await)
             }
             Change::SetFdb { dev, mac, dst } => h
@@ -304,8 +329,10 @@ impl NetlinkDataplane {
                 m.header.family = AddressFamily::Bridge;
                 m.header.ifindex = i;
                 m.header.flags = NeighbourFlags::Own;
-                m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
-                m.attributes.push(NeighbourAttribute::Destination(neigh_addr(*dst)));
+                m.attributes
+                    .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+                m.attributes
+                    .push(NeighbourAttribute::Destination(neigh_addr(*dst)));
                 ignore_gone(h.neighbours().del(m).execute().await)
             }
             Change::SetRoute { dst, target } => {
@@ -329,7 +356,10 @@ fn ignore_gone(r: Result<(), rtnetlink::Error>) -> Result<(), String> {
 }
 
 fn observe_err(what: &'static str, e: rtnetlink::Error) -> DataplaneError {
-    DataplaneError::Observe { what, reason: nl_err(e) }
+    DataplaneError::Observe {
+        what,
+        reason: nl_err(e),
+    }
 }
 
 fn family_of(ip: IpAddr) -> AddressFamily {
@@ -375,7 +405,12 @@ fn route_message(dst: &IpNet, target: &RouteTarget, oif: u32) -> Result<RouteMes
             }
             b.build()
         }
-        _ => return Err(format!("route {dst} via {}: mixed address families", target.via)),
+        _ => {
+            return Err(format!(
+                "route {dst} via {}: mixed address families",
+                target.via
+            ))
+        }
     };
     Ok(msg)
 }
@@ -399,7 +434,9 @@ fn link_mtu(l: &LinkMessage) -> u32 {
 
 fn link_mac(l: &LinkMessage) -> Option<MacAddr> {
     l.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Address(b) if b.len() == 6 => Some(MacAddr([b[0], b[1], b[2], b[3], b[4], b[5]])),
+        LinkAttribute::Address(b) if b.len() == 6 => {
+            Some(MacAddr([b[0], b[1], b[2], b[3], b[4], b[5]]))
+        }
         _ => None,
     })
 }
@@ -410,7 +447,10 @@ fn vxlan_of(l: &LinkMessage, names: &HashMap<u32, String>) -> Option<VxlanLink> 
         LinkAttribute::LinkInfo(i) => Some(i),
         _ => None,
     })?;
-    if !infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan))) {
+    if !infos
+        .iter()
+        .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan)))
+    {
         return None;
     }
     let data = infos.iter().find_map(|i| match i {
@@ -461,7 +501,9 @@ fn neigh_ip(n: &NeighbourMessage) -> Option<IpAddr> {
         // FDB entries (AF_BRIDGE) carry the remote VTEP as raw bytes.
         NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => match b.len() {
             4 => Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))),
-            16 => <[u8; 16]>::try_from(b.as_slice()).ok().map(|a| IpAddr::V6(Ipv6Addr::from(a))),
+            16 => <[u8; 16]>::try_from(b.as_slice())
+                .ok()
+                .map(|a| IpAddr::V6(Ipv6Addr::from(a))),
             _ => None,
         },
         _ => None,
@@ -470,7 +512,9 @@ fn neigh_ip(n: &NeighbourMessage) -> Option<IpAddr> {
 
 fn neigh_mac(n: &NeighbourMessage) -> Option<MacAddr> {
     n.attributes.iter().find_map(|a| match a {
-        NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => Some(MacAddr([b[0], b[1], b[2], b[3], b[4], b[5]])),
+        NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => {
+            Some(MacAddr([b[0], b[1], b[2], b[3], b[4], b[5]]))
+        }
         _ => None,
     })
 }
@@ -503,7 +547,10 @@ fn group(c: &Change) -> u8 {
 impl Dataplane for NetlinkDataplane {
     async fn observe(&self) -> Result<NetState, DataplaneError> {
         let links = self.links().await?;
-        let names: HashMap<u32, String> = links.iter().filter_map(|l| Some((l.header.index, link_name(l)?))).collect();
+        let names: HashMap<u32, String> = links
+            .iter()
+            .filter_map(|l| Some((l.header.index, link_name(l)?)))
+            .collect();
         let mut st = NetState::default();
         let mut owned: HashMap<u32, String> = HashMap::new();
         for l in &links {
@@ -530,7 +577,9 @@ impl Dataplane for NetlinkDataplane {
             }
             for fam in [AddressFamily::Inet, AddressFamily::Inet6] {
                 for n in self.neighbours(fam).await? {
-                    let Some(dev) = owned.get(&n.header.ifindex) else { continue };
+                    let Some(dev) = owned.get(&n.header.ifindex) else {
+                        continue;
+                    };
                     if n.header.state != NeighbourState::Permanent {
                         continue;
                     }
@@ -540,14 +589,18 @@ impl Dataplane for NetlinkDataplane {
                 }
             }
             for n in self.neighbours(AddressFamily::Bridge).await? {
-                let Some(dev) = owned.get(&n.header.ifindex) else { continue };
+                let Some(dev) = owned.get(&n.header.ifindex) else {
+                    continue;
+                };
                 if let (Some(ip), Some(mac)) = (neigh_ip(&n), neigh_mac(&n)) {
                     st.fdb.insert((dev.clone(), mac), ip);
                 }
             }
         }
         for r in self.routes().await? {
-            if r.header.table != RouteHeader::RT_TABLE_MAIN || r.header.protocol != RouteProtocol::Other(WEFT_ROUTE_PROTOCOL) {
+            if r.header.table != RouteHeader::RT_TABLE_MAIN
+                || r.header.protocol != RouteProtocol::Other(WEFT_ROUTE_PROTOCOL)
+            {
                 continue;
             }
             let mut dst = None;
@@ -584,20 +637,29 @@ impl Dataplane for NetlinkDataplane {
             Err(e) => {
                 return changes
                     .iter()
-                    .map(|c| ApplyError { change: c.clone(), error: format!("listing links: {e}") })
+                    .map(|c| ApplyError {
+                        change: c.clone(),
+                        error: format!("listing links: {e}"),
+                    })
                     .collect()
             }
         };
         let mut start = 0;
         while start < changes.len() {
             let g = group(&changes[start]);
-            let end = changes[start..].iter().position(|c| group(c) != g).map_or(changes.len(), |p| start + p);
+            let end = changes[start..]
+                .iter()
+                .position(|c| group(c) != g)
+                .map_or(changes.len(), |p| start + p);
             let run = &changes[start..end];
             if g == 0 {
                 // Links one at a time; indexes change with them.
                 for c in run {
                     if let Err(error) = self.apply_one(c, &idx).await {
-                        errors.push(ApplyError { change: c.clone(), error });
+                        errors.push(ApplyError {
+                            change: c.clone(),
+                            error,
+                        });
                     }
                     if let Ok(fresh) = self.indexes().await {
                         idx = fresh;
@@ -610,11 +672,19 @@ impl Dataplane for NetlinkDataplane {
                     .enumerate()
                     .map(|(i, c)| async move { (i, self.apply_one(c, idx).await) })
                     .collect();
-                let results: Vec<(usize, Result<(), String>)> =
-                    stream::iter(pending).buffer_unordered(CONCURRENCY).collect().await;
-                let mut failed: Vec<(usize, String)> = results.into_iter().filter_map(|(i, r)| r.err().map(|e| (i, e))).collect();
+                let results: Vec<(usize, Result<(), String>)> = stream::iter(pending)
+                    .buffer_unordered(CONCURRENCY)
+                    .collect()
+                    .await;
+                let mut failed: Vec<(usize, String)> = results
+                    .into_iter()
+                    .filter_map(|(i, r)| r.err().map(|e| (i, e)))
+                    .collect();
                 failed.sort_by_key(|(i, _)| *i);
-                errors.extend(failed.into_iter().map(|(i, error)| ApplyError { change: run[i].clone(), error }));
+                errors.extend(failed.into_iter().map(|(i, error)| ApplyError {
+                    change: run[i].clone(),
+                    error,
+                }));
             }
             start = end;
         }

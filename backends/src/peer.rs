@@ -48,13 +48,17 @@ fn overlaps6(a: &Ipv6Net, b: &Ipv6Net) -> bool {
 }
 
 /// Checks one lease against the local node. `Ok(None)`: the lease is ours.
-pub fn check(lease: &LeaseView, local: &LocalNode, backend: BackendType) -> Result<Option<Peer>, String> {
+pub fn check(
+    lease: &LeaseView,
+    local: &LocalNode,
+    backend: BackendType,
+) -> Result<Option<Peer>, String> {
     if lease.key == local.subnet || lease.node_name.as_deref() == Some(local.name.as_str()) {
         return Ok(None);
     }
-    let subnet = lease
-        .subnet
-        .ok_or_else(|| "lease has no IPv4 subnet (IPv6-only peers are not supported)".to_string())?;
+    let subnet = lease.subnet.ok_or_else(|| {
+        "lease has no IPv4 subnet (IPv6-only peers are not supported)".to_string()
+    })?;
     if let Some(ours) = local.subnet.ipv4() {
         if overlaps4(&subnet, &ours) {
             return Err(format!("subnet {subnet} overlaps ours ({ours})"));
@@ -65,9 +69,9 @@ pub fn check(lease: &LeaseView, local: &LocalNode, backend: BackendType) -> Resu
             return Err(format!("IPv6 subnet {theirs} overlaps ours ({ours})"));
         }
     }
-    let public_ip = lease
-        .public_ip
-        .ok_or_else(|| "no public IP yet (a reservation for a node that has not joined)".to_string())?;
+    let public_ip = lease.public_ip.ok_or_else(|| {
+        "no public IP yet (a reservation for a node that has not joined)".to_string()
+    })?;
     if public_ip.is_loopback() || public_ip.is_multicast() || public_ip.is_broadcast() {
         return Err(format!("public IP {public_ip} is not a unicast address"));
     }
@@ -80,7 +84,8 @@ pub fn check(lease: &LeaseView, local: &LocalNode, backend: BackendType) -> Resu
             lease.backend_type
         ));
     }
-    let data = BackendData::parse(&lease.backend_type, lease.backend_data.as_ref()).map_err(|e| e.to_string())?;
+    let data = BackendData::parse(&lease.backend_type, lease.backend_data.as_ref())
+        .map_err(|e| e.to_string())?;
     Ok(Some(Peer {
         key: lease.key,
         node: lease.node_name.clone(),

@@ -72,25 +72,65 @@ impl NetState {
     /// Number of kernel objects (links, addresses, neighbours, FDB
     /// entries, routes).
     pub fn object_count(&self) -> usize {
-        self.links.len() + self.addresses.len() + self.neighbours.len() + self.fdb.len() + self.routes.len()
+        self.links.len()
+            + self.addresses.len()
+            + self.neighbours.len()
+            + self.fdb.len()
+            + self.routes.len()
     }
 }
 
 /// One change to the kernel's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    CreateLink { name: String, link: VxlanLink },
-    DeleteLink { name: String },
+    CreateLink {
+        name: String,
+        link: VxlanLink,
+    },
+    DeleteLink {
+        name: String,
+    },
     /// MTU or admin state of an existing link.
-    UpdateLink { name: String, mtu: u32, up: bool },
-    AddAddress { dev: String, addr: IpNet },
-    DelAddress { dev: String, addr: IpNet },
-    SetNeighbour { dev: String, ip: IpAddr, mac: MacAddr },
-    DelNeighbour { dev: String, ip: IpAddr },
-    SetFdb { dev: String, mac: MacAddr, dst: IpAddr },
-    DelFdb { dev: String, mac: MacAddr, dst: IpAddr },
-    SetRoute { dst: IpNet, target: RouteTarget },
-    DelRoute { dst: IpNet, target: RouteTarget },
+    UpdateLink {
+        name: String,
+        mtu: u32,
+        up: bool,
+    },
+    AddAddress {
+        dev: String,
+        addr: IpNet,
+    },
+    DelAddress {
+        dev: String,
+        addr: IpNet,
+    },
+    SetNeighbour {
+        dev: String,
+        ip: IpAddr,
+        mac: MacAddr,
+    },
+    DelNeighbour {
+        dev: String,
+        ip: IpAddr,
+    },
+    SetFdb {
+        dev: String,
+        mac: MacAddr,
+        dst: IpAddr,
+    },
+    DelFdb {
+        dev: String,
+        mac: MacAddr,
+        dst: IpAddr,
+    },
+    SetRoute {
+        dst: IpNet,
+        target: RouteTarget,
+    },
+    DelRoute {
+        dst: IpNet,
+        target: RouteTarget,
+    },
 }
 
 impl fmt::Display for Change {
@@ -104,16 +144,28 @@ impl fmt::Display for Change {
             ),
             Change::DeleteLink { name } => write!(f, "ip link del {name}"),
             Change::UpdateLink { name, mtu, up } => {
-                write!(f, "ip link set {name} mtu {mtu} {}", if *up { "up" } else { "down" })
+                write!(
+                    f,
+                    "ip link set {name} mtu {mtu} {}",
+                    if *up { "up" } else { "down" }
+                )
             }
             Change::AddAddress { dev, addr } => write!(f, "ip addr add {addr} dev {dev}"),
             Change::DelAddress { dev, addr } => write!(f, "ip addr del {addr} dev {dev}"),
             Change::SetNeighbour { dev, ip, mac } => {
-                write!(f, "ip neigh replace {ip} lladdr {mac} dev {dev} nud permanent")
+                write!(
+                    f,
+                    "ip neigh replace {ip} lladdr {mac} dev {dev} nud permanent"
+                )
             }
             Change::DelNeighbour { dev, ip } => write!(f, "ip neigh del {ip} dev {dev}"),
-            Change::SetFdb { dev, mac, dst } => write!(f, "bridge fdb replace {mac} dev {dev} dst {dst} self permanent"),
-            Change::DelFdb { dev, mac, dst } => write!(f, "bridge fdb del {mac} dev {dev} dst {dst} self"),
+            Change::SetFdb { dev, mac, dst } => write!(
+                f,
+                "bridge fdb replace {mac} dev {dev} dst {dst} self permanent"
+            ),
+            Change::DelFdb { dev, mac, dst } => {
+                write!(f, "bridge fdb del {mac} dev {dev} dst {dst} self")
+            }
             Change::SetRoute { dst, target } => write!(
                 f,
                 "ip route replace {dst} via {} dev {}{} proto {WEFT_ROUTE_PROTOCOL}",
@@ -121,7 +173,11 @@ impl fmt::Display for Change {
                 target.dev,
                 if target.onlink { " onlink" } else { "" }
             ),
-            Change::DelRoute { dst, target } => write!(f, "ip route del {dst} via {} dev {}", target.via, target.dev),
+            Change::DelRoute { dst, target } => write!(
+                f,
+                "ip route del {dst} via {} dev {}",
+                target.via, target.dev
+            ),
         }
     }
 }

@@ -45,7 +45,9 @@ impl Backend for Vxlan {
     }
 
     fn pod_mtu(&self, underlay_mtu: u32) -> u32 {
-        self.cfg.mtu.unwrap_or(underlay_mtu.saturating_sub(VXLAN_OVERHEAD))
+        self.cfg
+            .mtu
+            .unwrap_or(underlay_mtu.saturating_sub(VXLAN_OVERHEAD))
     }
 
     fn desired(&self, local: &LocalNode, peers: &[Peer]) -> (NetState, Vec<Skipped>) {
@@ -65,10 +67,22 @@ impl Backend for Vxlan {
             },
         );
         if let Some(s) = local.subnet.ipv4() {
-            st.addresses.insert((dev.clone(), IpNet::V4(Ipv4Net::new(s.network(), 32).expect("/32"))), ());
+            st.addresses.insert(
+                (
+                    dev.clone(),
+                    IpNet::V4(Ipv4Net::new(s.network(), 32).expect("/32")),
+                ),
+                (),
+            );
         }
         if let Some(s) = local.subnet.ipv6() {
-            st.addresses.insert((dev.clone(), IpNet::V6(Ipv6Net::new(s.network(), 128).expect("/128"))), ());
+            st.addresses.insert(
+                (
+                    dev.clone(),
+                    IpNet::V6(Ipv6Net::new(s.network(), 128).expect("/128")),
+                ),
+                (),
+            );
         }
         let mut skipped = Vec::new();
         for p in peers {
@@ -77,7 +91,10 @@ impl Backend for Vxlan {
                 continue;
             };
             if *vni != self.cfg.vni {
-                skipped.push(Skipped::of(p, format!("VNI {vni} differs from ours ({})", self.cfg.vni)));
+                skipped.push(Skipped::of(
+                    p,
+                    format!("VNI {vni} differs from ours ({})", self.cfg.vni),
+                ));
                 continue;
             }
             if *vtep_mac == local.vtep_mac {
@@ -97,7 +114,8 @@ impl Backend for Vxlan {
             }
             let gw = IpAddr::V4(p.subnet.network());
             st.neighbours.insert((dev.clone(), gw), *vtep_mac);
-            st.fdb.insert((dev.clone(), *vtep_mac), IpAddr::V4(p.public_ip));
+            st.fdb
+                .insert((dev.clone(), *vtep_mac), IpAddr::V4(p.public_ip));
             st.routes.insert(
                 IpNet::V4(p.subnet),
                 RouteTarget {

@@ -7,8 +7,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use weft_backends::peer::select;
 use weft_backends::{
-    diff, for_config, vtep_mac, Backend, Change, Dataplane, ExternalIface, FakeDataplane, HostGw, LocalNode, NetState,
-    Vxlan,
+    diff, for_config, vtep_mac, Backend, Change, Dataplane, ExternalIface, FakeDataplane, HostGw,
+    LocalNode, NetState, Vxlan,
 };
 use weft_config::{BackendType, NetworkConfig, VxlanConfig};
 use weft_lease::api::LeaseView;
@@ -23,7 +23,12 @@ fn local() -> LocalNode {
         name: "host-1".into(),
         subnet: "10.244.1.0-24".parse().unwrap(),
         public_ip: "198.18.0.11".parse().unwrap(),
-        ext: ExternalIface { name: "eth0".into(), index: 2, mtu: 1500, addr: "198.18.0.11/16".parse().unwrap() },
+        ext: ExternalIface {
+            name: "eth0".into(),
+            index: 2,
+            mtu: 1500,
+            addr: "198.18.0.11/16".parse().unwrap(),
+        },
         vtep_mac: vtep_mac("host-1"),
         network: net(),
     }
@@ -41,7 +46,10 @@ fn lease(key: &str, node: &str, ip: &str, backend: &BackendData) -> LeaseView {
 }
 
 fn vx(node: &str) -> BackendData {
-    BackendData::Vxlan { vni: 1, vtep_mac: vtep_mac(node) }
+    BackendData::Vxlan {
+        vni: 1,
+        vtep_mac: vtep_mac(node),
+    }
 }
 
 fn vxlan() -> Vxlan {
@@ -69,21 +77,38 @@ fn vxlan_programs_device_neighbour_fdb_and_onlink_route_per_peer() {
     let (st, skipped) = vxlan().desired(&local(), &peers);
     assert!(skipped.is_empty());
     let link = &st.links["weft.1"];
-    assert_eq!((link.vni, link.port, link.mtu, link.learning), (1, 8472, 1450, false));
+    assert_eq!(
+        (link.vni, link.port, link.mtu, link.learning),
+        (1, 8472, 1450, false)
+    );
     assert_eq!(link.local, ip("198.18.0.11"));
     assert_eq!(link.mac, vtep_mac("host-1"));
     assert_eq!(link.underlay.as_deref(), Some("eth0"));
-    assert!(st.addresses.contains_key(&("weft.1".to_string(), netw("10.244.1.0/32"))));
-    assert_eq!(st.neighbours[&("weft.1".to_string(), ip("10.244.2.0"))], vtep_mac("host-2"));
-    assert_eq!(st.fdb[&("weft.1".to_string(), vtep_mac("host-2"))], ip("198.18.0.12"));
+    assert!(st
+        .addresses
+        .contains_key(&("weft.1".to_string(), netw("10.244.1.0/32"))));
+    assert_eq!(
+        st.neighbours[&("weft.1".to_string(), ip("10.244.2.0"))],
+        vtep_mac("host-2")
+    );
+    assert_eq!(
+        st.fdb[&("weft.1".to_string(), vtep_mac("host-2"))],
+        ip("198.18.0.12")
+    );
     let r = &st.routes[&netw("10.244.3.0/24")];
-    assert_eq!((r.via, r.dev.as_str(), r.onlink), (ip("10.244.3.0"), "weft.1", true));
+    assert_eq!(
+        (r.via, r.dev.as_str(), r.onlink),
+        (ip("10.244.3.0"), "weft.1", true)
+    );
     assert_eq!(st.object_count(), 1 + 1 + 2 * 3);
 }
 
 #[test]
 fn vxlan_direct_routing_uses_plain_routes_on_the_same_l2() {
-    let b = Vxlan::new(VxlanConfig { direct_routing: true, ..VxlanConfig::default() });
+    let b = Vxlan::new(VxlanConfig {
+        direct_routing: true,
+        ..VxlanConfig::default()
+    });
     let leases = [
         lease("10.244.2.0-24", "near", "198.18.0.12", &vx("near")),
         lease("10.244.3.0-24", "far", "203.0.113.7", &vx("far")),
@@ -91,8 +116,13 @@ fn vxlan_direct_routing_uses_plain_routes_on_the_same_l2() {
     let (peers, _) = select(&leases, &local(), BackendType::Vxlan);
     let (st, _) = b.desired(&local(), &peers);
     let near = &st.routes[&netw("10.244.2.0/24")];
-    assert_eq!((near.via, near.dev.as_str(), near.onlink), (ip("198.18.0.12"), "eth0", false));
-    assert!(!st.fdb.contains_key(&("weft.1".to_string(), vtep_mac("near"))));
+    assert_eq!(
+        (near.via, near.dev.as_str(), near.onlink),
+        (ip("198.18.0.12"), "eth0", false)
+    );
+    assert!(!st
+        .fdb
+        .contains_key(&("weft.1".to_string(), vtep_mac("near"))));
     let far = &st.routes[&netw("10.244.3.0/24")];
     assert_eq!(far.dev, "weft.1");
 }
@@ -100,8 +130,24 @@ fn vxlan_direct_routing_uses_plain_routes_on_the_same_l2() {
 #[test]
 fn vxlan_skips_peers_it_cannot_program() {
     let leases = [
-        lease("10.244.2.0-24", "other-vni", "198.18.0.12", &BackendData::Vxlan { vni: 7, vtep_mac: vtep_mac("x") }),
-        lease("10.244.3.0-24", "same-mac", "198.18.0.13", &BackendData::Vxlan { vni: 1, vtep_mac: vtep_mac("host-1") }),
+        lease(
+            "10.244.2.0-24",
+            "other-vni",
+            "198.18.0.12",
+            &BackendData::Vxlan {
+                vni: 7,
+                vtep_mac: vtep_mac("x"),
+            },
+        ),
+        lease(
+            "10.244.3.0-24",
+            "same-mac",
+            "198.18.0.13",
+            &BackendData::Vxlan {
+                vni: 1,
+                vtep_mac: vtep_mac("host-1"),
+            },
+        ),
         lease("10.244.4.0-24", "good", "198.18.0.14", &vx("good")),
     ];
     let (peers, _) = select(&leases, &local(), BackendType::Vxlan);
@@ -129,9 +175,20 @@ fn bad_leases_are_skipped_with_a_reason_and_the_rest_programmed() {
     let (peers, skipped) = select(&leases, &local(), BackendType::Vxlan);
     assert_eq!(peers.len(), 1);
     assert_eq!(peers[0].node.as_deref(), Some("good"));
-    let why: Vec<(String, String)> = skipped.iter().map(|s| (s.node.clone().unwrap(), s.reason.clone())).collect();
-    let find = |n: &str| why.iter().find(|(k, _)| k == n).map(|(_, r)| r.clone()).unwrap();
-    assert!(find("garbage").contains("BackendData is invalid"), "{why:?}");
+    let why: Vec<(String, String)> = skipped
+        .iter()
+        .map(|s| (s.node.clone().unwrap(), s.reason.clone()))
+        .collect();
+    let find = |n: &str| {
+        why.iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, r)| r.clone())
+            .unwrap()
+    };
+    assert!(
+        find("garbage").contains("BackendData is invalid"),
+        "{why:?}"
+    );
     assert!(find("wg").contains("wireguard"), "{why:?}");
     assert!(find("dup-ip").contains("is ours"), "{why:?}");
     assert!(find("overlap").contains("overlaps ours"), "{why:?}");
@@ -150,26 +207,58 @@ fn host_gw_routes_via_public_ips_and_refuses_routed_peers() {
     let (st, skipped) = HostGw.desired(&local(), &peers);
     assert!(st.links.is_empty() && st.neighbours.is_empty() && st.fdb.is_empty());
     let r = &st.routes[&netw("10.244.2.0/24")];
-    assert_eq!((r.via, r.dev.as_str(), r.onlink), (ip("198.18.0.12"), "eth0", false));
+    assert_eq!(
+        (r.via, r.dev.as_str(), r.onlink),
+        (ip("198.18.0.12"), "eth0", false)
+    );
     assert_eq!(skipped.len(), 1);
-    assert!(skipped[0].reason.contains("not directly reachable from eth0"), "{}", skipped[0].reason);
+    assert!(
+        skipped[0]
+            .reason
+            .contains("not directly reachable from eth0"),
+        "{}",
+        skipped[0].reason
+    );
     assert_eq!(HostGw.pod_mtu(1500), 1500);
 }
 
 #[test]
 fn backends_are_picked_by_config() {
-    let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap();
-    assert_eq!(for_config(&cfg.backend).unwrap().backend_type(), BackendType::HostGw);
-    let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":9}}"#).unwrap();
+    let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#)
+        .unwrap();
+    assert_eq!(
+        for_config(&cfg.backend).unwrap().backend_type(),
+        BackendType::HostGw
+    );
+    let cfg =
+        NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":9}}"#)
+            .unwrap();
     let b = for_config(&cfg.backend).unwrap();
-    assert_eq!(b.lease_data("n"), BackendData::Vxlan { vni: 9, vtep_mac: vtep_mac("n") });
-    let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"ipsec"}}"#).unwrap();
-    assert!(for_config(&cfg.backend).unwrap_err().to_string().contains("ipsec"));
+    assert_eq!(
+        b.lease_data("n"),
+        BackendData::Vxlan {
+            vni: 9,
+            vtep_mac: vtep_mac("n")
+        }
+    );
+    let cfg =
+        NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"ipsec"}}"#).unwrap();
+    assert!(for_config(&cfg.backend)
+        .unwrap_err()
+        .to_string()
+        .contains("ipsec"));
 }
 
 fn desired_with(n: u32) -> NetState {
     let leases: Vec<LeaseView> = (2..2 + n)
-        .map(|i| lease(&format!("10.244.{i}.0-24"), &format!("host-{i}"), &format!("198.18.0.{}", 10 + i), &vx(&format!("host-{i}"))))
+        .map(|i| {
+            lease(
+                &format!("10.244.{i}.0-24"),
+                &format!("host-{i}"),
+                &format!("198.18.0.{}", 10 + i),
+                &vx(&format!("host-{i}")),
+            )
+        })
         .collect();
     let (peers, _) = select(&leases, &local(), BackendType::Vxlan);
     vxlan().desired(&local(), &peers).0
@@ -194,7 +283,10 @@ fn diff_is_empty_when_in_step_and_orders_changes_like_flannel() {
         .collect();
     let mut sorted = kinds.clone();
     sorted.sort();
-    assert_eq!(kinds, sorted, "links, addresses, neighbours, FDB, then routes");
+    assert_eq!(
+        kinds, sorted,
+        "links, addresses, neighbours, FDB, then routes"
+    );
     assert_eq!(changes.len(), want.object_count());
 }
 
@@ -209,12 +301,26 @@ fn diff_repairs_tampering_and_removes_departed_peers() {
     have.routes.remove(&netw("10.244.3.0/24"));
     let fewer = desired_with(2);
     let changes = diff(&fewer, &have);
-    assert!(changes.contains(&Change::SetNeighbour { dev: dev.clone(), ip: ip("10.244.2.0"), mac: vtep_mac("host-2") }));
-    assert!(changes.iter().any(|c| matches!(c, Change::SetRoute { dst, .. } if *dst == netw("10.244.3.0/24"))));
-    assert!(changes.iter().any(|c| matches!(c, Change::DelRoute { dst, .. } if *dst == netw("10.244.4.0/24"))));
-    assert!(changes.iter().any(|c| matches!(c, Change::DelFdb { mac, .. } if *mac == vtep_mac("host-4"))));
-    assert!(changes.iter().any(|c| matches!(c, Change::DelNeighbour { ip: i, .. } if *i == ip("10.244.4.0"))));
-    assert!(!changes.iter().any(|c| matches!(c, Change::CreateLink { .. } | Change::DeleteLink { .. })));
+    assert!(changes.contains(&Change::SetNeighbour {
+        dev: dev.clone(),
+        ip: ip("10.244.2.0"),
+        mac: vtep_mac("host-2")
+    }));
+    assert!(changes
+        .iter()
+        .any(|c| matches!(c, Change::SetRoute { dst, .. } if *dst == netw("10.244.3.0/24"))));
+    assert!(changes
+        .iter()
+        .any(|c| matches!(c, Change::DelRoute { dst, .. } if *dst == netw("10.244.4.0/24"))));
+    assert!(changes
+        .iter()
+        .any(|c| matches!(c, Change::DelFdb { mac, .. } if *mac == vtep_mac("host-4"))));
+    assert!(changes
+        .iter()
+        .any(|c| matches!(c, Change::DelNeighbour { ip: i, .. } if *i == ip("10.244.4.0"))));
+    assert!(!changes
+        .iter()
+        .any(|c| matches!(c, Change::CreateLink { .. } | Change::DeleteLink { .. })));
 }
 
 #[test]
@@ -223,29 +329,62 @@ fn diff_recreates_a_link_whose_identity_changed_and_drops_old_devices() {
     let mut have = want.clone();
     have.links.get_mut("weft.1").unwrap().local = ip("198.18.9.9");
     let changes = diff(&want, &have);
-    assert_eq!(changes[0], Change::DeleteLink { name: "weft.1".into() });
+    assert_eq!(
+        changes[0],
+        Change::DeleteLink {
+            name: "weft.1".into()
+        }
+    );
     assert!(matches!(changes[1], Change::CreateLink { .. }));
-    assert_eq!(changes.len(), 2 + want.object_count() - 1, "everything on the device is added again");
+    assert_eq!(
+        changes.len(),
+        2 + want.object_count() - 1,
+        "everything on the device is added again"
+    );
 
     let mut mtu = want.clone();
     mtu.links.get_mut("weft.1").unwrap().mtu = 1400;
-    assert_eq!(diff(&want, &mtu), vec![Change::UpdateLink { name: "weft.1".into(), mtu: 1450, up: true }]);
+    assert_eq!(
+        diff(&want, &mtu),
+        vec![Change::UpdateLink {
+            name: "weft.1".into(),
+            mtu: 1450,
+            up: true
+        }]
+    );
 
     // VNI changed: weft.2 is wanted, weft.1 goes with everything on it.
-    let b2 = Vxlan::new(VxlanConfig { vni: 2, ..VxlanConfig::default() });
-    let leases = [lease("10.244.2.0-24", "host-2", "198.18.0.12", &BackendData::Vxlan { vni: 2, vtep_mac: vtep_mac("host-2") })];
+    let b2 = Vxlan::new(VxlanConfig {
+        vni: 2,
+        ..VxlanConfig::default()
+    });
+    let leases = [lease(
+        "10.244.2.0-24",
+        "host-2",
+        "198.18.0.12",
+        &BackendData::Vxlan {
+            vni: 2,
+            vtep_mac: vtep_mac("host-2"),
+        },
+    )];
     let (peers, _) = select(&leases, &local(), BackendType::Vxlan);
     let want2 = b2.desired(&local(), &peers).0;
     let changes = diff(&want2, &want);
-    assert!(changes.contains(&Change::DeleteLink { name: "weft.1".into() }));
-    assert!(!changes.iter().any(|c| matches!(c, Change::DelRoute { target, .. } if target.dev == "weft.1")));
+    assert!(changes.contains(&Change::DeleteLink {
+        name: "weft.1".into()
+    }));
+    assert!(!changes
+        .iter()
+        .any(|c| matches!(c, Change::DelRoute { target, .. } if target.dev == "weft.1")));
 }
 
 #[tokio::test]
 async fn applying_the_diff_converges_and_a_second_pass_changes_nothing() {
     let fake = FakeDataplane::with_devices(&["eth0"]);
     let want = desired_with(5);
-    let errors = fake.apply(&diff(&want, &fake.observe().await.unwrap())).await;
+    let errors = fake
+        .apply(&diff(&want, &fake.observe().await.unwrap()))
+        .await;
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(fake.observe().await.unwrap(), want);
     assert!(diff(&want, &fake.observe().await.unwrap()).is_empty());
@@ -257,7 +396,9 @@ async fn applying_the_diff_converges_and_a_second_pass_changes_nothing() {
         st.routes.clear();
         st.addresses.clear();
     });
-    let errors = fake.apply(&diff(&want, &fake.observe().await.unwrap())).await;
+    let errors = fake
+        .apply(&diff(&want, &fake.observe().await.unwrap()))
+        .await;
     assert!(errors.is_empty());
     assert_eq!(fake.observe().await.unwrap(), want);
 }
@@ -280,8 +421,18 @@ async fn one_failing_change_does_not_stop_the_others() {
 
 #[test]
 fn changes_print_as_iproute2_commands() {
-    let c = Change::SetFdb { dev: "weft.1".into(), mac: vtep_mac("host-2"), dst: ip("198.18.0.12") };
-    assert_eq!(c.to_string(), format!("bridge fdb replace {} dev weft.1 dst 198.18.0.12 self permanent", vtep_mac("host-2")));
+    let c = Change::SetFdb {
+        dev: "weft.1".into(),
+        mac: vtep_mac("host-2"),
+        dst: ip("198.18.0.12"),
+    };
+    assert_eq!(
+        c.to_string(),
+        format!(
+            "bridge fdb replace {} dev weft.1 dst 198.18.0.12 self permanent",
+            vtep_mac("host-2")
+        )
+    );
     let key: SubnetKey = "10.244.2.0-24".parse().unwrap();
     assert_eq!(key.to_string(), "10.244.2.0-24");
 }

@@ -39,11 +39,17 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
 
 /// Removes namespaces of earlier test processes that are gone.
 fn sweep() {
-    let Ok(entries) = std::fs::read_dir("/run/netns") else { return };
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             let _ = run("ip", &["netns", "del", &name]);
         }
@@ -61,7 +67,11 @@ impl Netns {
     pub fn new(label: &str) -> Result<Self> {
         static N: AtomicU32 = AtomicU32::new(0);
         sweep();
-        let name = format!("{PREFIX}{}-{}-{label}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "{PREFIX}{}-{}-{label}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
         run("ip", &["netns", "add", &name])?;
         let ns = Netns { name };
         ns.ip(&["link", "set", "lo", "up"])?;
@@ -89,7 +99,11 @@ impl Netns {
         let mut all = vec!["-j"];
         all.extend_from_slice(args);
         let out = self.ip(&all)?;
-        Ok(if out.trim().is_empty() { Value::Array(vec![]) } else { serde_json::from_str(&out)? })
+        Ok(if out.trim().is_empty() {
+            Value::Array(vec![])
+        } else {
+            serde_json::from_str(&out)?
+        })
     }
 
     /// `bridge -n <ns> -j <args>` as JSON.
@@ -97,7 +111,11 @@ impl Netns {
         let mut all = vec!["-n", &self.name, "-j"];
         all.extend_from_slice(args);
         let out = run("bridge", &all)?;
-        Ok(if out.trim().is_empty() { Value::Array(vec![]) } else { serde_json::from_str(&out)? })
+        Ok(if out.trim().is_empty() {
+            Value::Array(vec![])
+        } else {
+            serde_json::from_str(&out)?
+        })
     }
 
     /// Runs `f` on a fresh thread inside this namespace (sockets it makes

@@ -4,7 +4,9 @@
 use serde_json::Value;
 use std::sync::Arc;
 use weft_backends::peer::select;
-use weft_backends::{diff, vtep_mac, Backend, Dataplane, ExternalIface, HostGw, LocalNode, NetlinkDataplane, Vxlan};
+use weft_backends::{
+    diff, vtep_mac, Backend, Dataplane, ExternalIface, HostGw, LocalNode, NetlinkDataplane, Vxlan,
+};
 use weft_config::{NetworkConfig, VxlanConfig};
 use weft_lease::api::LeaseView;
 use weft_lease::{BackendData, Lease, LeaseAttrs};
@@ -15,20 +17,31 @@ use weft_tests::netns::{require_root, Netns};
 fn host() -> Netns {
     require_root();
     let ns = Netns::new("dp").unwrap();
-    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "wire0"]).unwrap();
-    ns.ip(&["addr", "add", "198.18.0.11/16", "dev", "eth0"]).unwrap();
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "wire0",
+    ])
+    .unwrap();
+    ns.ip(&["addr", "add", "198.18.0.11/16", "dev", "eth0"])
+        .unwrap();
     ns.ip(&["link", "set", "wire0", "up"]).unwrap();
     ns.ip(&["link", "set", "eth0", "up"]).unwrap();
     ns
 }
 
 fn local(ns: &Netns) -> LocalNode {
-    let idx = ns.ip_json(&["link", "show", "eth0"]).unwrap()[0]["ifindex"].as_u64().unwrap() as u32;
+    let idx = ns.ip_json(&["link", "show", "eth0"]).unwrap()[0]["ifindex"]
+        .as_u64()
+        .unwrap() as u32;
     LocalNode {
         name: "host-1".into(),
         subnet: "10.244.1.0-24".parse().unwrap(),
         public_ip: "198.18.0.11".parse().unwrap(),
-        ext: ExternalIface { name: "eth0".into(), index: idx, mtu: 1500, addr: "198.18.0.11/16".parse().unwrap() },
+        ext: ExternalIface {
+            name: "eth0".into(),
+            index: idx,
+            mtu: 1500,
+            addr: "198.18.0.11/16".parse().unwrap(),
+        },
         vtep_mac: vtep_mac("host-1"),
         network: Arc::new(NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap()),
     }
@@ -40,7 +53,12 @@ fn leases(n: u32, backend: impl Fn(&str) -> BackendData) -> Vec<LeaseView> {
             let node = format!("host-{i}");
             let l = Lease {
                 key: format!("10.244.{i}.0-24").parse().unwrap(),
-                attrs: LeaseAttrs::new(&node, Some(format!("198.18.0.{}", 10 + i).parse().unwrap()), None, &backend(&node)),
+                attrs: LeaseAttrs::new(
+                    &node,
+                    Some(format!("198.18.0.{}", 10 + i).parse().unwrap()),
+                    None,
+                    &backend(&node),
+                ),
                 etcd_lease: None,
                 create_revision: 1,
                 mod_revision: 1,
@@ -51,10 +69,18 @@ fn leases(n: u32, backend: impl Fn(&str) -> BackendData) -> Vec<LeaseView> {
 }
 
 fn vx(node: &str) -> BackendData {
-    BackendData::Vxlan { vni: 1, vtep_mac: vtep_mac(node) }
+    BackendData::Vxlan {
+        vni: 1,
+        vtep_mac: vtep_mac(node),
+    }
 }
 
-async fn reconcile(dp: &NetlinkDataplane, backend: &dyn Backend, local: &LocalNode, leases: &[LeaseView]) -> usize {
+async fn reconcile(
+    dp: &NetlinkDataplane,
+    backend: &dyn Backend,
+    local: &LocalNode,
+    leases: &[LeaseView],
+) -> usize {
     let (peers, skipped) = select(leases, local, backend.backend_type());
     assert!(skipped.is_empty(), "{skipped:?}");
     let (want, skipped) = backend.desired(local, &peers);
@@ -63,12 +89,19 @@ async fn reconcile(dp: &NetlinkDataplane, backend: &dyn Backend, local: &LocalNo
     let errors = dp.apply(&changes).await;
     assert!(errors.is_empty(), "{errors:?}");
     let have = dp.observe().await.unwrap();
-    assert_eq!(have, want, "observed state equals desired state after applying");
+    assert_eq!(
+        have, want,
+        "observed state equals desired state after applying"
+    );
     changes.len()
 }
 
 fn routes(ns: &Netns) -> Vec<Value> {
-    ns.ip_json(&["route", "show", "proto", "87"]).unwrap().as_array().unwrap().clone()
+    ns.ip_json(&["route", "show", "proto", "87"])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,35 +124,72 @@ async fn vxlan_programs_exactly_the_expected_objects_idempotently() {
     assert_eq!(info["link"], "eth0");
     assert_eq!(link["mtu"], 1450);
     assert_eq!(link["address"], vtep_mac("host-1").to_string());
-    assert!(link["flags"].as_array().unwrap().contains(&Value::from("UP")));
+    assert!(link["flags"]
+        .as_array()
+        .unwrap()
+        .contains(&Value::from("UP")));
     let addrs = ns.ip_json(&["addr", "show", "dev", "weft.1"]).unwrap();
-    let v4: Vec<&Value> = addrs[0]["addr_info"].as_array().unwrap().iter().filter(|a| a["family"] == "inet").collect();
+    let v4: Vec<&Value> = addrs[0]["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["family"] == "inet")
+        .collect();
     assert_eq!(v4.len(), 1, "{addrs}");
-    assert_eq!((v4[0]["local"].as_str(), v4[0]["prefixlen"].as_u64()), (Some("10.244.1.0"), Some(32)));
+    assert_eq!(
+        (v4[0]["local"].as_str(), v4[0]["prefixlen"].as_u64()),
+        (Some("10.244.1.0"), Some(32))
+    );
 
     let neigh = ns.ip_json(&["neigh", "show", "dev", "weft.1"]).unwrap();
     let neigh = neigh.as_array().unwrap();
     assert_eq!(neigh.len(), 3);
     for i in 2..5 {
-        let n = neigh.iter().find(|n| n["dst"] == format!("10.244.{i}.0")).expect("neighbour");
+        let n = neigh
+            .iter()
+            .find(|n| n["dst"] == format!("10.244.{i}.0"))
+            .expect("neighbour");
         assert_eq!(n["lladdr"], vtep_mac(&format!("host-{i}")).to_string());
-        assert!(n["state"].as_array().unwrap().contains(&Value::from("PERMANENT")));
+        assert!(n["state"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("PERMANENT")));
     }
     let fdb = ns.bridge_json(&["fdb", "show", "dev", "weft.1"]).unwrap();
-    let ours: Vec<&Value> = fdb.as_array().unwrap().iter().filter(|e| e.get("dst").is_some()).collect();
+    let ours: Vec<&Value> = fdb
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e.get("dst").is_some())
+        .collect();
     assert_eq!(ours.len(), 3, "{fdb}");
     for i in 2..5 {
-        let e = ours.iter().find(|e| e["mac"] == vtep_mac(&format!("host-{i}")).to_string()).expect("fdb entry");
+        let e = ours
+            .iter()
+            .find(|e| e["mac"] == vtep_mac(&format!("host-{i}")).to_string())
+            .expect("fdb entry");
         assert_eq!(e["dst"], format!("198.18.0.{}", 10 + i));
         assert_eq!(e["state"], "permanent");
     }
     let rs = routes(&ns);
     assert_eq!(rs.len(), 3);
     for r in &rs {
-        let i = r["dst"].as_str().unwrap().split('.').nth(2).unwrap().to_string();
+        let i = r["dst"]
+            .as_str()
+            .unwrap()
+            .split('.')
+            .nth(2)
+            .unwrap()
+            .to_string();
         assert_eq!(r["gateway"], format!("10.244.{i}.0"));
         assert_eq!(r["dev"], "weft.1");
-        assert!(r["flags"].as_array().unwrap().contains(&Value::from("onlink")), "{r}");
+        assert!(
+            r["flags"]
+                .as_array()
+                .unwrap()
+                .contains(&Value::from("onlink")),
+            "{r}"
+        );
     }
     // Second pass: nothing to do.
     assert_eq!(reconcile(&dp, &b, &local, &ls).await, 0);
@@ -137,12 +207,30 @@ async fn a_departed_peer_is_removed_and_hand_deletions_come_back() {
     // host-4 leaves.
     reconcile(&dp, &b, &local, &ls[..2]).await;
     assert_eq!(routes(&ns).len(), 2);
-    assert!(!ns.ip(&["neigh", "show", "dev", "weft.1"]).unwrap().contains("10.244.4.0"));
-    assert!(!ns.bridge_json(&["fdb", "show", "dev", "weft.1"]).unwrap().to_string().contains(&vtep_mac("host-4").to_string()));
+    assert!(!ns
+        .ip(&["neigh", "show", "dev", "weft.1"])
+        .unwrap()
+        .contains("10.244.4.0"));
+    assert!(!ns
+        .bridge_json(&["fdb", "show", "dev", "weft.1"])
+        .unwrap()
+        .to_string()
+        .contains(&vtep_mac("host-4").to_string()));
 
     // An operator deletes a route, an FDB entry, then the whole device.
     ns.ip(&["route", "del", "10.244.2.0/24"]).unwrap();
-    run_bridge(&ns, &["fdb", "del", &vtep_mac("host-3").to_string(), "dev", "weft.1", "dst", "198.18.0.13"]);
+    run_bridge(
+        &ns,
+        &[
+            "fdb",
+            "del",
+            &vtep_mac("host-3").to_string(),
+            "dev",
+            "weft.1",
+            "dst",
+            "198.18.0.13",
+        ],
+    );
     assert_eq!(reconcile(&dp, &b, &local, &ls[..2]).await, 2);
     ns.ip(&["link", "del", "weft.1"]).unwrap();
     assert!(routes(&ns).is_empty());
@@ -162,23 +250,87 @@ async fn objects_weft_does_not_own_are_never_touched() {
     let ns = host();
     let local = local(&ns);
     // Things an operator or another daemon put there.
-    ns.ip(&["route", "add", "10.99.0.0/24", "via", "198.18.0.99", "dev", "eth0"]).unwrap();
-    ns.ip(&["route", "add", "10.244.9.0/24", "via", "198.18.0.99", "dev", "eth0", "proto", "static"]).unwrap();
-    ns.ip(&["neigh", "add", "198.18.0.77", "lladdr", "02:00:00:00:00:77", "dev", "eth0", "nud", "permanent"]).unwrap();
-    ns.ip(&["link", "add", "other.5", "type", "vxlan", "id", "5", "dstport", "4789", "local", "198.18.0.11"]).unwrap();
-    ns.ip(&["link", "add", "weftish", "type", "veth", "peer", "name", "weftish-peer"]).unwrap();
+    ns.ip(&[
+        "route",
+        "add",
+        "10.99.0.0/24",
+        "via",
+        "198.18.0.99",
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+    ns.ip(&[
+        "route",
+        "add",
+        "10.244.9.0/24",
+        "via",
+        "198.18.0.99",
+        "dev",
+        "eth0",
+        "proto",
+        "static",
+    ])
+    .unwrap();
+    ns.ip(&[
+        "neigh",
+        "add",
+        "198.18.0.77",
+        "lladdr",
+        "02:00:00:00:00:77",
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
+    ns.ip(&[
+        "link",
+        "add",
+        "other.5",
+        "type",
+        "vxlan",
+        "id",
+        "5",
+        "dstport",
+        "4789",
+        "local",
+        "198.18.0.11",
+    ])
+    .unwrap();
+    ns.ip(&[
+        "link",
+        "add",
+        "weftish",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "weftish-peer",
+    ])
+    .unwrap();
     let dp = NetlinkDataplane::in_netns(&ns.path()).unwrap();
     let b = Vxlan::new(VxlanConfig::default());
     reconcile(&dp, &b, &local, &leases(2, vx)).await;
     reconcile(&dp, &b, &local, &[]).await;
     let all_routes = ns.ip(&["route", "show"]).unwrap();
-    assert!(all_routes.contains("10.99.0.0/24") && all_routes.contains("10.244.9.0/24"), "{all_routes}");
-    assert!(ns.ip(&["neigh", "show", "dev", "eth0"]).unwrap().contains("198.18.0.77"));
+    assert!(
+        all_routes.contains("10.99.0.0/24") && all_routes.contains("10.244.9.0/24"),
+        "{all_routes}"
+    );
+    assert!(ns
+        .ip(&["neigh", "show", "dev", "eth0"])
+        .unwrap()
+        .contains("198.18.0.77"));
     assert!(ns.ip(&["link", "show", "other.5"]).is_ok());
     assert!(ns.ip(&["link", "show", "weftish"]).is_ok());
     // weft.1 stays (the backend wants it) but carries no peer state.
     assert!(routes(&ns).is_empty());
-    assert!(ns.ip(&["neigh", "show", "dev", "weft.1"]).unwrap().trim().is_empty());
+    assert!(ns
+        .ip(&["neigh", "show", "dev", "weft.1"])
+        .unwrap()
+        .trim()
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,11 +344,21 @@ async fn host_gw_routes_via_public_ips() {
     let rs = routes(&ns);
     assert_eq!(rs.len(), 3);
     for r in &rs {
-        let i: u32 = r["dst"].as_str().unwrap().split('.').nth(2).unwrap().parse().unwrap();
+        let i: u32 = r["dst"]
+            .as_str()
+            .unwrap()
+            .split('.')
+            .nth(2)
+            .unwrap()
+            .parse()
+            .unwrap();
         assert_eq!(r["gateway"], format!("198.18.0.{}", 10 + i));
         assert_eq!(r["dev"], "eth0");
     }
-    assert!(ns.ip(&["link", "show", "weft.1"]).is_err(), "host-gw makes no device");
+    assert!(
+        ns.ip(&["link", "show", "weft.1"]).is_err(),
+        "host-gw makes no device"
+    );
     assert_eq!(reconcile(&dp, &HostGw, &local, &ls).await, 0);
     ns.ip(&["route", "del", "10.244.3.0/24"]).unwrap();
     assert_eq!(reconcile(&dp, &HostGw, &local, &ls).await, 1);
@@ -210,12 +372,27 @@ async fn a_changed_vni_replaces_the_device() {
     let ns = host();
     let local = local(&ns);
     let dp = NetlinkDataplane::in_netns(&ns.path()).unwrap();
-    reconcile(&dp, &Vxlan::new(VxlanConfig::default()), &local, &leases(2, vx)).await;
-    let b7 = Vxlan::new(VxlanConfig { vni: 7, ..VxlanConfig::default() });
-    let ls7 = leases(2, |n| BackendData::Vxlan { vni: 7, vtep_mac: vtep_mac(n) });
+    reconcile(
+        &dp,
+        &Vxlan::new(VxlanConfig::default()),
+        &local,
+        &leases(2, vx),
+    )
+    .await;
+    let b7 = Vxlan::new(VxlanConfig {
+        vni: 7,
+        ..VxlanConfig::default()
+    });
+    let ls7 = leases(2, |n| BackendData::Vxlan {
+        vni: 7,
+        vtep_mac: vtep_mac(n),
+    });
     reconcile(&dp, &b7, &local, &ls7).await;
     assert!(ns.ip(&["link", "show", "weft.1"]).is_err());
-    assert_eq!(ns.ip_json(&["-d", "link", "show", "weft.7"]).unwrap()[0]["linkinfo"]["info_data"]["id"], 7);
+    assert_eq!(
+        ns.ip_json(&["-d", "link", "show", "weft.7"]).unwrap()[0]["linkinfo"]["info_data"]["id"],
+        7
+    );
     assert!(routes(&ns).iter().all(|r| r["dev"] == "weft.7"));
 }
 
@@ -223,11 +400,23 @@ async fn a_changed_vni_replaces_the_device() {
 #[ignore = "needs root; run by scripts/test"]
 async fn interfaces_and_default_route_are_reported() {
     let ns = host();
-    ns.ip(&["route", "add", "default", "via", "198.18.0.1", "dev", "eth0"]).unwrap();
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "198.18.0.1",
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
     let dp = NetlinkDataplane::in_netns(&ns.path()).unwrap();
     let ifs = dp.interfaces().await.unwrap();
     let eth0 = ifs.iter().find(|i| i.name == "eth0").unwrap();
     assert!(eth0.addrs.contains(&"198.18.0.11/16".parse().unwrap()));
     assert_eq!(eth0.mtu, 1500);
-    assert_eq!(dp.default_route_interface().await.unwrap(), Some(eth0.index));
+    assert_eq!(
+        dp.default_route_interface().await.unwrap(),
+        Some(eth0.index)
+    );
 }

@@ -1,0 +1,356 @@
+//! The daemon: pick the interface, get the network config and a lease,
+//! write subnet.env, set up masquerading and forwarding, then follow the
+//! leases and reconcile, renewing the lease as it goes. On shutdown the
+//! data plane stays as it is, so a restart is hitless.
+
+use crate::iface::{self, IfaceChoice};
+use crate::peers::{self, PeerTable};
+use crate::reconcile::Reconciler;
+use crate::retry::{until_ok, Backoff};
+use crate::status::Status;
+use crate::subnet_env::SubnetEnv;
+use crate::{health, masq, system};
+use anyhow::{anyhow, Context, Result};
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use weft_backends::{for_config, vtep_mac, Backend, ExternalIface, LocalNode, NetlinkDataplane};
+use weft_config::NetworkConfig;
+use weft_lease::api::{AcquireRequest, LeaseResponse};
+use weft_lease::client::{ClientError, ControllerClient};
+use weft_lease::{NodeName, SubnetKey};
+
+/// Settings of the daemon, from flags and environment.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub controller: String,
+    pub node_name: NodeName,
+    pub iface: IfaceChoice,
+    pub public_ip: Option<Ipv4Addr>,
+    pub subnet_file: PathBuf,
+    pub ip_masq: bool,
+    pub healthz: Option<SocketAddr>,
+    /// Reconcile at least this often.
+    pub resync: Duration,
+    /// Reconnect the lease watch after this long without a line.
+    pub watch_silence: Duration,
+}
+
+/// What the lease-keeping task needs.
+struct Keeper {
+    client: ControllerClient,
+    opts: Options,
+    public_ip: Ipv4Addr,
+    ext: ExternalIface,
+    backend: Arc<dyn Backend>,
+    status: Arc<Status>,
+    local: watch::Sender<Option<Arc<LocalNode>>>,
+}
+
+impl Keeper {
+    fn request(&self, previous: Option<&SubnetKey>) -> AcquireRequest {
+        AcquireRequest::new(
+            Some(self.public_ip),
+            None,
+            &self.backend.lease_data(self.opts.node_name.as_str()),
+            previous,
+        )
+    }
+
+    /// Makes `resp` the node's lease: local node, subnet.env, masquerade.
+    async fn install(&self, resp: &LeaseResponse, network: Arc<NetworkConfig>) -> Result<()> {
+        let key = resp.lease.key;
+        let old = self.local.borrow().as_ref().map(|l| l.subnet);
+        if let Some(old) = old.filter(|o| *o != key) {
+            tracing::warn!(
+                old = %old.to_cidrs(),
+                new = %key.to_cidrs(),
+                "this node's subnet changed; pods started on the old subnet need restarting"
+            );
+        }
+        let mtu = self.backend.pod_mtu(self.ext.mtu);
+        let env = SubnetEnv::new(&network, &key, mtu, self.opts.ip_masq);
+        env.write(&self.opts.subnet_file)
+            .with_context(|| format!("writing {}", self.opts.subnet_file.display()))?;
+        if self.opts.ip_masq {
+            let rules = masq::ruleset(
+                network.ipv4.as_ref().map(|p| p.network().into()),
+                key.ipv4().map(Into::into),
+                network.ipv6.as_ref().map(|p| p.network().into()),
+                key.ipv6().map(Into::into),
+            );
+            masq::apply(rules)
+                .await
+                .map_err(|e| anyhow!("installing masquerade rules: {e}"))?;
+        }
+        let local = LocalNode {
+            name: self.opts.node_name.to_string(),
+            subnet: key,
+            public_ip: self.public_ip,
+            ext: self.ext.clone(),
+            vtep_mac: vtep_mac(self.opts.node_name.as_str()),
+            network,
+        };
+        self.status.update(|s| s.subnet = Some(key.to_cidrs()));
+        self.local.send_replace(Some(Arc::new(local)));
+        Ok(())
+    }
+
+    /// Renews the lease for ever; re-acquires when it is gone or no longer
+    /// fits the network.
+    async fn keep(self, mut current: LeaseResponse) {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let mut delay = renew_interval(&current);
+        loop {
+            tokio::time::sleep(delay).await;
+            match self.client.renew(self.opts.node_name.as_str()).await {
+                Ok(resp) => {
+                    self.status
+                        .renewals
+                        .get_or_create(&vec![("result", "ok")])
+                        .inc();
+                    backoff.reset();
+                    let moved = resp.lease.key != current.lease.key;
+                    let misfit = !resp.lease.fits_network && !resp.network.is_null();
+                    current = if moved || misfit {
+                        tracing::info!(
+                            subnet = %resp.lease.key.to_cidrs(),
+                            "the controller has another lease for this node, or ours left the network; acquiring again"
+                        );
+                        self.reacquire(Some(current.lease.key)).await
+                    } else {
+                        resp
+                    };
+                    delay = renew_interval(&current);
+                }
+                Err(ClientError::Api { status: 404, .. }) => {
+                    self.status
+                        .renewals
+                        .get_or_create(&vec![("result", "lost")])
+                        .inc();
+                    tracing::warn!(subnet = %current.lease.key.to_cidrs(), "our lease is gone (expired or released); acquiring again");
+                    current = self.reacquire(Some(current.lease.key)).await;
+                    delay = renew_interval(&current);
+                }
+                Err(e) => {
+                    self.status
+                        .renewals
+                        .get_or_create(&vec![("result", "error")])
+                        .inc();
+                    delay = backoff.next_delay();
+                    tracing::warn!("renewing the lease: {e}; retrying in {delay:?} (the data plane stays as it is)");
+                }
+            }
+        }
+    }
+
+    async fn reacquire(&self, previous: Option<SubnetKey>) -> LeaseResponse {
+        loop {
+            let req = self.request(previous.as_ref());
+            let resp = until_ok("acquiring a lease", || {
+                self.client.acquire(self.opts.node_name.as_str(), &req)
+            })
+            .await;
+            let network = match NetworkConfig::from_value(resp.network.clone()) {
+                Ok(n) => Arc::new(n),
+                Err(e) => {
+                    tracing::warn!("the controller sent a network config we cannot read: {e}");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    continue;
+                }
+            };
+            if network.backend.backend_type() != self.backend.backend_type() {
+                tracing::error!(
+                    running = %self.backend.backend_type(),
+                    configured = %network.backend.backend_type(),
+                    "the network's backend changed; restart weft-node to switch"
+                );
+            }
+            match self.install(&resp, network).await {
+                Ok(()) => return resp,
+                Err(e) => {
+                    tracing::error!("{e:#}; retrying");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Renew at a third of the TTL (at most hourly): two chances to fail.
+fn renew_interval(resp: &LeaseResponse) -> Duration {
+    let ttl = resp.lease.ttl_seconds.map_or(3600, |t| t.max(1));
+    Duration::from_secs((ttl / 3).clamp(1, 3600))
+}
+
+/// Fetches the network config, waiting for the controller as long as it takes.
+async fn network(client: &ControllerClient) -> NetworkConfig {
+    until_ok(
+        &format!("getting the network config from {}", client.url()),
+        || async {
+            let view = client.network().await.map_err(|e| e.to_string())?;
+            match (view.valid, view.config) {
+                (true, Some(c)) => NetworkConfig::from_value(c).map_err(|e| e.to_string()),
+                _ => Err(format!(
+                    "the stored network config is invalid: {}",
+                    view.error.unwrap_or_default()
+                )),
+            }
+        },
+    )
+    .await
+}
+
+/// Runs the daemon until `shutdown`; returns an error only for problems
+/// that waiting cannot fix (no usable interface, an unsupported backend).
+pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let status = Arc::new(Status::new(opts.node_name.as_str()));
+    let mut tasks = JoinSet::new();
+    if let Some(addr) = opts.healthz {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--healthz {addr}: cannot listen"))?;
+        let router = health::router(status.clone());
+        tasks.spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+    }
+    tokio::select! {
+        r = start(opts, status, &mut tasks) => r,
+        _ = shutdown => {
+            tracing::info!("stopping; the data plane stays in place");
+            system::sd_notify("STOPPING=1");
+            Ok(())
+        }
+    }
+    // Dropping `tasks` stops every task; nothing is removed from the kernel.
+}
+
+async fn start(opts: Options, status: Arc<Status>, tasks: &mut JoinSet<()>) -> Result<()> {
+    let dp = Arc::new(NetlinkDataplane::new().context("netlink")?);
+    let client = ControllerClient::new(&opts.controller)?;
+
+    status.phase("choosing the external interface");
+    let ifaces = dp.interfaces().await?;
+    let chosen = iface::choose(
+        &ifaces,
+        dp.default_route_interface().await?,
+        &opts.iface,
+        opts.public_ip,
+    )
+    .map_err(|e| anyhow!(e))?;
+    tracing::info!(iface = %chosen.ext.name, public_ip = %chosen.public_ip, mtu = chosen.ext.mtu, "external interface");
+
+    let previous = match SubnetEnv::read(&opts.subnet_file) {
+        Ok(env) => env.and_then(|e| e.subnet_key()),
+        Err(e) => {
+            tracing::warn!("ignoring {e}");
+            None
+        }
+    };
+
+    // The backend comes from the network config; the lease request carries
+    // the backend's data, and the controller checks both agree.
+    let (network, backend, lease) = loop {
+        status.phase(format!(
+            "waiting for the network config from {}",
+            opts.controller
+        ));
+        let network = network(&client).await;
+        let backend: Arc<dyn Backend> = Arc::from(for_config(&network.backend)?);
+        status.update(|s| s.backend = Some(backend.backend_type().to_string()));
+        status.phase(format!("acquiring a lease from {}", opts.controller));
+        let req = AcquireRequest::new(
+            Some(chosen.public_ip),
+            None,
+            &backend.lease_data(opts.node_name.as_str()),
+            previous.as_ref(),
+        );
+        let got = until_ok("acquiring a lease", || async {
+            match client.acquire(opts.node_name.as_str(), &req).await {
+                Err(ClientError::Api { body, .. }) if body.error == "backend_mismatch" => Ok(None),
+                Err(e) => Err(e),
+                Ok(r) => Ok(Some(r)),
+            }
+        })
+        .await;
+        match got {
+            Some(lease) => break (network, backend, lease),
+            None => {
+                tracing::info!("the network's backend changed meanwhile; reading the config again")
+            }
+        }
+    };
+    tracing::info!(
+        subnet = %lease.lease.key.to_cidrs(),
+        backend = %backend.backend_type(),
+        previous = ?previous.map(|p| p.to_cidrs()),
+        "lease acquired"
+    );
+    system::enable_forwarding(network.ipv6.is_some()).map_err(|e| anyhow!(e))?;
+
+    let (local_tx, local_rx) = watch::channel(None);
+    let keeper = Keeper {
+        client: client.clone(),
+        opts: opts.clone(),
+        public_ip: chosen.public_ip,
+        ext: chosen.ext.clone(),
+        backend: backend.clone(),
+        status: status.clone(),
+        local: local_tx,
+    };
+    let network = Arc::new(network);
+    keeper.install(&lease, network).await?;
+
+    let (peers_tx, peers_rx) = watch::channel(Arc::new(PeerTable::default()));
+    tasks.spawn(peers::follow(
+        client,
+        peers_tx,
+        opts.watch_silence,
+        status.clone(),
+    ));
+    let reconciler = Reconciler::new(dp, backend, status.clone());
+    let heartbeat = reconciler.heartbeat.clone();
+    tasks.spawn(reconciler.run(local_rx, peers_rx, opts.resync));
+    tasks.spawn(keeper.keep(lease));
+
+    status.phase("programming the data plane");
+    let ready_status = status.clone();
+    tasks.spawn(async move {
+        while !ready_status.snapshot().ready {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let s = ready_status.snapshot();
+        tracing::info!(peers = s.peers, "ready");
+        system::sd_notify(&format!(
+            "READY=1\nSTATUS=subnet {} with {} peers",
+            s.subnet.unwrap_or_default(),
+            s.peers
+        ));
+    });
+    if let Some(every) = system::watchdog_interval() {
+        // Pet the watchdog only while the reconcile loop makes progress.
+        let stale_after = (opts.resync * 3).max(every * 2).as_millis() as u64;
+        tasks.spawn(async move {
+            let origin = tokio::time::Instant::now();
+            loop {
+                tokio::time::sleep(every).await;
+                let beat = heartbeat.load(Ordering::Relaxed);
+                let now = origin.elapsed().as_millis() as u64;
+                if beat == 0 || now.saturating_sub(beat) < stale_after {
+                    system::sd_notify("WATCHDOG=1");
+                }
+            }
+        });
+    }
+    // Every task runs for ever; one ending is a bug worth a restart.
+    match tasks.join_next().await {
+        Some(Err(e)) if e.is_panic() => Err(anyhow!("a task panicked: {e}")),
+        _ => Err(anyhow!("a daemon task stopped unexpectedly")),
+    }
+}

@@ -1,0 +1,116 @@
+//! `weft-node`: the per-node daemon.
+
+use anyhow::{anyhow, Context};
+use clap::Parser;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+use weft_lease::NodeName;
+use weft_node::daemon::{self, Options};
+use weft_node::iface::IfaceChoice;
+
+/// Keeps this node's subnet lease and programs the overlay to every peer.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Controller URL.
+    #[arg(long, env = "WEFT_NODE_CONTROLLER")]
+    controller: String,
+    /// This node's name (default: the host name).
+    #[arg(long, env = "WEFT_NODE_NODE_NAME")]
+    node_name: Option<String>,
+    /// External interface by name.
+    #[arg(long, env = "WEFT_NODE_IFACE", conflicts_with = "iface_regex")]
+    iface: Option<String>,
+    /// External interface: the first whose name matches.
+    #[arg(long, env = "WEFT_NODE_IFACE_REGEX")]
+    iface_regex: Option<String>,
+    /// Address to publish; also picks the interface holding it unless
+    /// --iface/--iface-regex is given (e.g. behind NAT).
+    #[arg(long, env = "WEFT_NODE_PUBLIC_IP")]
+    public_ip: Option<Ipv4Addr>,
+    /// Where to write the lease for CNI plugins.
+    #[arg(
+        long,
+        env = "WEFT_NODE_SUBNET_FILE",
+        default_value = "/run/weft/subnet.env"
+    )]
+    subnet_file: PathBuf,
+    /// Masquerade pod traffic leaving the cluster network.
+    #[arg(long, env = "WEFT_NODE_IP_MASQ")]
+    ip_masq: bool,
+    /// Address for /healthz, /readyz and /metrics; `off` to disable.
+    #[arg(long, env = "WEFT_NODE_HEALTHZ", default_value = "127.0.0.1:9680")]
+    healthz: String,
+    /// Seconds between reconcile passes when nothing changes.
+    #[arg(long, env = "WEFT_NODE_RESYNC", default_value_t = 10)]
+    resync: u64,
+    /// Log filter, e.g. `info` or `weft_node=debug`.
+    #[arg(long, env = "WEFT_NODE_LOG", default_value = "info")]
+    log: String,
+}
+
+fn host_name() -> anyhow::Result<String> {
+    let name =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the host name")?;
+    Ok(name.trim().to_string())
+}
+
+fn options(a: Args) -> anyhow::Result<Options> {
+    let name = match a.node_name {
+        Some(n) => n,
+        None => host_name()?,
+    };
+    let node_name =
+        NodeName::new(name.clone()).map_err(|e| anyhow!("--node-name {name:?}: {e}"))?;
+    let iface = match (a.iface, a.iface_regex, a.public_ip) {
+        (Some(n), _, _) => IfaceChoice::Name(n),
+        (None, Some(re), _) => IfaceChoice::Regex(
+            regex::Regex::new(&re).with_context(|| format!("--iface-regex {re:?}"))?,
+        ),
+        (None, None, Some(ip)) => IfaceChoice::Holding(ip),
+        (None, None, None) => IfaceChoice::DefaultRoute,
+    };
+    let healthz = match a.healthz.as_str() {
+        "off" | "" => None,
+        addr => Some(
+            addr.parse::<SocketAddr>()
+                .with_context(|| format!("--healthz {addr:?}: expected ADDR:PORT or off"))?,
+        ),
+    };
+    if a.resync == 0 {
+        anyhow::bail!("--resync must be at least 1 second");
+    }
+    Ok(Options {
+        controller: a.controller,
+        node_name,
+        iface,
+        public_ip: a.public_ip,
+        subnet_file: a.subnet_file,
+        ip_masq: a.ip_masq,
+        healthz,
+        resync: Duration::from_secs(a.resync),
+        watch_silence: Duration::from_secs(45),
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
+        .with_target(false)
+        .init();
+    let opts = options(args)?;
+    tracing::info!(node = %opts.node_name, controller = %opts.controller, "weft-node starting");
+    daemon::run(opts, shutdown()).await
+}
+
+async fn shutdown() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

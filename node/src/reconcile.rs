@@ -1,0 +1,172 @@
+//! The one level-triggered reconcile loop: desired = backend(local, peers);
+//! observed = dataplane.observe(); apply(diff). It runs whenever the leases
+//! or the local node change and on a periodic resync, so anything deleted
+//! by hand comes back by itself.
+
+use crate::peers::PeerTable;
+use crate::status::Status;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use weft_backends::peer::select;
+use weft_backends::{diff, Backend, Dataplane, LocalNode};
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub peers: usize,
+    pub skipped: Vec<String>,
+    pub changes: usize,
+    pub errors: Vec<String>,
+}
+
+/// The reconcile loop's state.
+pub struct Reconciler {
+    dataplane: Arc<dyn Dataplane>,
+    backend: Arc<dyn Backend>,
+    status: Arc<Status>,
+    last_skipped: BTreeSet<String>,
+    last_errors: BTreeSet<String>,
+    /// Milliseconds since `origin` of the last completed pass, for the
+    /// systemd watchdog.
+    pub heartbeat: Arc<AtomicU64>,
+    origin: Instant,
+}
+
+impl std::fmt::Debug for Reconciler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconciler")
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
+
+impl Reconciler {
+    pub fn new(
+        dataplane: Arc<dyn Dataplane>,
+        backend: Arc<dyn Backend>,
+        status: Arc<Status>,
+    ) -> Self {
+        Reconciler {
+            dataplane,
+            backend,
+            status,
+            last_skipped: BTreeSet::new(),
+            last_errors: BTreeSet::new(),
+            heartbeat: Arc::new(AtomicU64::new(0)),
+            origin: Instant::now(),
+        }
+    }
+
+    /// One pass: from scratch, whatever woke us.
+    pub async fn reconcile_once(&mut self, local: &LocalNode, table: &PeerTable) -> Outcome {
+        let started = Instant::now();
+        let (peers, mut skipped) =
+            select(table.leases.values(), local, self.backend.backend_type());
+        let (want, more) = self.backend.desired(local, &peers);
+        // Peers the backend itself could not program are among `peers`.
+        let programmed = peers.len().saturating_sub(more.len());
+        skipped.extend(more);
+        let skipped: Vec<String> = skipped
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} ({}): {}",
+                    s.key.to_cidrs(),
+                    s.node.as_deref().unwrap_or("flannel"),
+                    s.reason
+                )
+            })
+            .collect();
+        let mut outcome = Outcome {
+            peers: programmed,
+            skipped,
+            ..Outcome::default()
+        };
+        match self.dataplane.observe().await {
+            Err(e) => outcome.errors.push(e.to_string()),
+            Ok(have) => {
+                let changes = diff(&want, &have);
+                outcome.changes = changes.len();
+                for c in &changes {
+                    tracing::debug!(change = %c, "applying");
+                }
+                let errors = self.dataplane.apply(&changes).await;
+                outcome.changes -= errors.len();
+                outcome.errors = errors.iter().map(|e| e.to_string()).collect();
+            }
+        }
+        self.report(&outcome, started.elapsed());
+        outcome
+    }
+
+    fn report(&mut self, o: &Outcome, took: Duration) {
+        let s = &self.status;
+        s.reconciles.inc();
+        s.reconcile_seconds.observe(took.as_secs_f64());
+        s.changes.inc_by(o.changes as u64);
+        s.reconcile_errors.inc_by(o.errors.len() as u64);
+        s.peers.set(o.peers as i64);
+        s.skipped.set(o.skipped.len() as i64);
+        if o.changes > 0 {
+            tracing::info!(
+                changes = o.changes,
+                peers = o.peers,
+                took_ms = took.as_millis() as u64,
+                "data plane updated"
+            );
+        }
+        let skipped: BTreeSet<String> = o.skipped.iter().cloned().collect();
+        for new in skipped.difference(&self.last_skipped) {
+            tracing::warn!("not programming the lease of {new}");
+        }
+        self.last_skipped = skipped;
+        let errors: BTreeSet<String> = o.errors.iter().cloned().collect();
+        for new in errors.difference(&self.last_errors) {
+            tracing::warn!("data plane change failed: {new}; retrying on the next pass");
+        }
+        if errors.is_empty() && !self.last_errors.is_empty() {
+            tracing::info!("data plane in step again");
+        }
+        self.last_errors = errors;
+        if o.errors.is_empty() {
+            s.succeeded_now();
+        }
+        let (peers, skipped_list, error_list) = (o.peers, o.skipped.clone(), o.errors.clone());
+        s.update(|snap| {
+            snap.ready = true;
+            snap.phase = "running".into();
+            snap.peers = peers;
+            snap.skipped = skipped_list;
+            snap.errors = error_list;
+        });
+        self.heartbeat
+            .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Runs until the senders go away: a pass on every change of the local
+    /// node or the leases, and every `resync` otherwise. Nothing happens
+    /// before the first full lease list (a restart must not remove what it
+    /// has not seen yet).
+    pub async fn run(
+        mut self,
+        mut local: watch::Receiver<Option<Arc<LocalNode>>>,
+        mut peers: watch::Receiver<Arc<PeerTable>>,
+        resync: Duration,
+    ) {
+        loop {
+            let l = local.borrow_and_update().clone();
+            let t = peers.borrow_and_update().clone();
+            if let Some(l) = l.filter(|_| t.synced) {
+                self.reconcile_once(&l, &t).await;
+            }
+            tokio::select! {
+                r = local.changed() => if r.is_err() { return },
+                r = peers.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(resync) => {}
+            }
+        }
+    }
+}

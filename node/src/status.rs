@@ -1,0 +1,150 @@
+//! What the daemon is doing, for `/readyz`, `/metrics` and the logs.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The daemon's state as `/readyz` shows it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Snapshot {
+    pub ready: bool,
+    /// What the daemon is doing or waiting for.
+    pub phase: String,
+    pub node: String,
+    pub subnet: Option<String>,
+    pub backend: Option<String>,
+    pub peers: usize,
+    /// Leases not programmed, with the reason.
+    pub skipped: Vec<String>,
+    /// Changes that failed in the last reconcile.
+    pub errors: Vec<String>,
+    /// Unix time of the last reconcile that applied everything.
+    pub last_success_unix: Option<u64>,
+}
+
+/// Shared status and metrics.
+#[derive(Debug)]
+pub struct Status {
+    snap: Mutex<Snapshot>,
+    registry: Registry,
+    pub peers: Gauge,
+    pub skipped: Gauge,
+    pub reconcile_seconds: Histogram,
+    pub reconciles: Counter,
+    pub reconcile_errors: Counter,
+    pub changes: Counter,
+    pub last_success: Gauge,
+    pub renewals: Family<Vec<(&'static str, &'static str)>, Counter>,
+    pub watch_restarts: Counter,
+    ready: Gauge,
+}
+
+impl Status {
+    pub fn new(node: &str) -> Self {
+        let mut registry = Registry::with_prefix("weft_node");
+        let peers = Gauge::default();
+        registry.register(
+            "peers",
+            "Peers programmed into the data plane",
+            peers.clone(),
+        );
+        let skipped = Gauge::default();
+        registry.register(
+            "skipped_peers",
+            "Leases skipped because they cannot be programmed",
+            skipped.clone(),
+        );
+        let reconcile_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time of one reconcile pass",
+            reconcile_seconds.clone(),
+        );
+        let reconciles = Counter::default();
+        registry.register("reconciles", "Reconcile passes", reconciles.clone());
+        let reconcile_errors = Counter::default();
+        registry.register(
+            "reconcile_errors",
+            "Changes or observations that failed",
+            reconcile_errors.clone(),
+        );
+        let changes = Counter::default();
+        registry.register("changes_applied", "Kernel changes applied", changes.clone());
+        let last_success = Gauge::default();
+        registry.register(
+            "last_reconcile_success_timestamp_seconds",
+            "Unix time of the last reconcile without errors",
+            last_success.clone(),
+        );
+        let renewals = Family::default();
+        registry.register(
+            "lease_renewals",
+            "Lease renewals by result",
+            renewals.clone(),
+        );
+        let watch_restarts = Counter::default();
+        registry.register(
+            "watch_restarts",
+            "Times the lease watch was re-established",
+            watch_restarts.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register("ready", "1 after the first full reconcile", ready.clone());
+        Status {
+            snap: Mutex::new(Snapshot {
+                node: node.to_string(),
+                phase: "starting".into(),
+                ..Snapshot::default()
+            }),
+            registry,
+            peers,
+            skipped,
+            reconcile_seconds,
+            reconciles,
+            reconcile_errors,
+            changes,
+            last_success,
+            renewals,
+            watch_restarts,
+            ready,
+        }
+    }
+
+    /// Changes the snapshot.
+    pub fn update(&self, f: impl FnOnce(&mut Snapshot)) {
+        let mut s = self.snap.lock().expect("status lock");
+        f(&mut s);
+        self.ready.set(i64::from(s.ready));
+    }
+
+    /// Sets what the daemon is doing.
+    pub fn phase(&self, phase: impl Into<String>) {
+        self.update(|s| s.phase = phase.into());
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.snap.lock().expect("status lock").clone()
+    }
+
+    /// Records a reconcile without errors now.
+    pub fn succeeded_now(&self) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.last_success.set(now as i64);
+        self.update(|s| s.last_success_unix = Some(now));
+    }
+
+    /// The metrics text.
+    pub fn metrics_text(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,206 @@
+//! The reconcile loop against the fake dataplane, with paused time.
+
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use weft_backends::{vtep_mac, Dataplane, ExternalIface, FakeDataplane, LocalNode, Vxlan};
+use weft_config::{NetworkConfig, VxlanConfig};
+use weft_lease::api::LeaseView;
+use weft_lease::{BackendData, Lease, LeaseAttrs};
+use weft_node::peers::PeerTable;
+use weft_node::reconcile::Reconciler;
+use weft_node::status::Status;
+
+fn local(subnet: &str) -> Arc<LocalNode> {
+    Arc::new(LocalNode {
+        name: "host-1".into(),
+        subnet: subnet.parse().unwrap(),
+        public_ip: "198.18.0.11".parse().unwrap(),
+        ext: ExternalIface {
+            name: "eth0".into(),
+            index: 2,
+            mtu: 1500,
+            addr: "198.18.0.11/16".parse().unwrap(),
+        },
+        vtep_mac: vtep_mac("host-1"),
+        network: Arc::new(NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap()),
+    })
+}
+
+fn lease(i: u32) -> LeaseView {
+    let node = format!("host-{i}");
+    let l = Lease {
+        key: format!("10.244.{i}.0-24").parse().unwrap(),
+        attrs: LeaseAttrs::new(
+            &node,
+            Some(format!("198.18.0.{}", 10 + i).parse().unwrap()),
+            None,
+            &BackendData::Vxlan {
+                vni: 1,
+                vtep_mac: vtep_mac(&node),
+            },
+        ),
+        etcd_lease: None,
+        create_revision: 1,
+        mod_revision: 1,
+    };
+    LeaseView::new(&l, true, None)
+}
+
+fn table(ids: &[u32]) -> Arc<PeerTable> {
+    Arc::new(PeerTable {
+        synced: true,
+        revision: 1,
+        leases: ids.iter().map(|i| lease(*i)).map(|l| (l.key, l)).collect(),
+    })
+}
+
+struct Setup {
+    fake: Arc<FakeDataplane>,
+    status: Arc<Status>,
+    local: watch::Sender<Option<Arc<LocalNode>>>,
+    peers: watch::Sender<Arc<PeerTable>>,
+}
+
+fn start(resync: Duration) -> Setup {
+    let fake = Arc::new(FakeDataplane::with_devices(&["eth0"]));
+    let status = Arc::new(Status::new("host-1"));
+    let (local_tx, local_rx) = watch::channel(None);
+    let (peers_tx, peers_rx) = watch::channel(Arc::new(PeerTable::default()));
+    let r = Reconciler::new(
+        fake.clone(),
+        Arc::new(Vxlan::new(VxlanConfig::default())),
+        status.clone(),
+    );
+    tokio::spawn(r.run(local_rx, peers_rx, resync));
+    Setup {
+        fake,
+        status,
+        local: local_tx,
+        peers: peers_tx,
+    }
+}
+
+/// Lets the loop run until it is idle (paused time advances only then).
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn nothing_happens_before_the_first_full_list() {
+    let s = start(Duration::from_secs(10));
+    s.local.send_replace(Some(local("10.244.1.0-24")));
+    settle().await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(
+        s.fake.applied().is_empty(),
+        "a restarted node must not act on an empty peer list"
+    );
+    assert!(!s.status.snapshot().ready);
+    s.peers.send_replace(table(&[1, 2, 3]));
+    settle().await;
+    let st = s.fake.observe().await.unwrap();
+    assert_eq!(st.routes.len(), 2, "own lease excluded");
+    assert!(s.status.snapshot().ready);
+    assert_eq!(s.status.snapshot().peers, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_lease_change_is_reconciled() {
+    let s = start(Duration::from_secs(3600));
+    s.local.send_replace(Some(local("10.244.1.0-24")));
+    s.peers.send_replace(table(&[2]));
+    settle().await;
+    assert_eq!(s.fake.observe().await.unwrap().routes.len(), 1);
+    s.peers.send_replace(table(&[2, 3, 4]));
+    settle().await;
+    assert_eq!(s.fake.observe().await.unwrap().routes.len(), 3);
+    s.peers.send_replace(table(&[4]));
+    settle().await;
+    let st = s.fake.observe().await.unwrap();
+    assert_eq!(st.routes.len(), 1);
+    assert_eq!(st.fdb.len(), 1);
+    // The local subnet changes: the device address follows.
+    s.local.send_replace(Some(local("10.244.9.0-24")));
+    settle().await;
+    let st = s.fake.observe().await.unwrap();
+    assert!(
+        st.addresses
+            .keys()
+            .any(|(_, a)| a.to_string() == "10.244.9.0/32"),
+        "{:?}",
+        st.addresses
+    );
+    assert_eq!(st.addresses.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_periodic_resync_restores_what_was_deleted_by_hand() {
+    let s = start(Duration::from_secs(10));
+    s.local.send_replace(Some(local("10.244.1.0-24")));
+    s.peers.send_replace(table(&[2, 3]));
+    settle().await;
+    let want = s.fake.observe().await.unwrap();
+    s.fake.tamper(|st| {
+        st.routes.clear();
+        st.links.clear();
+    });
+    settle().await;
+    assert_ne!(
+        s.fake.observe().await.unwrap(),
+        want,
+        "nothing notices before the resync"
+    );
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    settle().await;
+    assert_eq!(s.fake.observe().await.unwrap(), want);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_are_reported_and_retried_and_other_peers_still_programmed() {
+    let s = start(Duration::from_secs(10));
+    s.fake.fail_changes_containing("10.244.3.0/24");
+    s.local.send_replace(Some(local("10.244.1.0-24")));
+    s.peers.send_replace(table(&[2, 3, 4]));
+    settle().await;
+    let snap = s.status.snapshot();
+    assert_eq!(snap.errors.len(), 1, "{:?}", snap.errors);
+    assert!(snap.errors[0].contains("10.244.3.0/24"));
+    assert!(snap.ready, "a full pass happened, with errors reported");
+    assert_eq!(s.fake.observe().await.unwrap().routes.len(), 2);
+    assert!(s
+        .status
+        .metrics_text()
+        .contains("weft_node_reconcile_errors_total 1"));
+    s.fake.heal();
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    settle().await;
+    assert!(s.status.snapshot().errors.is_empty());
+    assert_eq!(s.fake.observe().await.unwrap().routes.len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_leases_are_skipped_and_listed() {
+    let s = start(Duration::from_secs(10));
+    let mut bad = lease(5);
+    bad.backend_data = Some(serde_json::json!({"garbage": true}));
+    let mut t = (*table(&[2])).clone();
+    t.leases.insert(bad.key, bad);
+    s.local.send_replace(Some(local("10.244.1.0-24")));
+    s.peers.send_replace(Arc::new(t));
+    settle().await;
+    let snap = s.status.snapshot();
+    assert_eq!(snap.peers, 1);
+    assert_eq!(snap.skipped.len(), 1);
+    assert!(
+        snap.skipped[0].starts_with("10.244.5.0/24 (host-5)"),
+        "{:?}",
+        snap.skipped
+    );
+    assert!(s
+        .status
+        .metrics_text()
+        .contains("weft_node_skipped_peers 1"));
+}
