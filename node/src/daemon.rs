@@ -320,8 +320,10 @@ async fn start(opts: Options, status: Arc<Status>, tasks: &mut JoinSet<()>) -> R
     tasks.spawn(keeper.keep(lease));
 
     status.phase("programming the data plane");
+    // One-shot tasks live in their own set: their ending is not a failure.
+    let mut once = JoinSet::new();
     let ready_status = status.clone();
-    tasks.spawn(async move {
+    once.spawn(async move {
         while !ready_status.snapshot().ready {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -348,7 +350,9 @@ async fn start(opts: Options, status: Arc<Status>, tasks: &mut JoinSet<()>) -> R
             }
         });
     }
-    // Every task runs for ever; one ending is a bug worth a restart.
+    // Every task in `tasks` runs for ever; one ending is a bug worth a
+    // restart. `once` is dropped (and its tasks stopped) when we return.
+    let _once = once;
     match tasks.join_next().await {
         Some(Err(e)) if e.is_panic() => Err(anyhow!("a task panicked: {e}")),
         _ => Err(anyhow!("a daemon task stopped unexpectedly")),

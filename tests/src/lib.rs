@@ -15,5 +15,6 @@ pub mod bins;
 pub mod controller;
 pub mod etcd;
 pub mod etcdctl;
+pub mod lab;
 pub mod netns;
 pub mod process;

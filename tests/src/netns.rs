@@ -137,3 +137,34 @@ impl Drop for Netns {
         let _ = run("ip", &["netns", "del", &self.name]);
     }
 }
+
+/// A plain HTTP GET from inside namespace `ns` (e.g. a daemon's /readyz on
+/// its loopback). Returns the status code and body.
+pub fn http_get(ns: &str, addr: &str, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let nspath = PathBuf::from("/run/netns").join(ns);
+    let addr = addr.to_string();
+    let path = path.to_string();
+    std::thread::spawn(move || -> Result<(u16, String)> {
+        let f = std::fs::File::open(&nspath)?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let sock: std::net::SocketAddr = addr.parse()?;
+        let mut s = std::net::TcpStream::connect_timeout(&sock, std::time::Duration::from_secs(2))?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("HTTP status line")?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((code, body))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+}

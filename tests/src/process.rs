@@ -86,3 +86,44 @@ pub fn stop(child: &mut Child, grace: std::time::Duration) -> Option<std::proces
     let _ = child.kill();
     child.wait().ok()
 }
+
+/// Whether process `pid` is alive and its command line contains `needle`
+/// (guards against signalling a process that reused a recorded PID).
+pub fn alive_as(pid: u32, needle: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Field 3 of stat is the state; a zombie has exited.
+    let zombie = state
+        .rsplit(')')
+        .next()
+        .is_some_and(|rest| rest.trim_start().starts_with('Z'));
+    !zombie && String::from_utf8_lossy(&cmdline).contains(needle)
+}
+
+/// Stops a process that is not our child (recorded by PID), after checking
+/// it is still the process we started: SIGTERM, then SIGKILL after `grace`.
+pub fn stop_pid(pid: u32, needle: &str, grace: std::time::Duration) {
+    if !alive_as(pid, needle) {
+        return;
+    }
+    // SAFETY: kill(2) has no memory-safety preconditions; alive_as checked
+    // that this PID is still the process we recorded.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if !alive_as(pid, needle) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if alive_as(pid, needle) {
+        // SAFETY: as above, checked just now.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGKILL);
+        }
+    }
+}

@@ -1,0 +1,872 @@
+//! The lab: a weft cluster on one machine, built from network namespaces.
+//!
+//! ```text
+//!  wl-<name>-fab   bridge br0 198.18.0.1/16, etcd on 127.0.0.1:2379,
+//!                  weft-controller on 0.0.0.0:7070
+//!     |  veth h<i> <-> eth0
+//!  wl-<name>-h<i>  eth0 198.18.0.(10+i)/16, weft-node, bridge weft0 (pod gateway)
+//!     |  veth vp<j> <-> eth0
+//!  wl-<name>-h<i>-p<j>   a pod: eth0 <subnet>.(10+j), default route via weft0
+//!  wl-<name>-out   "outside the cluster": 198.18.200.1/16 on the fabric
+//! ```
+//!
+//! Tests drive it with processes tied to the test process; `weft-lab` runs
+//! them detached and keeps the state in `/run/weft-lab/<name>/state.json`,
+//! so `status`, `ping` and `down` find them later (also after a crash).
+//! Nothing here talks to addresses outside the lab's own namespaces.
+
+use crate::bins::{system_tool, workspace_bin};
+use crate::netns::{http_get, run};
+use crate::process::{spawn_tied, stop, stop_pid};
+use anyhow::{bail, Context, Result};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where lab state lives.
+pub const STATE_ROOT: &str = "/run/weft-lab";
+/// Every lab namespace starts with this.
+pub const NS_PREFIX: &str = "wl-";
+/// The fabric's address: where hosts reach the controller.
+pub const FABRIC_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// An address outside the cluster network, on the fabric.
+pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 1);
+
+/// How to build a lab.
+#[derive(Debug, Clone)]
+pub struct LabConfig {
+    pub name: String,
+    pub hosts: u32,
+    /// `vxlan` or `host-gw`.
+    pub backend: String,
+    pub ip_masq: bool,
+    pub pods_per_host: u32,
+    /// Processes outlive this process (the `weft-lab` CLI) or die with it (tests).
+    pub detached: bool,
+    /// Seconds between the nodes' reconcile passes.
+    pub resync: u32,
+}
+
+impl LabConfig {
+    /// A lab for a test: unique name, processes tied to the test.
+    pub fn for_test(hosts: u32, backend: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        LabConfig {
+            name: format!(
+                "t{}x{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ),
+            hosts,
+            backend: backend.to_string(),
+            ip_masq: false,
+            pods_per_host: 1,
+            detached: false,
+            resync: 2,
+        }
+    }
+}
+
+/// A process the lab started.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcState {
+    pub what: String,
+    pub ns: String,
+    pub pid: u32,
+    pub argv: Vec<String>,
+    pub log: PathBuf,
+}
+
+/// A pod.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PodState {
+    pub ns: String,
+    pub ip: Ipv4Addr,
+}
+
+/// A host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostState {
+    pub index: u32,
+    pub name: String,
+    pub ns: String,
+    pub ip: Ipv4Addr,
+    pub subnet: Option<Ipv4Net>,
+    pub mtu: u32,
+    pub pods: Vec<PodState>,
+}
+
+/// Everything needed to find and tear down a lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabState {
+    pub name: String,
+    pub backend: String,
+    pub ip_masq: bool,
+    pub pods_per_host: u32,
+    pub resync: u32,
+    pub fabric: String,
+    pub outside: String,
+    pub hosts: Vec<HostState>,
+    pub procs: Vec<ProcState>,
+}
+
+/// A running lab. Dropping a test lab tears it down.
+#[derive(Debug)]
+pub struct Lab {
+    pub state: LabState,
+    dir: PathBuf,
+    detached: bool,
+    children: HashMap<String, Child>,
+}
+
+fn ns_run(ns: &str, args: &[&str]) -> Result<String> {
+    let mut all = vec!["-n", ns];
+    all.extend_from_slice(args);
+    run("ip", &all)
+}
+
+impl Lab {
+    fn dir_of(name: &str) -> PathBuf {
+        Path::new(STATE_ROOT).join(name)
+    }
+
+    /// The state directory (logs, etcd data, subnet.env files).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn save(&self) -> Result<()> {
+        std::fs::write(
+            self.dir.join("state.json"),
+            serde_json::to_vec_pretty(&self.state)?,
+        )?;
+        Ok(())
+    }
+
+    /// Loads a lab started earlier (by `weft-lab up`).
+    pub fn load(name: &str) -> Result<Lab> {
+        let dir = Self::dir_of(name);
+        let text = std::fs::read(dir.join("state.json"))
+            .with_context(|| format!("no lab named {name:?} (is it up?)"))?;
+        Ok(Lab {
+            state: serde_json::from_slice(&text)?,
+            dir,
+            detached: true,
+            children: HashMap::new(),
+        })
+    }
+
+    /// Builds and starts a lab, and waits until every pod reaches every other.
+    pub fn up(cfg: LabConfig) -> Result<Lab> {
+        crate::netns::require_root();
+        for (tool, pkg) in [
+            ("ip", "iproute2"),
+            ("ping", "iputils-ping"),
+            ("nft", "nftables"),
+            ("etcd", "etcd-server"),
+        ] {
+            system_tool(tool, pkg)?;
+        }
+        if matches!(
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward"),
+            Err(_)
+        ) {
+            bail!("no /proc/sys/net: this is not Linux with network namespaces");
+        }
+        let dir = Self::dir_of(&cfg.name);
+        if dir.join("state.json").exists() {
+            bail!(
+                "a lab named {:?} is already up; `weft-lab down --name {}` first",
+                cfg.name,
+                cfg.name
+            );
+        }
+        std::fs::create_dir_all(&dir)?;
+        let n = |s: &str| format!("{NS_PREFIX}{}-{s}", cfg.name);
+        let mut lab = Lab {
+            state: LabState {
+                name: cfg.name.clone(),
+                backend: cfg.backend.clone(),
+                ip_masq: cfg.ip_masq,
+                pods_per_host: cfg.pods_per_host,
+                resync: cfg.resync,
+                fabric: n("fab"),
+                outside: n("out"),
+                hosts: Vec::new(),
+                procs: Vec::new(),
+            },
+            dir,
+            detached: cfg.detached,
+            children: HashMap::new(),
+        };
+        let built = (|| {
+            lab.build_fabric()?;
+            for _ in 0..cfg.hosts {
+                lab.add_host_no_wait()?;
+            }
+            lab.wait_converged(Duration::from_secs(60))
+        })();
+        match built {
+            Ok(()) => Ok(lab),
+            Err(e) => {
+                // Leave nothing behind, detached or not.
+                lab.teardown();
+                Err(e)
+            }
+        }
+    }
+
+    fn add_ns(&mut self, ns: &str) -> Result<()> {
+        run("ip", &["netns", "add", ns])?;
+        ns_run(ns, &["link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    fn build_fabric(&mut self) -> Result<()> {
+        let fab = self.state.fabric.clone();
+        self.add_ns(&fab)?;
+        self.save()?;
+        ns_run(&fab, &["link", "add", "br0", "type", "bridge"])?;
+        ns_run(
+            &fab,
+            &["addr", "add", &format!("{FABRIC_IP}/16"), "dev", "br0"],
+        )?;
+        ns_run(&fab, &["link", "set", "br0", "up"])?;
+        let out = self.state.outside.clone();
+        self.add_ns(&out)?;
+        ns_run(
+            &fab,
+            &[
+                "link", "add", "out", "type", "veth", "peer", "name", "eth0", "netns", &out,
+            ],
+        )?;
+        ns_run(&fab, &["link", "set", "out", "master", "br0", "up"])?;
+        ns_run(
+            &out,
+            &["addr", "add", &format!("{OUTSIDE_IP}/16"), "dev", "eth0"],
+        )?;
+        ns_run(&out, &["link", "set", "eth0", "up"])?;
+        let data = self.dir.join("etcd-data");
+        let etcd = system_tool("etcd", "etcd-server")?;
+        self.spawn(
+            "etcd",
+            &fab,
+            vec![
+                etcd.display().to_string(),
+                "--name".into(),
+                "lab".into(),
+                "--data-dir".into(),
+                data.display().to_string(),
+                "--listen-client-urls".into(),
+                "http://127.0.0.1:2379".into(),
+                "--advertise-client-urls".into(),
+                "http://127.0.0.1:2379".into(),
+                "--listen-peer-urls".into(),
+                "http://127.0.0.1:2380".into(),
+                "--initial-advertise-peer-urls".into(),
+                "http://127.0.0.1:2380".into(),
+                "--initial-cluster".into(),
+                "lab=http://127.0.0.1:2380".into(),
+            ],
+        )?;
+        self.spawn(
+            "controller",
+            &fab,
+            vec![
+                workspace_bin("weft-controller")?.display().to_string(),
+                "--etcd-endpoints".into(),
+                "http://127.0.0.1:2379".into(),
+                "--listen".into(),
+                "0.0.0.0:7070".into(),
+                "--watch-heartbeat".into(),
+                "2".into(),
+            ],
+        )?;
+        self.wait_for(Duration::from_secs(30), "the controller to answer", || {
+            Ok(http_get(&fab, "127.0.0.1:7070", "/healthz").is_ok())
+        })?;
+        let config = format!(
+            r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{}"}}}}"#,
+            self.state.backend
+        );
+        self.wait_for(
+            Duration::from_secs(30),
+            "the controller to take the network config",
+            || {
+                Ok(self
+                    .weftctl_stdin(&["network", "set", "--file", "-"], &config)
+                    .is_ok())
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Runs `weftctl` against the lab's controller (inside the fabric).
+    pub fn weftctl(&self, args: &[&str]) -> Result<String> {
+        self.weftctl_stdin(args, "")
+    }
+
+    fn weftctl_stdin(&self, args: &[&str], stdin: &str) -> Result<String> {
+        use std::io::Write;
+        let bin = workspace_bin("weftctl")?;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.state.fabric])
+            .arg(bin)
+            .args(["--controller", "http://127.0.0.1:7070"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(stdin.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "weftctl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    fn spawn(&mut self, what: &str, ns: &str, argv: Vec<String>) -> Result<()> {
+        let log = self.dir.join(format!("{what}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
+            .args(&argv)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        // etcd and friends must not pick up the environment's settings.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("ETCD_") || k.starts_with("WEFT_") {
+                cmd.env_remove(k);
+            }
+        }
+        let child = if self.detached {
+            cmd.process_group(0);
+            cmd.spawn().with_context(|| format!("starting {what}"))?
+        } else {
+            spawn_tied(cmd).with_context(|| format!("starting {what}"))?
+        };
+        let pid = child.id();
+        self.state.procs.retain(|p| p.what != what);
+        self.state.procs.push(ProcState {
+            what: what.to_string(),
+            ns: ns.to_string(),
+            pid,
+            argv,
+            log,
+        });
+        if self.detached {
+            drop(child);
+        } else {
+            self.children.insert(what.to_string(), child);
+        }
+        self.save()
+    }
+
+    /// Stops a process of the lab (`etcd`, `controller`, `node-<i>`) by PID.
+    pub fn stop(&mut self, what: &str) -> Result<()> {
+        let p = self.proc(what)?.clone();
+        match self.children.remove(what) {
+            Some(mut c) => {
+                stop(&mut c, Duration::from_secs(10));
+            }
+            None => stop_pid(p.pid, &p.argv[0], Duration::from_secs(10)),
+        }
+        Ok(())
+    }
+
+    /// Starts a stopped process again with the same arguments.
+    pub fn start(&mut self, what: &str) -> Result<()> {
+        let p = self.proc(what)?.clone();
+        self.spawn(what, &p.ns, p.argv)
+    }
+
+    fn proc(&self, what: &str) -> Result<&ProcState> {
+        self.state
+            .procs
+            .iter()
+            .find(|p| p.what == what)
+            .with_context(|| format!("no process {what} in the lab"))
+    }
+
+    /// The last lines of a process's log.
+    pub fn log_tail(&self, what: &str, lines: usize) -> String {
+        let Ok(p) = self.proc(what) else {
+            return String::new();
+        };
+        let text = std::fs::read_to_string(&p.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Adds a host (and its pods) and waits until the cluster converges.
+    pub fn add_host(&mut self) -> Result<u32> {
+        let i = self.add_host_no_wait()?;
+        self.wait_converged(Duration::from_secs(60))?;
+        Ok(i)
+    }
+
+    fn add_host_no_wait(&mut self) -> Result<u32> {
+        let i = self.state.hosts.iter().map(|h| h.index).max().unwrap_or(0) + 1;
+        let ns = format!("{NS_PREFIX}{}-h{i}", self.state.name);
+        let ip = Ipv4Addr::new(
+            198,
+            18,
+            0,
+            10 + u8::try_from(i).context("at most 240 hosts")?,
+        );
+        self.add_ns(&ns)?;
+        self.state.hosts.push(HostState {
+            index: i,
+            name: format!("host-{i}"),
+            ns: ns.clone(),
+            ip,
+            subnet: None,
+            mtu: 0,
+            pods: Vec::new(),
+        });
+        self.save()?;
+        let fab = self.state.fabric.clone();
+        ns_run(
+            &fab,
+            &[
+                "link",
+                "add",
+                &format!("h{i}"),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &ns,
+            ],
+        )?;
+        ns_run(
+            &fab,
+            &["link", "set", &format!("h{i}"), "master", "br0", "up"],
+        )?;
+        ns_run(&ns, &["addr", "add", &format!("{ip}/16"), "dev", "eth0"])?;
+        ns_run(&ns, &["link", "set", "eth0", "up"])?;
+        self.start_node_process(i)?;
+        // The pods need the node's subnet and MTU, from its subnet.env.
+        let env_path = self.subnet_file(i);
+        let env = self.wait_for_value(
+            Duration::from_secs(30),
+            &format!("host-{i} to get a lease"),
+            || {
+                Ok(weft_node::subnet_env::SubnetEnv::read(&env_path)
+                    .ok()
+                    .flatten())
+            },
+        )?;
+        let subnet = env.subnet.context("subnet.env without FLANNEL_SUBNET")?;
+        let h = self.host_mut(i)?;
+        h.subnet = Some(subnet.trunc());
+        h.mtu = env.mtu;
+        let pods = self.state.pods_per_host;
+        for j in 1..=pods {
+            self.add_pod(i, j)?;
+        }
+        self.save()?;
+        Ok(i)
+    }
+
+    fn subnet_file(&self, i: u32) -> PathBuf {
+        self.dir.join(format!("h{i}-subnet.env"))
+    }
+
+    fn start_node_process(&mut self, i: u32) -> Result<()> {
+        let ns = self.host(i)?.ns.clone();
+        let mut argv = vec![
+            workspace_bin("weft-node")?.display().to_string(),
+            "--controller".into(),
+            format!("http://{FABRIC_IP}:7070"),
+            "--node-name".into(),
+            format!("host-{i}"),
+            "--iface".into(),
+            "eth0".into(),
+            "--subnet-file".into(),
+            self.subnet_file(i).display().to_string(),
+            "--healthz".into(),
+            "127.0.0.1:9680".into(),
+            "--resync".into(),
+            self.state.resync.to_string(),
+        ];
+        if self.state.ip_masq {
+            argv.push("--ip-masq".into());
+        }
+        self.spawn(&format!("node-{i}"), &ns, argv)
+    }
+
+    fn add_pod(&mut self, i: u32, j: u32) -> Result<()> {
+        let h = self.host(i)?.clone();
+        let subnet = h.subnet.context("host has no subnet yet")?;
+        let gw = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+        let ip = Ipv4Addr::from(u32::from(subnet.network()) + 10 + j);
+        let pod = format!("{}-p{j}", h.ns);
+        if ns_run(&h.ns, &["link", "show", "weft0"]).is_err() {
+            ns_run(&h.ns, &["link", "add", "weft0", "type", "bridge"])?;
+            ns_run(
+                &h.ns,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{gw}/{}", subnet.prefix_len()),
+                    "dev",
+                    "weft0",
+                ],
+            )?;
+            ns_run(
+                &h.ns,
+                &["link", "set", "weft0", "mtu", &h.mtu.to_string(), "up"],
+            )?;
+        }
+        self.add_ns(&pod)?;
+        self.host_mut(i)?.pods.push(PodState {
+            ns: pod.clone(),
+            ip,
+        });
+        self.save()?;
+        let vp = format!("vp{j}");
+        ns_run(
+            &h.ns,
+            &[
+                "link",
+                "add",
+                &vp,
+                "mtu",
+                &h.mtu.to_string(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &pod,
+            ],
+        )?;
+        ns_run(&h.ns, &["link", "set", &vp, "master", "weft0", "up"])?;
+        ns_run(&pod, &["link", "set", "eth0", "mtu", &h.mtu.to_string()])?;
+        ns_run(
+            &pod,
+            &[
+                "addr",
+                "add",
+                &format!("{ip}/{}", subnet.prefix_len()),
+                "dev",
+                "eth0",
+            ],
+        )?;
+        ns_run(&pod, &["link", "set", "eth0", "up"])?;
+        ns_run(&pod, &["route", "add", "default", "via", &gw.to_string()])?;
+        Ok(())
+    }
+
+    pub fn host(&self, i: u32) -> Result<&HostState> {
+        self.state
+            .hosts
+            .iter()
+            .find(|h| h.index == i)
+            .with_context(|| format!("no host {i}"))
+    }
+
+    fn host_mut(&mut self, i: u32) -> Result<&mut HostState> {
+        self.state
+            .hosts
+            .iter_mut()
+            .find(|h| h.index == i)
+            .with_context(|| format!("no host {i}"))
+    }
+
+    /// Every pod with its host index.
+    pub fn pods(&self) -> Vec<(u32, PodState)> {
+        self.state
+            .hosts
+            .iter()
+            .flat_map(|h| h.pods.iter().map(move |p| (h.index, p.clone())))
+            .collect()
+    }
+
+    /// The node daemon's `/readyz` of host `i`.
+    pub fn node_status(&self, i: u32) -> Result<serde_json::Value> {
+        let (_, body) = http_get(&self.host(i)?.ns, "127.0.0.1:9680", "/readyz")?;
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Pings `to` from namespace `from`; returns (sent, received).
+    pub fn ping(&self, from: &str, to: Ipv4Addr, count: u32, interval: &str) -> Result<(u32, u32)> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                from,
+                "ping",
+                "-q",
+                "-n",
+                "-W",
+                "1",
+                "-i",
+                interval,
+                "-c",
+                &count.to_string(),
+            ])
+            .arg(to.to_string())
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .with_context(|| format!("ping said: {text}"))?;
+        let nums: Vec<u32> = line
+            .split(',')
+            .filter_map(|p| p.split_whitespace().next()?.parse().ok())
+            .collect();
+        Ok((
+            nums.first().copied().unwrap_or(0),
+            nums.get(1).copied().unwrap_or(0),
+        ))
+    }
+
+    /// Whether `from` reaches `to` (one ping, a second chance).
+    pub fn reaches(&self, from: &str, to: Ipv4Addr) -> bool {
+        (0..2).any(|_| matches!(self.ping(from, to, 1, "0.2"), Ok((_, 1))))
+    }
+
+    /// Pod pairs that cannot reach each other, as (from, to) pod IPs.
+    pub fn unreachable_pairs(&self) -> Vec<(Ipv4Addr, Ipv4Addr)> {
+        let pods = self.pods();
+        let mut bad = Vec::new();
+        for (_, a) in &pods {
+            for (_, b) in &pods {
+                if a != b && !self.reaches(&a.ns, b.ip) {
+                    bad.push((a.ip, b.ip));
+                }
+            }
+        }
+        bad
+    }
+
+    /// Waits until every node is ready with every other host as a peer and
+    /// every pod reaches every other pod.
+    pub fn wait_converged(&self, within: Duration) -> Result<()> {
+        // A stopped node keeps its lease and data plane: still a peer.
+        let peers = self.state.hosts.len().saturating_sub(1);
+        self.wait_for(within, "every node to program every peer", || {
+            for h in self
+                .state
+                .hosts
+                .iter()
+                .filter(|h| self.running(&format!("node-{}", h.index)))
+            {
+                let s = self.node_status(h.index).ok();
+                let ok = s.as_ref().is_some_and(|s| {
+                    s["ready"] == true && s["peers"].as_u64() == Some(peers as u64)
+                });
+                if !ok {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })?;
+        self.wait_for(within, "every pod to reach every other pod", || {
+            Ok(self.unreachable_pairs().is_empty())
+        })
+    }
+
+    /// Whether a lab process is running.
+    pub fn running(&self, what: &str) -> bool {
+        match self.proc(what) {
+            Ok(p) => crate::process::alive_as(p.pid, &p.argv[0]),
+            Err(_) => false,
+        }
+    }
+
+    /// Polls `check` until it says yes; the error names what was awaited.
+    pub fn wait_for(
+        &self,
+        within: Duration,
+        what: &str,
+        mut check: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
+        self.wait_for_value(within, what, || Ok(check()?.then_some(())))
+    }
+
+    fn wait_for_value<T>(
+        &self,
+        within: Duration,
+        what: &str,
+        mut check: impl FnMut() -> Result<Option<T>>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + within;
+        let mut last_err = String::new();
+        loop {
+            match check() {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => {}
+                Err(e) => last_err = format!("{e:#}"),
+            }
+            if Instant::now() > deadline {
+                let mut msg = format!("timed out after {within:?} waiting for {what}");
+                if !last_err.is_empty() {
+                    msg.push_str(&format!(" (last error: {last_err})"));
+                }
+                bail!("{msg}\n{}", self.diagnostics());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Log tails of every process, for failure messages.
+    pub fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for p in &self.state.procs {
+            out.push_str(&format!(
+                "--- {} (pid {}) log tail:\n{}\n",
+                p.what,
+                p.pid,
+                self.log_tail(&p.what, 12)
+            ));
+        }
+        out
+    }
+
+    /// Stops every process and removes every namespace and the state.
+    pub fn down(mut self) -> Result<()> {
+        self.teardown();
+        Ok(())
+    }
+
+    fn teardown(&mut self) {
+        // Nodes first, so they do not log a controller that went away.
+        let mut procs = self.state.procs.clone();
+        procs.sort_by_key(|p| !p.what.starts_with("node-"));
+        for p in procs {
+            match self.children.remove(&p.what) {
+                Some(mut c) => {
+                    stop(&mut c, Duration::from_secs(5));
+                }
+                None => stop_pid(p.pid, &p.argv[0], Duration::from_secs(5)),
+            }
+        }
+        let mut namespaces: Vec<String> = self
+            .state
+            .hosts
+            .iter()
+            .flat_map(|h| h.pods.iter().map(|p| p.ns.clone()))
+            .collect();
+        namespaces.extend(self.state.hosts.iter().map(|h| h.ns.clone()));
+        namespaces.push(self.state.outside.clone());
+        namespaces.push(self.state.fabric.clone());
+        for ns in namespaces {
+            let _ = run("ip", &["netns", "del", &ns]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// Tears down lab `name` from its state file, and any lab namespace
+    /// left without one (a lab whose process crashed before saving).
+    pub fn down_by_name(name: &str) -> Result<bool> {
+        let found = match Lab::load(name) {
+            Ok(mut lab) => {
+                lab.teardown();
+                true
+            }
+            Err(_) => false,
+        };
+        let prefix = format!("{NS_PREFIX}{name}-");
+        let mut swept = false;
+        if let Ok(entries) = std::fs::read_dir("/run/netns") {
+            for e in entries.flatten() {
+                let ns = e.file_name().to_string_lossy().into_owned();
+                if ns.starts_with(&prefix) {
+                    kill_all_in(&ns);
+                    let _ = run("ip", &["netns", "del", &ns]);
+                    swept = true;
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(Self::dir_of(name));
+        Ok(found || swept)
+    }
+
+    /// Tears down every lab on this machine.
+    pub fn down_all() -> Result<Vec<String>> {
+        let mut names: Vec<String> = std::fs::read_dir(STATE_ROOT)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Ok(entries) = std::fs::read_dir("/run/netns") {
+            for e in entries.flatten() {
+                let ns = e.file_name().to_string_lossy().into_owned();
+                if let Some(rest) = ns.strip_prefix(NS_PREFIX) {
+                    if let Some((name, _)) = rest.rsplit_once('-') {
+                        let name = name.split('-').next().unwrap_or(name).to_string();
+                        if !names.contains(&name) {
+                            names.push(name);
+                        }
+                    }
+                }
+            }
+        }
+        for n in &names {
+            Lab::down_by_name(n)?;
+        }
+        Ok(names)
+    }
+}
+
+/// Stops every process in a namespace (`ip netns pids`), by PID.
+fn kill_all_in(ns: &str) {
+    if let Ok(out) = run("ip", &["netns", "pids", ns]) {
+        for pid in out.split_whitespace().filter_map(|p| p.parse::<u32>().ok()) {
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            if !exe.is_empty() {
+                stop_pid(
+                    pid,
+                    &exe.rsplit('/').next().unwrap_or_default().to_string(),
+                    Duration::from_secs(5),
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "lab {} failed; logs:\n{}",
+                self.state.name,
+                self.diagnostics()
+            );
+        }
+        self.teardown();
+    }
+}
