@@ -692,6 +692,16 @@ impl Lab {
         })
     }
 
+    /// Routes weft installed on host `i` (`ip route show proto 87`).
+    pub fn weft_routes(&self, i: u32) -> Result<String> {
+        ns_run(&self.host(i)?.ns, &["route", "show", "proto", "87"])
+    }
+
+    /// `ip -n <host i's namespace> <args>`.
+    pub fn host_ip(&self, i: u32, args: &[&str]) -> Result<String> {
+        ns_run(&self.host(i)?.ns, args)
+    }
+
     /// Whether a lab process is running.
     pub fn running(&self, what: &str) -> bool {
         match self.proc(what) {

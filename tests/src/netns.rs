@@ -121,14 +121,7 @@ impl Netns {
     /// Runs `f` on a fresh thread inside this namespace (sockets it makes
     /// stay in the namespace), and returns its result.
     pub fn run_in<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> Result<R> {
-        let path = self.path();
-        std::thread::spawn(move || -> Result<R> {
-            let ns = std::fs::File::open(&path)?;
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+        in_ns(&self.name, f)
     }
 }
 
@@ -167,4 +160,26 @@ pub fn http_get(ns: &str, addr: &str, path: &str) -> Result<(u16, String)> {
     })
     .join()
     .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+}
+
+/// Runs `f` on a fresh thread inside the named namespace and returns its
+/// result. Only that thread changes namespace.
+pub fn in_ns<R: Send + 'static>(ns: &str, f: impl FnOnce() -> R + Send + 'static) -> Result<R> {
+    spawn_in_ns(ns, f)?
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in namespace {ns} panicked"))?
+}
+
+/// Starts `f` on a thread inside the named namespace; join it for the result.
+pub fn spawn_in_ns<R: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> Result<std::thread::JoinHandle<Result<R>>> {
+    let path = PathBuf::from("/run/netns").join(ns);
+    let ns =
+        std::fs::File::open(&path).with_context(|| format!("no namespace {}", path.display()))?;
+    Ok(std::thread::spawn(move || -> Result<R> {
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        Ok(f())
+    }))
 }

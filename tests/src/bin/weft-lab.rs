@@ -1,1 +1,210 @@
-fn main() {}
+//! `weft-lab`: a weft cluster in network namespaces on this machine.
+//!
+//! ```text
+//! weft-lab up [HOSTS] [--backend vxlan|host-gw] [--ip-masq] [--pods N] [--name NAME]
+//! weft-lab status [--name NAME]
+//! weft-lab ping [--name NAME]
+//! weft-lab down [--name NAME | --all]
+//! ```
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use weft_tests::lab::{Lab, LabConfig};
+
+#[derive(Debug, Parser)]
+#[command(about = "A weft cluster in network namespaces on this machine (needs root)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build the lab: fabric with etcd and the controller, HOSTS hosts
+    /// running weft-node, pods behind each host.
+    Up {
+        #[arg(default_value_t = 3)]
+        hosts: u32,
+        #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw"])]
+        backend: String,
+        /// Masquerade pod traffic leaving the cluster network.
+        #[arg(long)]
+        ip_masq: bool,
+        /// Pods per host.
+        #[arg(long, default_value_t = 1)]
+        pods: u32,
+        #[arg(long, default_value = "lab")]
+        name: String,
+    },
+    /// Hosts, subnets, backend and node health.
+    Status {
+        #[arg(long, default_value = "lab")]
+        name: String,
+    },
+    /// Pod-to-pod reachability matrix.
+    Ping {
+        #[arg(long, default_value = "lab")]
+        name: String,
+    },
+    /// Tear the lab down, also the leftovers of a crashed run.
+    Down {
+        #[arg(long, default_value = "lab", conflicts_with = "all")]
+        name: String,
+        /// Every lab on this machine.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+fn status(lab: &Lab) -> String {
+    let mut out = format!(
+        "lab {} ({} backend{})\n",
+        lab.state.name,
+        lab.state.backend,
+        if lab.state.ip_masq { ", ip-masq" } else { "" }
+    );
+    out.push_str(&format!(
+        "controller: {}\n",
+        if lab.running("controller") {
+            "running"
+        } else {
+            "STOPPED"
+        }
+    ));
+    out.push_str(&format!(
+        "etcd:       {}\n\n",
+        if lab.running("etcd") {
+            "running"
+        } else {
+            "STOPPED"
+        }
+    ));
+    out.push_str(&format!(
+        "{:<8} {:<14} {:<16} {:<8} {:<6} {}\n",
+        "HOST", "PUBLIC IP", "SUBNET", "NODE", "PEERS", "NOTES"
+    ));
+    for h in &lab.state.hosts {
+        let (state, peers, notes) = match lab.node_status(h.index) {
+            Ok(s) => (
+                if s["ready"] == true {
+                    "ready"
+                } else {
+                    "starting"
+                }
+                .to_string(),
+                s["peers"].to_string(),
+                {
+                    let mut n: Vec<String> = Vec::new();
+                    if let Some(e) = s["errors"].as_array().filter(|e| !e.is_empty()) {
+                        n.push(format!("{} errors", e.len()));
+                    }
+                    if let Some(k) = s["skipped"].as_array().filter(|k| !k.is_empty()) {
+                        n.push(format!("{} skipped", k.len()));
+                    }
+                    n.join(", ")
+                },
+            ),
+            Err(_) if !lab.running(&format!("node-{}", h.index)) => {
+                ("STOPPED".into(), "-".into(), String::new())
+            }
+            Err(e) => ("no answer".into(), "-".into(), format!("{e:#}")),
+        };
+        let subnet = h.subnet.map_or("-".to_string(), |s| s.to_string());
+        out.push_str(&format!(
+            "{:<8} {:<14} {:<16} {:<8} {:<6} {}\n",
+            h.name, h.ip, subnet, state, peers, notes
+        ));
+    }
+    out.push_str(&format!("\nstate, logs: {}\n", lab.dir().display()));
+    out
+}
+
+/// The matrix; returns it and whether every pair works.
+fn ping(lab: &Lab) -> (String, bool) {
+    let pods = lab.pods();
+    let mut out = format!("{:<20}", "from \\ to");
+    for (_, p) in &pods {
+        out.push_str(&format!(" {:<14}", p.ip));
+    }
+    out.push('\n');
+    let mut all = true;
+    for (h, a) in &pods {
+        out.push_str(&format!("{:<20}", format!("{} (h{h})", a.ip)));
+        for (_, b) in &pods {
+            let cell = if a == b {
+                "-"
+            } else if lab.reaches(&a.ns, b.ip) {
+                "ok"
+            } else {
+                all = false;
+                "FAIL"
+            };
+            out.push_str(&format!(" {cell:<14}"));
+        }
+        out.push('\n');
+    }
+    (out, all)
+}
+
+fn run(cli: Cli) -> Result<bool> {
+    match cli.command {
+        Cmd::Up {
+            hosts,
+            backend,
+            ip_masq,
+            pods,
+            name,
+        } => {
+            if hosts < 1 || hosts > 200 {
+                bail!("HOSTS must be between 1 and 200");
+            }
+            let cfg = LabConfig {
+                name,
+                hosts,
+                backend,
+                ip_masq,
+                pods_per_host: pods,
+                detached: true,
+                resync: 5,
+            };
+            let lab = Lab::up(cfg)?;
+            print!("{}", status(&lab));
+            let (matrix, ok) = ping(&lab);
+            println!("\npod-to-pod reachability:\n{matrix}");
+            println!("try: weft-lab status | weft-lab ping | weft-lab down");
+            Ok(ok)
+        }
+        Cmd::Status { name } => {
+            print!("{}", status(&Lab::load(&name)?));
+            Ok(true)
+        }
+        Cmd::Ping { name } => {
+            let (matrix, ok) = ping(&Lab::load(&name)?);
+            print!("{matrix}");
+            Ok(ok)
+        }
+        Cmd::Down { name, all } => {
+            if all {
+                let gone = Lab::down_all()?;
+                println!("removed {} lab(s) {gone:?}", gone.len());
+            } else if Lab::down_by_name(&name)? {
+                println!("lab {name} removed");
+            } else {
+                println!("no lab named {name}");
+            }
+            Ok(true)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("weft-lab: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! End to end on the lab, for vxlan and for host-gw: connectivity, joins,
+//! releases, restarts, repairs, outages, masquerading. Needs root.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use weft_tests::lab::{Lab, LabConfig, OUTSIDE_IP};
+use weft_tests::netns::{in_ns, spawn_in_ns};
+
+fn lab(hosts: u32, backend: &str) -> Lab {
+    weft_tests::netns::require_root();
+    Lab::up(LabConfig::for_test(hosts, backend)).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+fn converged(lab: &Lab) {
+    lab.wait_converged(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// Connects from pod namespace `from` to `to:port` where a listener in
+/// namespace `server_ns` accepts; returns the source address the server saw.
+fn source_seen(
+    from: &str,
+    server_ns: &str,
+    bind: Ipv4Addr,
+    to: Ipv4Addr,
+    port: u16,
+) -> Option<IpAddr> {
+    let listener = in_ns(server_ns, move || TcpListener::bind((bind, port)))
+        .unwrap()
+        .unwrap();
+    listener.set_nonblocking(false).unwrap();
+    let server = std::thread::spawn(move || {
+        // Accept with a deadline: a connection that never arrives fails the check.
+        listener.set_nonblocking(true).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match listener.accept() {
+                Ok((mut s, peer)) => {
+                    let _ = s.write_all(b"hi");
+                    return Some(peer.ip());
+                }
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(_) => return None,
+            }
+        }
+    });
+    let client = spawn_in_ns(from, move || {
+        let mut s = TcpStream::connect_timeout(&(to, port).into(), Duration::from_secs(3))?;
+        let mut buf = [0u8; 2];
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.read_exact(&mut buf)?;
+        Ok::<_, std::io::Error>(())
+    })
+    .unwrap();
+    let seen = server.join().unwrap();
+    let connected = client.join().unwrap().map(|r| r.is_ok()).unwrap_or(false);
+    seen.filter(|_| connected)
+}
+
+fn pods_reach_each_other_and_a_fourth_host_joins(backend: &str) {
+    let mut lab = lab(3, backend);
+    assert!(lab.unreachable_pairs().is_empty());
+    let i = lab.add_host().unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(i, 4);
+    let new_pod = lab.host(4).unwrap().pods[0].clone();
+    for (h, p) in lab.pods() {
+        if h != 4 {
+            assert!(
+                lab.reaches(&p.ns, new_pod.ip),
+                "host {h} pod does not reach the new host"
+            );
+            assert!(
+                lab.reaches(&new_pod.ns, p.ip),
+                "the new host does not reach host {h}"
+            );
+        }
+    }
+    // Without masquerading, nothing leaves the cluster network with a pod
+    // source that the outside could answer.
+    let pod = &lab.host(1).unwrap().pods[0];
+    assert_eq!(
+        source_seen(&pod.ns, &lab.state.outside, OUTSIDE_IP, OUTSIDE_IP, 9101),
+        None
+    );
+}
+
+fn a_released_lease_vanishes_everywhere(backend: &str) {
+    let mut lab = lab(3, backend);
+    let gone = lab.host(3).unwrap().subnet.unwrap().to_string();
+    for i in [1, 2] {
+        assert!(lab.weft_routes(i).unwrap().contains(&gone));
+    }
+    // Decommission host 3: stop its daemon, release its lease.
+    lab.stop("node-3").unwrap();
+    let out = lab.weftctl(&["lease", "release", "host-3"]).unwrap();
+    assert!(out.contains(&gone), "{out}");
+    lab.wait_for(Duration::from_secs(15), "host 3's routes to vanish", || {
+        Ok([1, 2]
+            .iter()
+            .all(|i| !lab.weft_routes(*i).unwrap().contains(&gone)))
+    })
+    .unwrap();
+    if backend == "vxlan" {
+        let mac = lab.host_ip(1, &["neigh", "show", "dev", "weft.1"]).unwrap();
+        assert!(!mac.contains(&gone.replace("/24", "")), "{mac}");
+    }
+    let p1 = &lab.host(1).unwrap().pods[0];
+    let p2 = &lab.host(2).unwrap().pods[0];
+    assert!(lab.reaches(&p1.ns, p2.ip));
+}
+
+fn a_restarted_host_keeps_its_subnet_without_losing_traffic(backend: &str) {
+    let mut lab = lab(3, backend);
+    let subnet = lab.host(2).unwrap().subnet;
+    let from = lab.host(1).unwrap().pods[0].ns.clone();
+    let to = lab.host(2).unwrap().pods[0].ip;
+    // 100 pings at 20 a second across the restart.
+    let ping = Command::new("ip")
+        .args([
+            "netns", "exec", &from, "ping", "-q", "-n", "-i", "0.05", "-W", "1", "-c", "100",
+        ])
+        .arg(to.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    lab.stop("node-2").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    lab.start("node-2").unwrap();
+    let out = ping.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap();
+    let nums: Vec<u32> = line
+        .split(',')
+        .filter_map(|p| p.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(nums[0], 100);
+    assert!(
+        nums[0] - nums[1] <= 3,
+        "lost {} of 100 packets across a restart: {line}",
+        nums[0] - nums[1]
+    );
+    converged(&lab);
+    let list = lab.weftctl(&["leases", "list", "-o", "json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let h2 = v["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["node_name"] == "host-2")
+        .unwrap();
+    assert_eq!(
+        h2["subnet"].as_str().map(|s| s.to_string()),
+        subnet.map(|s| s.to_string()),
+        "host 2 kept its subnet"
+    );
+    assert_eq!(v["leases"].as_array().unwrap().len(), 3);
+}
+
+fn hand_deletions_come_back(backend: &str) {
+    let lab = lab(3, backend);
+    let s2 = lab.host(2).unwrap().subnet.unwrap().to_string();
+    lab.host_ip(1, &["route", "del", &s2]).unwrap();
+    assert!(!lab.weft_routes(1).unwrap().contains(&s2));
+    if backend == "vxlan" {
+        lab.host_ip(3, &["link", "del", "weft.1"]).unwrap();
+    }
+    // The nodes resync every 2 s in the lab.
+    lab.wait_for(
+        Duration::from_secs(15),
+        "the deleted route and device to come back",
+        || {
+            let back = lab.weft_routes(1)?.contains(&s2);
+            let dev = backend != "vxlan" || lab.host_ip(3, &["link", "show", "weft.1"]).is_ok();
+            Ok(back && dev)
+        },
+    )
+    .unwrap();
+    converged(&lab);
+}
+
+fn outages_of_controller_and_etcd_leave_pods_connected(backend: &str) {
+    let mut lab = lab(3, backend);
+    lab.stop("controller").unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        lab.unreachable_pairs().is_empty(),
+        "pods lost each other with the controller down"
+    );
+    for h in 1..=3 {
+        assert_eq!(lab.node_status(h).unwrap()["ready"], true);
+    }
+    lab.start("controller").unwrap();
+    lab.stop("etcd").unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        lab.unreachable_pairs().is_empty(),
+        "pods lost each other with etcd down"
+    );
+    lab.start("etcd").unwrap();
+    lab.wait_for(
+        Duration::from_secs(30),
+        "the controller to be ready again",
+        || Ok(lab.weftctl(&["status"]).is_ok()),
+    )
+    .unwrap();
+    // A host that joins after the outages is reachable from all.
+    lab.add_host().unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(lab.unreachable_pairs().is_empty());
+}
+
+fn masquerade_rewrites_only_traffic_leaving_the_cluster(backend: &str) {
+    weft_tests::netns::require_root();
+    let mut cfg = LabConfig::for_test(2, backend);
+    cfg.ip_masq = true;
+    let lab = Lab::up(cfg).unwrap_or_else(|e| panic!("{e:#}"));
+    let h1 = lab.host(1).unwrap().clone();
+    let p1 = &h1.pods[0];
+    let p2 = lab.host(2).unwrap().pods[0].clone();
+    let seen = source_seen(&p1.ns, &lab.state.outside, OUTSIDE_IP, OUTSIDE_IP, 9102);
+    assert_eq!(
+        seen,
+        Some(IpAddr::V4(h1.ip)),
+        "traffic to the outside leaves with the host's address"
+    );
+    let seen = source_seen(&p1.ns, &p2.ns, p2.ip, p2.ip, 9103);
+    assert_eq!(
+        seen,
+        Some(IpAddr::V4(p1.ip)),
+        "pod to pod keeps the pod's address"
+    );
+    let rules = weft_tests::netns::run(
+        "ip",
+        &[
+            "netns", "exec", &h1.ns, "nft", "list", "table", "ip", "weft",
+        ],
+    )
+    .unwrap();
+    assert!(
+        rules.contains("masquerade") && rules.contains(&h1.subnet.unwrap().to_string()),
+        "{rules}"
+    );
+}
+
+macro_rules! backend_tests {
+    ($module:ident, $backend:literal) => {
+        mod $module {
+            #[test]
+            #[ignore = "needs root; run by scripts/test"]
+            fn pods_reach_each_other_and_a_fourth_host_joins() {
+                super::pods_reach_each_other_and_a_fourth_host_joins($backend);
+            }
+
+            #[test]
+            #[ignore = "needs root; run by scripts/test"]
+            fn a_released_lease_vanishes_everywhere() {
+                super::a_released_lease_vanishes_everywhere($backend);
+            }
+
+            #[test]
+            #[ignore = "needs root; run by scripts/test"]
+            fn a_restarted_host_keeps_its_subnet_without_losing_traffic() {
+                super::a_restarted_host_keeps_its_subnet_without_losing_traffic($backend);
+            }
+
+            #[test]
+            #[ignore = "needs root; run by scripts/test"]
+            fn hand_deletions_come_back() {
+                super::hand_deletions_come_back($backend);
+            }
+
+            #[test]
+            #[ignore = "needs root; run by scripts/test"]
+            fn outages_of_controller_and_etcd_leave_pods_connected() {
+                super::outages_of_controller_and_etcd_leave_pods_connected($backend);
+            }
+
+            #[test]
+            #[ignore = "needs root; run by scripts/test"]
+            fn masquerade_rewrites_only_traffic_leaving_the_cluster() {
+                super::masquerade_rewrites_only_traffic_leaving_the_cluster($backend);
+            }
+        }
+    };
+}
+
+backend_tests!(vxlan, "vxlan");
+backend_tests!(host_gw, "host-gw");
