@@ -18,6 +18,9 @@ pub struct Peer {
     pub public_ip: Ipv4Addr,
     pub public_ipv6: Option<Ipv6Addr>,
     pub backend: BackendData,
+    /// Store revision of the lease: between two leases that claim the same
+    /// thing, the older one wins.
+    pub revision: i64,
 }
 
 /// A lease that was not programmed, and why.
@@ -94,6 +97,7 @@ pub fn check(
         public_ip,
         public_ipv6: lease.public_ipv6,
         backend: data,
+        revision: lease.revision,
     }))
 }
 

@@ -85,7 +85,14 @@ impl Backend for Vxlan {
             );
         }
         let mut skipped = Vec::new();
-        for p in peers {
+        // A VTEP MAC belongs to one node: FDB entries are keyed by MAC, so a
+        // second lease claiming one (a cloned VM, say) would take the first
+        // node's traffic. The older lease keeps it.
+        let mut ordered: Vec<&Peer> = peers.iter().collect();
+        ordered.sort_by_key(|p| (p.revision, p.key));
+        let mut macs: std::collections::HashMap<weft_lease::MacAddr, String> =
+            std::collections::HashMap::new();
+        for p in ordered {
             let BackendData::Vxlan { vni, vtep_mac } = &p.backend else {
                 skipped.push(Skipped::of(p, "not a vxlan lease".into()));
                 continue;
@@ -101,6 +108,15 @@ impl Backend for Vxlan {
                 skipped.push(Skipped::of(p, format!("VTEP MAC {vtep_mac} is ours")));
                 continue;
             }
+            let owner = p.node.clone().unwrap_or_else(|| p.key.to_cidrs());
+            if let Some(first) = macs.get(vtep_mac) {
+                skipped.push(Skipped::of(
+                    p,
+                    format!("VTEP MAC {vtep_mac} is already used by {first}"),
+                ));
+                continue;
+            }
+            macs.insert(*vtep_mac, owner);
             if self.cfg.direct_routing && local.ext.addr.contains(&p.public_ip) {
                 st.routes.insert(
                     IpNet::V4(p.subnet),

@@ -436,3 +436,25 @@ fn changes_print_as_iproute2_commands() {
     let key: SubnetKey = "10.244.2.0-24".parse().unwrap();
     assert_eq!(key.to_string(), "10.244.2.0-24");
 }
+
+#[test]
+fn a_vtep_mac_claimed_twice_stays_with_the_older_lease() {
+    let first = lease("10.244.2.0-24", "host-2", "198.18.0.12", &vx("host-2"));
+    let mut clone = lease("10.244.3.0-24", "clone", "198.18.0.13", &vx("host-2"));
+    clone.revision = first.revision + 5;
+    // Order of the leases does not matter, only their age.
+    let (peers, _) = select(&[clone, first], &local(), BackendType::Vxlan);
+    let (st, skipped) = vxlan().desired(&local(), &peers);
+    assert_eq!(skipped.len(), 1);
+    assert_eq!(skipped[0].node.as_deref(), Some("clone"));
+    assert!(
+        skipped[0].reason.contains("already used by host-2"),
+        "{}",
+        skipped[0].reason
+    );
+    assert_eq!(
+        st.fdb[&("weft.1".to_string(), vtep_mac("host-2"))],
+        ip("198.18.0.12")
+    );
+    assert_eq!(st.routes.len(), 1);
+}

@@ -232,7 +232,20 @@ impl Lab {
         let fab = self.state.fabric.clone();
         self.add_ns(&fab)?;
         self.save()?;
-        ns_run(&fab, &["link", "add", "br0", "type", "bridge"])?;
+        // A bridge without a MAC of its own takes its lowest port's; adding a
+        // host could then change it under the hosts' ARP caches.
+        ns_run(
+            &fab,
+            &[
+                "link",
+                "add",
+                "br0",
+                "address",
+                "02:77:65:66:00:01",
+                "type",
+                "bridge",
+            ],
+        )?;
         ns_run(
             &fab,
             &["addr", "add", &format!("{FABRIC_IP}/16"), "dev", "br0"],
@@ -341,6 +354,16 @@ impl Lab {
     }
 
     fn spawn(&mut self, what: &str, ns: &str, argv: Vec<String>) -> Result<()> {
+        self.spawn_with_env(what, ns, argv, &[])
+    }
+
+    fn spawn_with_env(
+        &mut self,
+        what: &str,
+        ns: &str,
+        argv: Vec<String>,
+        env: &[(&str, &str)],
+    ) -> Result<()> {
         let log = self.dir.join(format!("{what}.log"));
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -354,10 +377,15 @@ impl Lab {
             .stderr(file);
         // etcd and friends must not pick up the environment's settings.
         for (k, _) in std::env::vars() {
-            if k.starts_with("ETCD_") || k.starts_with("WEFT_") {
+            if k.starts_with("ETCD_")
+                || k.starts_with("WEFT_")
+                || k == "NOTIFY_SOCKET"
+                || k.starts_with("WATCHDOG_")
+            {
                 cmd.env_remove(k);
             }
         }
+        cmd.envs(env.iter().copied());
         let child = if self.detached {
             cmd.process_group(0);
             cmd.spawn().with_context(|| format!("starting {what}"))?
@@ -395,8 +423,13 @@ impl Lab {
 
     /// Starts a stopped process again with the same arguments.
     pub fn start(&mut self, what: &str) -> Result<()> {
+        self.start_with_env(what, &[])
+    }
+
+    /// Starts a stopped process again, with extra environment variables.
+    pub fn start_with_env(&mut self, what: &str, env: &[(&str, &str)]) -> Result<()> {
         let p = self.proc(what)?.clone();
-        self.spawn(what, &p.ns, p.argv)
+        self.spawn_with_env(what, &p.ns, p.argv, env)
     }
 
     fn proc(&self, what: &str) -> Result<&ProcState> {
@@ -425,6 +458,14 @@ impl Lab {
     }
 
     fn add_host_no_wait(&mut self) -> Result<u32> {
+        let i = self.start_host()?;
+        self.finish_host(i)?;
+        Ok(i)
+    }
+
+    /// Creates host `i`'s namespace and starts its node, without waiting
+    /// for a lease. [`Lab::finish_host`] waits for it and adds the pods.
+    pub fn start_host(&mut self) -> Result<u32> {
         let i = self.state.hosts.iter().map(|h| h.index).max().unwrap_or(0) + 1;
         let ns = format!("{NS_PREFIX}{}-h{i}", self.state.name);
         let ip = Ipv4Addr::new(
@@ -467,6 +508,11 @@ impl Lab {
         ns_run(&ns, &["addr", "add", &format!("{ip}/16"), "dev", "eth0"])?;
         ns_run(&ns, &["link", "set", "eth0", "up"])?;
         self.start_node_process(i)?;
+        Ok(i)
+    }
+
+    /// Waits for host `i`'s lease (its subnet.env) and adds its pods.
+    pub fn finish_host(&mut self, i: u32) -> Result<()> {
         // The pods need the node's subnet and MTU, from its subnet.env.
         let env_path = self.subnet_file(i);
         let env = self.wait_for_value(
@@ -486,8 +532,7 @@ impl Lab {
         for j in 1..=pods {
             self.add_pod(i, j)?;
         }
-        self.save()?;
-        Ok(i)
+        self.save()
     }
 
     fn subnet_file(&self, i: u32) -> PathBuf {
@@ -524,7 +569,12 @@ impl Lab {
         let ip = Ipv4Addr::from(u32::from(subnet.network()) + 10 + j);
         let pod = format!("{}-p{j}", h.ns);
         if ns_run(&h.ns, &["link", "show", "weft0"]).is_err() {
-            ns_run(&h.ns, &["link", "add", "weft0", "type", "bridge"])?;
+            // A fixed MAC, so adding a pod never changes the gateway's.
+            let mac = format!("02:77:65:66:{:02x}:{:02x}", (i >> 8) & 0xff, i & 0xff);
+            ns_run(
+                &h.ns,
+                &["link", "add", "weft0", "address", &mac, "type", "bridge"],
+            )?;
             ns_run(
                 &h.ns,
                 &[

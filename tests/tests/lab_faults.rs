@@ -1,0 +1,166 @@
+//! The node daemon facing faults in a running lab (vxlan): a controller
+//! that is not there yet, bad leases in the store, and systemd's protocol.
+
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+use weft_backends::vtep_mac;
+use weft_tests::lab::{Lab, LabConfig};
+use weft_tests::netns::{http_get, run};
+
+fn lab(hosts: u32) -> Lab {
+    weft_tests::netns::require_root();
+    Lab::up(LabConfig::for_test(hosts, "vxlan")).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn a_node_waits_for_an_unreachable_controller_and_says_so() {
+    let mut lab = lab(2);
+    lab.stop("controller").unwrap();
+    let i = lab.start_host().unwrap();
+    lab.wait_for(
+        Duration::from_secs(15),
+        "the new node to say what it waits for",
+        || {
+            let s = lab.node_status(i)?;
+            Ok(s["ready"] == false
+                && s["phase"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("waiting for the network config"))
+        },
+    )
+    .unwrap();
+    let log = lab.log_tail(&format!("node-{i}"), 20);
+    assert!(log.contains("cannot reach the controller"), "{log}");
+    lab.start("controller").unwrap();
+    lab.finish_host(i).unwrap_or_else(|e| panic!("{e:#}"));
+    lab.wait_converged(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn bad_leases_in_the_store_are_skipped_and_everything_else_keeps_working() {
+    let lab = lab(2);
+    let etcdctl = |args: &[&str]| {
+        let mut all = vec![
+            "netns",
+            "exec",
+            &lab.state.fabric,
+            "etcdctl",
+            "--endpoints",
+            "http://127.0.0.1:2379",
+        ];
+        all.extend_from_slice(args);
+        run("ip", &all).unwrap()
+    };
+    // Written by hand, bypassing the controller's checks.
+    etcdctl(&[
+        "put",
+        "/weft/network/subnets/10.244.250.0-24",
+        r#"{"PublicIP":"198.18.0.99","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"zz:zz"},"NodeName":"garbage"}"#,
+    ]);
+    let stolen = vtep_mac("host-1").to_string();
+    etcdctl(&[
+        "put",
+        "/weft/network/subnets/10.244.251.0-24",
+        &format!(
+            r#"{{"PublicIP":"198.18.0.98","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{stolen}"}},"NodeName":"clone"}}"#
+        ),
+    ]);
+    etcdctl(&[
+        "put",
+        "/weft/network/subnets/10.244.252.0-24",
+        "{not json at all",
+    ]);
+    lab.wait_for(
+        Duration::from_secs(15),
+        "both nodes to skip the two bad leases",
+        || {
+            Ok([1, 2].iter().all(|h| {
+                lab.node_status(*h)
+                    .map(|s| s["skipped"].as_array().map(|a| a.len()) == Some(2))
+                    .unwrap_or(false)
+            }))
+        },
+    )
+    .unwrap();
+    let s1 = lab.node_status(1).unwrap();
+    let s2 = lab.node_status(2).unwrap();
+    let text = format!("{s1}{s2}");
+    assert!(text.contains("BackendData is invalid"), "{text}");
+    assert!(s1.to_string().contains("is ours"), "{s1}");
+    assert!(s2.to_string().contains("already used by host-1"), "{s2}");
+    assert_eq!(s1["peers"], 1);
+    assert!(
+        lab.unreachable_pairs().is_empty(),
+        "the good peers are still programmed"
+    );
+    let (_, metrics) = http_get(&lab.host(1).unwrap().ns, "127.0.0.1:9680", "/metrics").unwrap();
+    assert!(metrics.contains("weft_node_peers 1"), "{metrics}");
+    assert!(metrics.contains("weft_node_skipped_peers 2"), "{metrics}");
+    let listed = lab.weftctl(&["leases", "list", "-o", "json"]).unwrap();
+    assert!(
+        listed.contains("10.244.252.0-24"),
+        "the unreadable entry is reported: {listed}"
+    );
+}
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn systemd_hears_ready_and_the_watchdog() {
+    let mut lab = lab(2);
+    let sock_path = lab.dir().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    lab.stop("node-1").unwrap();
+    let path = sock_path.display().to_string();
+    lab.start_with_env(
+        "node-1",
+        &[
+            ("NOTIFY_SOCKET", path.as_str()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline
+        && !(got.iter().any(|m: &String| m.contains("READY=1"))
+            && got.iter().filter(|m| m.as_str() == "WATCHDOG=1").count() >= 2)
+    {
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf).unwrap();
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let ready = got
+        .iter()
+        .find(|m| m.contains("READY=1"))
+        .unwrap_or_else(|| panic!("no READY=1 in {got:?}"));
+    assert!(ready.contains("STATUS=subnet"), "{ready}");
+    assert!(
+        got.iter().filter(|m| m.as_str() == "WATCHDOG=1").count() >= 2,
+        "{got:?}"
+    );
+    // SIGTERM: "STOPPING=1", and the data plane stays.
+    let routes = lab.weft_routes(1).unwrap();
+    lab.stop("node-1").unwrap();
+    let mut buf = [0u8; 512];
+    let mut stopping = false;
+    while let Ok(n) = sock.recv(&mut buf) {
+        if &buf[..n] == b"STOPPING=1" {
+            stopping = true;
+            break;
+        }
+    }
+    assert!(stopping, "STOPPING=1 on SIGTERM");
+    assert_eq!(
+        lab.weft_routes(1).unwrap(),
+        routes,
+        "routes stay after the daemon stops"
+    );
+    assert!(lab.host_ip(1, &["link", "show", "weft.1"]).is_ok());
+    assert!(lab.unreachable_pairs().is_empty());
+}
