@@ -173,10 +173,7 @@ impl Lab {
         ] {
             system_tool(tool, pkg)?;
         }
-        if matches!(
-            std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward"),
-            Err(_)
-        ) {
+        if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_err() {
             bail!("no /proc/sys/net: this is not Linux with network namespaces");
         }
         let dir = Self::dir_of(&cfg.name);
@@ -907,7 +904,7 @@ fn kill_all_in(ns: &str) {
             if !exe.is_empty() {
                 stop_pid(
                     pid,
-                    &exe.rsplit('/').next().unwrap_or_default().to_string(),
+                    exe.rsplit('/').next().unwrap_or_default(),
                     Duration::from_secs(5),
                 );
             }

@@ -156,7 +156,7 @@ fn run(cli: Cli) -> Result<bool> {
             pods,
             name,
         } => {
-            if hosts < 1 || hosts > 200 {
+            if !(1..=200).contains(&hosts) {
                 bail!("HOSTS must be between 1 and 200");
             }
             let cfg = LabConfig {
