@@ -23,7 +23,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     /// The state the kernel should have for these peers. Peers this
     /// backend cannot program are returned as skipped, with the reason.
-    fn desired(&self, local: &LocalNode, peers: &[Peer]) -> (NetState, Vec<Skipped>);
+    fn desired(&self, local: &LocalNode, peers: &[&Peer]) -> (NetState, Vec<Skipped>);
 }
 
 /// Why a backend cannot be used.

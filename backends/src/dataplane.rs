@@ -48,6 +48,7 @@ pub struct FakeDataplane {
     state: Mutex<NetState>,
     fail: Mutex<Vec<String>>,
     applied: Mutex<Vec<Change>>,
+    observed: std::sync::atomic::AtomicUsize,
     /// Devices that exist besides weft's own (e.g. the external interface).
     pub other_devices: Vec<String>,
 }
@@ -82,6 +83,11 @@ impl FakeDataplane {
     /// Stops failing changes.
     pub fn heal(&self) {
         self.fail.lock().expect("fake lock").clear();
+    }
+
+    /// How many times the state was observed.
+    pub fn observations(&self) -> usize {
+        self.observed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Every change applied successfully so far.
@@ -166,6 +172,8 @@ impl FakeDataplane {
 #[async_trait]
 impl Dataplane for FakeDataplane {
     async fn observe(&self) -> Result<NetState, DataplaneError> {
+        self.observed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(self.state())
     }
 

@@ -1,6 +1,6 @@
 //! Desired against observed: the changes that make the kernel match.
 
-use crate::state::{Change, NetState};
+use crate::state::{Change, Dev, NetState};
 use std::collections::BTreeSet;
 
 /// The changes that turn `observed` into `desired`, in an order that works:
@@ -39,7 +39,7 @@ pub fn diff(desired: &NetState, observed: &NetState) -> Vec<Change> {
         }
     }
     // Objects on a recreated link are gone with the old one.
-    let gone = |dev: &String| recreated.contains(dev);
+    let gone = |dev: &Dev| recreated.contains(dev);
 
     for ((dev, addr), ()) in &desired.addresses {
         if gone(dev) || !observed.addresses.contains_key(&(dev.clone(), *addr)) {
@@ -76,8 +76,7 @@ pub fn diff(desired: &NetState, observed: &NetState) -> Vec<Change> {
         }
     }
 
-    let doomed =
-        |dev: &String| !desired.links.contains_key(dev) && observed.links.contains_key(dev);
+    let doomed = |dev: &Dev| !desired.links.contains_key(dev) && observed.links.contains_key(dev);
     for (dst, target) in &observed.routes {
         if !desired.routes.contains_key(dst) && !doomed(&target.dev) && !gone(&target.dev) {
             out.push(Change::DelRoute {

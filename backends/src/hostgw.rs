@@ -4,7 +4,7 @@
 use crate::backend::Backend;
 use crate::local::LocalNode;
 use crate::peer::{Peer, Skipped};
-use crate::state::{NetState, RouteTarget};
+use crate::state::{dev, NetState, RouteTarget};
 use ipnet::IpNet;
 use std::net::IpAddr;
 use weft_config::BackendType;
@@ -27,9 +27,10 @@ impl Backend for HostGw {
         underlay_mtu
     }
 
-    fn desired(&self, local: &LocalNode, peers: &[Peer]) -> (NetState, Vec<Skipped>) {
+    fn desired(&self, local: &LocalNode, peers: &[&Peer]) -> (NetState, Vec<Skipped>) {
         let mut st = NetState::default();
         let mut skipped = Vec::new();
+        let ext = dev(&local.ext.name);
         for p in peers {
             if !local.ext.addr.contains(&p.public_ip) {
                 skipped.push(Skipped::of(
@@ -45,7 +46,7 @@ impl Backend for HostGw {
                 IpNet::V4(p.subnet),
                 RouteTarget {
                     via: IpAddr::V4(p.public_ip),
-                    dev: local.ext.name.clone(),
+                    dev: ext.clone(),
                     onlink: false,
                 },
             );
@@ -54,7 +55,7 @@ impl Backend for HostGw {
                     IpNet::V6(s6),
                     RouteTarget {
                         via: IpAddr::V6(ip6),
-                        dev: local.ext.name.clone(),
+                        dev: ext.clone(),
                         onlink: false,
                     },
                 );

@@ -26,5 +26,5 @@ pub use hostgw::HostGw;
 pub use local::{vtep_mac, ExternalIface, LocalNode};
 pub use netlink::{Interface, NetlinkDataplane};
 pub use peer::{Peer, Skipped};
-pub use state::{Change, NetState, RouteTarget, VxlanLink, WEFT_ROUTE_PROTOCOL};
+pub use state::{dev, Change, Dev, NetState, RouteTarget, VxlanLink, WEFT_ROUTE_PROTOCOL};
 pub use vxlan::{Vxlan, VXLAN_OVERHEAD};

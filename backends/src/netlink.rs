@@ -7,7 +7,9 @@
 //! that is already gone counts as done.
 
 use crate::dataplane::{ApplyError, Dataplane, DataplaneError};
-use crate::state::{Change, NetState, RouteTarget, VxlanLink, VXLAN_PREFIX, WEFT_ROUTE_PROTOCOL};
+use crate::state::{
+    dev, Change, Dev, NetState, RouteTarget, VxlanLink, VXLAN_PREFIX, WEFT_ROUTE_PROTOCOL,
+};
 use async_trait::async_trait;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use ipnet::IpNet;
@@ -202,37 +204,47 @@ impl NetlinkDataplane {
             .map_err(|e| observe_err("addresses", e))
     }
 
-    async fn neighbours(
+    /// Calls `f` with each neighbour of `family` as it arrives: with many
+    /// peers, holding the whole dump would cost megabytes.
+    async fn each_neighbour(
         &self,
         family: AddressFamily,
-    ) -> Result<Vec<NeighbourMessage>, DataplaneError> {
-        self.handle
+        mut f: impl FnMut(&NeighbourMessage),
+    ) -> Result<(), DataplaneError> {
+        let stream = self
+            .handle
             .neighbours()
             .get()
             .set_address_family(family)
-            .execute()
-            .try_collect()
+            .execute();
+        futures::pin_mut!(stream);
+        while let Some(n) = stream
+            .try_next()
             .await
-            .map_err(|e| observe_err("neighbours", e))
+            .map_err(|e| observe_err("neighbours", e))?
+        {
+            f(&n);
+        }
+        Ok(())
     }
 
-    async fn routes(&self) -> Result<Vec<RouteMessage>, DataplaneError> {
-        let mut all = Vec::new();
+    /// Calls `f` with each route (IPv4, then IPv6) as it arrives.
+    async fn each_route(&self, mut f: impl FnMut(&RouteMessage)) -> Result<(), DataplaneError> {
         for req in [
             RouteMessageBuilder::<Ipv4Addr>::new().build(),
             RouteMessageBuilder::<Ipv6Addr>::new().build(),
         ] {
-            let mut got: Vec<RouteMessage> = self
-                .handle
-                .route()
-                .get(req)
-                .execute()
-                .try_collect()
+            let stream = self.handle.route().get(req).execute();
+            futures::pin_mut!(stream);
+            while let Some(r) = stream
+                .try_next()
                 .await
-                .map_err(|e| observe_err("routes", e))?;
-            all.append(&mut got);
+                .map_err(|e| observe_err("routes", e))?
+            {
+                f(&r);
+            }
         }
-        Ok(all)
+        Ok(())
     }
 
     async fn indexes(&self) -> Result<HashMap<String, u32>, String> {
@@ -269,7 +281,7 @@ impl NetlinkDataplane {
                 }
                 h.link().add(b.build()).execute().await.map_err(nl_err)
             }
-            Change::DeleteLink { name } => match idx.get(name) {
+            Change::DeleteLink { name } => match idx.get(&**name) {
                 None => Ok(()),
                 Some(i) => ignore_gone(h.link().del(*i).execute().await),
             },
@@ -340,7 +352,7 @@ impl NetlinkDataplane {
                 h.route().add(msg).replace().execute().await.map_err(nl_err)
             }
             Change::DelRoute { dst, target } => {
-                let i = idx.get(&target.dev).copied().unwrap_or(0);
+                let i = idx.get(&*target.dev).copied().unwrap_or(0);
                 let msg = route_message(dst, target, i)?;
                 ignore_gone(h.route().del(msg).execute().await)
             }
@@ -442,7 +454,7 @@ fn link_mac(l: &LinkMessage) -> Option<MacAddr> {
 }
 
 /// The VXLAN settings of a link, if it is a VXLAN device.
-fn vxlan_of(l: &LinkMessage, names: &HashMap<u32, String>) -> Option<VxlanLink> {
+fn vxlan_of(l: &LinkMessage, names: &HashMap<u32, Dev>) -> Option<VxlanLink> {
     let infos = l.attributes.iter().find_map(|a| match a {
         LinkAttribute::LinkInfo(i) => Some(i),
         _ => None,
@@ -547,18 +559,19 @@ fn group(c: &Change) -> u8 {
 impl Dataplane for NetlinkDataplane {
     async fn observe(&self) -> Result<NetState, DataplaneError> {
         let links = self.links().await?;
-        let names: HashMap<u32, String> = links
+        let names: HashMap<u32, Dev> = links
             .iter()
-            .filter_map(|l| Some((l.header.index, link_name(l)?)))
+            .filter_map(|l| Some((l.header.index, dev(&link_name(l)?))))
             .collect();
         let mut st = NetState::default();
-        let mut owned: HashMap<u32, String> = HashMap::new();
+        let mut owned: HashMap<u32, Dev> = HashMap::new();
         for l in &links {
             let Some(name) = link_name(l) else { continue };
             if !name.starts_with(VXLAN_PREFIX) {
                 continue;
             }
             if let Some(v) = vxlan_of(l, &names) {
+                let name = dev(&name);
                 owned.insert(l.header.index, name.clone());
                 st.links.insert(name, v);
             }
@@ -576,32 +589,34 @@ impl Dataplane for NetlinkDataplane {
                 }
             }
             for fam in [AddressFamily::Inet, AddressFamily::Inet6] {
-                for n in self.neighbours(fam).await? {
+                self.each_neighbour(fam, |n| {
                     let Some(dev) = owned.get(&n.header.ifindex) else {
-                        continue;
+                        return;
                     };
                     if n.header.state != NeighbourState::Permanent {
-                        continue;
+                        return;
                     }
-                    if let (Some(ip), Some(mac)) = (neigh_ip(&n), neigh_mac(&n)) {
+                    if let (Some(ip), Some(mac)) = (neigh_ip(n), neigh_mac(n)) {
                         st.neighbours.insert((dev.clone(), ip), mac);
                     }
-                }
+                })
+                .await?;
             }
-            for n in self.neighbours(AddressFamily::Bridge).await? {
+            self.each_neighbour(AddressFamily::Bridge, |n| {
                 let Some(dev) = owned.get(&n.header.ifindex) else {
-                    continue;
+                    return;
                 };
-                if let (Some(ip), Some(mac)) = (neigh_ip(&n), neigh_mac(&n)) {
+                if let (Some(ip), Some(mac)) = (neigh_ip(n), neigh_mac(n)) {
                     st.fdb.insert((dev.clone(), mac), ip);
                 }
-            }
+            })
+            .await?;
         }
-        for r in self.routes().await? {
+        self.each_route(|r| {
             if r.header.table != RouteHeader::RT_TABLE_MAIN
                 || r.header.protocol != RouteProtocol::Other(WEFT_ROUTE_PROTOCOL)
             {
-                continue;
+                return;
             }
             let mut dst = None;
             let mut via = None;
@@ -626,7 +641,8 @@ impl Dataplane for NetlinkDataplane {
                     );
                 }
             }
-        }
+        })
+        .await?;
         Ok(st)
     }
 

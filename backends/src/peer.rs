@@ -42,6 +42,10 @@ impl Skipped {
     }
 }
 
+/// A lease as a node keeps it: read and checked once, when it arrives
+/// (parsing thousands of leases on every pass would cost milliseconds).
+pub type Candidate = Result<Peer, Skipped>;
+
 fn overlaps4(a: &Ipv4Net, b: &Ipv4Net) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
@@ -50,76 +54,101 @@ fn overlaps6(a: &Ipv6Net, b: &Ipv6Net) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
-/// Checks one lease against the local node. `Ok(None)`: the lease is ours.
-pub fn check(
-    lease: &LeaseView,
-    local: &LocalNode,
-    backend: BackendType,
-) -> Result<Option<Peer>, String> {
-    if lease.key == local.subnet || lease.node_name.as_deref() == Some(local.name.as_str()) {
-        return Ok(None);
-    }
+/// Reads a lease: every check that does not depend on the local node.
+pub fn read(lease: &LeaseView) -> Candidate {
+    let skip = |reason: String| Skipped {
+        key: lease.key,
+        node: lease.node_name.clone(),
+        reason,
+    };
     let subnet = lease.subnet.ok_or_else(|| {
-        "lease has no IPv4 subnet (IPv6-only peers are not supported)".to_string()
+        skip("lease has no IPv4 subnet (IPv6-only peers are not supported)".into())
     })?;
-    if let Some(ours) = local.subnet.ipv4() {
-        if overlaps4(&subnet, &ours) {
-            return Err(format!("subnet {subnet} overlaps ours ({ours})"));
-        }
-    }
-    if let (Some(theirs), Some(ours)) = (lease.ipv6_subnet, local.subnet.ipv6()) {
-        if overlaps6(&theirs, &ours) {
-            return Err(format!("IPv6 subnet {theirs} overlaps ours ({ours})"));
-        }
-    }
     let public_ip = lease.public_ip.ok_or_else(|| {
-        "no public IP yet (a reservation for a node that has not joined)".to_string()
+        skip("no public IP yet (a reservation for a node that has not joined)".into())
     })?;
     if public_ip.is_loopback() || public_ip.is_multicast() || public_ip.is_broadcast() {
-        return Err(format!("public IP {public_ip} is not a unicast address"));
+        return Err(skip(format!(
+            "public IP {public_ip} is not a unicast address"
+        )));
     }
-    if public_ip == local.public_ip {
-        return Err(format!("public IP {public_ip} is ours"));
-    }
-    if lease.backend_type != backend.as_str() {
-        return Err(format!(
-            "backend {:?} differs from ours ({backend})",
-            lease.backend_type
-        ));
-    }
-    let data = BackendData::parse(&lease.backend_type, lease.backend_data.as_ref())
-        .map_err(|e| e.to_string())?;
-    Ok(Some(Peer {
+    let backend = BackendData::parse(&lease.backend_type, lease.backend_data.as_ref())
+        .map_err(|e| skip(e.to_string()))?;
+    Ok(Peer {
         key: lease.key,
         node: lease.node_name.clone(),
         subnet,
         subnet6: lease.ipv6_subnet,
         public_ip,
         public_ipv6: lease.public_ipv6,
-        backend: data,
+        backend,
         revision: lease.revision,
-    }))
+    })
 }
 
-/// Splits leases into peers to program and leases skipped with a reason
-/// (the local node's own lease is neither).
+/// Whether `c` is the local node's own lease.
+fn is_ours(key: &SubnetKey, node: Option<&str>, local: &LocalNode) -> bool {
+    *key == local.subnet || node == Some(local.name.as_str())
+}
+
+/// The peers to program, and the leases skipped with the reason (the local
+/// node's own lease is neither).
 pub fn select<'a>(
-    leases: impl IntoIterator<Item = &'a LeaseView>,
+    candidates: impl IntoIterator<Item = &'a Candidate>,
     local: &LocalNode,
     backend: BackendType,
-) -> (Vec<Peer>, Vec<Skipped>) {
+) -> (Vec<&'a Peer>, Vec<Skipped>) {
     let mut peers = Vec::new();
     let mut skipped = Vec::new();
-    for l in leases {
-        match check(l, local, backend) {
-            Ok(Some(p)) => peers.push(p),
-            Ok(None) => {}
-            Err(reason) => skipped.push(Skipped {
-                key: l.key,
-                node: l.node_name.clone(),
-                reason,
-            }),
+    for c in candidates {
+        let p = match c {
+            Err(s) => {
+                if !is_ours(&s.key, s.node.as_deref(), local) {
+                    skipped.push(s.clone());
+                }
+                continue;
+            }
+            Ok(p) => p,
+        };
+        if is_ours(&p.key, p.node.as_deref(), local) {
+            continue;
+        }
+        let reason = if let Some(ours) = local.subnet.ipv4().filter(|o| overlaps4(&p.subnet, o)) {
+            Some(format!("subnet {} overlaps ours ({ours})", p.subnet))
+        } else if let (Some(theirs), Some(ours)) = (p.subnet6, local.subnet.ipv6()) {
+            overlaps6(&theirs, &ours)
+                .then(|| format!("IPv6 subnet {theirs} overlaps ours ({ours})"))
+        } else {
+            None
+        };
+        let reason = reason
+            .or_else(|| {
+                (p.public_ip == local.public_ip)
+                    .then(|| format!("public IP {} is ours", p.public_ip))
+            })
+            .or_else(|| {
+                (p.backend.backend_type() != backend).then(|| {
+                    format!(
+                        "backend {:?} differs from ours ({backend})",
+                        p.backend.backend_type().as_str()
+                    )
+                })
+            });
+        match reason {
+            Some(reason) => skipped.push(Skipped::of(p, reason)),
+            None => peers.push(p),
         }
     }
     (peers, skipped)
+}
+
+/// Reads and selects in one go (for tests and tools).
+pub fn select_leases(
+    leases: &[LeaseView],
+    local: &LocalNode,
+    backend: BackendType,
+) -> (Vec<Peer>, Vec<Skipped>) {
+    let candidates: Vec<Candidate> = leases.iter().map(read).collect();
+    let (peers, skipped) = select(&candidates, local, backend);
+    (peers.into_iter().cloned().collect(), skipped)
 }

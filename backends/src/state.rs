@@ -2,9 +2,11 @@
 //! the kernel has are both a [`NetState`], so reconciling is a diff.
 
 use ipnet::IpNet;
+use rustc_hash::FxHashMap as HashMap;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 use weft_lease::MacAddr;
 
 /// Route protocol number on every route weft installs; routes with any
@@ -15,9 +17,18 @@ pub const WEFT_ROUTE_PROTOCOL: u8 = 87;
 /// Name prefix of the VXLAN devices weft owns (`weft.<VNI>`).
 pub const VXLAN_PREFIX: &str = "weft.";
 
+/// A device name. Shared, because thousands of objects name the same
+/// device and cloning the name must not allocate.
+pub type Dev = Arc<str>;
+
+/// A device name from text.
+pub fn dev(name: &str) -> Dev {
+    Arc::from(name)
+}
+
 /// The name of the VXLAN device for `vni`.
-pub fn vxlan_name(vni: u32) -> String {
-    format!("{VXLAN_PREFIX}{vni}")
+pub fn vxlan_name(vni: u32) -> Dev {
+    dev(&format!("{VXLAN_PREFIX}{vni}"))
 }
 
 /// A VXLAN device: its identity attributes cannot change in place.
@@ -28,7 +39,7 @@ pub struct VxlanLink {
     pub local: IpAddr,
     pub mac: MacAddr,
     /// The underlay device (by name) the tunnel uses.
-    pub underlay: Option<String>,
+    pub underlay: Option<Dev>,
     pub learning: bool,
     pub mtu: u32,
     pub up: bool,
@@ -49,23 +60,25 @@ impl VxlanLink {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RouteTarget {
     pub via: IpAddr,
-    pub dev: String,
+    pub dev: Dev,
     pub onlink: bool,
 }
 
-/// Everything weft owns on a host.
+/// Everything weft owns on a host. Hash maps (FxHash: fast for these small
+/// keys, which come from controller-checked leases, not from strangers): a
+/// pass with thousands of peers builds and compares them, in no order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NetState {
     /// VXLAN devices by name.
-    pub links: BTreeMap<String, VxlanLink>,
+    pub links: BTreeMap<Dev, VxlanLink>,
     /// Addresses on weft's devices: (device, address).
-    pub addresses: BTreeMap<(String, IpNet), ()>,
+    pub addresses: HashMap<(Dev, IpNet), ()>,
     /// Permanent neighbours on weft's devices: (device, IP) -> MAC.
-    pub neighbours: BTreeMap<(String, IpAddr), MacAddr>,
+    pub neighbours: HashMap<(Dev, IpAddr), MacAddr>,
     /// FDB entries on weft's VXLAN devices: (device, MAC) -> remote VTEP.
-    pub fdb: BTreeMap<(String, MacAddr), IpAddr>,
+    pub fdb: HashMap<(Dev, MacAddr), IpAddr>,
     /// Routes with weft's protocol, by destination.
-    pub routes: BTreeMap<IpNet, RouteTarget>,
+    pub routes: HashMap<IpNet, RouteTarget>,
 }
 
 impl NetState {
@@ -84,42 +97,42 @@ impl NetState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     CreateLink {
-        name: String,
+        name: Dev,
         link: VxlanLink,
     },
     DeleteLink {
-        name: String,
+        name: Dev,
     },
     /// MTU or admin state of an existing link.
     UpdateLink {
-        name: String,
+        name: Dev,
         mtu: u32,
         up: bool,
     },
     AddAddress {
-        dev: String,
+        dev: Dev,
         addr: IpNet,
     },
     DelAddress {
-        dev: String,
+        dev: Dev,
         addr: IpNet,
     },
     SetNeighbour {
-        dev: String,
+        dev: Dev,
         ip: IpAddr,
         mac: MacAddr,
     },
     DelNeighbour {
-        dev: String,
+        dev: Dev,
         ip: IpAddr,
     },
     SetFdb {
-        dev: String,
+        dev: Dev,
         mac: MacAddr,
         dst: IpAddr,
     },
     DelFdb {
-        dev: String,
+        dev: Dev,
         mac: MacAddr,
         dst: IpAddr,
     },

@@ -6,7 +6,7 @@
 use crate::backend::Backend;
 use crate::local::{vtep_mac, LocalNode};
 use crate::peer::{Peer, Skipped};
-use crate::state::{vxlan_name, NetState, RouteTarget, VxlanLink};
+use crate::state::{vxlan_name, Dev, NetState, RouteTarget, VxlanLink};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::net::IpAddr;
 use weft_config::{BackendType, VxlanConfig};
@@ -27,7 +27,7 @@ impl Vxlan {
     }
 
     /// The device name, `weft.<VNI>`.
-    pub fn device(&self) -> String {
+    pub fn device(&self) -> Dev {
         vxlan_name(self.cfg.vni)
     }
 }
@@ -50,8 +50,9 @@ impl Backend for Vxlan {
             .unwrap_or(underlay_mtu.saturating_sub(VXLAN_OVERHEAD))
     }
 
-    fn desired(&self, local: &LocalNode, peers: &[Peer]) -> (NetState, Vec<Skipped>) {
+    fn desired(&self, local: &LocalNode, peers: &[&Peer]) -> (NetState, Vec<Skipped>) {
         let dev = self.device();
+        let ext = crate::state::dev(&local.ext.name);
         let mut st = NetState::default();
         st.links.insert(
             dev.clone(),
@@ -60,7 +61,7 @@ impl Backend for Vxlan {
                 port: self.cfg.port,
                 local: IpAddr::V4(local.public_ip),
                 mac: local.vtep_mac,
-                underlay: Some(local.ext.name.clone()),
+                underlay: Some(ext.clone()),
                 learning: false,
                 mtu: self.pod_mtu(local.ext.mtu),
                 up: true,
@@ -88,7 +89,7 @@ impl Backend for Vxlan {
         // A VTEP MAC belongs to one node: FDB entries are keyed by MAC, so a
         // second lease claiming one (a cloned VM, say) would take the first
         // node's traffic. The older lease keeps it.
-        let mut ordered: Vec<&Peer> = peers.iter().collect();
+        let mut ordered: Vec<&Peer> = peers.to_vec();
         ordered.sort_by_key(|p| (p.revision, p.key));
         let mut macs: std::collections::HashMap<weft_lease::MacAddr, String> =
             std::collections::HashMap::new();
@@ -122,7 +123,7 @@ impl Backend for Vxlan {
                     IpNet::V4(p.subnet),
                     RouteTarget {
                         via: IpAddr::V4(p.public_ip),
-                        dev: local.ext.name.clone(),
+                        dev: ext.clone(),
                         onlink: false,
                     },
                 );

@@ -5,10 +5,10 @@ use ipnet::IpNet;
 use serde_json::json;
 use std::net::IpAddr;
 use std::sync::Arc;
-use weft_backends::peer::select;
+use weft_backends::peer::select_leases as select;
 use weft_backends::{
-    diff, for_config, vtep_mac, Backend, Change, Dataplane, ExternalIface, FakeDataplane, HostGw,
-    LocalNode, NetState, Vxlan,
+    dev, diff, for_config, vtep_mac, Backend, Change, Dataplane, ExternalIface, FakeDataplane,
+    HostGw, LocalNode, NetState, Vxlan,
 };
 use weft_config::{BackendType, NetworkConfig, VxlanConfig};
 use weft_lease::api::LeaseView;
@@ -74,7 +74,7 @@ fn vxlan_programs_device_neighbour_fdb_and_onlink_route_per_peer() {
     let (peers, skipped) = select(&leases, &local(), BackendType::Vxlan);
     assert!(skipped.is_empty(), "{skipped:?}");
     assert_eq!(peers.len(), 2, "our own lease is not a peer");
-    let (st, skipped) = vxlan().desired(&local(), &peers);
+    let (st, skipped) = vxlan().desired(&local(), &peers.iter().collect::<Vec<_>>());
     assert!(skipped.is_empty());
     let link = &st.links["weft.1"];
     assert_eq!(
@@ -86,18 +86,18 @@ fn vxlan_programs_device_neighbour_fdb_and_onlink_route_per_peer() {
     assert_eq!(link.underlay.as_deref(), Some("eth0"));
     assert!(st
         .addresses
-        .contains_key(&("weft.1".to_string(), netw("10.244.1.0/32"))));
+        .contains_key(&(dev("weft.1"), netw("10.244.1.0/32"))));
     assert_eq!(
-        st.neighbours[&("weft.1".to_string(), ip("10.244.2.0"))],
+        st.neighbours[&(dev("weft.1"), ip("10.244.2.0"))],
         vtep_mac("host-2")
     );
     assert_eq!(
-        st.fdb[&("weft.1".to_string(), vtep_mac("host-2"))],
+        st.fdb[&(dev("weft.1"), vtep_mac("host-2"))],
         ip("198.18.0.12")
     );
     let r = &st.routes[&netw("10.244.3.0/24")];
     assert_eq!(
-        (r.via, r.dev.as_str(), r.onlink),
+        (r.via, r.dev.as_ref(), r.onlink),
         (ip("10.244.3.0"), "weft.1", true)
     );
     assert_eq!(st.object_count(), 1 + 1 + 2 * 3);
@@ -114,17 +114,15 @@ fn vxlan_direct_routing_uses_plain_routes_on_the_same_l2() {
         lease("10.244.3.0-24", "far", "203.0.113.7", &vx("far")),
     ];
     let (peers, _) = select(&leases, &local(), BackendType::Vxlan);
-    let (st, _) = b.desired(&local(), &peers);
+    let (st, _) = b.desired(&local(), &peers.iter().collect::<Vec<_>>());
     let near = &st.routes[&netw("10.244.2.0/24")];
     assert_eq!(
-        (near.via, near.dev.as_str(), near.onlink),
+        (near.via, near.dev.as_ref(), near.onlink),
         (ip("198.18.0.12"), "eth0", false)
     );
-    assert!(!st
-        .fdb
-        .contains_key(&("weft.1".to_string(), vtep_mac("near"))));
+    assert!(!st.fdb.contains_key(&(dev("weft.1"), vtep_mac("near"))));
     let far = &st.routes[&netw("10.244.3.0/24")];
-    assert_eq!(far.dev, "weft.1");
+    assert_eq!(&*far.dev, "weft.1");
 }
 
 #[test]
@@ -151,7 +149,7 @@ fn vxlan_skips_peers_it_cannot_program() {
         lease("10.244.4.0-24", "good", "198.18.0.14", &vx("good")),
     ];
     let (peers, _) = select(&leases, &local(), BackendType::Vxlan);
-    let (st, skipped) = vxlan().desired(&local(), &peers);
+    let (st, skipped) = vxlan().desired(&local(), &peers.iter().collect::<Vec<_>>());
     let reasons: Vec<&str> = skipped.iter().map(|s| s.reason.as_str()).collect();
     assert_eq!(skipped.len(), 2, "{reasons:?}");
     assert!(reasons[0].contains("VNI 7"), "{reasons:?}");
@@ -204,11 +202,11 @@ fn host_gw_routes_via_public_ips_and_refuses_routed_peers() {
     ];
     let (peers, skipped) = select(&leases, &local(), BackendType::HostGw);
     assert!(skipped.is_empty());
-    let (st, skipped) = HostGw.desired(&local(), &peers);
+    let (st, skipped) = HostGw.desired(&local(), &peers.iter().collect::<Vec<_>>());
     assert!(st.links.is_empty() && st.neighbours.is_empty() && st.fdb.is_empty());
     let r = &st.routes[&netw("10.244.2.0/24")];
     assert_eq!(
-        (r.via, r.dev.as_str(), r.onlink),
+        (r.via, r.dev.as_ref(), r.onlink),
         (ip("198.18.0.12"), "eth0", false)
     );
     assert_eq!(skipped.len(), 1);
@@ -261,7 +259,9 @@ fn desired_with(n: u32) -> NetState {
         })
         .collect();
     let (peers, _) = select(&leases, &local(), BackendType::Vxlan);
-    vxlan().desired(&local(), &peers).0
+    vxlan()
+        .desired(&local(), &peers.iter().collect::<Vec<_>>())
+        .0
 }
 
 #[test]
@@ -294,7 +294,7 @@ fn diff_is_empty_when_in_step_and_orders_changes_like_flannel() {
 fn diff_repairs_tampering_and_removes_departed_peers() {
     let want = desired_with(3);
     let mut have = want.clone();
-    let dev = "weft.1".to_string();
+    let dev = dev("weft.1");
     // A neighbour pointing at the wrong MAC, a route deleted by hand, a peer gone.
     let key = (dev.clone(), ip("10.244.2.0"));
     have.neighbours.insert(key.clone(), vtep_mac("impostor"));
@@ -368,14 +368,14 @@ fn diff_recreates_a_link_whose_identity_changed_and_drops_old_devices() {
         },
     )];
     let (peers, _) = select(&leases, &local(), BackendType::Vxlan);
-    let want2 = b2.desired(&local(), &peers).0;
+    let want2 = b2.desired(&local(), &peers.iter().collect::<Vec<_>>()).0;
     let changes = diff(&want2, &want);
     assert!(changes.contains(&Change::DeleteLink {
         name: "weft.1".into()
     }));
     assert!(!changes
         .iter()
-        .any(|c| matches!(c, Change::DelRoute { target, .. } if target.dev == "weft.1")));
+        .any(|c| matches!(c, Change::DelRoute { target, .. } if &*target.dev == "weft.1")));
 }
 
 #[tokio::test]
@@ -444,7 +444,7 @@ fn a_vtep_mac_claimed_twice_stays_with_the_older_lease() {
     clone.revision = first.revision + 5;
     // Order of the leases does not matter, only their age.
     let (peers, _) = select(&[clone, first], &local(), BackendType::Vxlan);
-    let (st, skipped) = vxlan().desired(&local(), &peers);
+    let (st, skipped) = vxlan().desired(&local(), &peers.iter().collect::<Vec<_>>());
     assert_eq!(skipped.len(), 1);
     assert_eq!(skipped[0].node.as_deref(), Some("clone"));
     assert!(
@@ -453,7 +453,7 @@ fn a_vtep_mac_claimed_twice_stays_with_the_older_lease() {
         skipped[0].reason
     );
     assert_eq!(
-        st.fdb[&("weft.1".to_string(), vtep_mac("host-2"))],
+        st.fdb[&(dev("weft.1"), vtep_mac("host-2"))],
         ip("198.18.0.12")
     );
     assert_eq!(st.routes.len(), 1);

@@ -2,6 +2,7 @@
 //! these figures (recorded in bench/README.md), never by timed assertions.
 
 mod control_plane;
+mod reconcile;
 mod stats;
 
 use clap::{Parser, Subcommand};
@@ -18,11 +19,24 @@ enum Command {
     /// Nodes joining through the controller API on a real etcd, watch
     /// fan-out, and flannel's etcd access pattern as the baseline.
     ControlPlane(control_plane::Args),
+    /// Programming N peers into the kernel, against iproute2's batch mode;
+    /// single changes; the daemon's memory with N peers. Needs root.
+    Reconcile(reconcile::Args),
+    /// (Used by `reconcile`: writes leases into the lab's etcd.)
+    #[command(hide = true)]
+    InjectLeases {
+        #[arg(long)]
+        count: u32,
+        #[arg(long)]
+        skip: Option<String>,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::ControlPlane(args) => control_plane::run(args).await,
+        Command::Reconcile(args) => reconcile::run_bench(args).await,
+        Command::InjectLeases { count, skip } => reconcile::inject(count, skip).await,
     }
 }

@@ -115,8 +115,7 @@ impl BackendData {
         match kind {
             BackendType::Vxlan => {
                 let data = data.ok_or_else(|| invalid("missing (needs VNI and VtepMAC)".into()))?;
-                let d: VxlanData =
-                    serde_json::from_value(data.clone()).map_err(|e| invalid(e.to_string()))?;
+                let d = VxlanData::deserialize(data).map_err(|e| invalid(e.to_string()))?;
                 if d.vni > 0xFF_FFFF {
                     return Err(invalid(format!("VNI {} does not fit in 24 bits", d.vni)));
                 }
@@ -139,8 +138,7 @@ impl BackendData {
             BackendType::Ipsec => {
                 let data =
                     data.ok_or_else(|| invalid("missing (needs PublicKey and KeyEpoch)".into()))?;
-                let d: IpsecData =
-                    serde_json::from_value(data.clone()).map_err(|e| invalid(e.to_string()))?;
+                let d = IpsecData::deserialize(data).map_err(|e| invalid(e.to_string()))?;
                 let raw = base64::engine::general_purpose::STANDARD
                     .decode(d.public_key.as_bytes())
                     .map_err(|e| invalid(format!("PublicKey is not base64: {e}")))?;

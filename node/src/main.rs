@@ -94,7 +94,8 @@ fn options(a: Args) -> anyhow::Result<Options> {
     })
 }
 
-#[tokio::main]
+// One thread is plenty for a node daemon, and keeps its memory small.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()

@@ -10,18 +10,19 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use weft_lease::api::{LeaseView, WatchKind};
+use weft_backends::peer::{read, Candidate};
+use weft_lease::api::WatchKind;
 use weft_lease::client::ControllerClient;
 use weft_lease::SubnetKey;
 
-/// All leases as last seen.
+/// All leases as last seen, each read and checked once on arrival.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PeerTable {
     /// Whether a full list has been loaded; until then nothing is
     /// reconciled (a restart must not remove routes it has not seen yet).
     pub synced: bool,
     pub revision: i64,
-    pub leases: BTreeMap<SubnetKey, LeaseView>,
+    pub leases: BTreeMap<SubnetKey, Candidate>,
 }
 
 /// Follows the controller's leases into `tx`, forever.
@@ -39,7 +40,7 @@ pub async fn follow(
             let t = Arc::make_mut(t);
             t.synced = true;
             t.revision = list.revision;
-            t.leases = list.leases.into_iter().map(|l| (l.key, l)).collect();
+            t.leases = list.leases.iter().map(|l| (l.key, read(l))).collect();
         });
         tracing::info!(leases = n, revision = list.revision, "lease list loaded");
         let mut from = list.revision + 1;
@@ -86,7 +87,7 @@ pub async fn follow(
                             let t = Arc::make_mut(t);
                             t.revision = t.revision.max(line.revision);
                             if put {
-                                t.leases.insert(lease.key, lease);
+                                t.leases.insert(lease.key, read(&lease));
                             } else {
                                 t.leases.remove(&lease.key);
                             }

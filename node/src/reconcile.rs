@@ -2,6 +2,14 @@
 //! observed = dataplane.observe(); apply(diff). It runs whenever the leases
 //! or the local node change and on a periodic resync, so anything deleted
 //! by hand comes back by itself.
+//!
+//! Desired state is computed from scratch on every pass. What the kernel
+//! has is observed in full on the periodic resync, on the first pass and
+//! after any failure; a pass woken by a lease change diffs against what the
+//! previous pass left instead (its observation plus the changes it applied).
+//! Reading 15,000 objects back from the kernel takes ~17 ms, far more than
+//! applying one peer's three; anything changed behind weft's back is still
+//! repaired by the next resync.
 
 use crate::peers::PeerTable;
 use crate::status::Status;
@@ -22,6 +30,15 @@ pub struct Outcome {
     pub errors: Vec<String>,
 }
 
+/// How a pass learns what the kernel has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Observe the kernel (the periodic resync).
+    Full,
+    /// Use what the previous pass left; a full pass if that is unknown.
+    Event,
+}
+
 /// The reconcile loop's state.
 pub struct Reconciler {
     dataplane: Arc<dyn Dataplane>,
@@ -29,6 +46,8 @@ pub struct Reconciler {
     status: Arc<Status>,
     last_skipped: BTreeSet<String>,
     last_errors: BTreeSet<String>,
+    /// The kernel's state as the last pass left it; `None` after a failure.
+    known: Option<weft_backends::NetState>,
     /// Milliseconds since `origin` of the last completed pass, for the
     /// systemd watchdog.
     pub heartbeat: Arc<AtomicU64>,
@@ -55,13 +74,19 @@ impl Reconciler {
             status,
             last_skipped: BTreeSet::new(),
             last_errors: BTreeSet::new(),
+            known: None,
             heartbeat: Arc::new(AtomicU64::new(0)),
             origin: Instant::now(),
         }
     }
 
-    /// One pass: from scratch, whatever woke us.
+    /// One full pass: the kernel observed, whatever woke us.
     pub async fn reconcile_once(&mut self, local: &LocalNode, table: &PeerTable) -> Outcome {
+        self.reconcile(local, table, Pass::Full).await
+    }
+
+    /// One pass of the given kind.
+    pub async fn reconcile(&mut self, local: &LocalNode, table: &PeerTable, pass: Pass) -> Outcome {
         let started = Instant::now();
         let (peers, mut skipped) =
             select(table.leases.values(), local, self.backend.backend_type());
@@ -85,7 +110,11 @@ impl Reconciler {
             skipped,
             ..Outcome::default()
         };
-        match self.dataplane.observe().await {
+        let have = match (pass, self.known.take()) {
+            (Pass::Event, Some(known)) => Ok(known),
+            _ => self.dataplane.observe().await,
+        };
+        match have {
             Err(e) => outcome.errors.push(e.to_string()),
             Ok(have) => {
                 let changes = diff(&want, &have);
@@ -96,6 +125,9 @@ impl Reconciler {
                 let errors = self.dataplane.apply(&changes).await;
                 outcome.changes -= errors.len();
                 outcome.errors = errors.iter().map(|e| e.to_string()).collect();
+                if errors.is_empty() {
+                    self.known = Some(want);
+                }
             }
         }
         self.report(&outcome, started.elapsed());
@@ -156,17 +188,24 @@ impl Reconciler {
         mut peers: watch::Receiver<Arc<PeerTable>>,
         resync: Duration,
     ) {
+        // The resync runs on its own clock: a steady stream of lease
+        // changes must not postpone it.
+        let mut next_full = tokio::time::Instant::now();
+        let mut pass = Pass::Full;
         loop {
             let l = local.borrow_and_update().clone();
             let t = peers.borrow_and_update().clone();
+            if pass == Pass::Full {
+                next_full = tokio::time::Instant::now() + resync;
+            }
             if let Some(l) = l.filter(|_| t.synced) {
-                self.reconcile_once(&l, &t).await;
+                self.reconcile(&l, &t, pass).await;
             }
-            tokio::select! {
-                r = local.changed() => if r.is_err() { return },
-                r = peers.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep(resync) => {}
-            }
+            pass = tokio::select! {
+                r = local.changed() => { if r.is_err() { return } Pass::Full }
+                r = peers.changed() => { if r.is_err() { return } Pass::Event }
+                _ = tokio::time::sleep_until(next_full) => Pass::Full,
+            };
         }
     }
 }

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+use weft_backends::peer::read;
 use weft_backends::{vtep_mac, Dataplane, ExternalIface, FakeDataplane, LocalNode, Vxlan};
 use weft_config::{NetworkConfig, VxlanConfig};
 use weft_lease::api::LeaseView;
@@ -51,7 +52,11 @@ fn table(ids: &[u32]) -> Arc<PeerTable> {
     Arc::new(PeerTable {
         synced: true,
         revision: 1,
-        leases: ids.iter().map(|i| lease(*i)).map(|l| (l.key, l)).collect(),
+        leases: ids
+            .iter()
+            .map(|i| lease(*i))
+            .map(|l| (l.key, read(&l)))
+            .collect(),
     })
 }
 
@@ -187,7 +192,7 @@ async fn bad_leases_are_skipped_and_listed() {
     let mut bad = lease(5);
     bad.backend_data = Some(serde_json::json!({"garbage": true}));
     let mut t = (*table(&[2])).clone();
-    t.leases.insert(bad.key, bad);
+    t.leases.insert(bad.key, read(&bad));
     s.local.send_replace(Some(local("10.244.1.0-24")));
     s.peers.send_replace(Arc::new(t));
     settle().await;
@@ -203,4 +208,73 @@ async fn bad_leases_are_skipped_and_listed() {
         .status
         .metrics_text()
         .contains("weft_node_skipped_peers 1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn lease_changes_reuse_the_last_observation_and_the_resync_reads_the_kernel() {
+    let s = start(Duration::from_secs(10));
+    s.local.send_replace(Some(local("10.244.1.0-24")));
+    s.peers.send_replace(table(&[2]));
+    settle().await;
+    let first = s.fake.observations();
+    assert_eq!(first, 1, "the first pass observes");
+    s.peers.send_replace(table(&[2, 3]));
+    settle().await;
+    s.peers.send_replace(table(&[2, 3, 4]));
+    settle().await;
+    assert_eq!(
+        s.fake.observations(),
+        first,
+        "lease changes do not read the kernel back"
+    );
+    assert_eq!(s.fake.observe().await.unwrap().routes.len(), 3);
+    let before = s.fake.observations();
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    settle().await;
+    assert_eq!(s.fake.observations(), before + 1, "the resync observes");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_steady_stream_of_changes_does_not_postpone_the_repair() {
+    let s = start(Duration::from_secs(10));
+    s.local.send_replace(Some(local("10.244.1.0-24")));
+    s.peers.send_replace(table(&[2, 3]));
+    settle().await;
+    s.fake.tamper(|st| st.routes.clear());
+    // A lease change every second, for 15 seconds.
+    for k in 0..15u32 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let ids: Vec<u32> = if k % 2 == 0 {
+            vec![2, 3, 4]
+        } else {
+            vec![2, 3]
+        };
+        s.peers.send_replace(table(&ids));
+        settle().await;
+    }
+    let st = s.fake.observe().await.unwrap();
+    assert!(
+        st.routes.contains_key(&"10.244.2.0/24".parse().unwrap()),
+        "repaired within the resync interval: {:?}",
+        st.routes
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_failure_the_next_pass_reads_the_kernel() {
+    let s = start(Duration::from_secs(3600));
+    s.fake.fail_changes_containing("10.244.3.0/24");
+    s.local.send_replace(Some(local("10.244.1.0-24")));
+    s.peers.send_replace(table(&[2, 3]));
+    settle().await;
+    let n = s.fake.observations();
+    s.fake.heal();
+    s.peers.send_replace(table(&[2, 3, 4]));
+    settle().await;
+    assert_eq!(s.fake.observations(), n + 1, "a pass after errors observes");
+    assert_eq!(
+        s.fake.observe().await.unwrap().routes.len(),
+        3,
+        "and repairs what failed"
+    );
 }

@@ -50,6 +50,8 @@ pub struct LabConfig {
     pub detached: bool,
     /// Seconds between the nodes' reconcile passes.
     pub resync: u32,
+    /// The network config; default `10.244.0.0/16` with the backend.
+    pub network: Option<String>,
 }
 
 impl LabConfig {
@@ -69,6 +71,7 @@ impl LabConfig {
             pods_per_host: 1,
             detached: false,
             resync: 2,
+            network: None,
         }
     }
 }
@@ -110,6 +113,8 @@ pub struct LabState {
     pub ip_masq: bool,
     pub pods_per_host: u32,
     pub resync: u32,
+    #[serde(default)]
+    pub network: Option<String>,
     pub fabric: String,
     pub outside: String,
     pub hosts: Vec<HostState>,
@@ -193,6 +198,7 @@ impl Lab {
                 ip_masq: cfg.ip_masq,
                 pods_per_host: cfg.pods_per_host,
                 resync: cfg.resync,
+                network: cfg.network.clone(),
                 fabric: n("fab"),
                 outside: n("out"),
                 hosts: Vec::new(),
@@ -301,10 +307,12 @@ impl Lab {
         self.wait_for(Duration::from_secs(30), "the controller to answer", || {
             Ok(http_get(&fab, "127.0.0.1:7070", "/healthz").is_ok())
         })?;
-        let config = format!(
-            r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{}"}}}}"#,
-            self.state.backend
-        );
+        let config = self.state.network.clone().unwrap_or_else(|| {
+            format!(
+                r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{}"}}}}"#,
+                self.state.backend
+            )
+        });
         self.wait_for(
             Duration::from_secs(30),
             "the controller to take the network config",
@@ -710,6 +718,11 @@ impl Lab {
             }
         }
         bad
+    }
+
+    /// The process id of a lab process (e.g. `node-1`).
+    pub fn pid(&self, what: &str) -> Result<u32> {
+        Ok(self.proc(what)?.pid)
     }
 
     /// Waits until every node is ready with every other host as a peer and

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 use std::sync::Arc;
-use weft_backends::peer::select;
+use weft_backends::peer::select_leases as select;
 use weft_backends::{
     diff, vtep_mac, Backend, Dataplane, ExternalIface, HostGw, LocalNode, NetlinkDataplane, Vxlan,
 };
@@ -83,7 +83,7 @@ async fn reconcile(
 ) -> usize {
     let (peers, skipped) = select(leases, local, backend.backend_type());
     assert!(skipped.is_empty(), "{skipped:?}");
-    let (want, skipped) = backend.desired(local, &peers);
+    let (want, skipped) = backend.desired(local, &peers.iter().collect::<Vec<_>>());
     assert!(skipped.is_empty(), "{skipped:?}");
     let changes = diff(&want, &dp.observe().await.unwrap());
     let errors = dp.apply(&changes).await;

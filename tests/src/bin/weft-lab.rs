@@ -167,6 +167,7 @@ fn run(cli: Cli) -> Result<bool> {
                 pods_per_host: pods,
                 detached: true,
                 resync: 5,
+                network: None,
             };
             let lab = Lab::up(cfg)?;
             print!("{}", status(&lab));
