@@ -2,6 +2,8 @@
 //! these figures (recorded in bench/README.md), never by timed assertions.
 
 mod control_plane;
+mod convergence;
+mod dataplane;
 mod reconcile;
 mod stats;
 
@@ -22,6 +24,12 @@ enum Command {
     /// Programming N peers into the kernel, against iproute2's batch mode;
     /// single changes; the daemon's memory with N peers. Needs root.
     Reconcile(reconcile::Args),
+    /// iperf3 pod to pod over weft vxlan, flannel's hand-made vxlan, weft
+    /// host-gw and a direct veth pair. Needs root.
+    Dataplane(dataplane::Args),
+    /// Time from a new host's lease until every other host has programmed
+    /// it, in a lab of 20 hosts. Needs root.
+    Convergence(convergence::Args),
     /// (Used by `reconcile`: writes leases into the lab's etcd.)
     #[command(hide = true)]
     InjectLeases {
@@ -37,6 +45,12 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::ControlPlane(args) => control_plane::run(args).await,
         Command::Reconcile(args) => reconcile::run_bench(args).await,
+        Command::Convergence(args) => {
+            tokio::task::spawn_blocking(move || convergence::run_bench(args)).await?
+        }
+        Command::Dataplane(args) => {
+            tokio::task::spawn_blocking(move || dataplane::run_bench(args)).await?
+        }
         Command::InjectLeases { count, skip } => reconcile::inject(count, skip).await,
     }
 }
