@@ -388,43 +388,41 @@ fn neigh_addr(ip: IpAddr) -> NeighbourAddress {
     }
 }
 
+/// The options every weft route carries, whatever its family.
+fn finish_route<T>(b: RouteMessageBuilder<T>, target: &RouteTarget, oif: u32) -> RouteMessage {
+    let mut b = b.protocol(RouteProtocol::Other(WEFT_ROUTE_PROTOCOL));
+    if oif != 0 {
+        b = b.output_interface(oif);
+    }
+    if target.onlink {
+        b = b.onlink();
+    }
+    b.build()
+}
+
 fn route_message(dst: &IpNet, target: &RouteTarget, oif: u32) -> Result<RouteMessage, String> {
-    let proto = RouteProtocol::Other(WEFT_ROUTE_PROTOCOL);
-    let msg = match (dst, target.via) {
-        (IpNet::V4(d), IpAddr::V4(via)) => {
-            let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+    Ok(match (dst, target.via) {
+        (IpNet::V4(d), IpAddr::V4(via)) => finish_route(
+            RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(d.network(), d.prefix_len())
-                .gateway(via)
-                .protocol(proto);
-            if oif != 0 {
-                b = b.output_interface(oif);
-            }
-            if target.onlink {
-                b = b.onlink();
-            }
-            b.build()
-        }
-        (IpNet::V6(d), IpAddr::V6(via)) => {
-            let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+                .gateway(via),
+            target,
+            oif,
+        ),
+        (IpNet::V6(d), IpAddr::V6(via)) => finish_route(
+            RouteMessageBuilder::<Ipv6Addr>::new()
                 .destination_prefix(d.network(), d.prefix_len())
-                .gateway(via)
-                .protocol(proto);
-            if oif != 0 {
-                b = b.output_interface(oif);
-            }
-            if target.onlink {
-                b = b.onlink();
-            }
-            b.build()
-        }
+                .gateway(via),
+            target,
+            oif,
+        ),
         _ => {
             return Err(format!(
                 "route {dst} via {}: mixed address families",
                 target.via
             ))
         }
-    };
-    Ok(msg)
+    })
 }
 
 fn link_name(l: &LinkMessage) -> Option<String> {
