@@ -164,3 +164,48 @@ fn systemd_hears_ready_and_the_watchdog() {
     assert!(lab.host_ip(1, &["link", "show", "weft.1"]).is_ok());
     assert!(lab.unreachable_pairs().is_empty());
 }
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn renewals_keep_short_leases_alive_and_a_lost_lease_is_taken_again() {
+    weft_tests::netns::require_root();
+    let mut cfg = LabConfig::for_test(2, "vxlan");
+    cfg.network = Some(r#"{"Network":"10.244.0.0/16","LeaseTTL":"6s"}"#.into());
+    let lab = Lab::up(cfg).unwrap_or_else(|e| panic!("{e:#}"));
+    let subnet = lab.host(1).unwrap().subnet.unwrap().to_string();
+    // Three TTLs go by: the nodes renew (every 2 s) and nothing expires.
+    std::thread::sleep(Duration::from_secs(18));
+    let list: serde_json::Value =
+        serde_json::from_str(&lab.weftctl(&["leases", "list", "-o", "json"]).unwrap()).unwrap();
+    let leases = list["leases"].as_array().unwrap();
+    assert_eq!(leases.len(), 2, "{list}");
+    assert!(leases
+        .iter()
+        .all(|l| l["ttl_seconds"].as_u64().unwrap() <= 6));
+    // Released under a running node: it notices at its next renewal and
+    // takes its subnet again.
+    lab.weftctl(&["lease", "release", "host-1"]).unwrap();
+    lab.wait_for(
+        Duration::from_secs(15),
+        "host 1 to hold its subnet again",
+        || {
+            let l: serde_json::Value =
+                serde_json::from_str(&lab.weftctl(&["leases", "list", "-o", "json"])?)?;
+            Ok(l["leases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|l| l["node_name"] == "host-1" && l["subnet"] == subnet.as_str()))
+        },
+    )
+    .unwrap();
+    let log = lab.log_tail("node-1", 30);
+    assert!(log.contains("our lease is gone"), "{log}");
+    lab.wait_converged(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let (_, metrics) = http_get(&lab.host(2).unwrap().ns, "127.0.0.1:9680", "/metrics").unwrap();
+    assert!(
+        metrics.contains(r#"weft_node_lease_renewals_total{result="ok"}"#),
+        "{metrics}"
+    );
+}
