@@ -74,8 +74,8 @@ fn bad_leases_in_the_store_are_skipped_and_everything_else_keeps_working() {
         "/weft/network/subnets/10.244.252.0-24",
         "{not json at all",
     ]);
-    lab.wait_for(
-        Duration::from_secs(15),
+    let waited = lab.wait_for(
+        Duration::from_secs(30),
         "both nodes to skip the two bad leases",
         || {
             Ok([1, 2].iter().all(|h| {
@@ -84,8 +84,17 @@ fn bad_leases_in_the_store_are_skipped_and_everything_else_keeps_working() {
                     .unwrap_or(false)
             }))
         },
-    )
-    .unwrap();
+    );
+    if let Err(e) = waited {
+        let statuses: Vec<String> = [1, 2]
+            .iter()
+            .map(|h| format!("{:?}", lab.node_status(*h)))
+            .collect();
+        let leases = lab
+            .weftctl(&["leases", "list", "-o", "json"])
+            .unwrap_or_default();
+        panic!("{e:#}\nnode statuses: {statuses:#?}\nleases: {leases}");
+    }
     let s1 = lab.node_status(1).unwrap();
     let s2 = lab.node_status(2).unwrap();
     let text = format!("{s1}{s2}");
