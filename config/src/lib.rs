@@ -24,9 +24,11 @@ mod error;
 mod fields;
 mod network;
 mod pool;
+mod subnet_env;
 
 pub use backend::{BackendConfig, BackendType, IpsecConfig, VxlanConfig};
 pub use duration::{format_duration, parse_duration};
 pub use error::ConfigError;
 pub use network::{NetworkConfig, DEFAULT_LEASE_TTL};
 pub use pool::{Ipv4Pool, Ipv6Pool, SubnetPool};
+pub use subnet_env::SubnetEnv;

@@ -8,7 +8,7 @@ use crate::peers::{self, PeerTable};
 use crate::reconcile::Reconciler;
 use crate::retry::{until_ok, Backoff};
 use crate::status::Status;
-use crate::subnet_env::SubnetEnv;
+use crate::subnet_env::{self, SubnetEnv};
 use crate::{health, masq, system};
 use anyhow::{anyhow, Context, Result};
 use std::future::Future;
@@ -74,8 +74,8 @@ impl Keeper {
             );
         }
         let mtu = self.backend.pod_mtu(self.ext.mtu);
-        let env = SubnetEnv::new(&network, &key, mtu, self.opts.ip_masq);
-        env.write(&self.opts.subnet_file)
+        let env = SubnetEnv::new(&network, key.ipv4(), key.ipv6(), mtu, self.opts.ip_masq);
+        subnet_env::write(&env, &self.opts.subnet_file)
             .with_context(|| format!("writing {}", self.opts.subnet_file.display()))?;
         if self.opts.ip_masq {
             let rules = masq::ruleset(
@@ -246,8 +246,8 @@ async fn start(opts: Options, status: Arc<Status>, tasks: &mut JoinSet<()>) -> R
     .map_err(|e| anyhow!(e))?;
     tracing::info!(iface = %chosen.ext.name, public_ip = %chosen.public_ip, mtu = chosen.ext.mtu, "external interface");
 
-    let previous = match SubnetEnv::read(&opts.subnet_file) {
-        Ok(env) => env.and_then(|e| e.subnet_key()),
+    let previous = match subnet_env::read(&opts.subnet_file) {
+        Ok(env) => env.as_ref().and_then(subnet_env::key),
         Err(e) => {
             tracing::warn!("ignoring {e}");
             None

@@ -1,218 +1,76 @@
-//! `subnet.env`, with flannel's variable names so that flannel's CNI plugin
-//! (and anything else that reads it) works unchanged.
+//! Reading and writing `subnet.env` (the format is `weft_config::SubnetEnv`).
 
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::io::Write;
 use std::path::Path;
-use weft_config::NetworkConfig;
+pub use weft_config::SubnetEnv;
 use weft_lease::SubnetKey;
 
-/// What subnet.env says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubnetEnv {
-    pub network: Option<Ipv4Net>,
-    /// The node subnet's first address with its prefix (`10.244.3.1/24`).
-    pub subnet: Option<Ipv4Net>,
-    pub ipv6_network: Option<Ipv6Net>,
-    pub ipv6_subnet: Option<Ipv6Net>,
-    pub mtu: u32,
-    pub ip_masq: bool,
+/// The subnet(s) the file names, to ask for the same lease again.
+pub fn key(env: &SubnetEnv) -> Option<SubnetKey> {
+    let (v4, v6) = env.subnets();
+    SubnetKey::new(v4, v6).ok()
 }
 
-fn first_host(n: IpNet) -> IpNet {
-    let next = match n.network() {
-        std::net::IpAddr::V4(a) => std::net::IpAddr::V4((u32::from(a) + 1).into()),
-        std::net::IpAddr::V6(a) => std::net::IpAddr::V6((u128::from(a) + 1).into()),
-    };
-    IpNet::new(next, n.prefix_len()).expect("same prefix length")
+/// Reads the file; `Ok(None)` if it does not exist.
+pub fn read(path: &Path) -> Result<Option<SubnetEnv>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => SubnetEnv::parse(&text)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
 }
 
-impl SubnetEnv {
-    /// The file for a lease.
-    pub fn new(network: &NetworkConfig, subnet: &SubnetKey, mtu: u32, ip_masq: bool) -> Self {
-        let first4 = subnet.ipv4().map(|n| match first_host(IpNet::V4(n)) {
-            IpNet::V4(v) => v,
-            IpNet::V6(_) => unreachable!(),
-        });
-        let first6 = subnet.ipv6().map(|n| match first_host(IpNet::V6(n)) {
-            IpNet::V6(v) => v,
-            IpNet::V4(_) => unreachable!(),
-        });
-        SubnetEnv {
-            network: network.ipv4.as_ref().map(|p| p.network()),
-            subnet: first4,
-            ipv6_network: network.ipv6.as_ref().map(|p| p.network()),
-            ipv6_subnet: first6,
-            mtu,
-            ip_masq,
-        }
+/// Writes the file atomically: readers see the old or the new file, never
+/// half of one (temporary file in the same directory, fsync, rename).
+pub fn write(env: &SubnetEnv, path: &Path) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("subnet.env"),
+        std::process::id()
+    ));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(env.render().as_bytes())?;
+        f.sync_all()?;
     }
-
-    /// The text, in flannel's order.
-    pub fn render(&self) -> String {
-        let mut s = String::new();
-        if let (Some(n), Some(sub)) = (self.network, self.subnet) {
-            s.push_str(&format!("FLANNEL_NETWORK={n}\nFLANNEL_SUBNET={sub}\n"));
-        }
-        if let (Some(n), Some(sub)) = (self.ipv6_network, self.ipv6_subnet) {
-            s.push_str(&format!(
-                "FLANNEL_IPV6_NETWORK={n}\nFLANNEL_IPV6_SUBNET={sub}\n"
-            ));
-        }
-        s.push_str(&format!(
-            "FLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
-            self.mtu, self.ip_masq
-        ));
-        s
+    std::fs::rename(&tmp, path)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
     }
-
-    /// Reads subnet.env text; unknown variables are ignored, bad values are
-    /// an error naming the variable.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let mut env = SubnetEnv {
-            network: None,
-            subnet: None,
-            ipv6_network: None,
-            ipv6_subnet: None,
-            mtu: 0,
-            ip_masq: false,
-        };
-        for line in text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        {
-            let (k, v) = line
-                .split_once('=')
-                .ok_or_else(|| format!("line {line:?} is not KEY=VALUE"))?;
-            let v = v.trim().trim_matches('"');
-            let bad = |what: &str| format!("{k}={v:?} is not {what}");
-            match k.trim() {
-                "FLANNEL_NETWORK" => {
-                    env.network = Some(v.parse().map_err(|_| bad("an IPv4 CIDR"))?)
-                }
-                "FLANNEL_SUBNET" => env.subnet = Some(v.parse().map_err(|_| bad("an IPv4 CIDR"))?),
-                "FLANNEL_IPV6_NETWORK" => {
-                    env.ipv6_network = Some(v.parse().map_err(|_| bad("an IPv6 CIDR"))?)
-                }
-                "FLANNEL_IPV6_SUBNET" => {
-                    env.ipv6_subnet = Some(v.parse().map_err(|_| bad("an IPv6 CIDR"))?)
-                }
-                "FLANNEL_MTU" => env.mtu = v.parse().map_err(|_| bad("a number"))?,
-                "FLANNEL_IPMASQ" => env.ip_masq = v.parse().map_err(|_| bad("true or false"))?,
-                _ => {}
-            }
-        }
-        Ok(env)
-    }
-
-    /// The subnet(s) the file names, to ask for the same lease again.
-    pub fn subnet_key(&self) -> Option<SubnetKey> {
-        SubnetKey::new(
-            self.subnet.map(|n| n.trunc()),
-            self.ipv6_subnet.map(|n| n.trunc()),
-        )
-        .ok()
-    }
-
-    /// Reads the file; `Ok(None)` if it does not exist.
-    pub fn read(path: &Path) -> Result<Option<Self>, String> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => Self::parse(&text)
-                .map(Some)
-                .map_err(|e| format!("{}: {e}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("{}: {e}", path.display())),
-        }
-    }
-
-    /// Writes the file atomically: readers see the old or the new file,
-    /// never half of one (temporary file in the same directory, fsync,
-    /// rename).
-    pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!(
-            ".{}.tmp-{}",
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("subnet.env"),
-            std::process::id()
-        ));
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(self.render().as_bytes())?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn renders_flannel_format_and_round_trips() {
-        let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
-        let env = SubnetEnv::new(&cfg, &"10.244.3.0-24".parse().unwrap(), 1450, true);
-        assert_eq!(
-            env.render(),
-            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
-        );
-        assert_eq!(SubnetEnv::parse(&env.render()).unwrap(), env);
-        assert_eq!(env.subnet_key().unwrap().to_string(), "10.244.3.0-24");
-    }
-
-    #[test]
-    fn dual_stack_variables() {
-        let cfg = NetworkConfig::parse(
-            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd77::/48"}"#,
-        )
-        .unwrap();
-        let env = SubnetEnv::new(
-            &cfg,
-            &"10.244.3.0-24&fd77:0:0:3::-64".parse().unwrap(),
-            1450,
-            false,
-        );
-        let text = env.render();
-        assert!(
-            text.contains("FLANNEL_IPV6_NETWORK=fd77::/48\nFLANNEL_IPV6_SUBNET=fd77:0:0:3::1/64\n"),
-            "{text}"
-        );
-        assert_eq!(
-            SubnetEnv::parse(&text).unwrap().subnet_key(),
-            Some("10.244.3.0-24&fd77:0:0:3::-64".parse().unwrap())
-        );
-    }
-
-    #[test]
-    fn reads_what_flannel_wrote_and_rejects_garbage() {
-        let flannel = "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.34.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n";
-        let env = SubnetEnv::parse(flannel).unwrap();
-        assert_eq!(env.subnet_key().unwrap().to_string(), "10.5.34.0-24");
-        let e = SubnetEnv::parse("FLANNEL_SUBNET=banana\n").unwrap_err();
-        assert!(e.contains("FLANNEL_SUBNET"), "{e}");
-        assert!(SubnetEnv::parse("just words").is_err());
-    }
+    use weft_config::NetworkConfig;
 
     #[test]
     fn atomic_write_and_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/weft/subnet.env");
-        assert_eq!(SubnetEnv::read(&path).unwrap(), None);
+        assert_eq!(read(&path).unwrap(), None);
         let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
-        let env = SubnetEnv::new(&cfg, &"10.244.9.0-24".parse().unwrap(), 1500, false);
-        env.write(&path).unwrap();
-        assert_eq!(SubnetEnv::read(&path).unwrap(), Some(env));
+        let env = SubnetEnv::new(
+            &cfg,
+            Some("10.244.9.0/24".parse().unwrap()),
+            None,
+            1500,
+            false,
+        );
+        write(&env, &path).unwrap();
+        let back = read(&path).unwrap().unwrap();
+        assert_eq!(back, env);
+        assert_eq!(key(&back).unwrap().to_string(), "10.244.9.0-24");
         let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap())
             .unwrap()
             .flatten()

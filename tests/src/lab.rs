@@ -523,11 +523,7 @@ impl Lab {
         let env = self.wait_for_value(
             Duration::from_secs(30),
             &format!("host-{i} to get a lease"),
-            || {
-                Ok(weft_node::subnet_env::SubnetEnv::read(&env_path)
-                    .ok()
-                    .flatten())
-            },
+            || Ok(weft_node::subnet_env::read(&env_path).ok().flatten()),
         )?;
         let subnet = env.subnet.context("subnet.env without FLANNEL_SUBNET")?;
         let h = self.host_mut(i)?;
