@@ -12,6 +12,7 @@
 //! message saying what to install; they are never skipped silently.
 
 pub mod bins;
+pub mod cni;
 pub mod controller;
 pub mod etcd;
 pub mod etcdctl;

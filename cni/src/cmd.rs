@@ -1,0 +1,439 @@
+//! The CNI commands.
+
+use crate::ipam::{IpamError, Range, Store};
+use crate::net::{host_veth_name, NetError, Netlink};
+use crate::spec::{Attachment, CniError, CniResult, Code, Interface, IpConfig, NetConf, Route};
+use ipnet::Ipv4Net;
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use weft_config::SubnetEnv;
+
+/// The `CNI_*` environment of one call.
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    pub container_id: String,
+    pub netns: String,
+    pub ifname: String,
+}
+
+impl Env {
+    /// Reads and checks the variables `command` needs.
+    pub fn read(command: &str, get: impl Fn(&str) -> Option<String>) -> Result<Env, CniError> {
+        let need = |k: &str| -> Result<String, CniError> {
+            get(k)
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| CniError::new(Code::InvalidEnv, format!("{k} is not set")))
+        };
+        let container_id = need("CNI_CONTAINERID")?;
+        if container_id.chars().any(|c| c.is_control() || c == '/') {
+            return Err(CniError::new(
+                Code::InvalidEnv,
+                "CNI_CONTAINERID contains '/' or control characters",
+            ));
+        }
+        let ifname = need("CNI_IFNAME")?;
+        if ifname.len() > 15 {
+            return Err(CniError::new(
+                Code::InvalidEnv,
+                format!(
+                    "CNI_IFNAME {ifname:?} is {} bytes long; interface names have at most 15",
+                    ifname.len()
+                ),
+            ));
+        }
+        if ifname == "."
+            || ifname == ".."
+            || ifname
+                .chars()
+                .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+        {
+            return Err(CniError::new(
+                Code::InvalidEnv,
+                format!("CNI_IFNAME {ifname:?} is not a valid interface name"),
+            ));
+        }
+        // DEL may come after the namespace is gone, without CNI_NETNS.
+        let netns = if command == "DEL" {
+            get("CNI_NETNS").unwrap_or_default()
+        } else {
+            need("CNI_NETNS")?
+        };
+        Ok(Env {
+            container_id,
+            netns,
+            ifname,
+        })
+    }
+}
+
+fn io(e: impl std::fmt::Display) -> CniError {
+    CniError::new(Code::Io, e.to_string())
+}
+
+impl From<NetError> for CniError {
+    fn from(e: NetError) -> Self {
+        CniError::new(Code::Io, e.to_string())
+    }
+}
+
+impl From<IpamError> for CniError {
+    fn from(e: IpamError) -> Self {
+        match e {
+            IpamError::Exhausted { .. } => CniError::new(Code::NoFreeAddress, e.to_string()),
+            IpamError::Io { .. } => CniError::new(Code::Io, e.to_string()),
+        }
+    }
+}
+
+/// The node's lease as weft-node wrote it.
+fn subnet_env(path: &Path) -> Result<(SubnetEnv, Ipv4Net), CniError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let why = if e.kind() == std::io::ErrorKind::NotFound {
+            "not found: is weft-node running on this host?".to_string()
+        } else {
+            e.to_string()
+        };
+        CniError::new(
+            Code::TryAgainLater,
+            format!("subnet file {}: {why}", path.display()),
+        )
+    })?;
+    let env = SubnetEnv::parse(&text).map_err(|e| {
+        CniError::new(
+            Code::TryAgainLater,
+            format!("subnet file {}: {e}", path.display()),
+        )
+    })?;
+    let subnet = env.subnet.ok_or_else(|| {
+        CniError::new(
+            Code::TryAgainLater,
+            format!("subnet file {} has no FLANNEL_SUBNET", path.display()),
+        )
+    })?;
+    Ok((env, subnet))
+}
+
+fn open_netns(path: &str) -> Result<File, CniError> {
+    File::open(path).map_err(|e| {
+        CniError::new(
+            Code::UnknownContainer,
+            format!("network namespace {path}: {e}"),
+        )
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CniError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io)
+}
+
+/// ADD: attach the container.
+pub fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
+    let (senv, subnet) = subnet_env(&conf.subnet_file)?;
+    let range = Range::of(subnet);
+    let mtu = conf
+        .mtu
+        .filter(|m| *m > 0)
+        .unwrap_or(if senv.mtu > 0 { senv.mtu } else { 1500 });
+    let ns = open_netns(&env.netns)?;
+    let mut result = match &conf.prev_result {
+        Some(p) => CniResult::from_json(p)?,
+        None => CniResult::default(),
+    };
+    runtime()?.block_on(async {
+        let host = Netlink::here()?;
+        let cont = Netlink::in_ns(&ns)?;
+        if cont.link(&env.ifname).await?.is_some() {
+            return Err(CniError::new(
+                Code::InterfaceExists,
+                format!("interface {} already exists in the container", env.ifname),
+            ));
+        }
+        let ip = Store::open(&conf.data_dir, &conf.name)?.allocate(
+            &range,
+            &env.container_id,
+            &env.ifname,
+        )?;
+        let hv = host_veth_name(&env.container_id, &env.ifname);
+        let made = async {
+            let gateway = Ipv4Net::new(range.gateway, subnet.prefix_len()).map_err(io)?;
+            let bridge = host
+                .ensure_bridge(&conf.bridge, gateway, senv.network, mtu)
+                .await?;
+            // A leftover of an ADD that crashed halfway.
+            host.delete(&hv).await?;
+            let tmp = format!("wtmp{}", &hv[4..]);
+            let hl = host
+                .add_veth(&hv, &tmp, &ns, mtu, bridge.index, conf.hairpin_mode)
+                .await?;
+            let routes: Vec<(Ipv4Net, Ipv4Addr)> = if conf.is_default_gateway {
+                vec![(Ipv4Net::default(), range.gateway)]
+            } else {
+                senv.network
+                    .map(|n| (n, range.gateway))
+                    .into_iter()
+                    .collect()
+            };
+            let addr = Ipv4Net::new(ip, subnet.prefix_len()).map_err(io)?;
+            let cl = cont
+                .setup_container_if(&tmp, &env.ifname, mtu, addr, &routes)
+                .await?;
+            Ok::<_, CniError>((bridge, hl, cl, addr, routes))
+        }
+        .await;
+        let (bridge, hl, cl, addr, routes) = match made {
+            Ok(m) => m,
+            Err(e) => {
+                // Leave nothing half-made behind.
+                let _ = host.delete(&hv).await;
+                if let Ok(store) = Store::open(&conf.data_dir, &conf.name) {
+                    let _ = store.release(&env.container_id, &env.ifname);
+                }
+                return Err(e);
+            }
+        };
+        let base = result.interfaces.len();
+        result.interfaces.push(Interface {
+            name: bridge.name,
+            mac: bridge.mac,
+            sandbox: None,
+        });
+        result.interfaces.push(Interface {
+            name: hl.name,
+            mac: hl.mac,
+            sandbox: None,
+        });
+        result.interfaces.push(Interface {
+            name: cl.name,
+            mac: cl.mac,
+            sandbox: Some(env.netns.clone()),
+        });
+        result.ips.push(IpConfig {
+            address: addr,
+            gateway: range.gateway,
+            interface: base + 2,
+        });
+        result.routes.extend(
+            routes
+                .into_iter()
+                .map(|(dst, gw)| Route { dst, gw: Some(gw) }),
+        );
+        Ok(result)
+    })
+}
+
+/// DEL: detach the container; succeeds when there is nothing left to do.
+pub fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
+    Store::open(&conf.data_dir, &conf.name)?.release(&env.container_id, &env.ifname)?;
+    runtime()?.block_on(async {
+        let host = Netlink::here()?;
+        host.delete(&host_veth_name(&env.container_id, &env.ifname))
+            .await?;
+        Ok(())
+    })
+}
+
+/// CHECK: is the attachment still what ADD made (and prevResult says)?
+pub fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
+    if !conf.at_least(0, 4) {
+        return Err(CniError::new(
+            Code::IncompatibleVersion,
+            format!("CHECK is not part of CNI {}", conf.cni_version),
+        ));
+    }
+    let prev = conf.prev_result.as_ref().ok_or_else(|| {
+        CniError::new(
+            Code::InvalidConfig,
+            "CHECK needs prevResult (the result of ADD)",
+        )
+    })?;
+    let prev = CniResult::from_json(prev)?;
+    let (senv, subnet) = subnet_env(&conf.subnet_file)?;
+    let mtu = conf
+        .mtu
+        .filter(|m| *m > 0)
+        .unwrap_or(if senv.mtu > 0 { senv.mtu } else { 1500 });
+    let ns = open_netns(&env.netns)?;
+    let mine = prev
+        .interfaces
+        .iter()
+        .position(|i| i.name == env.ifname && i.sandbox.is_some())
+        .ok_or_else(|| {
+            CniError::new(
+                Code::CheckFailed,
+                format!("prevResult has no interface {} in a sandbox", env.ifname),
+            )
+        })?;
+    let want: Vec<&IpConfig> = prev.ips.iter().filter(|ip| ip.interface == mine).collect();
+    let mut problems = Vec::new();
+    runtime()?.block_on(async {
+        let host = Netlink::here()?;
+        let cont = Netlink::in_ns(&ns)?;
+        match cont.link(&env.ifname).await? {
+            None => problems.push(format!(
+                "interface {} is missing from the container",
+                env.ifname
+            )),
+            Some(l) => {
+                if !l.up {
+                    problems.push(format!("{} is down", env.ifname));
+                }
+                if l.mtu != mtu {
+                    problems.push(format!("{} has MTU {} instead of {mtu}", env.ifname, l.mtu));
+                }
+                let have = cont.addresses(l.index).await?;
+                for ip in &want {
+                    if !have.contains(&ip.address) {
+                        problems.push(format!(
+                            "{} lacks address {} (has {:?})",
+                            env.ifname, ip.address, have
+                        ));
+                    }
+                    if !Range::of(subnet).usable(ip.address.addr()) {
+                        problems.push(format!(
+                            "address {} is not in this node's subnet {subnet}",
+                            ip.address
+                        ));
+                    }
+                }
+                let routes = cont.routes().await?;
+                for r in &prev.routes {
+                    if !routes
+                        .iter()
+                        .any(|(d, g, _)| *d == r.dst && (r.gw.is_none() || *g == r.gw))
+                    {
+                        problems.push(format!("route {} via {:?} is missing", r.dst, r.gw));
+                    }
+                }
+            }
+        }
+        let hv = host_veth_name(&env.container_id, &env.ifname);
+        let bridge = host.link(&conf.bridge).await?;
+        match (host.link(&hv).await?, bridge) {
+            (None, _) => problems.push(format!("host side {hv} is missing")),
+            (Some(_), None) => problems.push(format!("bridge {} is missing", conf.bridge)),
+            (Some(h), Some(b)) if h.master != Some(b.index) => {
+                problems.push(format!("{hv} is not attached to {}", conf.bridge))
+            }
+            _ => {}
+        }
+        Ok::<_, CniError>(())
+    })?;
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            Code::CheckFailed,
+            format!(
+                "attachment of {} is not as set up: {}",
+                env.ifname,
+                problems.join("; ")
+            ),
+        ))
+    }
+}
+
+/// STATUS: can ADD work now?
+pub fn status(conf: &NetConf) -> Result<(), CniError> {
+    if !conf.at_least(1, 1) {
+        return Err(CniError::new(
+            Code::IncompatibleVersion,
+            format!("STATUS is not part of CNI {}", conf.cni_version),
+        ));
+    }
+    subnet_env(&conf.subnet_file)
+        .map(|_| ())
+        .map_err(|e| CniError::new(Code::NotAvailable, e.msg))
+}
+
+/// GC: release what no valid attachment holds.
+pub fn gc(conf: &NetConf) -> Result<(), CniError> {
+    if !conf.at_least(1, 1) {
+        return Err(CniError::new(
+            Code::IncompatibleVersion,
+            format!("GC is not part of CNI {}", conf.cni_version),
+        ));
+    }
+    let valid: Vec<Attachment> = conf.valid_attachments.clone().unwrap_or_default();
+    let freed = Store::open(&conf.data_dir, &conf.name)?.retain(|e| {
+        valid
+            .iter()
+            .any(|a| a.container_id == e.container_id && a.ifname == e.ifname)
+    })?;
+    runtime()?.block_on(async {
+        let host = Netlink::here()?;
+        for e in &freed {
+            host.delete(&host_veth_name(&e.container_id, &e.ifname))
+                .await?;
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn environment_checks() {
+        let ok = [
+            ("CNI_CONTAINERID", "abc"),
+            ("CNI_NETNS", "/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+        ];
+        assert_eq!(Env::read("ADD", env(&ok)).unwrap().ifname, "eth0");
+        let e = Env::read(
+            "ADD",
+            env(&[("CNI_CONTAINERID", "abc"), ("CNI_IFNAME", "eth0")]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.code, e.msg.as_str()),
+            (Code::InvalidEnv, "CNI_NETNS is not set")
+        );
+        assert!(Env::read(
+            "DEL",
+            env(&[("CNI_CONTAINERID", "abc"), ("CNI_IFNAME", "eth0")])
+        )
+        .is_ok());
+        for bad in ["averyveryverylongname", "a/b", "eth 0", "..", "a:b"] {
+            let v = [
+                ("CNI_CONTAINERID", "abc"),
+                ("CNI_NETNS", "/x"),
+                ("CNI_IFNAME", bad),
+            ];
+            assert_eq!(
+                Env::read("ADD", env(&v)).unwrap_err().code,
+                Code::InvalidEnv,
+                "{bad}"
+            );
+        }
+        let v = [
+            ("CNI_CONTAINERID", "a/../b"),
+            ("CNI_NETNS", "/x"),
+            ("CNI_IFNAME", "eth0"),
+        ];
+        assert_eq!(
+            Env::read("ADD", env(&v)).unwrap_err().code,
+            Code::InvalidEnv
+        );
+    }
+
+    #[test]
+    fn a_missing_subnet_file_says_try_again() {
+        let e = subnet_env(Path::new("/nonexistent/subnet.env")).unwrap_err();
+        assert_eq!(e.code, Code::TryAgainLater);
+        assert!(e.msg.contains("is weft-node running"), "{}", e.msg);
+    }
+}

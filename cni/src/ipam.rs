@@ -1,0 +1,304 @@
+//! Address management in host-local's layout, so operators' tools and
+//! habits carry over: under `<dataDir>/<network>/`, one file per address
+//! in use holding `<container id>\r\n<ifname>`, `last_reserved_ip.0` with
+//! the last address handed out, and `lock`. Every operation holds an
+//! exclusive lock on `lock`, so parallel ADDs never hand out one address
+//! twice.
+
+use ipnet::Ipv4Net;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+const LAST: &str = "last_reserved_ip.0";
+
+/// The addresses containers get: the node subnet without its network,
+/// gateway and broadcast addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub subnet: Ipv4Net,
+    pub gateway: Ipv4Addr,
+}
+
+impl Range {
+    /// The range of a node subnet whose first address is the gateway.
+    pub fn of(subnet: Ipv4Net) -> Self {
+        let subnet = subnet.trunc();
+        Range {
+            subnet,
+            gateway: Ipv4Addr::from(u32::from(subnet.network()) + 1),
+        }
+    }
+
+    /// Whether `ip` may be handed to a container.
+    pub fn usable(&self, ip: Ipv4Addr) -> bool {
+        self.subnet.contains(&ip)
+            && ip != self.subnet.network()
+            && ip != self.subnet.broadcast()
+            && ip != self.gateway
+    }
+
+    /// Number of usable addresses.
+    pub fn size(&self) -> u32 {
+        let all = 1u32 << (32 - u32::from(self.subnet.prefix_len()));
+        all.saturating_sub(3)
+    }
+}
+
+/// An address in use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub ip: Ipv4Addr,
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// Why allocation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    #[error("no free address in {subnet}: all {size} are in use")]
+    Exhausted { subnet: Ipv4Net, size: u32 },
+    #[error("address store {dir}: {source}")]
+    Io { dir: String, source: io::Error },
+}
+
+/// The store of one network, locked while this value lives.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    _lock: File,
+}
+
+impl Store {
+    /// Opens (creating it if needed) and locks the store of `network`.
+    pub fn open(data_dir: &Path, network: &str) -> Result<Store, IpamError> {
+        let dir = data_dir.join(network);
+        let io_err = |source| IpamError::Io {
+            dir: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(io_err)?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))
+            .map_err(io_err)?;
+        lock.lock().map_err(io_err)?;
+        Ok(Store { dir, _lock: lock })
+    }
+
+    fn err(&self, source: io::Error) -> IpamError {
+        IpamError::Io {
+            dir: self.dir.display().to_string(),
+            source,
+        }
+    }
+
+    /// Every address in use.
+    pub fn entries(&self) -> Result<Vec<Entry>, IpamError> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.dir)
+            .map_err(|e| self.err(e))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(ip) = name.parse::<Ipv4Addr>() else {
+                continue;
+            };
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            let mut lines = text.split("\r\n").flat_map(|l| l.split('\n'));
+            let container_id = lines.next().unwrap_or_default().trim().to_string();
+            let ifname = lines.next().unwrap_or_default().trim().to_string();
+            out.push(Entry {
+                ip,
+                container_id,
+                ifname,
+            });
+        }
+        out.sort_by_key(|e| e.ip);
+        Ok(out)
+    }
+
+    /// The address a container holds in `range`, reserving the next free
+    /// one (round robin after the last handed out) if it has none. An
+    /// address the container held outside the range (the node's subnet
+    /// changed) is released.
+    pub fn allocate(
+        &self,
+        range: &Range,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Ipv4Addr, IpamError> {
+        let entries = self.entries()?;
+        for e in entries
+            .iter()
+            .filter(|e| e.container_id == container_id && e.ifname == ifname)
+        {
+            if range.usable(e.ip) {
+                return Ok(e.ip);
+            }
+            self.remove(e.ip)?;
+        }
+        let used: std::collections::HashSet<Ipv4Addr> = entries.iter().map(|e| e.ip).collect();
+        let first = u32::from(range.subnet.network()) + 1;
+        let last = u32::from(range.subnet.broadcast()) - 1;
+        let after = std::fs::read_to_string(self.dir.join(LAST))
+            .ok()
+            .and_then(|s| s.trim().parse::<Ipv4Addr>().ok())
+            .filter(|ip| range.subnet.contains(ip))
+            .map(u32::from)
+            .unwrap_or(last);
+        let span = last - first + 1;
+        for step in 1..=span {
+            let candidate = Ipv4Addr::from(first + (after - first + step) % span);
+            if range.usable(candidate) && !used.contains(&candidate) {
+                std::fs::write(
+                    self.dir.join(candidate.to_string()),
+                    format!("{container_id}\r\n{ifname}"),
+                )
+                .map_err(|e| self.err(e))?;
+                std::fs::write(self.dir.join(LAST), candidate.to_string())
+                    .map_err(|e| self.err(e))?;
+                return Ok(candidate);
+            }
+        }
+        Err(IpamError::Exhausted {
+            subnet: range.subnet,
+            size: range.size(),
+        })
+    }
+
+    fn remove(&self, ip: Ipv4Addr) -> Result<(), IpamError> {
+        match std::fs::remove_file(self.dir.join(ip.to_string())) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(self.err(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Releases what a container holds; returns the addresses freed.
+    pub fn release(&self, container_id: &str, ifname: &str) -> Result<Vec<Ipv4Addr>, IpamError> {
+        let mut freed = Vec::new();
+        for e in self
+            .entries()?
+            .into_iter()
+            .filter(|e| e.container_id == container_id && e.ifname == ifname)
+        {
+            self.remove(e.ip)?;
+            freed.push(e.ip);
+        }
+        Ok(freed)
+    }
+
+    /// Releases every address whose holder is not in `keep`.
+    pub fn retain(&self, keep: impl Fn(&Entry) -> bool) -> Result<Vec<Entry>, IpamError> {
+        let mut freed = Vec::new();
+        for e in self.entries()?.into_iter().filter(|e| !keep(e)) {
+            self.remove(e.ip)?;
+            freed.push(e);
+        }
+        Ok(freed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(s: &str) -> Range {
+        Range::of(s.parse().unwrap())
+    }
+
+    #[test]
+    fn skips_network_gateway_and_broadcast_and_reuses_per_container() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = range("10.244.3.0/29");
+        assert_eq!(r.size(), 5);
+        let s = Store::open(dir.path(), "weft").unwrap();
+        let mut got = Vec::new();
+        for i in 0..5 {
+            got.push(s.allocate(&r, &format!("c{i}"), "eth0").unwrap());
+        }
+        let texts: Vec<String> = got.iter().map(|i| i.to_string()).collect();
+        assert_eq!(
+            texts,
+            [
+                "10.244.3.2",
+                "10.244.3.3",
+                "10.244.3.4",
+                "10.244.3.5",
+                "10.244.3.6"
+            ]
+        );
+        assert!(matches!(
+            s.allocate(&r, "c5", "eth0"),
+            Err(IpamError::Exhausted { size: 5, .. })
+        ));
+        // Asking again gives the same address (ADD is idempotent).
+        assert_eq!(s.allocate(&r, "c2", "eth0").unwrap(), got[2]);
+        // The file is host-local's format.
+        let text = std::fs::read_to_string(dir.path().join("weft/10.244.3.4")).unwrap();
+        assert_eq!(text, "c2\r\neth0");
+        assert_eq!(s.release("c2", "eth0").unwrap(), vec![got[2]]);
+        assert!(s.release("c2", "eth0").unwrap().is_empty());
+        // The only free address is the one just released.
+        assert_eq!(s.allocate(&r, "c6", "eth0").unwrap(), got[2]);
+    }
+
+    #[test]
+    fn a_changed_subnet_never_hands_out_stale_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "weft").unwrap();
+        let old = range("10.244.3.0/24");
+        let a = s.allocate(&old, "c1", "eth0").unwrap();
+        s.allocate(&old, "c2", "eth0").unwrap();
+        let new = range("10.244.9.0/24");
+        let b = s.allocate(&new, "c1", "eth0").unwrap();
+        assert!(new.usable(b));
+        assert!(
+            !s.entries().unwrap().iter().any(|e| e.ip == a),
+            "c1's old address was released"
+        );
+        // c2's stale entry stays until its DEL or GC, and is never handed out in the new range.
+        assert!(s
+            .entries()
+            .unwrap()
+            .iter()
+            .any(|e| e.container_id == "c2" && e.ip.octets()[2] == 3));
+    }
+
+    #[test]
+    fn retain_releases_what_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "weft").unwrap();
+        let r = range("10.244.3.0/24");
+        for c in ["a", "b", "c"] {
+            s.allocate(&r, c, "eth0").unwrap();
+        }
+        let freed = s.retain(|e| e.container_id == "b").unwrap();
+        assert_eq!(freed.len(), 2);
+        assert_eq!(s.entries().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn parallel_allocations_never_collide() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = range("10.244.3.0/24");
+        let threads: Vec<_> = (0..40)
+            .map(|i| {
+                let path = dir.path().to_path_buf();
+                std::thread::spawn(move || {
+                    Store::open(&path, "weft")
+                        .unwrap()
+                        .allocate(&r, &format!("c{i}"), "eth0")
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut ips: Vec<Ipv4Addr> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        ips.sort();
+        ips.dedup();
+        assert_eq!(ips.len(), 40);
+    }
+}

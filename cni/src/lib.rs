@@ -1,1 +1,0 @@
-//! The CNI plugin `weft-cni`. Filled by the CNI issue.

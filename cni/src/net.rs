@@ -1,0 +1,428 @@
+//! The kernel side of an attachment, through rtnetlink: the node bridge,
+//! the veth pair into the container, its address and routes.
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader};
+use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+
+/// A netlink failure, with what was being done.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {reason}")]
+pub struct NetError {
+    pub what: String,
+    pub reason: String,
+}
+
+fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
+    let what = what.into();
+    move |e| NetError {
+        reason: match &e {
+            rtnetlink::Error::NetlinkError(m) => match m.code {
+                Some(c) => std::io::Error::from_raw_os_error(-c.get()).to_string(),
+                None => e.to_string(),
+            },
+            _ => e.to_string(),
+        },
+        what,
+    }
+}
+
+fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.code.is_some_and(|c| -c.get() == errno))
+}
+
+/// A link as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: String,
+    pub mtu: u32,
+    pub up: bool,
+    pub master: Option<u32>,
+}
+
+fn link_of(m: &LinkMessage) -> Link {
+    let mut l = Link {
+        index: m.header.index,
+        name: String::new(),
+        mac: String::new(),
+        mtu: 0,
+        up: m.header.flags.contains(LinkFlags::Up),
+        master: None,
+    };
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::IfName(n) => l.name = n.clone(),
+            LinkAttribute::Mtu(v) => l.mtu = *v,
+            LinkAttribute::Controller(i) => l.master = Some(*i),
+            LinkAttribute::Address(b) => {
+                l.mac = b
+                    .iter()
+                    .map(|x| format!("{x:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":");
+            }
+            _ => {}
+        }
+    }
+    l
+}
+
+/// A netlink connection in one network namespace.
+#[derive(Debug, Clone)]
+pub struct Netlink {
+    h: Handle,
+}
+
+impl Netlink {
+    /// A connection in this process's namespace (inside a tokio runtime).
+    pub fn here() -> Result<Self, NetError> {
+        let (conn, h, _) = rtnetlink::new_connection().map_err(|e| NetError {
+            what: "netlink socket".into(),
+            reason: e.to_string(),
+        })?;
+        tokio::spawn(conn);
+        Ok(Netlink { h })
+    }
+
+    /// A connection in the namespace `ns` (made on a thread that enters it).
+    pub fn in_ns(ns: &File) -> Result<Self, NetError> {
+        let ns = ns.try_clone().map_err(|e| NetError {
+            what: "netns".into(),
+            reason: e.to_string(),
+        })?;
+        let rt = tokio::runtime::Handle::current();
+        let made = std::thread::spawn(move || -> Result<_, String> {
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("entering the container's namespace: {e}"))?;
+            let _g = rt.enter();
+            rtnetlink::new_connection().map_err(|e| e.to_string())
+        })
+        .join()
+        .map_err(|_| NetError {
+            what: "netns".into(),
+            reason: "thread panicked".into(),
+        })?
+        .map_err(|reason| NetError {
+            what: "netlink socket".into(),
+            reason,
+        })?;
+        tokio::spawn(made.0);
+        Ok(Netlink { h: made.1 })
+    }
+
+    /// The link called `name`, if there is one.
+    pub async fn link(&self, name: &str) -> Result<Option<Link>, NetError> {
+        match self
+            .h
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute()
+            .try_next()
+            .await
+        {
+            Ok(m) => Ok(m.as_ref().map(link_of)),
+            Err(e) if is_errno(&e, 19) => Ok(None),
+            Err(e) => Err(nl(format!("looking up {name}"))(e)),
+        }
+    }
+
+    async fn must(&self, name: &str) -> Result<Link, NetError> {
+        self.link(name).await?.ok_or_else(|| NetError {
+            what: name.into(),
+            reason: "link vanished".into(),
+        })
+    }
+
+    /// IPv4 addresses on a link.
+    pub async fn addresses(&self, index: u32) -> Result<Vec<Ipv4Net>, NetError> {
+        let msgs: Vec<_> = self
+            .h
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing addresses"))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.index == index)
+            .filter_map(|m| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Local(IpAddr::V4(ip))
+                    | AddressAttribute::Address(IpAddr::V4(ip)) => {
+                        Ipv4Net::new(*ip, m.header.prefix_len).ok()
+                    }
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    /// IPv4 routes in the main table: (destination, gateway, output link).
+    pub async fn routes(&self) -> Result<Vec<(Ipv4Net, Option<Ipv4Addr>, Option<u32>)>, NetError> {
+        let msgs: Vec<_> = self
+            .h
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing routes"))?;
+        Ok(msgs
+            .iter()
+            .filter(|r| r.header.table == RouteHeader::RT_TABLE_MAIN)
+            .map(|r| {
+                let mut dst = Ipv4Addr::UNSPECIFIED;
+                let mut gw = None;
+                let mut oif = None;
+                for a in &r.attributes {
+                    match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
+                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
+                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        _ => {}
+                    }
+                }
+                (
+                    Ipv4Net::new(dst, r.header.destination_prefix_length).unwrap_or_default(),
+                    gw,
+                    oif,
+                )
+            })
+            .collect())
+    }
+
+    /// The node bridge, created if missing, with the gateway address and
+    /// MTU. Its MAC is fixed: a bridge without one takes its lowest port's,
+    /// and a new container could then change it under every other
+    /// container's ARP cache. Addresses of an older node subnet (inside the
+    /// cluster network) are replaced.
+    pub async fn ensure_bridge(
+        &self,
+        name: &str,
+        gateway: Ipv4Net,
+        cluster: Option<Ipv4Net>,
+        mtu: u32,
+    ) -> Result<Link, NetError> {
+        let bridge = match self.link(name).await? {
+            Some(l) => l,
+            None => {
+                let o = gateway.addr().octets();
+                let mac = vec![0x02, 0x77, o[0], o[1], o[2], o[3]];
+                match self
+                    .h
+                    .link()
+                    .add(LinkBridge::new(name).mtu(mtu).address(mac).build())
+                    .execute()
+                    .await
+                {
+                    // Another ADD made it meanwhile.
+                    Err(e) if is_errno(&e, 17) => {}
+                    r => r.map_err(nl(format!("creating bridge {name}")))?,
+                }
+                self.must(name).await?
+            }
+        };
+        let have = self.addresses(bridge.index).await?;
+        if !have.contains(&gateway) {
+            for old in have
+                .iter()
+                .filter(|a| cluster.is_some_and(|c| c.contains(&a.addr())))
+            {
+                let _ = self
+                    .h
+                    .address()
+                    .del(address_message(bridge.index, *old))
+                    .execute()
+                    .await;
+            }
+            match self
+                .h
+                .address()
+                .add(
+                    bridge.index,
+                    IpAddr::V4(gateway.addr()),
+                    gateway.prefix_len(),
+                )
+                .execute()
+                .await
+            {
+                Err(e) if is_errno(&e, 17) => {}
+                r => r.map_err(nl(format!("adding {gateway} to {name}")))?,
+            }
+        }
+        if bridge.mtu != mtu || !bridge.up {
+            self.h
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(bridge.index)
+                        .mtu(mtu)
+                        .up()
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(nl(format!("setting up {name}")))?;
+        }
+        self.must(name).await
+    }
+
+    /// Creates a veth pair: `host` stays here on `bridge`, the peer goes into
+    /// `ns` as `ifname`. Returns (host link, container link index).
+    pub async fn add_veth(
+        &self,
+        host: &str,
+        peer_tmp: &str,
+        ns: &File,
+        mtu: u32,
+        bridge: u32,
+        hairpin: bool,
+    ) -> Result<Link, NetError> {
+        self.h
+            .link()
+            .add(LinkVeth::new(host, peer_tmp).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(nl(format!("creating veth {host}")))?;
+        let peer = self.must(peer_tmp).await?;
+        self.h
+            .link()
+            .set(
+                LinkUnspec::new_with_index(peer.index)
+                    .setns_by_fd(ns.as_raw_fd())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl("moving the veth into the container"))?;
+        let h = self.must(host).await?;
+        self.h
+            .link()
+            .set(
+                LinkUnspec::new_with_index(h.index)
+                    .controller(bridge)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl(format!("attaching {host} to the bridge")))?;
+        if hairpin {
+            self.h
+                .link()
+                .set_port(LinkBridgePort::new(h.index).hairpin(true).build())
+                .execute()
+                .await
+                .map_err(nl(format!("hairpin mode on {host}")))?;
+        }
+        self.must(host).await
+    }
+
+    /// Inside the container: renames the moved peer, sets its MTU, address
+    /// and routes, and brings it up.
+    pub async fn setup_container_if(
+        &self,
+        tmp: &str,
+        ifname: &str,
+        mtu: u32,
+        addr: Ipv4Net,
+        routes: &[(Ipv4Net, Ipv4Addr)],
+    ) -> Result<Link, NetError> {
+        let l = self.must(tmp).await?;
+        self.h
+            .link()
+            .set(
+                LinkUnspec::new_with_index(l.index)
+                    .name(ifname.to_string())
+                    .mtu(mtu)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl(format!("naming the container interface {ifname}")))?;
+        self.h
+            .address()
+            .add(l.index, IpAddr::V4(addr.addr()), addr.prefix_len())
+            .execute()
+            .await
+            .map_err(nl(format!("adding {addr} to {ifname}")))?;
+        self.h
+            .link()
+            .set(LinkUnspec::new_with_index(l.index).up().build())
+            .execute()
+            .await
+            .map_err(nl(format!("bringing {ifname} up")))?;
+        for (dst, gw) in routes {
+            let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(dst.network(), dst.prefix_len())
+                .gateway(*gw)
+                .output_interface(l.index)
+                .build();
+            self.h
+                .route()
+                .add(msg)
+                .execute()
+                .await
+                .map_err(nl(format!("adding route {dst} via {gw}")))?;
+        }
+        self.must(ifname).await
+    }
+
+    /// Deletes a link if it exists (a veth takes its peer along).
+    pub async fn delete(&self, name: &str) -> Result<(), NetError> {
+        let Some(l) = self.link(name).await? else {
+            return Ok(());
+        };
+        match self.h.link().del(l.index).execute().await {
+            Err(e) if is_errno(&e, 19) => Ok(()),
+            r => r.map_err(nl(format!("deleting {name}"))),
+        }
+    }
+}
+
+fn address_message(index: u32, a: Ipv4Net) -> netlink_packet_route::address::AddressMessage {
+    let mut m = netlink_packet_route::address::AddressMessage::default();
+    m.header.family = netlink_packet_route::AddressFamily::Inet;
+    m.header.prefix_len = a.prefix_len();
+    m.header.index = index;
+    m.attributes
+        .push(AddressAttribute::Local(IpAddr::V4(a.addr())));
+    m.attributes
+        .push(AddressAttribute::Address(IpAddr::V4(a.addr())));
+    m
+}
+
+/// The host-side veth name of an attachment: stable, so DEL finds it even
+/// when the container's namespace is gone.
+pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in container_id.bytes().chain([0]).chain(ifname.bytes()) {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("veth{h:08x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn veth_names_are_stable_short_and_distinct() {
+        let a = host_veth_name("abc", "eth0");
+        assert_eq!(a, host_veth_name("abc", "eth0"));
+        assert_ne!(a, host_veth_name("abc", "eth1"));
+        assert_ne!(a, host_veth_name("abd", "eth0"));
+        assert_eq!(a.len(), 12);
+    }
+}

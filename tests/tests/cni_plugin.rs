@@ -1,0 +1,453 @@
+//! weft-cni driven as a runtime drives it, in throwaway namespaces. Needs root.
+
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::path::PathBuf;
+use weft_tests::cni::{call, weft_cni, weft_conf, Answer, Attach};
+use weft_tests::netns::{require_root, Netns};
+
+/// A host namespace with a subnet.env, as weft-node would have written it.
+struct Node {
+    ns: Netns,
+    _dir: tempfile::TempDir,
+    subnet_file: PathBuf,
+    data_dir: PathBuf,
+}
+
+fn node(subnet: &str, mtu: u32) -> Node {
+    require_root();
+    let ns = Netns::new("cnihost").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let subnet_file = dir.path().join("subnet.env");
+    std::fs::write(
+        &subnet_file,
+        format!("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET={subnet}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=false\n"),
+    )
+    .unwrap();
+    let data_dir = dir.path().join("networks");
+    Node {
+        ns,
+        _dir: dir,
+        subnet_file,
+        data_dir,
+    }
+}
+
+impl Node {
+    fn conf(&self, version: &str) -> Value {
+        weft_conf(version, &self.subnet_file, &self.data_dir)
+    }
+
+    fn run(&self, command: &str, conf: &Value, c: &Netns, id: &str, ifname: &str) -> Answer {
+        let netns = c.path().display().to_string();
+        let a = Attach {
+            container_id: id,
+            netns: &netns,
+            ifname,
+        };
+        call(
+            &weft_cni().unwrap(),
+            self.ns.name(),
+            command,
+            conf,
+            Some(&a),
+        )
+        .unwrap()
+    }
+
+    fn add(&self, c: &Netns, id: &str) -> Answer {
+        self.run("ADD", &self.conf("1.0.0"), c, id, "eth0")
+    }
+
+    fn del(&self, c: &Netns, id: &str) -> Answer {
+        self.run("DEL", &self.conf("1.0.0"), c, id, "eth0")
+    }
+
+    fn ips_in_store(&self) -> Vec<String> {
+        std::fs::read_dir(self.data_dir.join("weft"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| n.parse::<std::net::Ipv4Addr>().is_ok())
+            .collect()
+    }
+
+    fn host_veths(&self) -> usize {
+        self.ns
+            .ip(&["-o", "link", "show", "type", "veth"])
+            .unwrap()
+            .lines()
+            .count()
+    }
+}
+
+fn pinged(from: &Netns, to: &str) -> bool {
+    weft_tests::netns::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            from.name(),
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            to,
+        ],
+    )
+    .is_ok()
+}
+
+fn ip_of(a: &Answer) -> String {
+    a.out["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn add_attaches_containers_that_reach_each_other_and_the_gateway() {
+    let n = node("10.244.5.1/24", 1450);
+    let (c1, c2) = (Netns::new("c1").unwrap(), Netns::new("c2").unwrap());
+    let a1 = n.add(&c1, "container-one");
+    assert!(a1.ok, "{:?}", a1);
+    let a2 = n.add(&c2, "container-two");
+    assert!(a2.ok, "{:?}", a2);
+    let r = &a1.out;
+    assert_eq!(r["cniVersion"], "1.0.0");
+    let ifs = r["interfaces"].as_array().unwrap();
+    assert_eq!(ifs.len(), 3);
+    assert_eq!(ifs[0]["name"], "weft0");
+    assert_eq!(ifs[2]["name"], "eth0");
+    assert_eq!(ifs[2]["sandbox"], c1.path().display().to_string());
+    assert_eq!(r["ips"][0]["gateway"], "10.244.5.1");
+    assert_eq!(r["ips"][0]["interface"], 2);
+    assert!(r["ips"][0]["address"].as_str().unwrap().ends_with("/24"));
+    assert_eq!(
+        r["routes"],
+        json!([{"dst": "0.0.0.0/0", "gw": "10.244.5.1"}])
+    );
+    assert_ne!(ip_of(&a1), ip_of(&a2));
+    // The container as the result says, checked with ip -j.
+    let link = &c1.ip_json(&["link", "show", "eth0"]).unwrap()[0];
+    assert_eq!(link["mtu"], 1450);
+    assert_eq!(link["address"], ifs[2]["mac"]);
+    let route = c1.ip_json(&["route", "show", "default"]).unwrap();
+    assert_eq!(route[0]["gateway"], "10.244.5.1");
+    let bridge = &n.ns.ip_json(&["-d", "link", "show", "weft0"]).unwrap()[0];
+    assert_eq!(bridge["mtu"], 1450);
+    let host_veth = ifs[1]["name"].as_str().unwrap();
+    let port = &n.ns.ip_json(&["-d", "link", "show", host_veth]).unwrap()[0];
+    assert_eq!(port["master"], "weft0");
+    assert_eq!(port["linkinfo"]["info_slave_data"]["hairpin"], true);
+    assert!(pinged(&c1, &ip_of(&a2)), "container to container");
+    assert!(pinged(&c2, "10.244.5.1"), "container to gateway");
+    // A third container does not change the bridge's MAC under the others.
+    let mac_before = bridge["address"].clone();
+    let c3 = Netns::new("c3").unwrap();
+    assert!(n.add(&c3, "container-three").ok);
+    assert_eq!(
+        n.ns.ip_json(&["link", "show", "weft0"]).unwrap()[0]["address"],
+        mac_before
+    );
+}
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn del_frees_the_address_and_is_idempotent() {
+    let n = node("10.244.5.1/24", 1450);
+    let c = Netns::new("c").unwrap();
+    let a = n.add(&c, "x1");
+    assert!(a.ok, "{a:?}");
+    assert_eq!(n.ips_in_store(), vec![ip_of(&a)]);
+    assert_eq!(n.host_veths(), 1);
+    let d = n.del(&c, "x1");
+    assert!(d.ok && d.out.is_null(), "{d:?}");
+    assert!(n.ips_in_store().is_empty());
+    assert_eq!(n.host_veths(), 0);
+    assert!(
+        c.ip(&["link", "show", "eth0"]).is_err(),
+        "the container side went with the host side"
+    );
+    assert!(n.del(&c, "x1").ok, "a second DEL succeeds");
+    // DEL after the namespace is gone, and without CNI_NETNS at all.
+    let c2 = Netns::new("c2").unwrap();
+    assert!(n.add(&c2, "x2").ok);
+    let path = c2.path().display().to_string();
+    drop(c2);
+    let gone = Attach {
+        container_id: "x2",
+        netns: &path,
+        ifname: "eth0",
+    };
+    assert!(
+        call(
+            &weft_cni().unwrap(),
+            n.ns.name(),
+            "DEL",
+            &n.conf("1.0.0"),
+            Some(&gone)
+        )
+        .unwrap()
+        .ok
+    );
+    let none = Attach {
+        container_id: "x2",
+        netns: "",
+        ifname: "eth0",
+    };
+    assert!(
+        call(
+            &weft_cni().unwrap(),
+            n.ns.name(),
+            "DEL",
+            &n.conf("1.0.0"),
+            Some(&none)
+        )
+        .unwrap()
+        .ok
+    );
+    assert!(n.ips_in_store().is_empty());
+    // DEL works when subnet.env has gone too (the node is being taken down).
+    std::fs::remove_file(&n.subnet_file).unwrap();
+    assert!(
+        call(
+            &weft_cni().unwrap(),
+            n.ns.name(),
+            "DEL",
+            &n.conf("1.0.0"),
+            Some(&none)
+        )
+        .unwrap()
+        .ok
+    );
+}
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn check_passes_on_a_good_attachment_and_says_what_is_wrong() {
+    let n = node("10.244.5.1/24", 1450);
+    let c = Netns::new("c").unwrap();
+    let a = n.add(&c, "chk");
+    assert!(a.ok);
+    let mut conf = n.conf("1.0.0");
+    conf["prevResult"] = a.out.clone();
+    let ok = n.run("CHECK", &conf, &c, "chk", "eth0");
+    assert!(ok.ok, "{ok:?}");
+    c.ip(&["route", "del", "default"]).unwrap();
+    let bad = n.run("CHECK", &conf, &c, "chk", "eth0");
+    assert!(!bad.ok);
+    assert_eq!(bad.code(), Some(102));
+    assert!(bad.msg().contains("route 0.0.0.0/0"), "{}", bad.msg());
+    c.ip(&["addr", "flush", "dev", "eth0"]).unwrap();
+    c.ip(&["link", "set", "eth0", "mtu", "1400"]).unwrap();
+    let bad = n.run("CHECK", &conf, &c, "chk", "eth0");
+    assert!(
+        bad.msg().contains("lacks address") && bad.msg().contains("MTU 1400"),
+        "{}",
+        bad.msg()
+    );
+    let mut old = conf.clone();
+    old["cniVersion"] = json!("0.3.1");
+    assert_eq!(n.run("CHECK", &old, &c, "chk", "eth0").code(), Some(1));
+    let mut no_prev = n.conf("1.0.0");
+    no_prev.as_object_mut().unwrap().remove("prevResult");
+    assert_eq!(n.run("CHECK", &no_prev, &c, "chk", "eth0").code(), Some(7));
+}
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn fifty_parallel_adds_get_fifty_addresses_and_dels_empty_the_store() {
+    let n = node("10.244.5.1/24", 1450);
+    let containers: Vec<Netns> = (0..50)
+        .map(|i| Netns::new(&format!("p{i}")).unwrap())
+        .collect();
+    let answers: Vec<Answer> = std::thread::scope(|s| {
+        let handles: Vec<_> = containers
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let n = &n;
+                s.spawn(move || n.add(c, &format!("par-{i}")))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for a in &answers {
+        assert!(a.ok, "{a:?}");
+    }
+    let ips: HashSet<String> = answers.iter().map(ip_of).collect();
+    assert_eq!(ips.len(), 50);
+    assert_eq!(n.ips_in_store().len(), 50);
+    std::thread::scope(|s| {
+        for (i, c) in containers.iter().enumerate() {
+            let n = &n;
+            s.spawn(move || assert!(n.del(c, &format!("par-{i}")).ok));
+        }
+    });
+    assert!(n.ips_in_store().is_empty());
+    assert_eq!(n.host_veths(), 0);
+}
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn bad_input_gets_the_right_error_and_leaves_nothing_behind() {
+    let n = node("10.244.5.1/29", 1450);
+    let c = Netns::new("c").unwrap();
+    let plugin = weft_cni().unwrap();
+    let path = c.path().display().to_string();
+    let at = |id: &'static str, ifname: &'static str| (id, ifname);
+    let run = |conf: &Value, (id, ifname): (&str, &str), netns: &str| {
+        call(
+            &plugin,
+            n.ns.name(),
+            "ADD",
+            conf,
+            Some(&Attach {
+                container_id: id,
+                netns,
+                ifname,
+            }),
+        )
+        .unwrap()
+    };
+    // Malformed configuration.
+    let bad = call(
+        &plugin,
+        n.ns.name(),
+        "ADD",
+        &json!("{not json"),
+        Some(&Attach {
+            container_id: "a",
+            netns: &path,
+            ifname: "eth0",
+        }),
+    )
+    .unwrap();
+    assert_eq!(bad.code(), Some(6), "{bad:?}");
+    // No subnet.env: try again later.
+    let mut conf = n.conf("1.0.0");
+    conf["subnetFile"] = json!("/nonexistent/subnet.env");
+    let r = run(&conf, at("a", "eth0"), &path);
+    assert_eq!(r.code(), Some(11));
+    assert!(r.msg().contains("weft-node"), "{}", r.msg());
+    // A namespace that does not exist.
+    let r = run(
+        &n.conf("1.0.0"),
+        at("a", "eth0"),
+        "/run/netns/does-not-exist",
+    );
+    assert_eq!(r.code(), Some(3), "{r:?}");
+    // An interface name that is too long.
+    let r = run(&n.conf("1.0.0"), at("a", "averyveryverylongname"), &path);
+    assert_eq!(r.code(), Some(4));
+    // An interface name already present in the container.
+    c.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "other",
+    ])
+    .unwrap();
+    let r = run(&n.conf("1.0.0"), at("a", "eth0"), &path);
+    assert_eq!(r.code(), Some(100), "{r:?}");
+    assert!(r.msg().contains("already exists"));
+    assert!(
+        n.ips_in_store().is_empty() && n.host_veths() == 0,
+        "nothing half-made"
+    );
+    // An exhausted subnet: a /29 has five addresses for containers.
+    let cs: Vec<Netns> = (0..5)
+        .map(|i| Netns::new(&format!("x{i}")).unwrap())
+        .collect();
+    for (i, ci) in cs.iter().enumerate() {
+        assert!(n.add(ci, &format!("full-{i}")).ok);
+    }
+    let sixth = Netns::new("sixth").unwrap();
+    let r = n.add(&sixth, "full-6");
+    assert_eq!(r.code(), Some(101), "{r:?}");
+    assert!(r.msg().contains("no free address"), "{}", r.msg());
+    assert_eq!(n.ips_in_store().len(), 5);
+    assert_eq!(n.host_veths(), 5);
+    assert!(sixth.ip(&["link", "show", "eth0"]).is_err());
+    // Unknown command, unsupported version.
+    let r = call(&plugin, n.ns.name(), "FROB", &n.conf("1.0.0"), None).unwrap();
+    assert_eq!(r.code(), Some(4));
+    let r = call(
+        &plugin,
+        n.ns.name(),
+        "ADD",
+        &n.conf("2.0.0"),
+        Some(&Attach {
+            container_id: "v",
+            netns: &path,
+            ifname: "eth1",
+        }),
+    )
+    .unwrap();
+    assert_eq!(r.code(), Some(1));
+}
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn older_spec_versions_get_results_in_their_shape() {
+    let n = node("10.244.5.1/24", 1450);
+    for (i, v) in ["0.3.1", "0.4.0", "1.0.0", "1.1.0"].iter().enumerate() {
+        let c = Netns::new("v").unwrap();
+        let a = n.run("ADD", &n.conf(v), &c, &format!("ver-{i}"), "eth0");
+        assert!(a.ok, "{v}: {a:?}");
+        assert_eq!(a.out["cniVersion"], *v);
+        let has_version = a.out["ips"][0].get("version").is_some();
+        assert_eq!(has_version, v.starts_with("0."), "{v}: {}", a.out);
+        assert!(n.run("DEL", &n.conf(v), &c, &format!("ver-{i}"), "eth0").ok);
+    }
+    let v = call(
+        &weft_cni().unwrap(),
+        n.ns.name(),
+        "VERSION",
+        &json!({"cniVersion": "0.4.0"}),
+        None,
+    )
+    .unwrap();
+    assert_eq!(v.out["cniVersion"], "0.4.0");
+    assert!(v.out["supportedVersions"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("1.0.0")));
+}
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn status_and_gc_from_cni_1_1() {
+    let n = node("10.244.5.1/24", 1450);
+    let plugin = weft_cni().unwrap();
+    assert!(
+        call(&plugin, n.ns.name(), "STATUS", &n.conf("1.1.0"), None)
+            .unwrap()
+            .ok
+    );
+    let (c1, c2) = (Netns::new("g1").unwrap(), Netns::new("g2").unwrap());
+    let keep = n.run("ADD", &n.conf("1.1.0"), &c1, "keep", "eth0");
+    let lose = n.run("ADD", &n.conf("1.1.0"), &c2, "lose", "eth0");
+    assert!(keep.ok && lose.ok);
+    let mut gc = n.conf("1.1.0");
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "keep", "ifname": "eth0"}]);
+    assert!(call(&plugin, n.ns.name(), "GC", &gc, None).unwrap().ok);
+    assert_eq!(n.ips_in_store(), vec![ip_of(&keep)]);
+    assert_eq!(n.host_veths(), 1);
+    std::fs::remove_file(&n.subnet_file).unwrap();
+    let s = call(&plugin, n.ns.name(), "STATUS", &n.conf("1.1.0"), None).unwrap();
+    assert_eq!(s.code(), Some(50), "{s:?}");
+    assert_eq!(
+        call(&plugin, n.ns.name(), "STATUS", &n.conf("1.0.0"), None)
+            .unwrap()
+            .code(),
+        Some(1)
+    );
+}
