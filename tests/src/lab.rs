@@ -5,8 +5,9 @@
 //!                  weft-controller on 0.0.0.0:7070
 //!     |  veth h<i> <-> eth0
 //!  wl-<name>-h<i>  eth0 198.18.0.(10+i)/16, weft-node, bridge weft0 (pod gateway)
-//!     |  veth vp<j> <-> eth0
-//!  wl-<name>-h<i>-p<j>   a pod: eth0 <subnet>.(10+j), default route via weft0
+//!     |  veth from weft-cni ADD <-> eth0
+//!  wl-<name>-h<i>-p<j>   a pod, attached by weft-cni: eth0 with an address
+//!                        from the host's subnet, default route via weft0
 //!  wl-<name>-out   "outside the cluster": 198.18.200.1/16 on the fabric
 //! ```
 //!
@@ -563,72 +564,102 @@ impl Lab {
         self.spawn(&format!("node-{i}"), &ns, argv)
     }
 
+    /// The CNI network configuration a runtime on host `i` would use:
+    /// weft-cni reading that host's subnet.env, its IPAM store in the lab
+    /// directory.
+    pub fn cni_conf(&self, i: u32) -> serde_json::Value {
+        crate::cni::weft_conf(
+            "1.0.0",
+            &self.subnet_file(i),
+            &self.dir.join(format!("h{i}-cni")),
+        )
+    }
+
+    /// Creates one more pod on host `i` through weft-cni.
+    pub fn new_pod(&mut self, i: u32) -> Result<PodState> {
+        let h = self.host(i)?;
+        let j = h
+            .pods
+            .iter()
+            .filter_map(|p| p.ns.rsplit_once("-p")?.1.parse::<u32>().ok())
+            .max()
+            .unwrap_or(0)
+            + 1;
+        self.add_pod(i, j)?;
+        let h = self.host(i)?;
+        h.pods.last().cloned().context("the new pod")
+    }
+
+    /// Removes a pod the way a runtime does: weft-cni DEL, then the
+    /// namespace goes.
+    pub fn delete_pod(&mut self, i: u32, pod: &str) -> Result<()> {
+        let h = self.host(i)?.clone();
+        let netns = format!("/run/netns/{pod}");
+        let attach = crate::cni::Attach {
+            container_id: pod,
+            netns: &netns,
+            ifname: "eth0",
+        };
+        let answer = crate::cni::call(
+            &crate::cni::weft_cni()?,
+            &h.ns,
+            "DEL",
+            &self.cni_conf(i),
+            Some(&attach),
+        )?;
+        if !answer.ok {
+            bail!("weft-cni DEL for {pod} failed: {}", answer.msg());
+        }
+        run("ip", &["netns", "del", pod])?;
+        self.host_mut(i)?.pods.retain(|p| p.ns != pod);
+        self.save()
+    }
+
+    /// Creates pod `j` on host `i` the way a container runtime does: a new
+    /// namespace, then weft-cni ADD inside the host's namespace.
     fn add_pod(&mut self, i: u32, j: u32) -> Result<()> {
         let h = self.host(i)?.clone();
-        let subnet = h.subnet.context("host has no subnet yet")?;
-        let gw = Ipv4Addr::from(u32::from(subnet.network()) + 1);
-        let ip = Ipv4Addr::from(u32::from(subnet.network()) + 10 + j);
         let pod = format!("{}-p{j}", h.ns);
-        if ns_run(&h.ns, &["link", "show", "weft0"]).is_err() {
-            // A fixed MAC, so adding a pod never changes the gateway's.
-            let mac = format!("02:77:65:66:{:02x}:{:02x}", (i >> 8) & 0xff, i & 0xff);
-            ns_run(
-                &h.ns,
-                &["link", "add", "weft0", "address", &mac, "type", "bridge"],
-            )?;
-            ns_run(
-                &h.ns,
-                &[
-                    "addr",
-                    "add",
-                    &format!("{gw}/{}", subnet.prefix_len()),
-                    "dev",
-                    "weft0",
-                ],
-            )?;
-            ns_run(
-                &h.ns,
-                &["link", "set", "weft0", "mtu", &h.mtu.to_string(), "up"],
-            )?;
-        }
         self.add_ns(&pod)?;
+        // Saved before the ADD, so a failure still tears the namespace down.
         self.host_mut(i)?.pods.push(PodState {
             ns: pod.clone(),
-            ip,
+            ip: Ipv4Addr::UNSPECIFIED,
         });
         self.save()?;
-        let vp = format!("vp{j}");
-        ns_run(
+        let netns = format!("/run/netns/{pod}");
+        let attach = crate::cni::Attach {
+            container_id: &pod,
+            netns: &netns,
+            ifname: "eth0",
+        };
+        let answer = crate::cni::call(
+            &crate::cni::weft_cni()?,
             &h.ns,
-            &[
-                "link",
-                "add",
-                &vp,
-                "mtu",
-                &h.mtu.to_string(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &pod,
-            ],
+            "ADD",
+            &self.cni_conf(i),
+            Some(&attach),
         )?;
-        ns_run(&h.ns, &["link", "set", &vp, "master", "weft0", "up"])?;
-        ns_run(&pod, &["link", "set", "eth0", "mtu", &h.mtu.to_string()])?;
-        ns_run(
-            &pod,
-            &[
-                "addr",
-                "add",
-                &format!("{ip}/{}", subnet.prefix_len()),
-                "dev",
-                "eth0",
-            ],
-        )?;
-        ns_run(&pod, &["link", "set", "eth0", "up"])?;
-        ns_run(&pod, &["route", "add", "default", "via", &gw.to_string()])?;
+        if !answer.ok {
+            bail!(
+                "weft-cni ADD for {pod} failed: {} (code {:?}); stderr: {}",
+                answer.msg(),
+                answer.code(),
+                answer.stderr.trim()
+            );
+        }
+        let addr = answer.out["ips"][0]["address"]
+            .as_str()
+            .with_context(|| format!("weft-cni answered without an address: {}", answer.out))?;
+        let ip: Ipv4Addr = addr
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .with_context(|| format!("weft-cni answered address {addr:?}"))?;
+        if let Some(p) = self.host_mut(i)?.pods.iter_mut().find(|p| p.ns == pod) {
+            p.ip = ip;
+        }
         Ok(())
     }
 

@@ -61,6 +61,29 @@ fn up_status_ping_down_and_recovery_from_a_crash() {
         2,
         "{out}"
     );
+    // Pods come and go through weft-cni; the state file follows.
+    let (code, out, err) = weft_lab(&["add-pod", "2", "--name", &name]);
+    assert_eq!(code, 0, "{out}{err}");
+    let pod = out.split_whitespace().nth(1).unwrap().to_string();
+    assert!(pod.ends_with("-h2-p2"), "{out}");
+    let (code, out, _) = weft_lab(&["ping", "--name", &name]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.matches(" ok").count(),
+        6,
+        "three pods, six pairs: {out}"
+    );
+    let (code, out, err) = weft_lab(&["del-pod", "2", &pod, "--name", &name]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!lab_namespaces(&name).contains(&pod));
+    let (code, out, _) = weft_lab(&["cni-conf", "1", "--name", &name]);
+    assert_eq!(code, 0, "{out}");
+    let conf: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(conf["type"], "weft-cni");
+    assert!(conf["subnetFile"]
+        .as_str()
+        .unwrap()
+        .ends_with("h1-subnet.env"));
     let (code, _, err) = weft_lab(&["up", "2", "--name", &name]);
     assert_eq!(code, 1);
     assert!(err.contains("already up"), "{err}");

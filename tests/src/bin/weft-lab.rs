@@ -47,6 +47,25 @@ enum Cmd {
         #[arg(long, default_value = "lab")]
         name: String,
     },
+    /// Attach one more pod to host HOST through weft-cni ADD.
+    AddPod {
+        host: u32,
+        #[arg(long, default_value = "lab")]
+        name: String,
+    },
+    /// Detach pod POD (its namespace name) from host HOST: weft-cni DEL.
+    DelPod {
+        host: u32,
+        pod: String,
+        #[arg(long, default_value = "lab")]
+        name: String,
+    },
+    /// Print the CNI network config the lab uses on host HOST.
+    CniConf {
+        host: u32,
+        #[arg(long, default_value = "lab")]
+        name: String,
+    },
     /// Tear the lab down, also the leftovers of a crashed run.
     Down {
         #[arg(long, default_value = "lab", conflicts_with = "all")]
@@ -172,7 +191,9 @@ fn run(cli: Cli) -> Result<bool> {
             let lab = Lab::up(cfg)?;
             print!("{}", status(&lab));
             let (matrix, ok) = ping(&lab);
-            println!("\npod-to-pod reachability:\n{matrix}");
+            println!(
+                "\npods were attached by weft-cni (see weft-lab cni-conf 1; add more with weft-lab add-pod 1)\npod-to-pod reachability:\n{matrix}"
+            );
             println!("try: weft-lab status | weft-lab ping | weft-lab down");
             Ok(ok)
         }
@@ -184,6 +205,24 @@ fn run(cli: Cli) -> Result<bool> {
             let (matrix, ok) = ping(&Lab::load(&name)?);
             print!("{matrix}");
             Ok(ok)
+        }
+        Cmd::AddPod { host, name } => {
+            let mut lab = Lab::load(&name)?;
+            let pod = lab.new_pod(host)?;
+            println!("pod {} has {}", pod.ns, pod.ip);
+            Ok(true)
+        }
+        Cmd::DelPod { host, pod, name } => {
+            let mut lab = Lab::load(&name)?;
+            lab.delete_pod(host, &pod)?;
+            println!("pod {pod} removed");
+            Ok(true)
+        }
+        Cmd::CniConf { host, name } => {
+            let lab = Lab::load(&name)?;
+            lab.host(host)?;
+            println!("{}", serde_json::to_string_pretty(&lab.cni_conf(host))?);
+            Ok(true)
         }
         Cmd::Down { name, all } => {
             if all {
