@@ -7,15 +7,21 @@
 //! - [`controller`]: a controller serving HTTP in-process.
 //! - [`bins`]: paths of workspace binaries and system tools.
 //! - [`netns`]: throwaway network namespaces, `ip -j` as the oracle.
+//! - [`lab`]: a weft cluster in namespaces (also the `weft-lab` command).
+//! - [`cni`]: calling CNI plugins as a runtime does.
+//! - [`containerd`], [`oci`]: a private containerd and a locally built
+//!   busybox image for `ctr run --cni`.
 //!
 //! Tests that need something this machine lacks (etcd, root) fail with a
 //! message saying what to install; they are never skipped silently.
 
 pub mod bins;
 pub mod cni;
+pub mod containerd;
 pub mod controller;
 pub mod etcd;
 pub mod etcdctl;
 pub mod lab;
 pub mod netns;
+pub mod oci;
 pub mod process;
