@@ -1,6 +1,7 @@
 //! `weft-bench`: benchmarks that print figures. Goals are checked by reading
 //! these figures (recorded in bench/README.md), never by timed assertions.
 
+mod cni;
 mod control_plane;
 mod convergence;
 mod dataplane;
@@ -30,6 +31,9 @@ enum Command {
     /// Time from a new host's lease until every other host has programmed
     /// it, in a lab of 20 hosts. Needs root.
     Convergence(convergence::Args),
+    /// weft-cni ADD and DEL latency against the reference bridge +
+    /// host-local plugins, N containers on one host. Needs root.
+    Cni(cni::Args),
     /// (Used by `reconcile`: writes leases into the lab's etcd.)
     #[command(hide = true)]
     InjectLeases {
@@ -51,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Dataplane(args) => {
             tokio::task::spawn_blocking(move || dataplane::run_bench(args)).await?
         }
+        Command::Cni(args) => tokio::task::spawn_blocking(move || cni::run_bench(args)).await?,
         Command::InjectLeases { count, skip } => reconcile::inject(count, skip).await,
     }
 }

@@ -165,9 +165,8 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
                 .await?;
             // A leftover of an ADD that crashed halfway.
             host.delete(&hv).await?;
-            let tmp = format!("wtmp{}", &hv[4..]);
             let hl = host
-                .add_veth(&hv, &tmp, &ns, mtu, bridge.index, conf.hairpin_mode)
+                .add_veth(&hv, &env.ifname, &ns, mtu, bridge.index, conf.hairpin_mode)
                 .await?;
             let routes: Vec<(Ipv4Net, Ipv4Addr)> = if conf.is_default_gateway {
                 vec![(Ipv4Net::default(), range.gateway)]
@@ -178,9 +177,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
                     .collect()
             };
             let addr = Ipv4Net::new(ip, subnet.prefix_len()).map_err(io)?;
-            let cl = cont
-                .setup_container_if(&tmp, &env.ifname, mtu, addr, &routes)
-                .await?;
+            let cl = cont.setup_container_if(&env.ifname, addr, &routes).await?;
             Ok::<_, CniError>((bridge, hl, cl, addr, routes))
         }
         .await;

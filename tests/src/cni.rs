@@ -64,6 +64,30 @@ pub fn call(
     conf: &Value,
     attach: Option<&Attach<'_>>,
 ) -> Result<Answer> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", host_ns]).arg(plugin);
+    invoke(cmd, plugin, command, conf, attach)
+}
+
+/// Runs `plugin` in the calling thread's network namespace (a child
+/// process starts in the namespace of the thread that forks it): what a
+/// runtime's own call costs, without `ip netns exec`.
+pub fn call_here(
+    plugin: &Path,
+    command: &str,
+    conf: &Value,
+    attach: Option<&Attach<'_>>,
+) -> Result<Answer> {
+    invoke(Command::new(plugin), plugin, command, conf, attach)
+}
+
+fn invoke(
+    mut cmd: Command,
+    plugin: &Path,
+    command: &str,
+    conf: &Value,
+    attach: Option<&Attach<'_>>,
+) -> Result<Answer> {
     let cni_path = format!(
         "{}:{}",
         plugin
@@ -72,10 +96,7 @@ pub fn call(
             .unwrap_or_default(),
         REFERENCE_DIR
     );
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", host_ns])
-        .arg(plugin)
-        .env("CNI_COMMAND", command)
+    cmd.env("CNI_COMMAND", command)
         .env("CNI_PATH", cni_path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -106,6 +127,18 @@ pub fn call(
         ok: out.status.success(),
         out: value,
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// The reference plugins' equivalent of [`weft_conf`]: `bridge` with
+/// `host-local` IPAM on `subnet`, gateway its first address, default route,
+/// hairpin, the given MTU.
+pub fn reference_conf(data_dir: &Path, subnet: &str, gateway: &str, mtu: u32) -> Value {
+    serde_json::json!({
+        "cniVersion": "1.0.0", "name": "ref", "type": "bridge", "bridge": "cni0",
+        "isGateway": true, "isDefaultGateway": true, "hairpinMode": true, "mtu": mtu,
+        "ipam": {"type": "host-local", "dataDir": data_dir,
+                 "ranges": [[{"subnet": subnet, "gateway": gateway}]]}
     })
 }
 

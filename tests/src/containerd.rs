@@ -227,7 +227,11 @@ impl Drop for Containerd {
         // whatever its state dir, and `ctr tasks exec` its FIFOs under
         // /run/containerd/fifo; remove them if this fixture created them.
         if !self.run_dir_existed {
-            for p in ["/run/containerd/s", "/run/containerd/fifo", "/run/containerd"] {
+            for p in [
+                "/run/containerd/s",
+                "/run/containerd/fifo",
+                "/run/containerd",
+            ] {
                 let _ = std::fs::remove_dir(p);
             }
         }

@@ -22,12 +22,12 @@ fn host() -> (Netns, tempfile::TempDir) {
 }
 
 fn reference_conf(dir: &std::path::Path) -> Value {
-    json!({
-        "cniVersion": "1.0.0", "name": "ref", "type": "bridge", "bridge": "cni0",
-        "isGateway": true, "isDefaultGateway": true, "hairpinMode": true, "mtu": 1450,
-        "ipam": {"type": "host-local", "dataDir": dir.join("ref-networks"),
-                 "ranges": [[{"subnet": "10.244.6.0/24", "gateway": "10.244.6.1"}]]}
-    })
+    weft_tests::cni::reference_conf(
+        &dir.join("ref-networks"),
+        "10.244.6.0/24",
+        "10.244.6.1",
+        1450,
+    )
 }
 
 /// The keys of a JSON object, sorted.
