@@ -352,6 +352,24 @@ mod tests {
     }
 
     #[test]
+    fn the_deploy_conflist_gives_the_documented_defaults() {
+        // A runtime hands each plugin its entry with the list's cniVersion
+        // and name added.
+        let list: Value =
+            serde_json::from_str(include_str!("../../deploy/10-weft.conflist")).unwrap();
+        let mut entry = list["plugins"][0].clone();
+        entry["cniVersion"] = list["cniVersion"].clone();
+        entry["name"] = list["name"].clone();
+        let c = NetConf::parse(entry.to_string().as_bytes()).unwrap();
+        assert_eq!(c.name, "weft");
+        assert_eq!(c.subnet_file, default_subnet_file());
+        assert_eq!(c.data_dir, default_data_dir());
+        assert_eq!(c.bridge, default_bridge());
+        assert!(c.is_default_gateway && c.hairpin_mode);
+        assert_eq!(list["plugins"][1]["type"], "portmap");
+    }
+
+    #[test]
     fn config_parsing_and_errors() {
         let c = NetConf::parse(
             br#"{"cniVersion":"1.0.0","name":"weft","type":"weft-cni","runtimeConfig":{"x":1}}"#,

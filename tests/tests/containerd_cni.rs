@@ -1,5 +1,6 @@
 //! A real container runtime uses weft-cni: containerd's `ctr run --cni`
-//! with weft-cni configured in /etc/cni/net.d, on a lab host; the container
+//! with deploy/10-weft.conflist (weft-cni, then portmap) in /etc/cni/net.d,
+//! on a lab host; the container
 //! reaches a pod on another host and is reached from it, and ctr's DEL on
 //! exit frees the address. Needs root and Debian's containerd, runc and
 //! busybox-static (scripts/test installs them).
@@ -31,20 +32,28 @@ fn ctr_run_cni_container_reaches_a_pod_on_another_host() {
     weft_tests::oci::busybox_image(IMAGE, &image).unwrap();
     containerd.import(&image).unwrap();
 
-    // The CNI config a node would have in /etc/cni/net.d, weft-cni in /opt/cni/bin.
+    // The documented config (deploy/10-weft.conflist: weft-cni, then
+    // portmap) in /etc/cni/net.d, pointed at lab host 1's subnet.env and
+    // IPAM store; the plugins in /opt/cni/bin.
     let conf_dir = dir.path().join("net.d");
     let bin_dir = dir.path().join("bin");
     std::fs::create_dir_all(&conf_dir).unwrap();
     std::fs::create_dir_all(&bin_dir).unwrap();
-    let mut plugin = lab.cni_conf(1);
-    let plugin_obj = plugin.as_object_mut().unwrap();
-    plugin_obj.remove("cniVersion");
-    plugin_obj.remove("name");
-    let conflist = serde_json::json!({"cniVersion": "1.0.0", "name": "weft", "plugins": [plugin]});
+    let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/10-weft.conflist");
+    let mut conflist: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(deploy).unwrap()).unwrap();
+    let lab_conf = lab.cni_conf(1);
+    conflist["plugins"][0]["subnetFile"] = lab_conf["subnetFile"].clone();
+    conflist["plugins"][0]["dataDir"] = lab_conf["dataDir"].clone();
     std::fs::write(conf_dir.join("10-weft.conflist"), conflist.to_string()).unwrap();
     std::os::unix::fs::symlink(
         weft_tests::cni::weft_cni().unwrap(),
         bin_dir.join("weft-cni"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        weft_tests::cni::reference("portmap").unwrap(),
+        bin_dir.join("portmap"),
     )
     .unwrap();
 
