@@ -24,6 +24,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// The state the kernel should have for these peers. Peers this
     /// backend cannot program are returned as skipped, with the reason.
     fn desired(&self, local: &LocalNode, peers: &[&Peer]) -> (NetState, Vec<Skipped>);
+
+    /// The next moment desired state changes with time alone (on tokio's
+    /// clock), so the reconcile loop runs then; `None`: only leases change it.
+    fn next_change(&self) -> Option<tokio::time::Instant> {
+        None
+    }
 }
 
 /// Why a backend cannot be used.
@@ -31,13 +37,16 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 pub enum BackendError {
     #[error("the {0} backend is not available in this build of weft-node")]
     Unsupported(BackendType),
+    #[error("the ipsec backend needs the node's key: build it with Ipsec::new")]
+    NeedsKeys,
 }
 
-/// The backend for a network config.
+/// The backend for a network config (ipsec, which needs the node's key
+/// pair, is made with `Ipsec::new`).
 pub fn for_config(cfg: &BackendConfig) -> Result<Box<dyn Backend>, BackendError> {
     match cfg {
         BackendConfig::Vxlan(v) => Ok(Box::new(Vxlan::new(v.clone()))),
         BackendConfig::HostGw => Ok(Box::new(HostGw)),
-        BackendConfig::Ipsec(_) => Err(BackendError::Unsupported(BackendType::Ipsec)),
+        BackendConfig::Ipsec(_) => Err(BackendError::NeedsKeys),
     }
 }

@@ -164,6 +164,23 @@ impl FakeDataplane {
             Change::DelRoute { dst, .. } => {
                 st.routes.remove(dst);
             }
+            Change::AddXfrmState { id, sa } => {
+                if st.xfrm_states.contains_key(id) {
+                    return Err("File exists".into());
+                }
+                st.xfrm_states.insert(*id, sa.clone());
+            }
+            Change::DelXfrmState { id } => {
+                st.xfrm_states.remove(id).ok_or("No such process")?;
+            }
+            Change::SetXfrmPolicy { id, tmpl } => {
+                st.xfrm_policies.insert(*id, *tmpl);
+            }
+            Change::DelXfrmPolicy { id } => {
+                st.xfrm_policies
+                    .remove(id)
+                    .ok_or("No such file or directory")?;
+            }
         }
         Ok(())
     }

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 /// The changes that turn `observed` into `desired`, in an order that works:
 /// links first; then additions as flannel orders them (neighbour, FDB,
-/// route); deletions in reverse; unwanted links last. A link whose identity
+/// XFRM SA, XFRM policy, route); deletions in reverse; unwanted links last. A link whose identity
 /// (VNI, port, local address) changed is recreated, and everything on it is
 /// added again.
 pub fn diff(desired: &NetState, observed: &NetState) -> Vec<Change> {
@@ -67,6 +67,34 @@ pub fn diff(desired: &NetState, observed: &NetState) -> Vec<Change> {
             });
         }
     }
+    // SAs before the policies that use them, policies before the routes
+    // that send traffic into them: a packet never meets a policy without
+    // its SA (it would be dropped) or a route without its policy (it
+    // would leave unencrypted).
+    for (id, sa) in &desired.xfrm_states {
+        match observed.xfrm_states.get(id) {
+            Some(have) if have == sa => {}
+            Some(_) => {
+                out.push(Change::DelXfrmState { id: *id });
+                out.push(Change::AddXfrmState {
+                    id: *id,
+                    sa: sa.clone(),
+                });
+            }
+            None => out.push(Change::AddXfrmState {
+                id: *id,
+                sa: sa.clone(),
+            }),
+        }
+    }
+    for (id, tmpl) in &desired.xfrm_policies {
+        if observed.xfrm_policies.get(id) != Some(tmpl) {
+            out.push(Change::SetXfrmPolicy {
+                id: *id,
+                tmpl: *tmpl,
+            });
+        }
+    }
     for (dst, target) in &desired.routes {
         if gone(&target.dev) || observed.routes.get(dst) != Some(target) {
             out.push(Change::SetRoute {
@@ -83,6 +111,17 @@ pub fn diff(desired: &NetState, observed: &NetState) -> Vec<Change> {
                 dst: *dst,
                 target: target.clone(),
             });
+        }
+    }
+    // Routes are gone by now; then policies, then their SAs.
+    for id in observed.xfrm_policies.keys() {
+        if !desired.xfrm_policies.contains_key(id) {
+            out.push(Change::DelXfrmPolicy { id: *id });
+        }
+    }
+    for id in observed.xfrm_states.keys() {
+        if !desired.xfrm_states.contains_key(id) {
+            out.push(Change::DelXfrmState { id: *id });
         }
     }
     for ((dev, mac), dst) in &observed.fdb {

@@ -5,7 +5,8 @@
 //! [`Dataplane`] observes; the dataplane applies the changes. The node's
 //! reconcile loop does exactly that, every time, from scratch.
 //!
-//! - [`Vxlan`] and [`HostGw`] are the backends, picked by [`for_config`].
+//! - [`Vxlan`], [`HostGw`] and [`Ipsec`] are the backends; [`for_config`]
+//!   picks the first two, the node builds `Ipsec` with its key pair.
 //! - [`NetlinkDataplane`] is the kernel; [`FakeDataplane`] a stand-in for tests.
 //! - [`peer::select`] checks leases before they are programmed.
 
@@ -13,18 +14,24 @@ mod backend;
 pub mod dataplane;
 mod diff;
 mod hostgw;
+pub mod ipsec;
 mod local;
 pub mod netlink;
 pub mod peer;
 pub mod state;
 mod vxlan;
+pub mod xfrm;
 
 pub use backend::{for_config, Backend, BackendError};
 pub use dataplane::{ApplyError, Dataplane, DataplaneError, FakeDataplane};
 pub use diff::diff;
 pub use hostgw::HostGw;
+pub use ipsec::Ipsec;
 pub use local::{vtep_mac, ExternalIface, LocalNode};
 pub use netlink::{Interface, NetlinkDataplane};
 pub use peer::{Peer, Skipped};
-pub use state::{dev, Change, Dev, NetState, RouteTarget, VxlanLink, WEFT_ROUTE_PROTOCOL};
+pub use state::{
+    dev, AeadKey, Change, Dev, NetState, RouteTarget, VxlanLink, XfrmDir, XfrmPolicyId, XfrmSa,
+    XfrmSaId, XfrmTmpl, WEFT_ROUTE_PROTOCOL, WEFT_XFRM_REQID,
+};
 pub use vxlan::{Vxlan, VXLAN_OVERHEAD};

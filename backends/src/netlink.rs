@@ -2,7 +2,8 @@
 //!
 //! Observation reads only what weft owns: links named `weft.*` of kind
 //! vxlan and the addresses, permanent neighbours and FDB entries on them,
-//! and routes in the main table with [`WEFT_ROUTE_PROTOCOL`]. Changes of one
+//! routes in the main table with [`WEFT_ROUTE_PROTOCOL`], and XFRM SAs and
+//! policies with weft's reqid (`crate::xfrm`). Changes of one
 //! kind are sent concurrently over one netlink socket; deleting something
 //! that is already gone counts as done.
 
@@ -45,16 +46,51 @@ pub struct Interface {
     pub addrs: Vec<IpNet>,
 }
 
+/// The XFRM netlink socket, or why there is none.
+enum Xfrm {
+    Ready {
+        handle: xfrmnetlink::Handle,
+        connection: tokio::task::JoinHandle<()>,
+    },
+    Unavailable(String),
+}
+
+impl std::fmt::Debug for Xfrm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Xfrm::Ready { .. } => f.write_str("Xfrm::Ready"),
+            Xfrm::Unavailable(why) => write!(f, "Xfrm::Unavailable({why:?})"),
+        }
+    }
+}
+
+/// Opens the XFRM socket in the current namespace (inside a runtime). A
+/// kernel without xfrm_user is fine for vxlan and host-gw: the reason is
+/// kept and reported when IPsec is asked for.
+fn open_xfrm() -> Xfrm {
+    match xfrmnetlink::new_connection() {
+        Ok((conn, handle, _)) => Xfrm::Ready {
+            handle,
+            connection: tokio::spawn(conn),
+        },
+        Err(e) => Xfrm::Unavailable(e.to_string()),
+    }
+}
+
 /// Dataplane on the kernel of one network namespace.
 #[derive(Debug)]
 pub struct NetlinkDataplane {
     handle: Handle,
     connection: tokio::task::JoinHandle<()>,
+    xfrm: Xfrm,
 }
 
 impl Drop for NetlinkDataplane {
     fn drop(&mut self) {
         self.connection.abort();
+        if let Xfrm::Ready { connection, .. } = &self.xfrm {
+            connection.abort();
+        }
     }
 }
 
@@ -97,6 +133,7 @@ impl NetlinkDataplane {
         Ok(NetlinkDataplane {
             handle,
             connection: tokio::spawn(conn),
+            xfrm: open_xfrm(),
         })
     }
 
@@ -112,7 +149,7 @@ impl NetlinkDataplane {
                 .map_err(|e| format!("setns {}: {e}", path.display()))?;
             let _guard = rt.enter();
             let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| e.to_string())?;
-            Ok((conn, handle))
+            Ok((conn, handle, open_xfrm()))
         })
         .join()
         .map_err(|_| DataplaneError::Setup("netns thread panicked".into()))?
@@ -120,7 +157,26 @@ impl NetlinkDataplane {
         Ok(NetlinkDataplane {
             handle: made.1,
             connection: tokio::spawn(made.0),
+            xfrm: made.2,
         })
+    }
+
+    fn xfrm(&self) -> Result<&xfrmnetlink::Handle, String> {
+        match &self.xfrm {
+            Xfrm::Ready { handle, .. } => Ok(handle),
+            Xfrm::Unavailable(why) => {
+                Err(format!("no XFRM netlink socket (module xfrm_user): {why}"))
+            }
+        }
+    }
+
+    /// Checks that this kernel can run the ipsec backend: XFRM netlink,
+    /// ESP and the AEAD weft uses. The error names what is missing.
+    pub async fn probe_ipsec(&self) -> Result<(), crate::xfrm::KernelSupport> {
+        match &self.xfrm {
+            Xfrm::Ready { handle, .. } => crate::xfrm::probe(handle).await,
+            Xfrm::Unavailable(why) => Err(crate::xfrm::KernelSupport::NoXfrmUser(why.clone())),
+        }
     }
 
     /// The rtnetlink handle, for callers that need more than the Dataplane.
@@ -356,6 +412,10 @@ impl NetlinkDataplane {
                 let msg = route_message(dst, target, i)?;
                 ignore_gone(h.route().del(msg).execute().await)
             }
+            Change::AddXfrmState { .. }
+            | Change::DelXfrmState { .. }
+            | Change::SetXfrmPolicy { .. }
+            | Change::DelXfrmPolicy { .. } => crate::xfrm::apply(self.xfrm()?, c).await,
         }
     }
 }
@@ -550,6 +610,10 @@ fn group(c: &Change) -> u8 {
         Change::DelFdb { .. } => 6,
         Change::DelNeighbour { .. } => 7,
         Change::DelAddress { .. } => 8,
+        Change::AddXfrmState { .. } => 9,
+        Change::SetXfrmPolicy { .. } => 10,
+        Change::DelXfrmPolicy { .. } => 11,
+        Change::DelXfrmState { .. } => 12,
     }
 }
 
@@ -609,6 +673,29 @@ impl Dataplane for NetlinkDataplane {
                 }
             })
             .await?;
+        }
+        // Without an XFRM socket there is nothing of weft's there to see.
+        if let Ok(h) = self.xfrm() {
+            for (id, sa) in
+                crate::xfrm::states(h)
+                    .await
+                    .map_err(|reason| DataplaneError::Observe {
+                        what: "XFRM states",
+                        reason,
+                    })?
+            {
+                st.xfrm_states.insert(id, sa);
+            }
+            for (id, tmpl) in
+                crate::xfrm::policies(h)
+                    .await
+                    .map_err(|reason| DataplaneError::Observe {
+                        what: "XFRM policies",
+                        reason,
+                    })?
+            {
+                st.xfrm_policies.insert(id, tmpl);
+            }
         }
         self.each_route(|r| {
             if r.header.table != RouteHeader::RT_TABLE_MAIN

@@ -64,6 +64,97 @@ pub struct RouteTarget {
     pub onlink: bool,
 }
 
+/// weft's reqid on every XFRM state and policy template it owns ("weft"
+/// in ASCII); entries with any other reqid are never touched.
+pub const WEFT_XFRM_REQID: u32 = 0x7765_6674;
+
+/// The AEAD every weft SA uses, and its ICV length in bits.
+pub const XFRM_AEAD: &str = "rfc4106(gcm(aes))";
+pub const XFRM_ICV_BITS: u32 = 128;
+
+/// Key material of an SA: the AES-256 key and the 4-byte GCM salt, as the
+/// kernel takes them (36 bytes). Never shown: `Debug` prints a fingerprint
+/// length only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AeadKey(pub Arc<[u8]>);
+
+impl fmt::Debug for AeadKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AeadKey(<{} bytes, redacted>)", self.0.len())
+    }
+}
+
+/// An ESP SA in tunnel mode, identified as the kernel does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct XfrmSaId {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub spi: u32,
+}
+
+/// What an SA holds besides its identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XfrmSa {
+    pub reqid: u32,
+    pub key: AeadKey,
+    pub replay_window: u32,
+}
+
+/// Direction of an XFRM policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum XfrmDir {
+    In,
+    Out,
+    Fwd,
+}
+
+impl XfrmDir {
+    /// The kernel's number (XFRM_POLICY_IN/OUT/FWD).
+    pub fn kernel(self) -> u8 {
+        match self {
+            XfrmDir::In => 0,
+            XfrmDir::Out => 1,
+            XfrmDir::Fwd => 2,
+        }
+    }
+
+    /// From the kernel's number.
+    pub fn from_kernel(d: u8) -> Option<Self> {
+        match d {
+            0 => Some(XfrmDir::In),
+            1 => Some(XfrmDir::Out),
+            2 => Some(XfrmDir::Fwd),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for XfrmDir {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            XfrmDir::In => "in",
+            XfrmDir::Out => "out",
+            XfrmDir::Fwd => "fwd",
+        })
+    }
+}
+
+/// An XFRM policy's identity: direction and selector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct XfrmPolicyId {
+    pub dir: XfrmDir,
+    pub src: IpNet,
+    pub dst: IpNet,
+}
+
+/// The one template of a weft policy: ESP in tunnel mode between two hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XfrmTmpl {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub reqid: u32,
+}
+
 /// Everything weft owns on a host. Hash maps (FxHash: fast for these small
 /// keys, which come from controller-checked leases, not from strangers): a
 /// pass with thousands of peers builds and compares them, in no order.
@@ -79,6 +170,10 @@ pub struct NetState {
     pub fdb: HashMap<(Dev, MacAddr), IpAddr>,
     /// Routes with weft's protocol, by destination.
     pub routes: HashMap<IpNet, RouteTarget>,
+    /// ESP SAs with weft's reqid.
+    pub xfrm_states: HashMap<XfrmSaId, XfrmSa>,
+    /// XFRM policies whose template has weft's reqid.
+    pub xfrm_policies: HashMap<XfrmPolicyId, XfrmTmpl>,
 }
 
 impl NetState {
@@ -90,6 +185,8 @@ impl NetState {
             + self.neighbours.len()
             + self.fdb.len()
             + self.routes.len()
+            + self.xfrm_states.len()
+            + self.xfrm_policies.len()
     }
 }
 
@@ -144,6 +241,21 @@ pub enum Change {
         dst: IpNet,
         target: RouteTarget,
     },
+    AddXfrmState {
+        id: XfrmSaId,
+        sa: XfrmSa,
+    },
+    DelXfrmState {
+        id: XfrmSaId,
+    },
+    /// Adds the policy or updates its template.
+    SetXfrmPolicy {
+        id: XfrmPolicyId,
+        tmpl: XfrmTmpl,
+    },
+    DelXfrmPolicy {
+        id: XfrmPolicyId,
+    },
 }
 
 impl fmt::Display for Change {
@@ -190,6 +302,27 @@ impl fmt::Display for Change {
                 f,
                 "ip route del {dst} via {} dev {}",
                 target.via, target.dev
+            ),
+            // The key is never written out, here or anywhere.
+            Change::AddXfrmState { id, sa } => write!(
+                f,
+                "ip xfrm state add src {} dst {} proto esp spi {:#010x} reqid {} mode tunnel replay-window {} aead '{XFRM_AEAD}' <key> {XFRM_ICV_BITS}",
+                id.src, id.dst, id.spi, sa.reqid, sa.replay_window
+            ),
+            Change::DelXfrmState { id } => write!(
+                f,
+                "ip xfrm state del src {} dst {} proto esp spi {:#010x}",
+                id.src, id.dst, id.spi
+            ),
+            Change::SetXfrmPolicy { id, tmpl } => write!(
+                f,
+                "ip xfrm policy update src {} dst {} dir {} tmpl src {} dst {} proto esp reqid {} mode tunnel",
+                id.src, id.dst, id.dir, tmpl.src, tmpl.dst, tmpl.reqid
+            ),
+            Change::DelXfrmPolicy { id } => write!(
+                f,
+                "ip xfrm policy del src {} dst {} dir {}",
+                id.src, id.dst, id.dir
             ),
         }
     }

@@ -40,6 +40,21 @@ enum Command {
     Lease(LeaseCmd),
     /// Controller readiness, subnet usage, and every lease with its TTL.
     Status,
+    /// Talk to a node daemon on this host (its status listener).
+    #[command(subcommand)]
+    Node(NodeCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCmd {
+    /// ipsec backend: rotate the node's key pair now (new epoch published
+    /// in its lease; peers switch over without losing traffic).
+    Rekey {
+        /// The node's status listener (`weft-node --healthz`); only
+        /// accepted from the same host.
+        #[arg(long, env = "WEFT_NODE_URL", default_value = "http://127.0.0.1:9680")]
+        node: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,9 +120,36 @@ fn explain(e: &anyhow::Error) -> String {
     }
 }
 
+/// `POST <node>/v1/rekey`.
+async fn rekey(node: &str) -> Result<ExitCode> {
+    let url = format!("{}/v1/rekey", node.trim_end_matches('/'));
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .timeout(std::time::Duration::from_secs(120))
+        .send()
+        .await
+        .with_context(|| {
+            format!("{url} (is weft-node running here? set --node or WEFT_NODE_URL)")
+        })?;
+    let code = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    if code.is_success() {
+        println!("IPsec key rotated: epoch {}", body["epoch"]);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "weftctl: {} [{}]",
+            body["message"].as_str().unwrap_or("the node refused"),
+            body["error"].as_str().unwrap_or(code.as_str())
+        );
+        Ok(ExitCode::from(1))
+    }
+}
+
 async fn run(cli: Cli) -> Result<ExitCode> {
     let client = ControllerClient::new(&cli.controller)?;
     match cli.command {
+        Command::Node(NodeCmd::Rekey { node }) => return rekey(&node).await,
         Command::Network(NetworkCmd::Get) => {
             let view = client.network().await?;
             match view.config {

@@ -4,23 +4,30 @@
 //! data plane stays as it is, so a restart is hitless.
 
 use crate::iface::{self, IfaceChoice};
+use crate::keystore;
 use crate::peers::{self, PeerTable};
 use crate::reconcile::Reconciler;
+use crate::rekey::{RekeyRequest, Rekeyer};
 use crate::retry::{until_ok, Backoff};
+use crate::status::IpsecSnapshot;
 use crate::status::Status;
 use crate::subnet_env::{self, SubnetEnv};
 use crate::{health, masq, system};
 use anyhow::{anyhow, Context, Result};
+use base64::Engine;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use weft_backends::{for_config, vtep_mac, Backend, ExternalIface, LocalNode, NetlinkDataplane};
-use weft_config::NetworkConfig;
+use weft_backends::ipsec::Timing;
+use weft_backends::{
+    for_config, vtep_mac, Backend, ExternalIface, Ipsec, LocalNode, NetlinkDataplane,
+};
+use weft_config::{BackendConfig, NetworkConfig};
 use weft_lease::api::{AcquireRequest, LeaseResponse};
 use weft_lease::client::{ClientError, ControllerClient};
 use weft_lease::{NodeName, SubnetKey};
@@ -39,6 +46,10 @@ pub struct Options {
     pub resync: Duration,
     /// Reconnect the lease watch after this long without a line.
     pub watch_silence: Duration,
+    /// Where the node keeps state that must survive restarts (the IPsec key).
+    pub state_dir: PathBuf,
+    /// Rotate the IPsec key this often (zero: only on demand).
+    pub ipsec_rekey_interval: Duration,
 }
 
 /// What the lease-keeping task needs.
@@ -48,6 +59,7 @@ struct Keeper {
     public_ip: Ipv4Addr,
     ext: ExternalIface,
     backend: Arc<dyn Backend>,
+    ipsec: Option<Arc<Ipsec>>,
     status: Arc<Status>,
     local: watch::Sender<Option<Arc<LocalNode>>>,
 }
@@ -151,11 +163,15 @@ impl Keeper {
 
     async fn reacquire(&self, previous: Option<SubnetKey>) -> LeaseResponse {
         loop {
+            let epoch = self.ipsec.as_ref().map(|i| i.epoch());
             let req = self.request(previous.as_ref());
             let resp = until_ok("acquiring a lease", || {
                 self.client.acquire(self.opts.node_name.as_str(), &req)
             })
             .await;
+            if let (Some(i), Some(e)) = (&self.ipsec, epoch) {
+                i.published(e);
+            }
             let network = match NetworkConfig::from_value(resp.network.clone()) {
                 Ok(n) => Arc::new(n),
                 Err(e) => {
@@ -206,22 +222,69 @@ async fn network(client: &ControllerClient) -> NetworkConfig {
     .await
 }
 
+/// The backend the network config asks for. The ipsec backend needs more
+/// than the config: a kernel that can do it (checked now, so a node that
+/// cannot encrypt never pretends to), the node's key pair from
+/// `--state-dir`, and the cluster PSK if the config names one.
+async fn make_backend(
+    network: &NetworkConfig,
+    opts: &Options,
+    dp: &NetlinkDataplane,
+) -> Result<(Arc<dyn Backend>, Option<Arc<Ipsec>>)> {
+    match &network.backend {
+        BackendConfig::Ipsec(cfg) => {
+            dp.probe_ipsec().await.map_err(|e| {
+                anyhow!(
+                    "the ipsec backend cannot run on this kernel ({}): {e}",
+                    kernel_release()
+                )
+            })?;
+            let key = keystore::load_or_create(&opts.state_dir)?;
+            let psk = match &cfg.psk_file {
+                Some(f) => Some(keystore::read_psk(f).context("Backend.PSK")?),
+                None => None,
+            };
+            tracing::info!(
+                epoch = key.epoch(),
+                psk = psk.is_some(),
+                rekey_every = ?opts.ipsec_rekey_interval,
+                "ipsec backend: ESP tunnel mode, {}", weft_backends::state::XFRM_AEAD
+            );
+            let ipsec = Arc::new(Ipsec::new(key, psk, Timing::default()));
+            Ok((ipsec.clone(), Some(ipsec)))
+        }
+        other => Ok((Arc::from(for_config(other)?), None)),
+    }
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| format!("Linux {}", s.trim()))
+        .unwrap_or_else(|_| "Linux".into())
+}
+
 /// Runs the daemon until `shutdown`; returns an error only for problems
-/// that waiting cannot fix (no usable interface, an unsupported backend).
+/// that waiting cannot fix (no usable interface, a backend this kernel or
+/// build cannot run).
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()> {
     let status = Arc::new(Status::new(opts.node_name.as_str()));
     let mut tasks = JoinSet::new();
+    let (rekey_tx, rekey_rx) = mpsc::channel(4);
     if let Some(addr) = opts.healthz {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("--healthz {addr}: cannot listen"))?;
-        let router = health::router(status.clone());
+        let router = health::router(status.clone(), rekey_tx);
         tasks.spawn(async move {
-            let _ = axum::serve(listener, router).await;
+            let _ = axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await;
         });
     }
     tokio::select! {
-        r = start(opts, status, &mut tasks) => r,
+        r = start(opts, status, &mut tasks, rekey_rx) => r,
         _ = shutdown => {
             tracing::info!("stopping; the data plane stays in place");
             system::sd_notify("STOPPING=1");
@@ -231,7 +294,12 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     // Dropping `tasks` stops every task; nothing is removed from the kernel.
 }
 
-async fn start(opts: Options, status: Arc<Status>, tasks: &mut JoinSet<()>) -> Result<()> {
+async fn start(
+    opts: Options,
+    status: Arc<Status>,
+    tasks: &mut JoinSet<()>,
+    rekey_rx: mpsc::Receiver<RekeyRequest>,
+) -> Result<()> {
     let dp = Arc::new(NetlinkDataplane::new().context("netlink")?);
     let client = ControllerClient::new(&opts.controller)?;
 
@@ -256,13 +324,13 @@ async fn start(opts: Options, status: Arc<Status>, tasks: &mut JoinSet<()>) -> R
 
     // The backend comes from the network config; the lease request carries
     // the backend's data, and the controller checks both agree.
-    let (network, backend, lease) = loop {
+    let (network, backend, ipsec, lease) = loop {
         status.phase(format!(
             "waiting for the network config from {}",
             opts.controller
         ));
         let network = network(&client).await;
-        let backend: Arc<dyn Backend> = Arc::from(for_config(&network.backend)?);
+        let (backend, ipsec) = make_backend(&network, &opts, &dp).await?;
         status.update(|s| s.backend = Some(backend.backend_type().to_string()));
         status.phase(format!("acquiring a lease from {}", opts.controller));
         let req = AcquireRequest::new(
@@ -280,7 +348,7 @@ async fn start(opts: Options, status: Arc<Status>, tasks: &mut JoinSet<()>) -> R
         })
         .await;
         match got {
-            Some(lease) => break (network, backend, lease),
+            Some(lease) => break (network, backend, ipsec, lease),
             None => {
                 tracing::info!("the network's backend changed meanwhile; reading the config again")
             }
@@ -293,6 +361,18 @@ async fn start(opts: Options, status: Arc<Status>, tasks: &mut JoinSet<()>) -> R
         "lease acquired"
     );
     system::enable_forwarding(network.ipv6.is_some()).map_err(|e| anyhow!(e))?;
+    if let Some(i) = &ipsec {
+        i.published(i.epoch());
+        let k = i.key_status();
+        status.ipsec_epoch.set(k.epoch as i64);
+        status.update(|s| {
+            s.ipsec = Some(IpsecSnapshot {
+                epoch: k.epoch,
+                published_epoch: k.published_epoch,
+                public_key: base64::engine::general_purpose::STANDARD.encode(k.public_key),
+            })
+        });
+    }
 
     let (local_tx, local_rx) = watch::channel(None);
     let keeper = Keeper {
@@ -301,6 +381,7 @@ async fn start(opts: Options, status: Arc<Status>, tasks: &mut JoinSet<()>) -> R
         public_ip: chosen.public_ip,
         ext: chosen.ext.clone(),
         backend: backend.clone(),
+        ipsec: ipsec.clone(),
         status: status.clone(),
         local: local_tx,
     };
@@ -309,13 +390,26 @@ async fn start(opts: Options, status: Arc<Status>, tasks: &mut JoinSet<()>) -> R
 
     let (peers_tx, peers_rx) = watch::channel(Arc::new(PeerTable::default()));
     tasks.spawn(peers::follow(
-        client,
+        client.clone(),
         peers_tx,
         opts.watch_silence,
         status.clone(),
     ));
     let reconciler = Reconciler::new(dp, backend, status.clone());
     let heartbeat = reconciler.heartbeat.clone();
+    if let Some(ipsec) = ipsec {
+        let rekeyer = Rekeyer {
+            ipsec,
+            state_dir: opts.state_dir.clone(),
+            kicker: reconciler.kicker(),
+            client: client.clone(),
+            node_name: opts.node_name.to_string(),
+            public_ip: chosen.public_ip,
+            local: local_rx.clone(),
+            status: status.clone(),
+        };
+        tasks.spawn(rekeyer.run(opts.ipsec_rekey_interval, rekey_rx));
+    }
     tasks.spawn(reconciler.run(local_rx, peers_rx, opts.resync));
     tasks.spawn(keeper.keep(lease));
 

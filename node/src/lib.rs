@@ -9,9 +9,11 @@
 pub mod daemon;
 pub mod health;
 pub mod iface;
+pub mod keystore;
 pub mod masq;
 pub mod peers;
 pub mod reconcile;
+pub mod rekey;
 pub mod retry;
 pub mod status;
 pub mod subnet_env;

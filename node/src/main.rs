@@ -45,6 +45,14 @@ struct Args {
     /// Seconds between reconcile passes when nothing changes.
     #[arg(long, env = "WEFT_NODE_RESYNC", default_value_t = 10)]
     resync: u64,
+    /// Directory for state that must survive restarts: the ipsec backend's
+    /// key pair (`ipsec-key.json`, mode 0600).
+    #[arg(long, env = "WEFT_NODE_STATE_DIR", default_value = "/var/lib/weft")]
+    state_dir: PathBuf,
+    /// ipsec backend: rotate the key pair this often (Go duration, e.g.
+    /// `24h`, `90m`; `0` only on demand: SIGUSR1 or `weftctl node rekey`).
+    #[arg(long, env = "WEFT_NODE_IPSEC_REKEY_INTERVAL", default_value = "24h")]
+    ipsec_rekey_interval: String,
     /// Log filter, e.g. `info` or `weft_node=debug`.
     #[arg(long, env = "WEFT_NODE_LOG", default_value = "info")]
     log: String,
@@ -81,6 +89,18 @@ fn options(a: Args) -> anyhow::Result<Options> {
     if a.resync == 0 {
         anyhow::bail!("--resync must be at least 1 second");
     }
+    let ipsec_rekey_interval = if a.ipsec_rekey_interval.trim() == "0" {
+        Duration::ZERO
+    } else {
+        let d = weft_config::parse_duration(&a.ipsec_rekey_interval)
+            .map_err(|e| anyhow!("--ipsec-rekey-interval {:?}: {e}", a.ipsec_rekey_interval))?;
+        if d < Duration::from_secs(60) {
+            anyhow::bail!(
+                "--ipsec-rekey-interval must be at least 1m (or 0 for on demand only); a rotation takes the switch delay plus the grace period to settle"
+            );
+        }
+        d
+    };
     Ok(Options {
         controller: a.controller,
         node_name,
@@ -91,22 +111,44 @@ fn options(a: Args) -> anyhow::Result<Options> {
         healthz,
         resync: Duration::from_secs(a.resync),
         watch_silence: Duration::from_secs(45),
+        state_dir: a.state_dir,
+        ipsec_rekey_interval,
     })
 }
 
 // One thread is plenty for a node daemon, and keeps its memory small.
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("weft-node: --log {:?}: {e}", args.log);
+            return std::process::ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
+        .with_env_filter(filter)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let opts = options(args)?;
-    tracing::info!(node = %opts.node_name, controller = %opts.controller, "weft-node starting");
-    daemon::run(opts, shutdown()).await
+    let result = match options(args) {
+        Ok(opts) => {
+            tracing::info!(node = %opts.node_name, controller = %opts.controller, "weft-node starting");
+            daemon::run(opts, shutdown()).await
+        }
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line that says what is wrong, in the journal too.
+            tracing::error!("{e:#}");
+            eprintln!("weft-node: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 async fn shutdown() {

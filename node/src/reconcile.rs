@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use weft_backends::peer::select;
 use weft_backends::{diff, Backend, Dataplane, LocalNode};
 
@@ -39,6 +39,20 @@ pub enum Pass {
     Event,
 }
 
+/// Asks a running loop for a full pass now and waits for its outcome.
+#[derive(Debug, Clone)]
+pub struct Kicker(mpsc::Sender<oneshot::Sender<Outcome>>);
+
+impl Kicker {
+    /// A full pass, run as soon as the loop is free; `None` if the loop is
+    /// gone.
+    pub async fn full_pass(&self) -> Option<Outcome> {
+        let (tx, rx) = oneshot::channel();
+        self.0.send(tx).await.ok()?;
+        rx.await.ok()
+    }
+}
+
 /// The reconcile loop's state.
 pub struct Reconciler {
     dataplane: Arc<dyn Dataplane>,
@@ -52,6 +66,8 @@ pub struct Reconciler {
     /// systemd watchdog.
     pub heartbeat: Arc<AtomicU64>,
     origin: Instant,
+    kicks: mpsc::Receiver<oneshot::Sender<Outcome>>,
+    kicker: Kicker,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -68,7 +84,10 @@ impl Reconciler {
         backend: Arc<dyn Backend>,
         status: Arc<Status>,
     ) -> Self {
+        let (tx, kicks) = mpsc::channel(8);
         Reconciler {
+            kicks,
+            kicker: Kicker(tx),
             dataplane,
             backend,
             status,
@@ -78,6 +97,11 @@ impl Reconciler {
             heartbeat: Arc::new(AtomicU64::new(0)),
             origin: Instant::now(),
         }
+    }
+
+    /// A handle that asks the running loop for a full pass.
+    pub fn kicker(&self) -> Kicker {
+        self.kicker.clone()
     }
 
     /// One full pass: the kernel observed, whatever woke us.
@@ -179,9 +203,10 @@ impl Reconciler {
     }
 
     /// Runs until the senders go away: a pass on every change of the local
-    /// node or the leases, and every `resync` otherwise. Nothing happens
-    /// before the first full lease list (a restart must not remove what it
-    /// has not seen yet).
+    /// node or the leases, when the backend's state changes with time (an
+    /// IPsec key switch), when kicked, and every `resync` otherwise.
+    /// Nothing happens before the first full lease list (a restart must not
+    /// remove what it has not seen yet).
     pub async fn run(
         mut self,
         mut local: watch::Receiver<Option<Arc<LocalNode>>>,
@@ -192,6 +217,7 @@ impl Reconciler {
         // changes must not postpone it.
         let mut next_full = tokio::time::Instant::now();
         let mut pass = Pass::Full;
+        let mut waiting: Vec<oneshot::Sender<Outcome>> = Vec::new();
         loop {
             let l = local.borrow_and_update().clone();
             let t = peers.borrow_and_update().clone();
@@ -199,12 +225,18 @@ impl Reconciler {
                 next_full = tokio::time::Instant::now() + resync;
             }
             if let Some(l) = l.filter(|_| t.synced) {
-                self.reconcile(&l, &t, pass).await;
+                let o = self.reconcile(&l, &t, pass).await;
+                for w in waiting.drain(..) {
+                    let _ = w.send(o.clone());
+                }
             }
+            let timed = self.backend.next_change();
             pass = tokio::select! {
                 r = local.changed() => { if r.is_err() { return } Pass::Full }
                 r = peers.changed() => { if r.is_err() { return } Pass::Event }
                 _ = tokio::time::sleep_until(next_full) => Pass::Full,
+                _ = tokio::time::sleep_until(timed.unwrap_or(next_full)), if timed.is_some() => Pass::Event,
+                Some(w) = self.kicks.recv() => { waiting.push(w); Pass::Full }
             };
         }
     }

@@ -26,6 +26,19 @@ pub struct Snapshot {
     pub errors: Vec<String>,
     /// Unix time of the last reconcile that applied everything.
     pub last_success_unix: Option<u64>,
+    /// The IPsec key, with the ipsec backend (never the private half).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipsec: Option<IpsecSnapshot>,
+}
+
+/// The node's IPsec key as `/readyz` shows it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IpsecSnapshot {
+    pub epoch: u64,
+    /// The epoch our lease carries (peers know it).
+    pub published_epoch: Option<u64>,
+    /// Base64, as in the lease.
+    pub public_key: String,
 }
 
 /// Shared status and metrics.
@@ -42,6 +55,8 @@ pub struct Status {
     pub last_success: Gauge,
     pub renewals: Family<Vec<(&'static str, &'static str)>, Counter>,
     pub watch_restarts: Counter,
+    pub ipsec_rekeys: Counter,
+    pub ipsec_epoch: Gauge,
     ready: Gauge,
 }
 
@@ -96,6 +111,18 @@ impl Status {
         );
         let ready = Gauge::default();
         registry.register("ready", "1 after the first full reconcile", ready.clone());
+        let ipsec_rekeys = Counter::default();
+        registry.register(
+            "ipsec_key_rotations",
+            "IPsec key rotations published",
+            ipsec_rekeys.clone(),
+        );
+        let ipsec_epoch = Gauge::default();
+        registry.register(
+            "ipsec_key_epoch",
+            "Epoch of the IPsec key in use (ipsec backend)",
+            ipsec_epoch.clone(),
+        );
         Status {
             snap: Mutex::new(Snapshot {
                 node: node.to_string(),
@@ -112,6 +139,8 @@ impl Status {
             last_success,
             renewals,
             watch_restarts,
+            ipsec_rekeys,
+            ipsec_epoch,
             ready,
         }
     }

@@ -537,6 +537,11 @@ impl Lab {
         self.save()
     }
 
+    /// Host `i`'s `--state-dir` (its IPsec key).
+    pub fn state_dir(&self, i: u32) -> PathBuf {
+        self.dir.join(format!("h{i}-state"))
+    }
+
     fn subnet_file(&self, i: u32) -> PathBuf {
         self.dir.join(format!("h{i}-subnet.env"))
     }
@@ -557,6 +562,8 @@ impl Lab {
             "127.0.0.1:9680".into(),
             "--resync".into(),
             self.state.resync.to_string(),
+            "--state-dir".into(),
+            self.state_dir(i).display().to_string(),
         ];
         if self.state.ip_masq {
             argv.push("--ip-masq".into());
@@ -790,6 +797,35 @@ impl Lab {
     }
 
     /// Whether a lab process is running.
+    /// How a process this lab started (and still holds) has ended, if it has.
+    pub fn exit_status(&mut self, what: &str) -> Option<std::process::ExitStatus> {
+        self.children.get_mut(what)?.try_wait().ok().flatten()
+    }
+
+    /// Runs `etcdctl` against the lab's etcd (inside the fabric), e.g. to
+    /// write what the controller would refuse.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec![
+            "netns",
+            "exec",
+            self.state.fabric.as_str(),
+            "etcdctl",
+            "--endpoints",
+            "http://127.0.0.1:2379",
+        ];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// Runs `weftctl` inside host `i`'s namespace (e.g. `node rekey`).
+    pub fn host_weftctl(&self, i: u32, args: &[&str]) -> Result<String> {
+        let bin = workspace_bin("weftctl")?.display().to_string();
+        let ns = self.host(i)?.ns.clone();
+        let mut all = vec!["netns", "exec", ns.as_str(), bin.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
     pub fn running(&self, what: &str) -> bool {
         match self.proc(what) {
             Ok(p) => crate::process::alive_as(p.pid, &p.argv[0]),

@@ -16,6 +16,7 @@
 //! message saying what to install; they are never skipped silently.
 
 pub mod bins;
+pub mod capture;
 pub mod cni;
 pub mod containerd;
 pub mod controller;

@@ -5,7 +5,7 @@ use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 use weft_backends::vtep_mac;
 use weft_tests::lab::{Lab, LabConfig};
-use weft_tests::netns::{http_get, run};
+use weft_tests::netns::http_get;
 
 fn lab(hosts: u32) -> Lab {
     weft_tests::netns::require_root();
@@ -43,18 +43,7 @@ fn a_node_waits_for_an_unreachable_controller_and_says_so() {
 #[ignore = "needs root; run by scripts/test"]
 fn bad_leases_in_the_store_are_skipped_and_everything_else_keeps_working() {
     let lab = lab(2);
-    let etcdctl = |args: &[&str]| {
-        let mut all = vec![
-            "netns",
-            "exec",
-            &lab.state.fabric,
-            "etcdctl",
-            "--endpoints",
-            "http://127.0.0.1:2379",
-        ];
-        all.extend_from_slice(args);
-        run("ip", &all).unwrap()
-    };
+    let etcdctl = |args: &[&str]| lab.etcdctl(args).unwrap();
     // Written by hand, bypassing the controller's checks.
     etcdctl(&[
         "put",

@@ -26,7 +26,8 @@ enum Cmd {
     Up {
         #[arg(default_value_t = 3)]
         hosts: u32,
-        #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw"])]
+        /// ipsec needs a kernel with ESP (scripts/vm-test boots one).
+        #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw", "ipsec"])]
         backend: String,
         /// Masquerade pod traffic leaving the cluster network.
         #[arg(long)]

@@ -1,0 +1,392 @@
+//! The ipsec backend: ESP in tunnel mode between the nodes' public IPs for
+//! traffic between pod subnets, keyed without IKE (see [`keys`]).
+//!
+//! Per peer the kernel gets an SA for each direction, policies out (our
+//! subnet to theirs), in and fwd (theirs to ours) whose template names
+//! both public IPs and weft's reqid, and a route to the peer's subnet via
+//! its public IP (onlink), so forwarding works on hosts without a default
+//! route and across routers: only the ESP packet is routed to the peer,
+//! the route just brings pod traffic to the policy.
+//!
+//! Key changes without losing traffic. A key pair of this node or of a
+//! peer gives a new pair of SAs ("generation"). Its inbound SA is
+//! installed at once; the outbound one replaces the old outbound SA only
+//! [`Timing::switch_delay`] after both sides can know the new keys (after
+//! we published our new key, or after we saw the peer's), so the other end
+//! already has the matching inbound SA; old inbound SAs stay for
+//! [`Timing::grace`] after that. A peer that is gone loses everything at
+//! once.
+
+pub mod keys;
+
+use crate::backend::Backend;
+use crate::local::LocalNode;
+use crate::peer::{Peer, Skipped};
+use crate::state::{
+    dev, NetState, RouteTarget, XfrmDir, XfrmPolicyId, XfrmSa, XfrmSaId, XfrmTmpl, WEFT_XFRM_REQID,
+};
+use ipnet::IpNet;
+use keys::{derive_pair, End, NodeKey, PairSas};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::time::Instant;
+use weft_config::BackendType;
+use weft_lease::BackendData;
+use zeroize::Zeroizing;
+
+/// Bytes ESP in tunnel mode adds to an inner IPv4 packet with weft's AEAD,
+/// before padding: outer IPv4 header 20, SPI and sequence 8, IV 8, pad
+/// length and next header 2, ICV 16.
+pub const ESP_OVERHEAD: u32 = 54;
+
+/// The largest inner packet that fits `underlay_mtu` once encrypted: the
+/// ESP payload plus its 2 trailer bytes is padded to a multiple of 4.
+pub fn pod_mtu(underlay_mtu: u32) -> u32 {
+    (underlay_mtu.saturating_sub(ESP_OVERHEAD - 2) & !3).saturating_sub(2)
+}
+
+/// When SAs of a new generation take over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// From "both ends can have the new SAs" to sending with them.
+    pub switch_delay: Duration,
+    /// How long old inbound SAs stay after the switch.
+    pub grace: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            switch_delay: Duration::from_secs(5),
+            grace: Duration::from_secs(120),
+        }
+    }
+}
+
+/// The replay window of every SA (packets).
+pub const REPLAY_WINDOW: u32 = 128;
+
+/// One generation of SAs with a peer.
+#[derive(Debug, Clone)]
+struct Generation {
+    my_epoch: u64,
+    peer_epoch: u64,
+    peer_key: [u8; 32],
+    my_ip: Ipv4Addr,
+    sas: PairSas,
+    /// When this node first computed it.
+    seen: Instant,
+}
+
+/// The key state that desired state depends on, besides the leases.
+#[derive(Debug)]
+struct Keyring {
+    key: NodeKey,
+    /// Epoch the peers can know (our lease carries it) and since when.
+    published: Option<(u64, Instant)>,
+    generations: HashMap<Ipv4Addr, Vec<Generation>>,
+}
+
+/// What the ipsec backend reports about its keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyStatus {
+    pub epoch: u64,
+    pub published_epoch: Option<u64>,
+    pub public_key: [u8; 32],
+    /// Peers with an SA generation still pending or still in its grace.
+    pub peers_in_transition: usize,
+}
+
+/// The ipsec backend.
+#[derive(Debug)]
+pub struct Ipsec {
+    psk: Option<Zeroizing<Vec<u8>>>,
+    timing: Timing,
+    ring: Mutex<Keyring>,
+}
+
+impl Ipsec {
+    /// The backend with this node's key and the cluster PSK, if any.
+    pub fn new(key: NodeKey, psk: Option<Zeroizing<Vec<u8>>>, timing: Timing) -> Self {
+        Ipsec {
+            psk,
+            timing,
+            ring: Mutex::new(Keyring {
+                key,
+                published: None,
+                generations: HashMap::new(),
+            }),
+        }
+    }
+
+    fn ring(&self) -> std::sync::MutexGuard<'_, Keyring> {
+        // A panic while holding the lock cannot leave the ring half
+        // changed in a way that matters: every field is replaced whole.
+        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current key's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.ring().key.epoch()
+    }
+
+    /// Makes `key` (with a higher epoch, already stored) the node's key.
+    /// Inbound SAs for it go in with the next pass; outbound ones follow
+    /// once [`Ipsec::published`] says the peers can know it.
+    pub fn rotate(&self, key: NodeKey) {
+        self.ring().key = key;
+    }
+
+    /// Our lease now carries `epoch`.
+    pub fn published(&self, epoch: u64) {
+        self.published_at(epoch, Instant::now());
+    }
+
+    /// Our lease carries `epoch` since `at`.
+    pub fn published_at(&self, epoch: u64, at: Instant) {
+        let mut r = self.ring();
+        if r.published.map(|(e, _)| e) != Some(epoch) {
+            r.published = Some((epoch, at));
+        }
+    }
+
+    /// Key state, for status reports.
+    pub fn key_status(&self) -> KeyStatus {
+        let r = self.ring();
+        KeyStatus {
+            epoch: r.key.epoch(),
+            published_epoch: r.published.map(|(e, _)| e),
+            public_key: r.key.public(),
+            peers_in_transition: r.generations.values().filter(|g| g.len() > 1).count(),
+        }
+    }
+
+    /// When a generation may send: after both ends can have it, plus the
+    /// switch delay. `None`: not yet (our key for it is not published).
+    fn ready_at(&self, g: &Generation, published: Option<(u64, Instant)>) -> Option<Instant> {
+        let (pe, pt) = published?;
+        if g.my_epoch > pe {
+            return None;
+        }
+        let since = if g.my_epoch == pe {
+            g.seen.max(pt)
+        } else {
+            g.seen
+        };
+        Some(since + self.timing.switch_delay)
+    }
+
+    /// Desired state at `now` (the trait's `desired` uses the clock).
+    pub fn desired_at(
+        &self,
+        local: &LocalNode,
+        peers: &[&Peer],
+        now: Instant,
+    ) -> (NetState, Vec<Skipped>) {
+        let mut st = NetState::default();
+        let mut skipped = Vec::new();
+        let mut ring = self.ring();
+        let published = ring.published;
+        let ext = dev(&local.ext.name);
+        let Some(my_subnet) = local.subnet.ipv4() else {
+            return (st, skipped);
+        };
+        let me = local.public_ip;
+        let mut live = Vec::with_capacity(peers.len());
+        for p in peers {
+            let BackendData::Ipsec {
+                public_key,
+                key_epoch,
+            } = &p.backend
+            else {
+                continue;
+            };
+            let key = ring.key.clone();
+            let gens = ring.generations.entry(p.public_ip).or_default();
+            let current = gens.iter().position(|g| {
+                g.my_epoch == key.epoch()
+                    && g.peer_epoch == *key_epoch
+                    && g.peer_key == *public_key
+                    && g.my_ip == me
+            });
+            // The generation of the current keys is always the last one: a
+            // lease that goes back to older keys makes them new again.
+            if let Some(i) = current.filter(|i| *i + 1 != gens.len()) {
+                let mut g = gens.remove(i);
+                g.seen = now;
+                gens.push(g);
+            }
+            if current.is_none() {
+                let peer_end = End {
+                    ip: p.public_ip,
+                    epoch: *key_epoch,
+                };
+                let psk = self.psk.as_ref().map(|k| k.as_slice());
+                match derive_pair(&key, me, public_key, peer_end, psk) {
+                    Ok(sas) => gens.push(Generation {
+                        my_epoch: key.epoch(),
+                        peer_epoch: *key_epoch,
+                        peer_key: *public_key,
+                        my_ip: me,
+                        sas,
+                        seen: now,
+                    }),
+                    Err(e) => {
+                        // Like a lease that cannot be read: not programmed.
+                        skipped.push(Skipped::of(p, e.to_string()));
+                        continue;
+                    }
+                }
+            }
+            live.push(p.public_ip);
+            let ready: Vec<Option<Instant>> =
+                gens.iter().map(|g| self.ready_at(g, published)).collect();
+            // Sending: the newest generation that may send; else the newest
+            // one the peer can know (first contact: no older one exists).
+            let newest_eligible = (0..gens.len()).rev().find(|&i| ready[i].is_some());
+            let sending = (0..gens.len())
+                .rev()
+                .find(|&i| ready[i].is_some_and(|t| t <= now))
+                .or(newest_eligible);
+            // Receiving: every generation until a newer one has been
+            // sending for the grace period.
+            let keep: Vec<bool> = (0..gens.len())
+                .map(|i| {
+                    !(i + 1..gens.len())
+                        .any(|j| ready[j].is_some_and(|t| t + self.timing.grace <= now))
+                })
+                .collect();
+            let mut i = 0;
+            gens.retain(|_| {
+                let k = keep[i];
+                i += 1;
+                k
+            });
+            let sending = sending.and_then(|s| {
+                let dropped_before = keep[..s].iter().filter(|k| !**k).count();
+                keep[s].then(|| s - dropped_before)
+            });
+            let (pip, mip) = (IpAddr::V4(p.public_ip), IpAddr::V4(me));
+            for g in gens.iter() {
+                st.xfrm_states.insert(
+                    XfrmSaId {
+                        src: pip,
+                        dst: mip,
+                        spi: g.sas.inbound.spi,
+                    },
+                    XfrmSa {
+                        reqid: WEFT_XFRM_REQID,
+                        key: g.sas.inbound.key.clone(),
+                        replay_window: REPLAY_WINDOW,
+                    },
+                );
+            }
+            if let Some(g) = sending.map(|s| &gens[s]) {
+                st.xfrm_states.insert(
+                    XfrmSaId {
+                        src: mip,
+                        dst: pip,
+                        spi: g.sas.out.spi,
+                    },
+                    XfrmSa {
+                        reqid: WEFT_XFRM_REQID,
+                        key: g.sas.out.key.clone(),
+                        replay_window: REPLAY_WINDOW,
+                    },
+                );
+            }
+            let (mine, theirs) = (IpNet::V4(my_subnet), IpNet::V4(p.subnet));
+            let out = XfrmTmpl {
+                src: mip,
+                dst: pip,
+                reqid: WEFT_XFRM_REQID,
+            };
+            let inbound = XfrmTmpl {
+                src: pip,
+                dst: mip,
+                reqid: WEFT_XFRM_REQID,
+            };
+            st.xfrm_policies.insert(
+                XfrmPolicyId {
+                    dir: XfrmDir::Out,
+                    src: mine,
+                    dst: theirs,
+                },
+                out,
+            );
+            for dir in [XfrmDir::In, XfrmDir::Fwd] {
+                st.xfrm_policies.insert(
+                    XfrmPolicyId {
+                        dir,
+                        src: theirs,
+                        dst: mine,
+                    },
+                    inbound,
+                );
+            }
+            st.routes.insert(
+                theirs,
+                RouteTarget {
+                    via: pip,
+                    dev: ext.clone(),
+                    onlink: true,
+                },
+            );
+        }
+        // Peers that are gone take their SAs along at once.
+        ring.generations.retain(|ip, _| live.contains(ip));
+        (st, skipped)
+    }
+
+    /// The next moment desired state changes by itself (an outbound switch
+    /// or the end of a grace period), if any.
+    pub fn next_change_at(&self, now: Instant) -> Option<Instant> {
+        let ring = self.ring();
+        let mut next: Option<Instant> = None;
+        for gens in ring.generations.values() {
+            if gens.len() < 2 {
+                continue;
+            }
+            // A newer generation starts sending when ready, and ends the
+            // older ones' grace after it.
+            for g in &gens[1..] {
+                if let Some(t) = self.ready_at(g, ring.published) {
+                    for at in [t, t + self.timing.grace] {
+                        if at > now {
+                            next = Some(next.map_or(at, |n| n.min(at)));
+                        }
+                    }
+                }
+            }
+        }
+        next
+    }
+}
+
+impl Backend for Ipsec {
+    fn backend_type(&self) -> BackendType {
+        BackendType::Ipsec
+    }
+
+    fn lease_data(&self, _local_name: &str) -> BackendData {
+        let r = self.ring();
+        BackendData::Ipsec {
+            public_key: r.key.public(),
+            key_epoch: r.key.epoch(),
+        }
+    }
+
+    fn pod_mtu(&self, underlay_mtu: u32) -> u32 {
+        pod_mtu(underlay_mtu)
+    }
+
+    fn desired(&self, local: &LocalNode, peers: &[&Peer]) -> (NetState, Vec<Skipped>) {
+        self.desired_at(local, peers, Instant::now())
+    }
+
+    fn next_change(&self) -> Option<Instant> {
+        self.next_change_at(Instant::now())
+    }
+}

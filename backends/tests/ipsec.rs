@@ -1,0 +1,457 @@
+//! The ipsec backend's desired state, pure: SAs, policies and routes per
+//! peer; both ends agreeing on every SA; key rotation on either side
+//! without a moment where one end sends with an SA the other lacks; gone
+//! and bad peers. Time is passed in, never waited for.
+
+use ipnet::IpNet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use weft_backends::ipsec::keys::NodeKey;
+use weft_backends::ipsec::{pod_mtu, Timing};
+use weft_backends::peer::select_leases;
+use weft_backends::{
+    diff, vtep_mac, Backend, Change, ExternalIface, Ipsec, LocalNode, NetState, XfrmDir,
+    XfrmPolicyId, WEFT_XFRM_REQID,
+};
+use weft_config::{BackendType, NetworkConfig};
+use weft_lease::api::LeaseView;
+use weft_lease::{BackendData, Lease, LeaseAttrs};
+
+const SWITCH: Duration = Duration::from_secs(5);
+const GRACE: Duration = Duration::from_secs(60);
+
+fn timing() -> Timing {
+    Timing {
+        switch_delay: SWITCH,
+        grace: GRACE,
+    }
+}
+
+/// A node in the simulation: its view of itself and its backend.
+struct Node {
+    name: String,
+    subnet: String,
+    ip: Ipv4Addr,
+    backend: Ipsec,
+}
+
+impl Node {
+    fn new(i: u8, key: NodeKey, psk: Option<&[u8]>) -> Node {
+        Node {
+            name: format!("host-{i}"),
+            subnet: format!("10.244.{i}.0-24"),
+            ip: Ipv4Addr::new(198, 18, 0, 10 + i),
+            backend: Ipsec::new(key, psk.map(|p| p.to_vec().into()), timing()),
+        }
+    }
+
+    fn local(&self) -> LocalNode {
+        LocalNode {
+            name: self.name.clone(),
+            subnet: self.subnet.parse().unwrap(),
+            public_ip: self.ip,
+            ext: ExternalIface {
+                name: "eth0".into(),
+                index: 2,
+                mtu: 1500,
+                addr: format!("{}/16", self.ip).parse().unwrap(),
+            },
+            vtep_mac: vtep_mac(&self.name),
+            network: Arc::new(
+                NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"ipsec"}}"#)
+                    .unwrap(),
+            ),
+        }
+    }
+
+    /// This node's lease as the others see it.
+    fn lease(&self) -> LeaseView {
+        lease(
+            &self.subnet,
+            &self.name,
+            self.ip,
+            &self.backend.lease_data(&self.name),
+        )
+    }
+
+    /// Desired state given the other nodes' leases.
+    fn desired(&self, others: &[LeaseView], now: Instant) -> (NetState, Vec<String>) {
+        let (peers, mut skipped) = select_leases(others, &self.local(), BackendType::Ipsec);
+        let refs: Vec<_> = peers.iter().collect();
+        let (st, more) = self.backend.desired_at(&self.local(), &refs, now);
+        skipped.extend(more);
+        (st, skipped.into_iter().map(|s| s.reason).collect())
+    }
+}
+
+fn lease(key: &str, node: &str, ip: Ipv4Addr, backend: &BackendData) -> LeaseView {
+    let l = Lease {
+        key: key.parse().unwrap(),
+        attrs: LeaseAttrs::new(node, Some(ip), None, backend),
+        etcd_lease: None,
+        create_revision: 1,
+        mod_revision: 1,
+    };
+    LeaseView::new(&l, true, None)
+}
+
+fn key(epoch: u64) -> NodeKey {
+    NodeKey::generate(epoch).unwrap()
+}
+
+/// SPIs of SAs from `src` to `dst` in `st`.
+fn spis(st: &NetState, src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u32> {
+    let mut v: Vec<u32> = st
+        .xfrm_states
+        .keys()
+        .filter(|id| id.src == IpAddr::V4(src) && id.dst == IpAddr::V4(dst))
+        .map(|id| id.spi)
+        .collect();
+    v.sort();
+    v
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+#[test]
+fn each_peer_gets_two_sas_three_policies_and_a_route_that_both_ends_agree_on() {
+    let t0 = Instant::now();
+    let nodes: Vec<Node> = (1..=3)
+        .map(|i| Node::new(i, key(1), Some(b"psk")))
+        .collect();
+    for n in &nodes {
+        n.backend.published_at(1, t0);
+    }
+    let leases: Vec<LeaseView> = nodes.iter().map(Node::lease).collect();
+    let views: Vec<NetState> = nodes
+        .iter()
+        .map(|n| {
+            let (st, skipped) = n.desired(&leases, t0);
+            assert!(skipped.is_empty(), "{skipped:?}");
+            st
+        })
+        .collect();
+    let (a, st) = (&nodes[0], &views[0]);
+    assert_eq!(st.xfrm_states.len(), 4, "in and out for each of 2 peers");
+    assert_eq!(st.xfrm_policies.len(), 6);
+    assert_eq!(st.routes.len(), 2);
+    for (j, b) in nodes.iter().enumerate().skip(1) {
+        let theirs = net(&format!("10.244.{}.0/24", j + 1));
+        let out = XfrmPolicyId {
+            dir: XfrmDir::Out,
+            src: net("10.244.1.0/24"),
+            dst: theirs,
+        };
+        let t = st.xfrm_policies[&out];
+        assert_eq!(
+            (t.src, t.dst, t.reqid),
+            (IpAddr::V4(a.ip), IpAddr::V4(b.ip), WEFT_XFRM_REQID)
+        );
+        for dir in [XfrmDir::In, XfrmDir::Fwd] {
+            let id = XfrmPolicyId {
+                dir,
+                src: theirs,
+                dst: net("10.244.1.0/24"),
+            };
+            assert_eq!(st.xfrm_policies[&id].src, IpAddr::V4(b.ip));
+        }
+        let r = &st.routes[&theirs];
+        assert_eq!((r.via, &*r.dev, r.onlink), (IpAddr::V4(b.ip), "eth0", true));
+        // What a sends to b is exactly what b receives from a: same SPI,
+        // same key, computed on each side from its own secret.
+        for (from, to) in [(0, j), (j, 0)] {
+            let (sf, st_to) = (&views[from], &views[to]);
+            let (ipf, ipt) = (nodes[from].ip, nodes[to].ip);
+            let sent = spis(sf, ipf, ipt);
+            assert_eq!(sent, spis(st_to, ipf, ipt), "{ipf} -> {ipt}");
+            let id = sf
+                .xfrm_states
+                .keys()
+                .find(|id| id.src == IpAddr::V4(ipf) && id.dst == IpAddr::V4(ipt))
+                .unwrap();
+            assert_eq!(sf.xfrm_states[id], st_to.xfrm_states[id]);
+            assert_eq!(sf.xfrm_states[id].key.0.len(), 36);
+        }
+    }
+}
+
+#[test]
+fn pod_mtu_leaves_room_for_esp_in_tunnel_mode() {
+    // 1446 + 2 trailer bytes is a multiple of 4; + 20 + 8 + 8 + 16 = 1500.
+    assert_eq!(pod_mtu(1500), 1446);
+    assert_eq!((1446 + 2) % 4, 0);
+    assert_eq!(pod_mtu(9000), 8946);
+    assert_eq!(pod_mtu(1450), 1394);
+    assert_eq!(pod_mtu(10), 0);
+    let b = Node::new(1, key(1), None).backend;
+    assert_eq!(b.pod_mtu(1500), 1446);
+}
+
+#[test]
+fn a_peer_with_a_bad_key_is_skipped_and_the_others_still_work() {
+    let t0 = Instant::now();
+    let a = Node::new(1, key(1), None);
+    let b = Node::new(2, key(1), None);
+    a.backend.published_at(1, t0);
+    let bad_key = lease(
+        "10.244.3.0-24",
+        "host-3",
+        Ipv4Addr::new(198, 18, 0, 13),
+        &BackendData::Ipsec {
+            public_key: [0; 32],
+            key_epoch: 1,
+        },
+    );
+    // A malformed key never becomes a peer (the lease does not parse).
+    let mut garbled = lease(
+        "10.244.4.0-24",
+        "host-4",
+        Ipv4Addr::new(198, 18, 0, 14),
+        &BackendData::HostGw,
+    );
+    garbled.backend_type = "ipsec".into();
+    garbled.backend_data = Some(serde_json::json!({"PublicKey": "c2hvcnQ=", "KeyEpoch": 1}));
+    let (st, skipped) = a.desired(&[b.lease(), bad_key, garbled], t0);
+    assert_eq!(skipped.len(), 2, "{skipped:?}");
+    assert!(
+        skipped.iter().any(|s| s.contains("low-order")),
+        "{skipped:?}"
+    );
+    assert!(skipped.iter().any(|s| s.contains("5 bytes")), "{skipped:?}");
+    assert_eq!(st.routes.len(), 1);
+    assert_eq!(spis(&st, a.ip, b.ip).len(), 1);
+}
+
+/// At `now`: every SA one node sends with is one the other has for
+/// receiving (so no packet is dropped for want of an SA).
+fn agree(x: &NetState, y: &NetState, ix: Ipv4Addr, iy: Ipv4Addr) -> Result<(), String> {
+    for (s, r, from, to) in [(x, y, ix, iy), (y, x, iy, ix)] {
+        let sending: Vec<_> = s
+            .xfrm_states
+            .iter()
+            .filter(|(id, _)| id.src == IpAddr::V4(from) && id.dst == IpAddr::V4(to))
+            .collect();
+        if sending.len() != 1 {
+            return Err(format!("{from} -> {to}: {} outbound SAs", sending.len()));
+        }
+        let (id, sa) = sending[0];
+        if r.xfrm_states.get(id) != Some(sa) {
+            return Err(format!(
+                "{from} sends with SPI {:#x} that {to} lacks",
+                id.spi
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn rotating_a_key_never_leaves_a_direction_without_a_matching_sa() {
+    let t0 = Instant::now();
+    let a = Node::new(1, key(1), None);
+    let b = Node::new(2, key(1), None);
+    a.backend.published_at(1, t0);
+    b.backend.published_at(1, t0);
+    let (sa0, _) = a.desired(&[b.lease()], t0);
+    let (sb0, _) = b.desired(&[a.lease()], t0);
+    agree(&sa0, &sb0, a.ip, b.ip).unwrap();
+    let old_out = spis(&sa0, a.ip, b.ip);
+
+    // a rotates at t1: its new inbound SA goes in at once, nothing else.
+    let t1 = t0 + Duration::from_secs(100);
+    let a_lease_before = a.lease();
+    a.backend.rotate(key(2));
+    let (sa1, _) = a.desired(&[b.lease()], t1);
+    let changes = diff(&sa1, &sa0);
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert!(matches!(&changes[0], Change::AddXfrmState { id, .. } if id.dst == IpAddr::V4(a.ip)));
+    assert_eq!(
+        spis(&sa1, a.ip, b.ip),
+        old_out,
+        "a still sends with the old SA"
+    );
+    // b has not seen the new lease yet: still in step.
+    agree(
+        &sa1,
+        &b.desired(std::slice::from_ref(&a_lease_before), t1).0,
+        a.ip,
+        b.ip,
+    )
+    .unwrap();
+    // a publishes at t2, b sees the lease at t3; check every half second.
+    let t2 = t1 + Duration::from_secs(1);
+    a.backend.published_at(2, t2);
+    let t3 = t2 + Duration::from_millis(300);
+    let mut t = t1;
+    let mut a_prev = sa1.clone();
+    while t < t3 + GRACE + SWITCH + Duration::from_secs(5) {
+        let b_view = if t < t3 {
+            a_lease_before.clone()
+        } else {
+            a.lease()
+        };
+        let (sa, _) = a.desired(&[b.lease()], t);
+        let (sb, _) = b.desired(&[b_view], t);
+        agree(&sa, &sb, a.ip, b.ip)
+            .map_err(|e| format!("at {:?}: {e}", t - t1))
+            .unwrap();
+        // a's own switch waits for the publication plus the delay.
+        if t < t2 + SWITCH {
+            assert_eq!(spis(&sa, a.ip, b.ip), old_out, "at {:?}", t - t1);
+        }
+        a_prev = sa;
+        t += Duration::from_millis(500);
+    }
+    // At the end: one SA each way, both new, the old ones gone.
+    let (sa_end, _) = a.desired(&[b.lease()], t);
+    assert_eq!(sa_end, a_prev);
+    assert_eq!(sa_end.xfrm_states.len(), 2);
+    assert_ne!(spis(&sa_end, a.ip, b.ip), old_out);
+    assert!(a.backend.next_change_at(t).is_none());
+}
+
+#[test]
+fn switches_and_grace_ends_are_announced_as_next_changes() {
+    let t0 = Instant::now();
+    let a = Node::new(1, key(1), None);
+    let b = Node::new(2, key(1), None);
+    a.backend.published_at(1, t0);
+    a.desired(&[b.lease()], t0);
+    assert_eq!(a.backend.next_change_at(t0), None, "nothing pending");
+    // The peer rotates; we see it at t1.
+    let t1 = t0 + Duration::from_secs(10);
+    b.backend.rotate(key(2));
+    let (before, _) = a.desired(&[b.lease()], t1);
+    assert_eq!(a.backend.next_change_at(t1), Some(t1 + SWITCH));
+    let (after, _) = a.desired(&[b.lease()], t1 + SWITCH);
+    let changes = diff(&after, &before);
+    assert_eq!(
+        changes.len(),
+        2,
+        "new outbound in, old outbound out: {changes:?}"
+    );
+    assert!(matches!(changes[0], Change::AddXfrmState { .. }));
+    assert!(matches!(changes[1], Change::DelXfrmState { .. }));
+    assert_eq!(
+        a.backend.next_change_at(t1 + SWITCH),
+        Some(t1 + SWITCH + GRACE)
+    );
+    let (end, _) = a.desired(&[b.lease()], t1 + SWITCH + GRACE);
+    let changes = diff(&end, &after);
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert!(matches!(&changes[0], Change::DelXfrmState { id } if id.dst == IpAddr::V4(a.ip)));
+    assert_eq!(a.backend.key_status().peers_in_transition, 0);
+}
+
+#[test]
+fn a_peer_that_is_gone_takes_everything_along_at_once() {
+    let t0 = Instant::now();
+    let a = Node::new(1, key(1), None);
+    let b = Node::new(2, key(1), None);
+    let c = Node::new(3, key(1), None);
+    a.backend.published_at(1, t0);
+    let (with, _) = a.desired(&[b.lease(), c.lease()], t0);
+    let (without, _) = a.desired(&[b.lease()], t0 + Duration::from_secs(1));
+    let changes = diff(&without, &with);
+    assert_eq!(
+        changes.len(),
+        1 + 3 + 2,
+        "route, 3 policies, 2 SAs: {changes:?}"
+    );
+    assert!(
+        matches!(changes[0], Change::DelRoute { .. }),
+        "route first: {changes:?}"
+    );
+    assert!(without
+        .xfrm_states
+        .keys()
+        .all(|id| id.src != IpAddr::V4(c.ip) && id.dst != IpAddr::V4(c.ip)));
+}
+
+#[test]
+fn a_tampered_key_gives_sas_the_peer_cannot_match() {
+    let t0 = Instant::now();
+    let a = Node::new(1, key(1), None);
+    let b = Node::new(2, key(1), None);
+    a.backend.published_at(1, t0);
+    b.backend.published_at(1, t0);
+    let mut forged = b.lease();
+    forged.backend_data = BackendData::Ipsec {
+        public_key: key(1).public(),
+        key_epoch: 1,
+    }
+    .to_value();
+    let t1 = t0 + SWITCH + Duration::from_secs(1);
+    let (sa, _) = a.desired(&[forged], t1);
+    let (sb, _) = b.desired(&[a.lease()], t1);
+    assert!(agree(&sa, &sb, a.ip, b.ip).is_err());
+}
+
+#[test]
+fn a_restarted_node_with_the_same_key_computes_the_same_state() {
+    let t0 = Instant::now();
+    let k = key(4);
+    let a = Node::new(1, k.clone(), Some(b"p"));
+    let b = Node::new(2, key(9), Some(b"p"));
+    a.backend.published_at(4, t0);
+    let (before, _) = a.desired(&[b.lease()], t0);
+    let again = Node::new(1, NodeKey::from_secret(*k.secret_bytes(), 4), Some(b"p"));
+    again.backend.published_at(4, t0 + Duration::from_secs(30));
+    let (after, _) = again.desired(&[b.lease()], t0 + Duration::from_secs(30));
+    assert!(diff(&after, &before).is_empty());
+    assert_eq!(a.lease().backend_data, again.lease().backend_data);
+}
+
+#[tokio::test]
+async fn on_the_fake_kernel_it_converges_in_order_and_repairs_hand_deletions() {
+    use weft_backends::{Dataplane, FakeDataplane};
+    let t0 = Instant::now();
+    let a = Node::new(1, key(1), None);
+    let peers = [
+        Node::new(2, key(1), None).lease(),
+        Node::new(3, key(1), None).lease(),
+    ];
+    a.backend.published_at(1, t0);
+    let (want, _) = a.desired(&peers, t0);
+    let fake = FakeDataplane::with_devices(&["eth0"]);
+    let changes = diff(&want, &fake.observe().await.unwrap());
+    // SAs, then policies, then routes: no route ever leads into a policy
+    // without its SA.
+    let rank = |c: &Change| match c {
+        Change::AddXfrmState { .. } => 0,
+        Change::SetXfrmPolicy { .. } => 1,
+        Change::SetRoute { .. } => 2,
+        other => panic!("unexpected {other}"),
+    };
+    let ranks: Vec<u8> = changes.iter().map(rank).collect();
+    assert!(ranks.windows(2).all(|w| w[0] <= w[1]), "{changes:?}");
+    assert!(fake.apply(&changes).await.is_empty());
+    assert_eq!(fake.state(), want);
+    assert!(diff(&want, &fake.state()).is_empty(), "idempotent");
+    // An operator deletes an SA and a policy by hand; the next pass puts
+    // them back, and the log line never shows a key.
+    let gone_sa = *want.xfrm_states.keys().next().unwrap();
+    let gone_pol = *want.xfrm_policies.keys().next().unwrap();
+    fake.tamper(|st| {
+        st.xfrm_states.remove(&gone_sa);
+        st.xfrm_policies.remove(&gone_pol);
+    });
+    let repair = diff(&want, &fake.state());
+    assert_eq!(repair.len(), 2, "{repair:?}");
+    let key_hex: String = want.xfrm_states[&gone_sa]
+        .key
+        .0
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    for c in &repair {
+        assert!(!c.to_string().contains(&key_hex), "{c}");
+        assert!(!format!("{c:?}").contains(&key_hex), "{c:?}");
+    }
+    assert!(fake.apply(&repair).await.is_empty());
+    assert_eq!(fake.state(), want);
+}

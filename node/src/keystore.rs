@@ -1,0 +1,246 @@
+//! The node's IPsec key pair on disk: `<state dir>/ipsec-key.json`, mode
+//! 0600 in a directory of mode 0700, written atomically (temporary file,
+//! fsync, rename, fsync of the directory), created on first start and
+//! reused after restarts. The private key is never logged.
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use weft_backends::ipsec::keys::NodeKey;
+use zeroize::Zeroizing;
+
+/// The file name under the state directory.
+pub const KEY_FILE: &str = "ipsec-key.json";
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Stored {
+    epoch: u64,
+    /// Base64 of the X25519 secret.
+    private_key: String,
+    /// Base64 of the public key, for operators (checked on load).
+    public_key: String,
+}
+
+/// Why the key cannot be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyStoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a weft key file: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("generating a key: {0}")]
+    Generate(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KeyStoreError + '_ {
+    move |source| KeyStoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The key file's path.
+pub fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join(KEY_FILE)
+}
+
+/// Makes the state directory (mode 0700) if it is missing.
+fn ensure_dir(dir: &Path) -> Result<(), KeyStoreError> {
+    if !dir.exists() {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+        tracing::info!(dir = %dir.display(), "created the state directory");
+    }
+    Ok(())
+}
+
+/// Loads the key, or makes epoch 1 and stores it when there is none.
+pub fn load_or_create(state_dir: &Path) -> Result<NodeKey, KeyStoreError> {
+    let p = path(state_dir);
+    match load(&p)? {
+        Some(k) => {
+            tracing::info!(file = %p.display(), epoch = k.epoch(), public_key = %public_b64(&k), "loaded the IPsec key");
+            Ok(k)
+        }
+        None => {
+            ensure_dir(state_dir)?;
+            let k = NodeKey::generate(1).map_err(|e| KeyStoreError::Generate(e.to_string()))?;
+            store(state_dir, &k)?;
+            tracing::info!(file = %p.display(), epoch = 1, public_key = %public_b64(&k), "created an IPsec key");
+            Ok(k)
+        }
+    }
+}
+
+/// The public key in base64, as the lease carries it.
+pub fn public_b64(k: &NodeKey) -> String {
+    base64::engine::general_purpose::STANDARD.encode(k.public())
+}
+
+/// Reads the key file; `None` if there is none.
+pub fn load(p: &Path) -> Result<Option<NodeKey>, KeyStoreError> {
+    let meta = match fs::metadata(p) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(p)(e)),
+    };
+    if meta.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(file = %p.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "the key file was readable by others; setting mode 0600");
+        fs::set_permissions(p, fs::Permissions::from_mode(0o600)).map_err(io(p))?;
+    }
+    let text = Zeroizing::new(fs::read_to_string(p).map_err(io(p))?);
+    let invalid = |reason: String| KeyStoreError::Invalid {
+        path: p.to_path_buf(),
+        reason,
+    };
+    let s: Stored = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    let raw = Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(s.private_key.as_bytes())
+            .map_err(|e| invalid(format!("private_key is not base64: {e}")))?,
+    );
+    let secret: [u8; 32] = raw
+        .as_slice()
+        .try_into()
+        .map_err(|_| invalid(format!("private_key is {} bytes, not 32", raw.len())))?;
+    if s.epoch == 0 {
+        return Err(invalid("epoch must be at least 1".into()));
+    }
+    let k = NodeKey::from_secret(secret, s.epoch);
+    if public_b64(&k) != s.public_key {
+        return Err(invalid(
+            "public_key does not belong to private_key (edited by hand?)".into(),
+        ));
+    }
+    Ok(Some(k))
+}
+
+/// Writes the key atomically with mode 0600.
+pub fn store(state_dir: &Path, k: &NodeKey) -> Result<(), KeyStoreError> {
+    ensure_dir(state_dir)?;
+    let p = path(state_dir);
+    let tmp = state_dir.join(format!(".{KEY_FILE}.tmp"));
+    let body = Zeroizing::new(
+        serde_json::to_string_pretty(&Stored {
+            epoch: k.epoch(),
+            private_key: base64::engine::general_purpose::STANDARD.encode(*k.secret_bytes()),
+            public_key: public_b64(k),
+        })
+        .expect("a struct of strings serializes"),
+    );
+    let _ = fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(body.as_bytes()).map_err(io(&tmp))?;
+    f.write_all(b"\n").map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    drop(f);
+    fs::rename(&tmp, &p).map_err(io(&p))?;
+    File::open(state_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(state_dir))?;
+    Ok(())
+}
+
+/// The cluster PSK from the file the network config names: its bytes,
+/// without a trailing newline. Empty or unreadable is an error.
+pub fn read_psk(file: &Path) -> Result<Zeroizing<Vec<u8>>, KeyStoreError> {
+    let mut raw = Zeroizing::new(fs::read(file).map_err(io(file))?);
+    while raw.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        raw.pop();
+    }
+    if raw.is_empty() {
+        return Err(KeyStoreError::Invalid {
+            path: file.to_path_buf(),
+            reason: "the PSK file is empty".into(),
+        });
+    }
+    Ok(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_once_then_reused_with_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("weft");
+        let a = load_or_create(&state).unwrap();
+        assert_eq!(a.epoch(), 1);
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path(&state)), 0o600);
+        assert_eq!(mode(&state), 0o700);
+        let b = load_or_create(&state).unwrap();
+        assert_eq!(a.public(), b.public());
+        assert_eq!(*a.secret_bytes(), *b.secret_bytes());
+        // A rotation is stored and read back.
+        let c = NodeKey::generate(2).unwrap();
+        store(&state, &c).unwrap();
+        let d = load_or_create(&state).unwrap();
+        assert_eq!((d.epoch(), d.public()), (2, c.public()));
+        assert_eq!(mode(&path(&state)), 0o600);
+    }
+
+    #[test]
+    fn a_loose_mode_is_tightened_and_bad_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = NodeKey::generate(3).unwrap();
+        store(dir.path(), &k).unwrap();
+        let p = path(dir.path());
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(load(&p).unwrap().unwrap().epoch(), 3);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        let text = fs::read_to_string(&p).unwrap();
+        let other = NodeKey::generate(3).unwrap();
+        fs::write(&p, text.replace(&public_b64(&k), &public_b64(&other))).unwrap();
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("does not belong"), "{e}");
+        fs::write(&p, "{").unwrap();
+        assert!(matches!(load(&p), Err(KeyStoreError::Invalid { .. })));
+        fs::write(
+            &p,
+            r#"{"epoch":1,"private_key":"c2hvcnQ=","public_key":""}"#,
+        )
+        .unwrap();
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("5 bytes"), "{e}");
+    }
+
+    #[test]
+    fn the_secret_never_shows_in_debug_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = load_or_create(dir.path()).unwrap();
+        let secret = base64::engine::general_purpose::STANDARD.encode(*k.secret_bytes());
+        assert!(fs::read_to_string(path(dir.path()))
+            .unwrap()
+            .contains(&secret));
+        assert!(!format!("{k:?}").contains(&secret));
+    }
+
+    #[test]
+    fn psk_files_are_read_without_the_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("psk");
+        fs::write(&p, "s3cret\n").unwrap();
+        assert_eq!(read_psk(&p).unwrap().as_slice(), b"s3cret");
+        fs::write(&p, "\n").unwrap();
+        assert!(read_psk(&p).is_err());
+        assert!(read_psk(&dir.path().join("missing")).is_err());
+    }
+}

@@ -1,0 +1,129 @@
+//! What crosses a wire: an AF_PACKET socket in a namespace (all its
+//! interfaces) counting IPv4 packets by kind for a while. The oracle for
+//! "only ESP between the hosts": no tcpdump needed.
+
+use anyhow::{Context, Result};
+use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType};
+use nix::sys::time::TimeVal;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+/// IPv4 packets seen, by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Seen {
+    /// ESP (protocol 50), as (source, destination).
+    pub esp: Vec<(Ipv4Addr, Ipv4Addr)>,
+    /// VXLAN (UDP to port 8472).
+    pub vxlan: usize,
+    /// Packets whose own source or destination is in `inner`: pod traffic
+    /// in the clear.
+    pub plaintext: Vec<(Ipv4Addr, Ipv4Addr, u8)>,
+    /// Everything IPv4.
+    pub total: usize,
+}
+
+/// Counts IPv4 frames on every interface of namespace `ns` for `dur`;
+/// `inner` is the pod network (e.g. 10.244.0.0/16).
+pub fn capture(ns: &str, dur: Duration, inner: ipnet::Ipv4Net) -> Result<Seen> {
+    crate::netns::spawn_in_ns(ns, move || -> Result<Seen> {
+        let fd = socket::socket(
+            AddressFamily::Packet,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::EthAll,
+        )
+        .context("AF_PACKET socket (needs root)")?;
+        socket::setsockopt(
+            &fd,
+            socket::sockopt::ReceiveTimeout,
+            &TimeVal::new(0, 100_000),
+        )?;
+        let mut seen = Seen::default();
+        let mut buf = vec![0u8; 65536];
+        let end = Instant::now() + dur;
+        while Instant::now() < end {
+            let n = match socket::recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            classify(&buf[..n], inner, &mut seen);
+        }
+        Ok(seen)
+    })?
+    .join()
+    .map_err(|_| anyhow::anyhow!("capture thread panicked"))??
+}
+
+/// Adds one Ethernet frame to `seen`.
+pub fn classify(frame: &[u8], inner: ipnet::Ipv4Net, seen: &mut Seen) {
+    if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
+        return;
+    }
+    let ip = &frame[14..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let proto = ip[9];
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    seen.total += 1;
+    if proto == 50 {
+        seen.esp.push((src, dst));
+    }
+    if proto == 17 && ip.len() >= ihl + 4 && ip[ihl + 2..ihl + 4] == 8472u16.to_be_bytes() {
+        seen.vxlan += 1;
+    }
+    if inner.contains(&src) || inner.contains(&dst) {
+        seen.plaintext.push((src, dst, proto));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(proto: u8, src: [u8; 4], dst: [u8; 4], dport: u16) -> Vec<u8> {
+        let mut f = vec![0u8; 14];
+        f[12] = 0x08;
+        let mut ip = vec![0x45, 0, 0, 48, 0, 0, 0, 0, 64, proto, 0, 0];
+        ip.extend_from_slice(&src);
+        ip.extend_from_slice(&dst);
+        ip.extend_from_slice(&[0, 0]);
+        ip.extend_from_slice(&dport.to_be_bytes());
+        ip.extend_from_slice(&[0; 24]);
+        f.extend(ip);
+        f
+    }
+
+    #[test]
+    fn frames_are_told_apart() {
+        let inner: ipnet::Ipv4Net = "10.244.0.0/16".parse().unwrap();
+        let mut s = Seen::default();
+        classify(
+            &frame(50, [198, 18, 0, 11], [198, 18, 0, 12], 0),
+            inner,
+            &mut s,
+        );
+        classify(
+            &frame(17, [198, 18, 0, 11], [198, 18, 0, 12], 8472),
+            inner,
+            &mut s,
+        );
+        classify(
+            &frame(1, [10, 244, 1, 2], [10, 244, 2, 2], 0),
+            inner,
+            &mut s,
+        );
+        classify(&[0u8; 20], inner, &mut s);
+        assert_eq!(
+            s.esp,
+            vec![(
+                "198.18.0.11".parse().unwrap(),
+                "198.18.0.12".parse().unwrap()
+            )]
+        );
+        assert_eq!(s.vxlan, 1);
+        assert_eq!(s.plaintext.len(), 1);
+        assert_eq!(s.total, 3);
+    }
+}
