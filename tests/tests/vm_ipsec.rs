@@ -62,7 +62,12 @@ fn sas(lab: &Lab, i: u32) -> Vec<Sa> {
                 packets: 0,
             });
         } else if let Some(p) = words.iter().position(|w| *w == "spi") {
-            let hex = words[p + 1].trim_start_matches("0x");
+            // `ip -s` prints `spi 0x0000abcd(43981)`.
+            let hex = words[p + 1]
+                .trim_start_matches("0x")
+                .split('(')
+                .next()
+                .unwrap_or_default();
             if let Some(sa) = out.last_mut() {
                 sa.spi = u32::from_str_radix(hex, 16).unwrap();
             }
@@ -155,6 +160,13 @@ fn pods_reach_each_other_and_the_fabric_carries_only_esp() {
     let (sent, got) = lab.ping(&p1.ns, p2.ip, 10, "0.2").unwrap();
     assert_eq!((sent, got), (10, 10));
     let seen = cap.join().unwrap().unwrap();
+    eprintln!(
+        "fabric during 10 pings: {} IPv4 packets, {} ESP, {} VXLAN, {} pod packets in the clear",
+        seen.total,
+        seen.esp.len(),
+        seen.vxlan,
+        seen.plaintext.len()
+    );
     assert!(
         seen.plaintext.is_empty(),
         "pod packets in the clear: {:?}",
@@ -236,6 +248,7 @@ fn key_rotations_under_a_10_per_second_ping_lose_at_most_one_packet() {
         .filter_map(|p| p.split_whitespace().next()?.parse().ok())
         .collect();
     let (sent, got) = (nums[0], nums[1]);
+    eprintln!("two key rotations under ping -i 0.1: {got} of {sent} answered");
     assert!(sent >= 240, "{summary}");
     assert!(
         sent - got <= 1,
@@ -425,6 +438,9 @@ fn without_esp_the_node_names_the_missing_module_and_exits() {
     };
     assert!(!status.success(), "{status:?}");
     let log = lab.log_tail("node-1", 20);
+    if let Some(line) = log.lines().find(|l| l.starts_with("weft-node:")) {
+        eprintln!("{line}");
+    }
     assert!(log.contains("cannot run on this kernel"), "{log}");
     assert!(
         log.contains("esp4") && log.contains("CONFIG_INET_ESP"),
