@@ -5,7 +5,11 @@
 //! - flannel vxlan: an identical lab whose nodes are stopped and whose weft
 //!   objects are replaced with flannel's own commands (`flannel.1`);
 //! - weft host-gw: a 2-host host-gw lab;
-//! - veth: two namespaces joined by one veth pair, the ceiling.
+//! - veth: two namespaces joined by one veth pair, the ceiling;
+//! - weft ipsec: a 2-host ipsec lab (needs kernel ESP: run it inside the VM
+//!   with `scripts/vm-test bench`).
+//!
+//! `--paths` picks which; ratios are printed for the pairs that ran.
 
 use crate::stats::percentile;
 use anyhow::{ensure, Context, Result};
@@ -20,9 +24,28 @@ pub struct Args {
     /// Seconds per iperf3 run.
     #[arg(long, default_value_t = 3)]
     seconds: u32,
-    /// Rounds over the four paths.
+    /// Rounds over the paths.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
+    /// Paths to measure, in order: vxlan, flannel-vxlan, host-gw, veth, ipsec.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "vxlan,flannel-vxlan,host-gw,veth",
+        value_parser = ["vxlan", "flannel-vxlan", "host-gw", "veth", "ipsec"]
+    )]
+    paths: Vec<String>,
+}
+
+/// Display names of the paths.
+fn title(path: &str) -> &'static str {
+    match path {
+        "vxlan" => "weft vxlan",
+        "flannel-vxlan" => "flannel vxlan (hand-made)",
+        "host-gw" => "weft host-gw",
+        "veth" => "direct veth",
+        _ => "weft ipsec",
+    }
 }
 
 /// Gbit/s from `from` namespace to `to` address, with a server in `server_ns`.
@@ -223,36 +246,49 @@ fn veth_pair() -> Result<(Netns, Netns)> {
 pub fn run_bench(args: Args) -> Result<()> {
     weft_tests::netns::require_root();
     weft_tests::bins::system_tool("iperf3", "iperf3")?;
-    let mut cfg = LabConfig::for_test(2, "vxlan");
-    cfg.name = format!("dpa{}", std::process::id());
-    let weft = Lab::up(cfg)?;
-    let mut cfg = LabConfig::for_test(2, "vxlan");
-    cfg.name = format!("dpb{}", std::process::id());
-    let mut flannel = Lab::up(cfg)?;
-    flannelize(&mut flannel)?;
-    let mut cfg = LabConfig::for_test(2, "host-gw");
-    cfg.name = format!("dpc{}", std::process::id());
-    let hostgw = Lab::up(cfg)?;
-    let (va, vb) = veth_pair()?;
-
     let pods = |lab: &Lab| -> Result<(String, String, String)> {
         let p1 = &lab.host(1)?.pods[0];
         let p2 = &lab.host(2)?.pods[0];
         Ok((p2.ns.clone(), p1.ns.clone(), p2.ip.to_string()))
     };
-    let paths: Vec<(&str, (String, String, String))> = vec![
-        ("weft vxlan", pods(&weft)?),
-        ("flannel vxlan (hand-made)", pods(&flannel)?),
-        ("weft host-gw", pods(&hostgw)?),
-        (
-            "direct veth",
-            (
-                vb.name().to_string(),
-                va.name().to_string(),
-                "10.244.250.2".to_string(),
-            ),
-        ),
-    ];
+    let lab = |backend: &str, tag: &str| -> Result<Lab> {
+        let mut cfg = LabConfig::for_test(2, backend);
+        cfg.name = format!("dp{tag}{}", std::process::id());
+        Lab::up(cfg)
+    };
+    // Everything set up first; labs and namespaces live until the end.
+    let mut labs = Vec::new();
+    let mut veths = Vec::new();
+    let mut paths: Vec<(&str, (String, String, String))> = Vec::new();
+    for (n, p) in args.paths.iter().enumerate() {
+        let tag = format!("{n}");
+        let endpoints = match p.as_str() {
+            "vxlan" | "host-gw" | "ipsec" => {
+                let l = lab(p, &tag)?;
+                let e = pods(&l)?;
+                labs.push(l);
+                e
+            }
+            "flannel-vxlan" => {
+                let mut l = lab("vxlan", &tag)?;
+                flannelize(&mut l)?;
+                let e = pods(&l)?;
+                labs.push(l);
+                e
+            }
+            _ => {
+                let (va, vb) = veth_pair()?;
+                let e = (
+                    vb.name().to_string(),
+                    va.name().to_string(),
+                    "10.244.250.2".to_string(),
+                );
+                veths.push((va, vb));
+                e
+            }
+        };
+        paths.push((title(p), endpoints));
+    }
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     for round in 0..args.rounds {
         for (i, (_, (server, client, to))) in paths.iter().enumerate() {
@@ -275,8 +311,28 @@ pub fn run_bench(args: Args) -> Result<()> {
         let runs: Vec<String> = all.iter().map(|g| format!("{g:.2}")).collect();
         println!("  {name:<28} {m:>6.2}   (runs: {})", runs.join(", "));
     }
-    println!("  weft vxlan / flannel vxlan:   {:.3}", med[0] / med[1]);
-    println!("  weft host-gw / direct veth:   {:.3}", med[2] / med[3]);
-    println!("  weft vxlan / direct veth:     {:.3}", med[0] / med[3]);
+    let of = |name: &str| {
+        paths
+            .iter()
+            .position(|(n, _)| *n == title(name))
+            .map(|i| med[i])
+    };
+    for (a, b) in [
+        ("vxlan", "flannel-vxlan"),
+        ("host-gw", "veth"),
+        ("vxlan", "veth"),
+        ("ipsec", "vxlan"),
+        ("ipsec", "host-gw"),
+        ("vxlan", "host-gw"),
+    ] {
+        if let (Some(x), Some(y)) = (of(a), of(b)) {
+            println!(
+                "  {:<44} {:.3}",
+                format!("{} / {}:", title(a), title(b)),
+                x / y
+            );
+        }
+    }
+    drop(labs);
     Ok(())
 }
