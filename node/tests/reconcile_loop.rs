@@ -278,3 +278,100 @@ async fn after_a_failure_the_next_pass_reads_the_kernel() {
         "and repairs what failed"
     );
 }
+
+/// An ipsec peer's lease with this key.
+fn ipsec_lease(i: u32, key: &weft_backends::ipsec::keys::NodeKey) -> LeaseView {
+    let node = format!("host-{i}");
+    let l = Lease {
+        key: format!("10.244.{i}.0-24").parse().unwrap(),
+        attrs: LeaseAttrs::new(
+            &node,
+            Some(format!("198.18.0.{}", 10 + i).parse().unwrap()),
+            None,
+            &BackendData::Ipsec {
+                public_key: key.public(),
+                key_epoch: key.epoch(),
+            },
+        ),
+        etcd_lease: None,
+        create_revision: 1,
+        mod_revision: 1,
+    };
+    LeaseView::new(&l, true, None)
+}
+
+#[tokio::test(start_paused = true)]
+async fn ipsec_switches_happen_on_time_without_waiting_for_the_resync_and_kicks_run_a_pass() {
+    use weft_backends::ipsec::keys::NodeKey;
+    use weft_backends::ipsec::{Ipsec, Timing};
+    let fake = Arc::new(FakeDataplane::with_devices(&["eth0"]));
+    let status = Arc::new(Status::new("host-1"));
+    let timing = Timing::default();
+    let ipsec = Arc::new(Ipsec::new(NodeKey::generate(1).unwrap(), None, timing));
+    ipsec.published(1);
+    let (local_tx, local_rx) = watch::channel(None);
+    let (peers_tx, peers_rx) = watch::channel(Arc::new(PeerTable::default()));
+    let r = Reconciler::new(fake.clone(), ipsec.clone(), status.clone());
+    let kicker = r.kicker();
+    // A resync far away: only the backend's own clock can wake the loop.
+    tokio::spawn(r.run(local_rx, peers_rx, Duration::from_secs(3600)));
+    let mut local = (*local("10.244.1.0-24")).clone();
+    local.network = Arc::new(
+        NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"ipsec"}}"#).unwrap(),
+    );
+    local_tx.send_replace(Some(Arc::new(local)));
+    let peer = |k: &NodeKey| {
+        let l = ipsec_lease(2, k);
+        Arc::new(PeerTable {
+            synced: true,
+            revision: 1,
+            leases: [(l.key, read(&l))].into_iter().collect(),
+        })
+    };
+    let k1 = NodeKey::generate(1).unwrap();
+    peers_tx.send_replace(peer(&k1));
+    settle().await;
+    let out_spis = || {
+        let st = fake.state();
+        let mut v: Vec<u32> = st
+            .xfrm_states
+            .keys()
+            .filter(|id| id.src.to_string() == "198.18.0.11")
+            .map(|id| id.spi)
+            .collect();
+        v.sort();
+        v
+    };
+    let first = out_spis();
+    assert_eq!(first.len(), 1);
+    assert_eq!(fake.state().xfrm_states.len(), 2);
+
+    // The peer rotates: its new inbound SA at once, the outbound switch
+    // after the switch delay, the old inbound one gone after the grace.
+    let k2 = NodeKey::generate(2).unwrap();
+    peers_tx.send_replace(peer(&k2));
+    settle().await;
+    assert_eq!(fake.state().xfrm_states.len(), 3, "new inbound SA added");
+    assert_eq!(out_spis(), first, "still sending with the old SA");
+    tokio::time::sleep(timing.switch_delay + Duration::from_millis(10)).await;
+    settle().await;
+    assert_ne!(
+        out_spis(),
+        first,
+        "switched without a lease change or resync"
+    );
+    assert_eq!(out_spis().len(), 1);
+    tokio::time::sleep(timing.grace).await;
+    settle().await;
+    assert_eq!(
+        fake.state().xfrm_states.len(),
+        2,
+        "old inbound SA gone after the grace"
+    );
+
+    // A kick runs a full pass at once (it observes the kernel).
+    let observed = fake.observations();
+    let o = kicker.full_pass().await.unwrap();
+    assert!(o.errors.is_empty(), "{o:?}");
+    assert_eq!(fake.observations(), observed + 1);
+}

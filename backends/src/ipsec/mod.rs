@@ -14,8 +14,9 @@
 //! [`Timing::switch_delay`] after both sides can know the new keys (after
 //! we published our new key, or after we saw the peer's), so the other end
 //! already has the matching inbound SA; old inbound SAs stay for
-//! [`Timing::grace`] after that. A peer that is gone loses everything at
-//! once.
+//! [`Timing::grace`] after that. The first generation with a new peer
+//! sends at once (there is nothing to switch from). A peer that is gone
+//! loses everything at once.
 
 pub mod keys;
 
@@ -78,6 +79,9 @@ struct Generation {
     sas: PairSas,
     /// When this node first computed it.
     seen: Instant,
+    /// Made when there was no other generation with this peer (first
+    /// contact): nothing to switch from, so it sends at once.
+    first: bool,
 }
 
 /// The key state that desired state depends on, besides the leases.
@@ -175,7 +179,11 @@ impl Ipsec {
         } else {
             g.seen
         };
-        Some(since + self.timing.switch_delay)
+        Some(if g.first {
+            since
+        } else {
+            since + self.timing.switch_delay
+        })
     }
 
     /// Desired state at `now` (the trait's `desired` uses the clock).
@@ -216,6 +224,7 @@ impl Ipsec {
             if let Some(i) = current.filter(|i| *i + 1 != gens.len()) {
                 let mut g = gens.remove(i);
                 g.seen = now;
+                g.first = false;
                 gens.push(g);
             }
             if current.is_none() {
@@ -225,14 +234,18 @@ impl Ipsec {
                 };
                 let psk = self.psk.as_ref().map(|k| k.as_slice());
                 match derive_pair(&key, me, public_key, peer_end, psk) {
-                    Ok(sas) => gens.push(Generation {
-                        my_epoch: key.epoch(),
-                        peer_epoch: *key_epoch,
-                        peer_key: *public_key,
-                        my_ip: me,
-                        sas,
-                        seen: now,
-                    }),
+                    Ok(sas) => {
+                        let first = gens.is_empty();
+                        gens.push(Generation {
+                            my_epoch: key.epoch(),
+                            peer_epoch: *key_epoch,
+                            peer_key: *public_key,
+                            my_ip: me,
+                            sas,
+                            seen: now,
+                            first,
+                        })
+                    }
                     Err(e) => {
                         // Like a lease that cannot be read: not programmed.
                         skipped.push(Skipped::of(p, e.to_string()));
