@@ -104,6 +104,10 @@ pub struct HostState {
     pub subnet: Option<Ipv4Net>,
     pub mtu: u32,
     pub pods: Vec<PodState>,
+    /// A host behind a router ([`Lab::start_routed_host`]): the router's
+    /// namespace.
+    #[serde(default)]
+    pub router: Option<String>,
 }
 
 /// Everything needed to find and tear down a lab.
@@ -489,6 +493,7 @@ impl Lab {
             subnet: None,
             mtu: 0,
             pods: Vec::new(),
+            router: None,
         });
         self.save()?;
         let fab = self.state.fabric.clone();
@@ -513,6 +518,76 @@ impl Lab {
         )?;
         ns_run(&ns, &["addr", "add", &format!("{ip}/16"), "dev", "eth0"])?;
         ns_run(&ns, &["link", "set", "eth0", "up"])?;
+        self.start_node_process(i)?;
+        Ok(i)
+    }
+
+    /// Like [`Lab::start_host`], but the host is a routed hop away from
+    /// the fabric: it sits on its own /24 (198.18.(100+i).0/24, default
+    /// route via the router) behind a router namespace whose fabric leg
+    /// answers ARP for that /24 (proxy ARP), so the other hosts' packets to
+    /// it cross a router. host-gw cannot reach such a host; vxlan and ipsec
+    /// can.
+    pub fn start_routed_host(&mut self) -> Result<u32> {
+        let i = self.state.hosts.iter().map(|h| h.index).max().unwrap_or(0) + 1;
+        let n = u8::try_from(i)
+            .ok()
+            .filter(|n| *n < 100)
+            .context("at most 99 hosts")?;
+        let ns = format!("{NS_PREFIX}{}-h{i}", self.state.name);
+        let router = format!("{NS_PREFIX}{}-r{i}", self.state.name);
+        let ip = Ipv4Addr::new(198, 18, 100 + n, 10);
+        let gw = Ipv4Addr::new(198, 18, 100 + n, 1);
+        self.add_ns(&ns)?;
+        self.add_ns(&router)?;
+        self.state.hosts.push(HostState {
+            index: i,
+            name: format!("host-{i}"),
+            ns: ns.clone(),
+            ip,
+            subnet: None,
+            mtu: 0,
+            pods: Vec::new(),
+            router: Some(router.clone()),
+        });
+        self.save()?;
+        let fab = self.state.fabric.clone();
+        let up = format!("r{i}");
+        ns_run(
+            &fab,
+            &[
+                "link", "add", &up, "type", "veth", "peer", "name", "up0", "netns", &router,
+            ],
+        )?;
+        ns_run(&fab, &["link", "set", &up, "master", "br0", "up"])?;
+        ns_run(
+            &router,
+            &[
+                "addr",
+                "add",
+                &format!("198.18.0.{}/16", 200 + n),
+                "dev",
+                "up0",
+            ],
+        )?;
+        ns_run(&router, &["link", "set", "up0", "up"])?;
+        ns_run(
+            &router,
+            &[
+                "link", "add", "down0", "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ],
+        )?;
+        ns_run(
+            &router,
+            &["addr", "add", &format!("{gw}/24"), "dev", "down0"],
+        )?;
+        ns_run(&router, &["link", "set", "down0", "up"])?;
+        for knob in ["net.ipv4.ip_forward=1", "net.ipv4.conf.up0.proxy_arp=1"] {
+            run("ip", &["netns", "exec", &router, "sysctl", "-qw", knob])?;
+        }
+        ns_run(&ns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        ns_run(&ns, &["link", "set", "eth0", "up"])?;
+        ns_run(&ns, &["route", "add", "default", "via", &gw.to_string()])?;
         self.start_node_process(i)?;
         Ok(i)
     }
@@ -907,6 +982,7 @@ impl Lab {
             .flat_map(|h| h.pods.iter().map(|p| p.ns.clone()))
             .collect();
         namespaces.extend(self.state.hosts.iter().map(|h| h.ns.clone()));
+        namespaces.extend(self.state.hosts.iter().filter_map(|h| h.router.clone()));
         namespaces.push(self.state.outside.clone());
         namespaces.push(self.state.fabric.clone());
         for ns in namespaces {

@@ -305,3 +305,60 @@ macro_rules! backend_tests {
 
 backend_tests!(vxlan, "vxlan");
 backend_tests!(host_gw, "host-gw");
+
+/// A third host behind a router (its own /24, proxy ARP on the router's
+/// fabric leg): vxlan reaches it; host-gw says why it cannot and keeps the
+/// others working.
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn a_host_a_routed_hop_away_is_reached_by_vxlan_and_skipped_by_host_gw() {
+    for backend in ["vxlan", "host-gw"] {
+        let mut lab = lab(2, backend);
+        let i = lab.start_routed_host().unwrap();
+        lab.finish_host(i).unwrap_or_else(|e| panic!("{e:#}"));
+        let far = lab.host(i).unwrap().clone();
+        // Host 1 reaches host 3 only through the router (TTL 63 on arrival).
+        let ping = lab
+            .host_ip(1, &["route", "get", &far.ip.to_string()])
+            .unwrap();
+        assert!(ping.contains("dev eth0"), "{ping}");
+        let out = weft_tests::netns::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &lab.host(1).unwrap().ns,
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "2",
+                &far.ip.to_string(),
+            ],
+        )
+        .unwrap();
+        assert!(out.contains("ttl=63"), "not routed: {out}");
+        if backend == "vxlan" {
+            converged(&lab);
+        } else {
+            // The routed host's public IP is off its own /24, so it skips
+            // both peers and says why. (The others cannot tell: the routed
+            // host's address is inside their /16 and proxy ARP answers.)
+            lab.wait_for(
+                Duration::from_secs(30),
+                "the routed host to skip both peers",
+                || {
+                    let s = lab.node_status(i)?;
+                    Ok(s["skipped"]
+                        .to_string()
+                        .matches("not directly reachable")
+                        .count()
+                        == 2)
+                },
+            )
+            .unwrap();
+            let (p1, p2) = (&lab.host(1).unwrap().pods[0], &lab.host(2).unwrap().pods[0]);
+            assert!(lab.reaches(&p1.ns, p2.ip), "the others still work");
+        }
+    }
+}

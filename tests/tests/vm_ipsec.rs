@@ -280,6 +280,15 @@ fn key_rotations_under_a_10_per_second_ping_lose_at_most_one_packet() {
         weft_tests::netns::http_get(&lab.host(1).unwrap().ns, "127.0.0.1:9680", "/readyz").unwrap();
     assert!(!readyz.contains(private));
     assert!(readyz.contains("\"published_epoch\":2"), "{readyz}");
+    let (_, metrics) =
+        weft_tests::netns::http_get(&lab.host(1).unwrap().ns, "127.0.0.1:9680", "/metrics")
+            .unwrap();
+    for line in [
+        "weft_node_ipsec_key_epoch 2",
+        "weft_node_ipsec_key_rotations_total 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
+    }
     // Old inbound SAs stay for the grace period: host 2 still has two
     // from host 1 (old and new), one to it.
     let s2 = sas(&lab, 2);
@@ -407,6 +416,45 @@ fn a_forged_key_in_etcd_cuts_that_node_off_without_leaking_plaintext() {
     let _ = lab.ping(&p2.ns, p1.ip, 5, "0.2");
     let seen = cap.join().unwrap().unwrap();
     assert!(seen.plaintext.is_empty(), "{:?}", seen.plaintext);
+}
+
+/// A third host a routed hop away (its own /24 behind a router, default
+/// route via the router): ESP is routed to it like any packet, pods on all
+/// three hosts reach each other, and the router forwards only ESP.
+#[test]
+#[ignore = "needs a kernel with ESP; run by scripts/vm-test"]
+fn a_host_behind_a_router_is_reached_through_esp() {
+    let mut lab = lab(2);
+    let i = lab.start_routed_host().unwrap();
+    lab.finish_host(i).unwrap_or_else(|e| panic!("{e:#}"));
+    lab.wait_converged(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let far = lab.host(i).unwrap().clone();
+    let router = far.router.clone().unwrap();
+    // The routed host reaches host 1 only through its gateway.
+    let via = lab.host_ip(i, &["route", "get", "198.18.0.11"]).unwrap();
+    assert!(via.contains(" via "), "{via}");
+    let (p1, p3) = (&lab.host(1).unwrap().pods[0], &far.pods[0]);
+    let r = router.clone();
+    let cap = std::thread::spawn(move || capture(&r, Duration::from_secs(4), pods()));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(lab.ping(&p1.ns, p3.ip, 5, "0.2").unwrap(), (5, 5));
+    assert_eq!(lab.ping(&p3.ns, p1.ip, 5, "0.2").unwrap(), (5, 5));
+    let seen = cap.join().unwrap().unwrap();
+    eprintln!(
+        "router during 10+10 pings: {} IPv4 packets, {} ESP, {} pod packets in the clear",
+        seen.total,
+        seen.esp.len(),
+        seen.plaintext.len()
+    );
+    assert!(seen.plaintext.is_empty(), "{:?}", seen.plaintext);
+    let h1 = ip("198.18.0.11");
+    for (s, d) in [(h1, far.ip), (far.ip, h1)] {
+        assert!(
+            seen.esp.iter().filter(|p| **p == (s, d)).count() >= 10,
+            "ESP {s} -> {d}: {seen:?}"
+        );
+    }
 }
 
 /// Run by scripts/vm-test before esp4 is loaded, with module loading
