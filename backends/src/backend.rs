@@ -30,6 +30,11 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn next_change(&self) -> Option<tokio::time::Instant> {
         None
     }
+
+    /// What a full pass just read from the kernel, before the diff: lets a
+    /// backend notice state it cannot simply put back (ipsec: an outbound
+    /// SA whose sequence numbers the peer has already seen).
+    fn observed(&self, _have: &NetState) {}
 }
 
 /// Why a backend cannot be used.

@@ -8,7 +8,7 @@ use crate::state::{
 };
 use futures::TryStreamExt;
 use ipnet::IpNet;
-use netlink_packet_xfrm::{Address, UserTemplate, XfrmAttrs};
+use netlink_packet_xfrm::{Address, UserTemplate, XfrmAttrs, XFRM_STATE_ESN};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use xfrmnetlink::Handle;
@@ -156,6 +156,11 @@ async fn add_state(h: &Handle, id: &XfrmSaId, sa: &XfrmSa) -> Result<(), xfrmnet
         .spi(id.spi)
         .mode(XFRM_MODE_TUNNEL)
         .reqid(sa.reqid)
+        // 64-bit extended sequence numbers: 32 bits would run out after
+        // 2^32 packets (about 80 minutes at 10 Gbit/s of full-size
+        // packets) and the SA would stop sending until the next rotation.
+        // Set before the replay window, which then uses the ESN format.
+        .flags(XFRM_STATE_ESN)
         .replay_window(sa.replay_window, 0, 0, 0, 0)
         .encryption_aead(XFRM_AEAD, &sa.key.0.to_vec(), XFRM_ICV_BITS)?
         .execute()

@@ -455,3 +455,115 @@ async fn on_the_fake_kernel_it_converges_in_order_and_repairs_hand_deletions() {
     assert!(fake.apply(&repair).await.is_empty());
     assert_eq!(fake.state(), want);
 }
+
+/// Peers reported by `lost_outbound` right now (it never waits here).
+fn lost_now(n: &Node) -> Option<Vec<Ipv4Addr>> {
+    use futures::FutureExt;
+    n.backend.lost_outbound().now_or_never()
+}
+
+#[test]
+fn a_lost_outbound_sa_asks_for_a_new_key_once_and_a_lost_inbound_one_does_not() {
+    let t0 = Instant::now();
+    let a = Node::new(1, key(1), None);
+    let (b, c) = (Node::new(2, key(1), None), Node::new(3, key(1), None));
+    let peers = [b.lease(), c.lease()];
+    a.backend.published_at(1, t0);
+    let (want, _) = a.desired(&peers, t0);
+    // First pass on a fresh key: nothing installed yet is nothing lost.
+    a.backend.observed(&NetState::default());
+    assert_eq!(lost_now(&a), None);
+    a.backend.observed(&want);
+    // An inbound SA deleted by hand is simply put back: a new replay
+    // window accepts the peer's next sequence numbers.
+    let mut have = want.clone();
+    let inbound = *have
+        .xfrm_states
+        .keys()
+        .find(|id| id.src == IpAddr::V4(b.ip))
+        .unwrap();
+    have.xfrm_states.remove(&inbound);
+    a.backend.observed(&have);
+    assert_eq!(lost_now(&a), None);
+    // The outbound SA to b: b has seen its sequence numbers, so it needs a
+    // new key.
+    let outbound = *have
+        .xfrm_states
+        .keys()
+        .find(|id| id.dst == IpAddr::V4(b.ip))
+        .unwrap();
+    have.xfrm_states.remove(&outbound);
+    a.backend.observed(&have);
+    assert_eq!(lost_now(&a), Some(vec![b.ip]));
+    assert_eq!(lost_now(&a), None, "taken");
+    a.backend.observed(&have);
+    assert_eq!(lost_now(&a), None, "one report per key");
+    // The pass puts the SA back meanwhile; after the rotation a new loss
+    // is reported again.
+    a.backend.observed(&want);
+    a.backend.rotate(key(2));
+    let (want2, _) = a.desired(&peers, t0 + Duration::from_secs(1));
+    a.backend.observed(&want2);
+    let mut have2 = want2.clone();
+    have2.xfrm_states.retain(|id, _| id.dst != IpAddr::V4(c.ip));
+    a.backend.observed(&have2);
+    assert_eq!(lost_now(&a), Some(vec![c.ip]));
+    // A failed rotation puts the report back.
+    a.backend.lost_again(vec![c.ip]);
+    assert_eq!(lost_now(&a), Some(vec![c.ip]));
+}
+
+#[test]
+fn after_a_restart_with_the_stored_key_missing_outbound_sas_mean_a_reboot() {
+    let t0 = Instant::now();
+    let k = key(3);
+    let b = Node::new(2, key(1), None);
+    let restored = || {
+        let n = Node::new(1, NodeKey::from_secret(*k.secret_bytes(), 3), None);
+        n.backend.key_restored();
+        n.backend.published_at(3, t0);
+        n
+    };
+    // Rebooted: the kernel lost everything, b still has its inbound SA
+    // with our old sequence numbers.
+    let a = restored();
+    let (want, _) = a.desired(&[b.lease()], t0);
+    a.backend.observed(&NetState::default());
+    assert_eq!(lost_now(&a), Some(vec![b.ip]));
+    // Only restarted: the kernel kept the SAs, nothing to do.
+    let a = restored();
+    a.desired(&[b.lease()], t0);
+    a.backend.observed(&want);
+    assert_eq!(lost_now(&a), None);
+    // A new key (first start) never reports.
+    let fresh = Node::new(1, key(1), None);
+    fresh.backend.published_at(1, t0);
+    fresh.desired(&[b.lease()], t0);
+    fresh.backend.observed(&NetState::default());
+    assert_eq!(lost_now(&fresh), None);
+}
+
+#[test]
+fn a_peer_that_leaves_and_comes_back_with_the_same_key_gets_fresh_sas() {
+    // Its lease expired (an etcd outage, say) and was taken again; its own
+    // kernel kept the inbound SA that has seen our sequence numbers.
+    let t0 = Instant::now();
+    let a = Node::new(1, key(1), None);
+    let b = Node::new(2, key(1), None);
+    a.backend.published_at(1, t0);
+    let (with_b, _) = a.desired(&[b.lease()], t0);
+    a.backend.observed(&with_b);
+    let (without_b, _) = a.desired(&[], t0 + Duration::from_secs(1));
+    a.backend.observed(&without_b);
+    assert_eq!(lost_now(&a), None, "a peer that is gone sends nothing");
+    let (back, _) = a.desired(&[b.lease()], t0 + Duration::from_secs(2));
+    assert_eq!(back, with_b, "the same keys give the same SAs");
+    a.backend.observed(&without_b);
+    assert_eq!(lost_now(&a), Some(vec![b.ip]));
+    // After the rotation the new generation is fresh: nothing to report
+    // while it is not yet installed.
+    a.backend.rotate(key(2));
+    a.desired(&[b.lease()], t0 + Duration::from_secs(3));
+    a.backend.observed(&without_b);
+    assert_eq!(lost_now(&a), None);
+}

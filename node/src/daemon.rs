@@ -239,7 +239,7 @@ async fn make_backend(
                     kernel_release()
                 )
             })?;
-            let key = keystore::load_or_create(&opts.state_dir)?;
+            let (key, origin) = keystore::load_or_create(&opts.state_dir)?;
             let psk = match &cfg.psk_file {
                 Some(f) => Some(keystore::read_psk(f).context("Backend.PSK")?),
                 None => None,
@@ -251,6 +251,9 @@ async fn make_backend(
                 "ipsec backend: ESP tunnel mode, {}", weft_backends::state::XFRM_AEAD
             );
             let ipsec = Arc::new(Ipsec::new(key, psk, Timing::default()));
+            if origin == keystore::KeyOrigin::Loaded {
+                ipsec.key_restored();
+            }
             Ok((ipsec.clone(), Some(ipsec)))
         }
         other => Ok((Arc::from(for_config(other)?), None)),

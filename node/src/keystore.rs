@@ -61,20 +61,29 @@ fn ensure_dir(dir: &Path) -> Result<(), KeyStoreError> {
     Ok(())
 }
 
+/// Where the key came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOrigin {
+    /// Read from the state directory: it was in use before.
+    Loaded,
+    /// Made now: no peer has seen it.
+    Created,
+}
+
 /// Loads the key, or makes epoch 1 and stores it when there is none.
-pub fn load_or_create(state_dir: &Path) -> Result<NodeKey, KeyStoreError> {
+pub fn load_or_create(state_dir: &Path) -> Result<(NodeKey, KeyOrigin), KeyStoreError> {
     let p = path(state_dir);
     match load(&p)? {
         Some(k) => {
             tracing::info!(file = %p.display(), epoch = k.epoch(), public_key = %public_b64(&k), "loaded the IPsec key");
-            Ok(k)
+            Ok((k, KeyOrigin::Loaded))
         }
         None => {
             ensure_dir(state_dir)?;
             let k = NodeKey::generate(1).map_err(|e| KeyStoreError::Generate(e.to_string()))?;
             store(state_dir, &k)?;
             tracing::info!(file = %p.display(), epoch = 1, public_key = %public_b64(&k), "created an IPsec key");
-            Ok(k)
+            Ok((k, KeyOrigin::Created))
         }
     }
 }
@@ -177,18 +186,19 @@ mod tests {
     fn created_once_then_reused_with_mode_0600() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("weft");
-        let a = load_or_create(&state).unwrap();
-        assert_eq!(a.epoch(), 1);
+        let (a, origin) = load_or_create(&state).unwrap();
+        assert_eq!((a.epoch(), origin), (1, KeyOrigin::Created));
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path(&state)), 0o600);
         assert_eq!(mode(&state), 0o700);
-        let b = load_or_create(&state).unwrap();
+        let (b, origin) = load_or_create(&state).unwrap();
+        assert_eq!(origin, KeyOrigin::Loaded);
         assert_eq!(a.public(), b.public());
         assert_eq!(*a.secret_bytes(), *b.secret_bytes());
         // A rotation is stored and read back.
         let c = NodeKey::generate(2).unwrap();
         store(&state, &c).unwrap();
-        let d = load_or_create(&state).unwrap();
+        let (d, _) = load_or_create(&state).unwrap();
         assert_eq!((d.epoch(), d.public()), (2, c.public()));
         assert_eq!(mode(&path(&state)), 0o600);
     }
@@ -225,7 +235,7 @@ mod tests {
     #[test]
     fn the_secret_never_shows_in_debug_output() {
         let dir = tempfile::tempdir().unwrap();
-        let k = load_or_create(dir.path()).unwrap();
+        let (k, _) = load_or_create(dir.path()).unwrap();
         let secret = base64::engine::general_purpose::STANDARD.encode(*k.secret_bytes());
         assert!(fs::read_to_string(path(dir.path()))
             .unwrap()

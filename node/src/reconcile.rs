@@ -136,7 +136,13 @@ impl Reconciler {
         };
         let have = match (pass, self.known.take()) {
             (Pass::Event, Some(known)) => Ok(known),
-            _ => self.dataplane.observe().await,
+            _ => {
+                let have = self.dataplane.observe().await;
+                if let Ok(h) = &have {
+                    self.backend.observed(h);
+                }
+                have
+            }
         };
         match have {
             Err(e) => outcome.errors.push(e.to_string()),

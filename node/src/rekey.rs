@@ -9,6 +9,10 @@
 //! 3. publishes the public key and epoch in the lease;
 //! 4. tells the backend, which then switches the outbound SAs after its
 //!    switch delay and drops the old inbound ones after the grace period.
+//!
+//! The backend also asks for a rotation when outbound SAs were lost (see
+//! `weft_backends::ipsec`): after a reboot with the stored key, or when
+//! someone deleted them.
 
 use crate::keystore;
 use crate::reconcile::Kicker;
@@ -24,6 +28,9 @@ use weft_backends::ipsec::keys::NodeKey;
 use weft_backends::{Backend, Ipsec, LocalNode};
 use weft_lease::api::AcquireRequest;
 use weft_lease::client::ControllerClient;
+
+/// The least time between two rotations for lost outbound SAs.
+const REPAIR_SPACING: Duration = Duration::from_secs(30);
 
 /// A request for a rotation; the answer is the new epoch or why not.
 pub type RekeyRequest = oneshot::Sender<Result<u64, String>>;
@@ -121,9 +128,30 @@ impl Rekeyer {
         let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut listening = true;
+        let mut last_repair: Option<tokio::time::Instant> = None;
         loop {
+            let mut lost_peers = Vec::new();
             let (why, reply) = tokio::select! {
                 _ = timer.tick() => ("timer", None),
+                lost = self.ipsec.lost_outbound() => {
+                    let peers: Vec<String> = lost.iter().map(|p| p.to_string()).collect();
+                    tracing::warn!(
+                        peers = %peers.join(","),
+                        "outbound IPsec SAs were lost (reboot, flush or hand deletion); put back they would restart their sequence numbers and the peers would drop them as replays, so rotating the key"
+                    );
+                    // Someone flushing SAs over and over must not make
+                    // this node rotate over and over.
+                    if let Some(wait) = last_repair
+                        .map(|t| t + REPAIR_SPACING)
+                        .filter(|t| *t > tokio::time::Instant::now())
+                    {
+                        tracing::warn!("the last such rotation was under {REPAIR_SPACING:?} ago; waiting");
+                        tokio::time::sleep_until(wait).await;
+                    }
+                    last_repair = Some(tokio::time::Instant::now());
+                    lost_peers = lost;
+                    ("outbound SAs lost", None)
+                }
                 Some(()) = async { match usr1.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => ("SIGUSR1", None),
                 r = requests.recv(), if listening => match r {
                     Some(reply) => ("request", Some(reply)),
@@ -138,6 +166,10 @@ impl Rekeyer {
             let r = self.rotate(why).await;
             if let Err(e) = &r {
                 tracing::error!("IPsec key rotation failed: {e:#}; the current key stays in use");
+                if !lost_peers.is_empty() {
+                    // Still lost: try again (after the spacing).
+                    self.ipsec.lost_again(std::mem::take(&mut lost_peers));
+                }
             }
             if let Some(reply) = reply {
                 let _ = reply.send(r.map_err(|e| format!("{e:#}")));

@@ -374,4 +374,26 @@ async fn ipsec_switches_happen_on_time_without_waiting_for_the_resync_and_kicks_
     let o = kicker.full_pass().await.unwrap();
     assert!(o.errors.is_empty(), "{o:?}");
     assert_eq!(fake.observations(), observed + 1);
+
+    // The outbound SA disappears behind weft's back: the next full pass
+    // puts it back and asks for a new key (the peer would drop the
+    // restarted sequence numbers).
+    use futures::FutureExt;
+    assert_eq!(ipsec.lost_outbound().now_or_never(), None);
+    let out = *fake
+        .state()
+        .xfrm_states
+        .keys()
+        .find(|id| id.src.to_string() == "198.18.0.11")
+        .unwrap();
+    fake.tamper(|st| {
+        st.xfrm_states.remove(&out);
+    });
+    let o = kicker.full_pass().await.unwrap();
+    assert!(o.errors.is_empty() && o.changes == 1, "{o:?}");
+    assert!(fake.state().xfrm_states.contains_key(&out));
+    assert_eq!(
+        ipsec.lost_outbound().now_or_never(),
+        Some(vec!["198.18.0.12".parse().unwrap()])
+    );
 }

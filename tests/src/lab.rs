@@ -776,6 +776,17 @@ impl Lab {
         Ok(serde_json::from_str(&body)?)
     }
 
+    /// Host `i`'s node's `weft_node_changes_applied_total`: grows with
+    /// every change the node made to the kernel, so a test can tell a
+    /// repair happened even when it cannot catch the broken moment.
+    pub fn changes_applied(&self, i: u32) -> Result<u64> {
+        let (_, m) = http_get(&self.host(i)?.ns, "127.0.0.1:9680", "/metrics")?;
+        m.lines()
+            .find_map(|l| l.strip_prefix("weft_node_changes_applied_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .context("no weft_node_changes_applied_total in /metrics")
+    }
+
     /// Pings `to` from namespace `from`; returns (sent, received).
     pub fn ping(&self, from: &str, to: Ipv4Addr, count: u32, interval: &str) -> Result<(u32, u32)> {
         let out = Command::new("ip")
@@ -871,7 +882,6 @@ impl Lab {
         ns_run(&self.host(i)?.ns, args)
     }
 
-    /// Whether a lab process is running.
     /// How a process this lab started (and still holds) has ended, if it has.
     pub fn exit_status(&mut self, what: &str) -> Option<std::process::ExitStatus> {
         self.children.get_mut(what)?.try_wait().ok().flatten()

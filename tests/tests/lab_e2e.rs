@@ -169,15 +169,7 @@ fn hand_deletions_come_back(backend: &str) {
     let s2 = lab.host(2).unwrap().subnet.unwrap().to_string();
     // What each node has applied so far: the repair must be its own work
     // (on a slow machine it may be done before we could look).
-    let applied = |h: u32| -> u64 {
-        let (_, m) =
-            weft_tests::netns::http_get(&lab.host(h).unwrap().ns, "127.0.0.1:9680", "/metrics")
-                .unwrap();
-        m.lines()
-            .find_map(|l| l.strip_prefix("weft_node_changes_applied_total "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let applied = |h: u32| lab.changes_applied(h).unwrap();
     let (before1, before3) = (applied(1), applied(3));
     lab.host_ip(1, &["route", "del", &s2]).unwrap();
     if backend == "vxlan" {

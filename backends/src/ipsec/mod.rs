@@ -17,6 +17,15 @@
 //! [`Timing::grace`] after that. The first generation with a new peer
 //! sends at once (there is nothing to switch from). A peer that is gone
 //! loses everything at once.
+//!
+//! An outbound SA cannot simply be put back. Its sequence numbers restart
+//! at 1, and the peer's inbound SA (same SPI and key, derived again) has
+//! already seen higher ones, so its replay check drops every packet. So
+//! when a full pass finds that an outbound SA the kernel had is wanted but
+//! gone (a reboot, `ip xfrm state flush`, a hand deletion, a peer that left
+//! and came back with the same key), the backend asks for a new key
+//! ([`Ipsec::lost_outbound`]): a new generation means new SPIs on both
+//! ends.
 
 pub mod keys;
 
@@ -28,7 +37,7 @@ use crate::state::{
 };
 use ipnet::IpNet;
 use keys::{derive_pair, End, NodeKey, PairSas};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -82,6 +91,9 @@ struct Generation {
     /// Made when there was no other generation with this peer (first
     /// contact): nothing to switch from, so it sends at once.
     first: bool,
+    /// Its outbound SA may have been in the kernel before this process
+    /// started (made with a restored key before the first full pass).
+    maybe_used_before: bool,
 }
 
 /// The key state that desired state depends on, besides the leases.
@@ -91,6 +103,24 @@ struct Keyring {
     /// Epoch the peers can know (our lease carries it) and since when.
     published: Option<(u64, Instant)>,
     generations: HashMap<Ipv4Addr, Vec<Generation>>,
+    /// Per peer, the outbound SA the last desired state sends with.
+    sending: HashMap<Ipv4Addr, XfrmSaId>,
+    /// Outbound SAs of the current key a full pass has seen in the kernel.
+    /// Their peers know their sequence numbers, so none may be installed
+    /// afresh: not after a deletion, and not when a peer that left (its
+    /// lease expired, say) comes back with the same key. Cleared by a
+    /// rotation, after which none of them can be wanted again.
+    burnt: HashSet<XfrmSaId>,
+    /// The key was in use before this process started (loaded from the
+    /// state directory), so the kernel may have lost SAs the peers know.
+    restored: bool,
+    /// No full pass has observed the kernel yet.
+    unobserved: bool,
+    /// Peers whose outbound SA was lost, not yet taken by
+    /// [`Ipsec::lost_outbound`].
+    lost: Vec<Ipv4Addr>,
+    /// A loss was reported for the current key (one rotation fixes all).
+    lost_reported: bool,
 }
 
 /// What the ipsec backend reports about its keys.
@@ -109,6 +139,7 @@ pub struct Ipsec {
     psk: Option<Zeroizing<Vec<u8>>>,
     timing: Timing,
     ring: Mutex<Keyring>,
+    lost_signal: tokio::sync::Notify,
 }
 
 impl Ipsec {
@@ -121,7 +152,43 @@ impl Ipsec {
                 key,
                 published: None,
                 generations: HashMap::new(),
+                sending: HashMap::new(),
+                burnt: HashSet::new(),
+                restored: false,
+                unobserved: true,
+                lost: Vec::new(),
+                lost_reported: false,
             }),
+            lost_signal: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The key was loaded from the state directory, not made now: until
+    /// the first full pass, treat every generation as one the peers may
+    /// have received from (this may be a restart after a reboot).
+    pub fn key_restored(&self) {
+        self.ring().restored = true;
+    }
+
+    /// The rotation for [`Ipsec::lost_outbound`]'s peers failed: report
+    /// them again.
+    pub fn lost_again(&self, peers: Vec<Ipv4Addr>) {
+        let mut r = self.ring();
+        r.lost = peers;
+        r.lost_reported = true;
+        self.lost_signal.notify_one();
+    }
+
+    /// Waits until a full pass finds outbound SAs lost (see the module
+    /// docs), then returns their peers; the node should rotate its key.
+    /// Reported once per key: [`Ipsec::rotate`] re-arms it.
+    pub async fn lost_outbound(&self) -> Vec<Ipv4Addr> {
+        loop {
+            let lost = std::mem::take(&mut self.ring().lost);
+            if !lost.is_empty() {
+                return lost;
+            }
+            self.lost_signal.notified().await;
         }
     }
 
@@ -140,7 +207,11 @@ impl Ipsec {
     /// Inbound SAs for it go in with the next pass; outbound ones follow
     /// once [`Ipsec::published`] says the peers can know it.
     pub fn rotate(&self, key: NodeKey) {
-        self.ring().key = key;
+        let mut r = self.ring();
+        r.key = key;
+        r.burnt.clear();
+        r.lost.clear();
+        r.lost_reported = false;
     }
 
     /// Our lease now carries `epoch`.
@@ -203,6 +274,7 @@ impl Ipsec {
         };
         let me = local.public_ip;
         let mut live = Vec::with_capacity(peers.len());
+        let mut sends = Vec::with_capacity(peers.len());
         for p in peers {
             let BackendData::Ipsec {
                 public_key,
@@ -212,6 +284,7 @@ impl Ipsec {
                 continue;
             };
             let key = ring.key.clone();
+            let maybe_used = ring.restored && ring.unobserved;
             let gens = ring.generations.entry(p.public_ip).or_default();
             let current = gens.iter().position(|g| {
                 g.my_epoch == key.epoch()
@@ -244,6 +317,7 @@ impl Ipsec {
                             sas,
                             seen: now,
                             first,
+                            maybe_used_before: maybe_used,
                         })
                     }
                     Err(e) => {
@@ -297,12 +371,14 @@ impl Ipsec {
                 );
             }
             if let Some(g) = sending.map(|s| &gens[s]) {
+                let id = XfrmSaId {
+                    src: mip,
+                    dst: pip,
+                    spi: g.sas.out.spi,
+                };
+                sends.push((p.public_ip, id));
                 st.xfrm_states.insert(
-                    XfrmSaId {
-                        src: mip,
-                        dst: pip,
-                        spi: g.sas.out.spi,
-                    },
+                    id,
                     XfrmSa {
                         reqid: WEFT_XFRM_REQID,
                         key: g.sas.out.key.clone(),
@@ -350,6 +426,7 @@ impl Ipsec {
         }
         // Peers that are gone take their SAs along at once.
         ring.generations.retain(|ip, _| live.contains(ip));
+        ring.sending = sends.into_iter().collect();
         (st, skipped)
     }
 
@@ -401,5 +478,31 @@ impl Backend for Ipsec {
 
     fn next_change(&self) -> Option<Instant> {
         self.next_change_at(Instant::now())
+    }
+
+    fn observed(&self, have: &NetState) {
+        let mut guard = self.ring();
+        let r = &mut *guard;
+        r.unobserved = false;
+        let mut lost = Vec::new();
+        for (peer, id) in &r.sending {
+            if have.xfrm_states.contains_key(id) {
+                r.burnt.insert(*id);
+                continue;
+            }
+            let before = r.generations.get(peer).is_some_and(|gens| {
+                gens.iter()
+                    .any(|g| g.sas.out.spi == id.spi && g.maybe_used_before)
+            });
+            if before || r.burnt.contains(id) {
+                lost.push(*peer);
+            }
+        }
+        if !lost.is_empty() && !r.lost_reported {
+            lost.sort();
+            r.lost = lost;
+            r.lost_reported = true;
+            self.lost_signal.notify_one();
+        }
     }
 }
