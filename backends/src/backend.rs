@@ -31,9 +31,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         None
     }
 
-    /// What a full pass just read from the kernel, before the diff: lets a
-    /// backend notice state it cannot simply put back (ipsec: an outbound
-    /// SA whose sequence numbers the peer has already seen).
+    /// What the kernel has before a pass's diff (read back, or as the
+    /// previous pass left it): lets a backend notice state it cannot
+    /// simply put back (ipsec: an outbound SA whose sequence numbers the
+    /// peer has already seen).
     fn observed(&self, _have: &NetState) {}
 }
 

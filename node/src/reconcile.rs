@@ -136,17 +136,12 @@ impl Reconciler {
         };
         let have = match (pass, self.known.take()) {
             (Pass::Event, Some(known)) => Ok(known),
-            _ => {
-                let have = self.dataplane.observe().await;
-                if let Ok(h) = &have {
-                    self.backend.observed(h);
-                }
-                have
-            }
+            _ => self.dataplane.observe().await,
         };
         match have {
             Err(e) => outcome.errors.push(e.to_string()),
             Ok(have) => {
+                self.backend.observed(&have);
                 let changes = diff(&want, &have);
                 outcome.changes = changes.len();
                 for c in &changes {

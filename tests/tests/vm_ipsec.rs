@@ -418,6 +418,42 @@ fn a_forged_key_in_etcd_cuts_that_node_off_without_leaking_plaintext() {
     assert!(seen.plaintext.is_empty(), "{:?}", seen.plaintext);
 }
 
+/// A peer's lease goes away (expired in an etcd outage, say) while its
+/// node keeps its SAs, then the node takes it back with the same key: the
+/// others must not re-install the outbound SAs it has already seen, so
+/// they rotate, and traffic flows both ways.
+#[test]
+#[ignore = "needs a kernel with ESP; run by scripts/vm-test"]
+fn a_peer_that_returns_with_the_same_key_is_reached_again() {
+    let mut lab = lab(2);
+    let (p1, p2) = (
+        lab.host(1).unwrap().pods[0].clone(),
+        lab.host(2).unwrap().pods[0].clone(),
+    );
+    let (sent, got) = lab.ping(&p1.ns, p2.ip, 3000, "0.001").unwrap();
+    assert!(sent == 3000 && got >= 1000, "{got} of {sent}");
+    let key2 = lease_of(&lab, 2)["backend_data"].clone();
+    lab.stop("node-2").unwrap();
+    lab.weftctl(&["lease", "release", "host-2"]).unwrap();
+    lab.wait_for(Duration::from_secs(30), "host 1 to drop host 2", || {
+        Ok(!lab.host_ip(1, &["xfrm", "state"])?.contains("198.18.0.12"))
+    })
+    .unwrap();
+    lab.start("node-2").unwrap();
+    lab.wait_for(
+        Duration::from_secs(60),
+        "the pods to reach each other again",
+        || Ok(lab.reaches(&p1.ns, p2.ip) && lab.reaches(&p2.ns, p1.ip)),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.diagnostics()));
+    assert_eq!(
+        lease_of(&lab, 2)["backend_data"],
+        key2,
+        "host 2 kept its key"
+    );
+    assert_eq!(lease_of(&lab, 1)["backend_data"]["KeyEpoch"], 2);
+}
+
 /// A reboot: the kernel forgets every SA, policy and route, the key file
 /// stays. The peer's inbound SA has seen our old sequence numbers, so the
 /// node must not simply put the same SAs back: it rotates its key at start

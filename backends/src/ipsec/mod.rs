@@ -21,7 +21,7 @@
 //! An outbound SA cannot simply be put back. Its sequence numbers restart
 //! at 1, and the peer's inbound SA (same SPI and key, derived again) has
 //! already seen higher ones, so its replay check drops every packet. So
-//! when a full pass finds that an outbound SA the kernel had is wanted but
+//! when a pass finds that an outbound SA the kernel had is wanted but
 //! gone (a reboot, `ip xfrm state flush`, a hand deletion, a peer that left
 //! and came back with the same key), the backend asks for a new key
 //! ([`Ipsec::lost_outbound`]): a new generation means new SPIs on both
@@ -92,7 +92,7 @@ struct Generation {
     /// contact): nothing to switch from, so it sends at once.
     first: bool,
     /// Its outbound SA may have been in the kernel before this process
-    /// started (made with a restored key before the first full pass).
+    /// started (made with a restored key before the first pass).
     maybe_used_before: bool,
 }
 
@@ -105,7 +105,7 @@ struct Keyring {
     generations: HashMap<Ipv4Addr, Vec<Generation>>,
     /// Per peer, the outbound SA the last desired state sends with.
     sending: HashMap<Ipv4Addr, XfrmSaId>,
-    /// Outbound SAs of the current key a full pass has seen in the kernel.
+    /// Outbound SAs of the current key the kernel has had.
     /// Their peers know their sequence numbers, so none may be installed
     /// afresh: not after a deletion, and not when a peer that left (its
     /// lease expired, say) comes back with the same key. Cleared by a
@@ -114,7 +114,7 @@ struct Keyring {
     /// The key was in use before this process started (loaded from the
     /// state directory), so the kernel may have lost SAs the peers know.
     restored: bool,
-    /// No full pass has observed the kernel yet.
+    /// No pass has looked at the kernel's state yet.
     unobserved: bool,
     /// Peers whose outbound SA was lost, not yet taken by
     /// [`Ipsec::lost_outbound`].
@@ -164,7 +164,7 @@ impl Ipsec {
     }
 
     /// The key was loaded from the state directory, not made now: until
-    /// the first full pass, treat every generation as one the peers may
+    /// the first pass, treat every generation as one the peers may
     /// have received from (this may be a restart after a reboot).
     pub fn key_restored(&self) {
         self.ring().restored = true;
@@ -179,7 +179,7 @@ impl Ipsec {
         self.lost_signal.notify_one();
     }
 
-    /// Waits until a full pass finds outbound SAs lost (see the module
+    /// Waits until a pass finds outbound SAs lost (see the module
     /// docs), then returns their peers; the node should rotate its key.
     /// Reported once per key: [`Ipsec::rotate`] re-arms it.
     pub async fn lost_outbound(&self) -> Vec<Ipv4Addr> {
