@@ -11,8 +11,8 @@
 //!    switch delay and drops the old inbound ones after the grace period.
 //!
 //! The backend also asks for a rotation when outbound SAs were lost (see
-//! `weft_backends::ipsec`): after a reboot with the stored key, or when
-//! someone deleted them.
+//! `weft_backends::ipsec`): after a reboot with the stored key, when
+//! someone deleted them, or when a peer returns with the same key.
 
 use crate::keystore;
 use crate::reconcile::Kicker;
@@ -137,7 +137,7 @@ impl Rekeyer {
                     let peers: Vec<String> = lost.iter().map(|p| p.to_string()).collect();
                     tracing::warn!(
                         peers = %peers.join(","),
-                        "outbound IPsec SAs were lost (reboot, flush or hand deletion); put back they would restart their sequence numbers and the peers would drop them as replays, so rotating the key"
+                        "outbound IPsec SAs were lost (a reboot, a flush, a hand deletion, or a peer back with the same key); put back they would restart their sequence numbers and the peers would drop them as replays, so rotating the key"
                     );
                     // Someone flushing SAs over and over must not make
                     // this node rotate over and over.
