@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use weft_backends::ipsec::keys::NodeKey;
-use weft_backends::ipsec::{pod_mtu, Timing};
+use weft_backends::ipsec::{drop_inbound_spi_collisions, pod_mtu, RekeyCause, Timing};
 use weft_backends::peer::select_leases;
 use weft_backends::{
     diff, vtep_mac, Backend, Change, ExternalIface, Ipsec, LocalNode, NetState, XfrmDir,
@@ -456,10 +456,14 @@ async fn on_the_fake_kernel_it_converges_in_order_and_repairs_hand_deletions() {
     assert_eq!(fake.state(), want);
 }
 
-/// Peers reported by `lost_outbound` right now (it never waits here).
+/// Peers whose outbound SAs the backend reports lost right now (it never
+/// waits here).
 fn lost_now(n: &Node) -> Option<Vec<Ipv4Addr>> {
     use futures::FutureExt;
-    n.backend.lost_outbound().now_or_never()
+    match n.backend.rekey_wanted().now_or_never()? {
+        RekeyCause::LostOutbound(peers) => Some(peers),
+        other => panic!("unexpected {other:?}"),
+    }
 }
 
 #[test]
@@ -509,7 +513,8 @@ fn a_lost_outbound_sa_asks_for_a_new_key_once_and_a_lost_inbound_one_does_not() 
     a.backend.observed(&have2);
     assert_eq!(lost_now(&a), Some(vec![c.ip]));
     // A failed rotation puts the report back.
-    a.backend.lost_again(vec![c.ip]);
+    a.backend
+        .rekey_wanted_again(RekeyCause::LostOutbound(vec![c.ip]));
     assert_eq!(lost_now(&a), Some(vec![c.ip]));
 }
 
@@ -566,4 +571,72 @@ fn a_peer_that_leaves_and_comes_back_with_the_same_key_gets_fresh_sas() {
     a.desired(&[b.lease()], t0 + Duration::from_secs(3));
     a.backend.observed(&without_b);
     assert_eq!(lost_now(&a), None);
+}
+
+#[test]
+fn inbound_sas_that_drew_the_same_spi_keep_the_lowest_source_and_report_the_rest() {
+    // Real collisions are one in 2^32 per pair: build the state by hand
+    // from a real one, giving three peers' inbound SAs one SPI.
+    let t0 = Instant::now();
+    let a = Node::new(1, key(1), None);
+    let peers: Vec<Node> = (2..=5).map(|i| Node::new(i, key(1), None)).collect();
+    let leases: Vec<LeaseView> = peers.iter().map(|p| p.lease()).collect();
+    a.backend.published_at(1, t0);
+    let (want, _) = a.desired(&leases, t0);
+    let me = IpAddr::V4(a.ip);
+    let mut st = want.clone();
+    let inbound: Vec<_> = want
+        .xfrm_states
+        .iter()
+        .filter(|(id, _)| id.dst == me)
+        .map(|(id, sa)| (*id, sa.clone()))
+        .collect();
+    assert_eq!(inbound.len(), 4);
+    let shared = inbound[0].0.spi;
+    for (id, sa) in &inbound {
+        if [peers[1].ip, peers[2].ip, peers[3].ip].contains(&ip4(id.src)) {
+            st.xfrm_states.remove(id);
+            let mut moved = *id;
+            moved.spi = shared;
+            st.xfrm_states.insert(moved, sa.clone());
+        }
+    }
+    let before = st.clone();
+    let mut dropped = drop_inbound_spi_collisions(&mut st, me);
+    dropped.sort();
+    // Of the SAs with the shared SPI, the lowest source stays.
+    let mut sharing: Vec<Ipv4Addr> = before
+        .xfrm_states
+        .keys()
+        .filter(|id| id.dst == me && id.spi == shared)
+        .map(|id| ip4(id.src))
+        .collect();
+    sharing.sort();
+    assert!(sharing.len() >= 3, "{sharing:?}");
+    assert_eq!(dropped, sharing[1..].to_vec());
+    let left: Vec<_> = st
+        .xfrm_states
+        .keys()
+        .filter(|id| id.dst == me && id.spi == shared)
+        .collect();
+    assert_eq!(left.len(), 1);
+    assert_eq!(ip4(left[0].src), sharing[0]);
+    // Nothing else changed; without collisions nothing is dropped.
+    assert_eq!(
+        st.xfrm_states.len(),
+        before.xfrm_states.len() - dropped.len()
+    );
+    let mut clean = want.clone();
+    assert!(drop_inbound_spi_collisions(&mut clean, me).is_empty());
+    assert_eq!(clean, want);
+    // desired() never holds a collision, and asks for no new key then.
+    use futures::FutureExt;
+    assert_eq!(a.backend.rekey_wanted().now_or_never(), None);
+}
+
+fn ip4(ip: IpAddr) -> Ipv4Addr {
+    match ip {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(v6) => panic!("not IPv4: {v6}"),
+    }
 }

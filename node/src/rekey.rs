@@ -12,7 +12,8 @@
 //!
 //! The backend also asks for a rotation when outbound SAs were lost (see
 //! `weft_backends::ipsec`): after a reboot with the stored key, when
-//! someone deleted them, or when a peer returns with the same key.
+//! someone deleted them, or when a peer returns with the same key; and
+//! when two peers' inbound SAs drew the same SPI.
 
 use crate::keystore;
 use crate::reconcile::Kicker;
@@ -25,11 +26,20 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use weft_backends::ipsec::keys::NodeKey;
+use weft_backends::ipsec::RekeyCause;
 use weft_backends::{Backend, Ipsec, LocalNode};
 use weft_lease::api::AcquireRequest;
 use weft_lease::client::ControllerClient;
 
-/// The least time between two rotations for lost outbound SAs.
+fn ips(peers: &[Ipv4Addr]) -> String {
+    peers
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The least time between two rotations the backend asked for.
 const REPAIR_SPACING: Duration = Duration::from_secs(30);
 
 /// A request for a rotation; the answer is the new epoch or why not.
@@ -130,15 +140,26 @@ impl Rekeyer {
         let mut listening = true;
         let mut last_repair: Option<tokio::time::Instant> = None;
         loop {
-            let mut lost_peers = Vec::new();
+            let mut cause = None;
             let (why, reply) = tokio::select! {
                 _ = timer.tick() => ("timer", None),
-                lost = self.ipsec.lost_outbound() => {
-                    let peers: Vec<String> = lost.iter().map(|p| p.to_string()).collect();
-                    tracing::warn!(
-                        peers = %peers.join(","),
-                        "outbound IPsec SAs were lost (a reboot, a flush, a hand deletion, or a peer back with the same key); put back they would restart their sequence numbers and the peers would drop them as replays, so rotating the key"
-                    );
+                c = self.ipsec.rekey_wanted() => {
+                    let why = match &c {
+                        RekeyCause::LostOutbound(peers) => {
+                            tracing::warn!(
+                                peers = %ips(peers),
+                                "outbound IPsec SAs were lost (a reboot, a flush, a hand deletion, or a peer back with the same key); put back they would restart their sequence numbers and the peers would drop them as replays, so rotating the key"
+                            );
+                            "outbound SAs lost"
+                        }
+                        RekeyCause::SpiCollision(peers) => {
+                            tracing::warn!(
+                                peers = %ips(peers),
+                                "these peers' inbound IPsec SAs drew an SPI another peer's already has, so they are not installed; rotating the key for new SPIs"
+                            );
+                            "inbound SPI collision"
+                        }
+                    };
                     // Someone flushing SAs over and over must not make
                     // this node rotate over and over.
                     if let Some(wait) = last_repair
@@ -149,8 +170,8 @@ impl Rekeyer {
                         tokio::time::sleep_until(wait).await;
                     }
                     last_repair = Some(tokio::time::Instant::now());
-                    lost_peers = lost;
-                    ("outbound SAs lost", None)
+                    cause = Some(c);
+                    (why, None)
                 }
                 Some(()) = async { match usr1.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => ("SIGUSR1", None),
                 r = requests.recv(), if listening => match r {
@@ -166,9 +187,9 @@ impl Rekeyer {
             let r = self.rotate(why).await;
             if let Err(e) = &r {
                 tracing::error!("IPsec key rotation failed: {e:#}; the current key stays in use");
-                if !lost_peers.is_empty() {
-                    // Still lost: try again (after the spacing).
-                    self.ipsec.lost_again(std::mem::take(&mut lost_peers));
+                if let Some(c) = cause.take() {
+                    // Still wanted: try again (after the spacing).
+                    self.ipsec.rekey_wanted_again(c);
                 }
             }
             if let Some(reply) = reply {

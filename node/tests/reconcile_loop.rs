@@ -379,7 +379,7 @@ async fn ipsec_switches_happen_on_time_without_waiting_for_the_resync_and_kicks_
     // puts it back and asks for a new key (the peer would drop the
     // restarted sequence numbers).
     use futures::FutureExt;
-    assert_eq!(ipsec.lost_outbound().now_or_never(), None);
+    assert_eq!(ipsec.rekey_wanted().now_or_never(), None);
     let out = *fake
         .state()
         .xfrm_states
@@ -393,7 +393,9 @@ async fn ipsec_switches_happen_on_time_without_waiting_for_the_resync_and_kicks_
     assert!(o.errors.is_empty() && o.changes == 1, "{o:?}");
     assert!(fake.state().xfrm_states.contains_key(&out));
     assert_eq!(
-        ipsec.lost_outbound().now_or_never(),
-        Some(vec!["198.18.0.12".parse().unwrap()])
+        ipsec.rekey_wanted().now_or_never(),
+        Some(weft_backends::ipsec::RekeyCause::LostOutbound(vec![
+            "198.18.0.12".parse().unwrap()
+        ]))
     );
 }

@@ -24,8 +24,9 @@
 //! when a pass finds that an outbound SA the kernel had is wanted but
 //! gone (a reboot, `ip xfrm state flush`, a hand deletion, a peer that left
 //! and came back with the same key), the backend asks for a new key
-//! ([`Ipsec::lost_outbound`]): a new generation means new SPIs on both
-//! ends.
+//! ([`Ipsec::rekey_wanted`]): a new generation means new SPIs on both
+//! ends. The same goes for two peers whose inbound SAs here drew the same
+//! SPI ([`drop_inbound_spi_collisions`]).
 
 pub mod keys;
 
@@ -75,6 +76,50 @@ impl Default for Timing {
     }
 }
 
+/// Why the backend wants a new key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RekeyCause {
+    /// The outbound SAs to these peers were lost: put back, they would
+    /// restart their sequence numbers and the peers would drop them as
+    /// replays.
+    LostOutbound(Vec<Ipv4Addr>),
+    /// These peers' inbound SAs drew an SPI that another peer's inbound SA
+    /// already has (the kernel finds inbound SAs by destination and SPI
+    /// alone), so they could not be installed.
+    SpiCollision(Vec<Ipv4Addr>),
+}
+
+/// Removes inbound SAs (to `me`) whose SPI another inbound SA already
+/// has, keeping the one from the lowest source address; returns the
+/// sources of those removed. SPIs are 32 bits from HKDF: with n peers a
+/// node has a collision with probability about n²/2³³ (0.3% at 5,000
+/// peers), and a new key draws new SPIs.
+pub fn drop_inbound_spi_collisions(st: &mut NetState, me: IpAddr) -> Vec<Ipv4Addr> {
+    let mut first: HashMap<u32, IpAddr> = HashMap::new();
+    let mut inbound: Vec<XfrmSaId> = st
+        .xfrm_states
+        .keys()
+        .filter(|id| id.dst == me)
+        .copied()
+        .collect();
+    inbound.sort_by_key(|id| id.src);
+    let mut dropped = Vec::new();
+    for id in inbound {
+        match first.get(&id.spi) {
+            Some(src) if *src != id.src => {
+                st.xfrm_states.remove(&id);
+                if let IpAddr::V4(v4) = id.src {
+                    dropped.push(v4);
+                }
+            }
+            _ => {
+                first.insert(id.spi, id.src);
+            }
+        }
+    }
+    dropped
+}
+
 /// The replay window of every SA (packets).
 pub const REPLAY_WINDOW: u32 = 128;
 
@@ -116,11 +161,10 @@ struct Keyring {
     restored: bool,
     /// No pass has looked at the kernel's state yet.
     unobserved: bool,
-    /// Peers whose outbound SA was lost, not yet taken by
-    /// [`Ipsec::lost_outbound`].
-    lost: Vec<Ipv4Addr>,
-    /// A loss was reported for the current key (one rotation fixes all).
-    lost_reported: bool,
+    /// Why a new key is wanted, not yet taken by [`Ipsec::rekey_wanted`].
+    wanted: Option<RekeyCause>,
+    /// A cause was reported for the current key (one rotation fixes all).
+    wanted_reported: bool,
 }
 
 /// What the ipsec backend reports about its keys.
@@ -139,7 +183,7 @@ pub struct Ipsec {
     psk: Option<Zeroizing<Vec<u8>>>,
     timing: Timing,
     ring: Mutex<Keyring>,
-    lost_signal: tokio::sync::Notify,
+    wanted_signal: tokio::sync::Notify,
 }
 
 impl Ipsec {
@@ -156,10 +200,10 @@ impl Ipsec {
                 burnt: HashSet::new(),
                 restored: false,
                 unobserved: true,
-                lost: Vec::new(),
-                lost_reported: false,
+                wanted: None,
+                wanted_reported: false,
             }),
-            lost_signal: tokio::sync::Notify::new(),
+            wanted_signal: tokio::sync::Notify::new(),
         }
     }
 
@@ -170,25 +214,32 @@ impl Ipsec {
         self.ring().restored = true;
     }
 
-    /// The rotation for [`Ipsec::lost_outbound`]'s peers failed: report
-    /// them again.
-    pub fn lost_again(&self, peers: Vec<Ipv4Addr>) {
+    /// The rotation for a [`Ipsec::rekey_wanted`] cause failed: report
+    /// it again.
+    pub fn rekey_wanted_again(&self, cause: RekeyCause) {
         let mut r = self.ring();
-        r.lost = peers;
-        r.lost_reported = true;
-        self.lost_signal.notify_one();
+        r.wanted = Some(cause);
+        r.wanted_reported = true;
+        self.wanted_signal.notify_one();
     }
 
-    /// Waits until a pass finds outbound SAs lost (see the module
-    /// docs), then returns their peers; the node should rotate its key.
-    /// Reported once per key: [`Ipsec::rotate`] re-arms it.
-    pub async fn lost_outbound(&self) -> Vec<Ipv4Addr> {
+    /// Waits until this backend needs a new key (see the module docs) and
+    /// says why; the node should rotate. Reported once per key:
+    /// [`Ipsec::rotate`] re-arms it.
+    pub async fn rekey_wanted(&self) -> RekeyCause {
         loop {
-            let lost = std::mem::take(&mut self.ring().lost);
-            if !lost.is_empty() {
-                return lost;
+            if let Some(c) = self.ring().wanted.take() {
+                return c;
             }
-            self.lost_signal.notified().await;
+            self.wanted_signal.notified().await;
+        }
+    }
+
+    fn want_rekey(&self, r: &mut Keyring, cause: RekeyCause) {
+        if !r.wanted_reported {
+            r.wanted = Some(cause);
+            r.wanted_reported = true;
+            self.wanted_signal.notify_one();
         }
     }
 
@@ -210,8 +261,8 @@ impl Ipsec {
         let mut r = self.ring();
         r.key = key;
         r.burnt.clear();
-        r.lost.clear();
-        r.lost_reported = false;
+        r.wanted = None;
+        r.wanted_reported = false;
     }
 
     /// Our lease now carries `epoch`.
@@ -427,6 +478,10 @@ impl Ipsec {
         // Peers that are gone take their SAs along at once.
         ring.generations.retain(|ip, _| live.contains(ip));
         ring.sending = sends.into_iter().collect();
+        let collided = drop_inbound_spi_collisions(&mut st, IpAddr::V4(me));
+        if !collided.is_empty() {
+            self.want_rekey(&mut ring, RekeyCause::SpiCollision(collided));
+        }
         (st, skipped)
     }
 
@@ -498,11 +553,9 @@ impl Backend for Ipsec {
                 lost.push(*peer);
             }
         }
-        if !lost.is_empty() && !r.lost_reported {
+        if !lost.is_empty() {
             lost.sort();
-            r.lost = lost;
-            r.lost_reported = true;
-            self.lost_signal.notify_one();
+            self.want_rekey(r, RekeyCause::LostOutbound(lost));
         }
     }
 }
