@@ -602,7 +602,10 @@ fn inbound_sas_that_drew_the_same_spi_keep_the_lowest_source_and_report_the_rest
         }
     }
     let before = st.clone();
-    let mut dropped = drop_inbound_spi_collisions(&mut st, me);
+    let mut dropped: Vec<Ipv4Addr> = drop_inbound_spi_collisions(&mut st, me)
+        .into_iter()
+        .map(|id| ip4(id.src))
+        .collect();
     dropped.sort();
     // Of the SAs with the shared SPI, the lowest source stays.
     let mut sharing: Vec<Ipv4Addr> = before

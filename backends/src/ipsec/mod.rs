@@ -90,11 +90,11 @@ pub enum RekeyCause {
 }
 
 /// Removes inbound SAs (to `me`) whose SPI another inbound SA already
-/// has, keeping the one from the lowest source address; returns the
-/// sources of those removed. SPIs are 32 bits from HKDF: with n peers a
+/// has, keeping the one from the lowest source address; returns those
+/// removed. SPIs are 32 bits from HKDF: with n peers a
 /// node has a collision with probability about n²/2³³ (0.3% at 5,000
 /// peers), and a new key draws new SPIs.
-pub fn drop_inbound_spi_collisions(st: &mut NetState, me: IpAddr) -> Vec<Ipv4Addr> {
+pub fn drop_inbound_spi_collisions(st: &mut NetState, me: IpAddr) -> Vec<XfrmSaId> {
     let mut first: HashMap<u32, IpAddr> = HashMap::new();
     let mut inbound: Vec<XfrmSaId> = st
         .xfrm_states
@@ -108,9 +108,7 @@ pub fn drop_inbound_spi_collisions(st: &mut NetState, me: IpAddr) -> Vec<Ipv4Add
         match first.get(&id.spi) {
             Some(src) if *src != id.src => {
                 st.xfrm_states.remove(&id);
-                if let IpAddr::V4(v4) = id.src {
-                    dropped.push(v4);
-                }
+                dropped.push(id);
             }
             _ => {
                 first.insert(id.spi, id.src);
@@ -326,6 +324,7 @@ impl Ipsec {
         let me = local.public_ip;
         let mut live = Vec::with_capacity(peers.len());
         let mut sends = Vec::with_capacity(peers.len());
+        let mut current_inbound = HashSet::new();
         for p in peers {
             let BackendData::Ipsec {
                 public_key,
@@ -408,12 +407,16 @@ impl Ipsec {
             });
             let (pip, mip) = (IpAddr::V4(p.public_ip), IpAddr::V4(me));
             for g in gens.iter() {
+                let id = XfrmSaId {
+                    src: pip,
+                    dst: mip,
+                    spi: g.sas.inbound.spi,
+                };
+                if g.my_epoch == key.epoch() {
+                    current_inbound.insert(id);
+                }
                 st.xfrm_states.insert(
-                    XfrmSaId {
-                        src: pip,
-                        dst: mip,
-                        spi: g.sas.inbound.spi,
-                    },
+                    id,
                     XfrmSa {
                         reqid: WEFT_XFRM_REQID,
                         key: g.sas.inbound.key.clone(),
@@ -478,7 +481,17 @@ impl Ipsec {
         // Peers that are gone take their SAs along at once.
         ring.generations.retain(|ip, _| live.contains(ip));
         ring.sending = sends.into_iter().collect();
-        let collided = drop_inbound_spi_collisions(&mut st, IpAddr::V4(me));
+        // A collision with an SA of an older key ends with its grace; one
+        // of the current key's needs a new key.
+        let mut collided: Vec<Ipv4Addr> = drop_inbound_spi_collisions(&mut st, IpAddr::V4(me))
+            .into_iter()
+            .filter(|id| current_inbound.contains(id))
+            .filter_map(|id| match id.src {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        collided.dedup();
         if !collided.is_empty() {
             self.want_rekey(&mut ring, RekeyCause::SpiCollision(collided));
         }
