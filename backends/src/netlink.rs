@@ -676,26 +676,17 @@ impl Dataplane for NetlinkDataplane {
         }
         // Without an XFRM socket there is nothing of weft's there to see.
         if let Ok(h) = self.xfrm() {
-            for (id, sa) in
+            let failed = |what| move |reason| DataplaneError::Observe { what, reason };
+            st.xfrm_states.extend(
                 crate::xfrm::states(h)
                     .await
-                    .map_err(|reason| DataplaneError::Observe {
-                        what: "XFRM states",
-                        reason,
-                    })?
-            {
-                st.xfrm_states.insert(id, sa);
-            }
-            for (id, tmpl) in
+                    .map_err(failed("XFRM states"))?,
+            );
+            st.xfrm_policies.extend(
                 crate::xfrm::policies(h)
                     .await
-                    .map_err(|reason| DataplaneError::Observe {
-                        what: "XFRM policies",
-                        reason,
-                    })?
-            {
-                st.xfrm_policies.insert(id, tmpl);
-            }
+                    .map_err(failed("XFRM policies"))?,
+            );
         }
         self.each_route(|r| {
             if r.header.table != RouteHeader::RT_TABLE_MAIN

@@ -134,9 +134,6 @@ struct Generation {
     /// Made when there was no other generation with this peer (first
     /// contact): nothing to switch from, so it sends at once.
     first: bool,
-    /// Its outbound SA may have been in the kernel before this process
-    /// started (made with a restored key before the first pass).
-    maybe_used_before: bool,
 }
 
 /// The key state that desired state depends on, besides the leases.
@@ -155,10 +152,10 @@ struct Keyring {
     /// rotation, after which none of them can be wanted again.
     burnt: HashSet<XfrmSaId>,
     /// The key was in use before this process started (loaded from the
-    /// state directory), so the kernel may have lost SAs the peers know.
-    restored: bool,
-    /// No pass has looked at the kernel's state yet.
-    unobserved: bool,
+    /// state directory) and no pass has looked at the kernel yet: the
+    /// first pass counts every outbound SA it wants as burnt, since the
+    /// kernel may have held it before a reboot.
+    restored_unchecked: bool,
     /// Why a new key is wanted, not yet taken by [`Ipsec::rekey_wanted`].
     wanted: Option<RekeyCause>,
     /// A cause was reported for the current key (one rotation fixes all).
@@ -196,8 +193,7 @@ impl Ipsec {
                 generations: HashMap::new(),
                 sending: HashMap::new(),
                 burnt: HashSet::new(),
-                restored: false,
-                unobserved: true,
+                restored_unchecked: false,
                 wanted: None,
                 wanted_reported: false,
             }),
@@ -209,7 +205,7 @@ impl Ipsec {
     /// the first pass, treat every generation as one the peers may
     /// have received from (this may be a restart after a reboot).
     pub fn key_restored(&self) {
-        self.ring().restored = true;
+        self.ring().restored_unchecked = true;
     }
 
     /// The rotation for a [`Ipsec::rekey_wanted`] cause failed: report
@@ -324,7 +320,6 @@ impl Ipsec {
         let me = local.public_ip;
         let mut live = Vec::with_capacity(peers.len());
         let mut sends = Vec::with_capacity(peers.len());
-        let mut current_inbound = HashSet::new();
         for p in peers {
             let BackendData::Ipsec {
                 public_key,
@@ -334,7 +329,6 @@ impl Ipsec {
                 continue;
             };
             let key = ring.key.clone();
-            let maybe_used = ring.restored && ring.unobserved;
             let gens = ring.generations.entry(p.public_ip).or_default();
             let current = gens.iter().position(|g| {
                 g.my_epoch == key.epoch()
@@ -367,7 +361,6 @@ impl Ipsec {
                             sas,
                             seen: now,
                             first,
-                            maybe_used_before: maybe_used,
                         })
                     }
                     Err(e) => {
@@ -407,16 +400,12 @@ impl Ipsec {
             });
             let (pip, mip) = (IpAddr::V4(p.public_ip), IpAddr::V4(me));
             for g in gens.iter() {
-                let id = XfrmSaId {
-                    src: pip,
-                    dst: mip,
-                    spi: g.sas.inbound.spi,
-                };
-                if g.my_epoch == key.epoch() {
-                    current_inbound.insert(id);
-                }
                 st.xfrm_states.insert(
-                    id,
+                    XfrmSaId {
+                        src: pip,
+                        dst: mip,
+                        spi: g.sas.inbound.spi,
+                    },
                     XfrmSa {
                         reqid: WEFT_XFRM_REQID,
                         key: g.sas.inbound.key.clone(),
@@ -483,13 +472,20 @@ impl Ipsec {
         ring.sending = sends.into_iter().collect();
         // A collision with an SA of an older key ends with its grace; one
         // of the current key's needs a new key.
+        let epoch = ring.key.epoch();
         let mut collided: Vec<Ipv4Addr> = drop_inbound_spi_collisions(&mut st, IpAddr::V4(me))
             .into_iter()
-            .filter(|id| current_inbound.contains(id))
             .filter_map(|id| match id.src {
-                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V4(v4) => Some((v4, id.spi)),
                 IpAddr::V6(_) => None,
             })
+            .filter(|(peer, spi)| {
+                ring.generations.get(peer).is_some_and(|gens| {
+                    gens.iter()
+                        .any(|g| g.my_epoch == epoch && g.sas.inbound.spi == *spi)
+                })
+            })
+            .map(|(peer, _)| peer)
             .collect();
         collided.dedup();
         if !collided.is_empty() {
@@ -551,18 +547,14 @@ impl Backend for Ipsec {
     fn observed(&self, have: &NetState) {
         let mut guard = self.ring();
         let r = &mut *guard;
-        r.unobserved = false;
+        if std::mem::take(&mut r.restored_unchecked) {
+            r.burnt.extend(r.sending.values());
+        }
         let mut lost = Vec::new();
         for (peer, id) in &r.sending {
             if have.xfrm_states.contains_key(id) {
                 r.burnt.insert(*id);
-                continue;
-            }
-            let before = r.generations.get(peer).is_some_and(|gens| {
-                gens.iter()
-                    .any(|g| g.sas.out.spi == id.spi && g.maybe_used_before)
-            });
-            if before || r.burnt.contains(id) {
+            } else if r.burnt.contains(id) {
                 lost.push(*peer);
             }
         }
