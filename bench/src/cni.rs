@@ -94,33 +94,23 @@ pub fn run_bench(args: Args) -> Result<()> {
             let mut r = Timings::default();
             let ids: Vec<(String, String)> =
                 (0..n).map(|i| (format!("w{i}"), format!("r{i}"))).collect();
-            for (i, (wp, rp)) in paths.iter().enumerate() {
-                let wa = Attach {
-                    container_id: &ids[i].0,
-                    netns: wp,
-                    ifname: "eth0",
-                };
-                let ra = Attach {
-                    container_id: &ids[i].1,
-                    netns: rp,
-                    ifname: "eth0",
-                };
-                w.add.push(timed(&ours, "ADD", &wconf, &wa)?);
-                r.add.push(timed(&theirs, "ADD", &rconf, &ra)?);
+            let eth0 = |container_id, netns| Attach {
+                container_id,
+                netns,
+                ifname: "eth0",
+            };
+            let pairs: Vec<(Attach<'_>, Attach<'_>)> = ids
+                .iter()
+                .zip(&paths)
+                .map(|((wid, rid), (wp, rp))| (eth0(wid, wp), eth0(rid, rp)))
+                .collect();
+            for (wa, ra) in &pairs {
+                w.add.push(timed(&ours, "ADD", &wconf, wa)?);
+                r.add.push(timed(&theirs, "ADD", &rconf, ra)?);
             }
-            for (i, (wp, rp)) in paths.iter().enumerate() {
-                let wa = Attach {
-                    container_id: &ids[i].0,
-                    netns: wp,
-                    ifname: "eth0",
-                };
-                let ra = Attach {
-                    container_id: &ids[i].1,
-                    netns: rp,
-                    ifname: "eth0",
-                };
-                w.del.push(timed(&ours, "DEL", &wconf, &wa)?);
-                r.del.push(timed(&theirs, "DEL", &rconf, &ra)?);
+            for (wa, ra) in &pairs {
+                w.del.push(timed(&ours, "DEL", &wconf, wa)?);
+                r.del.push(timed(&theirs, "DEL", &rconf, ra)?);
             }
             Ok((w, r))
         })

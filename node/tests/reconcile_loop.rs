@@ -29,17 +29,24 @@ fn local(subnet: &str) -> Arc<LocalNode> {
 }
 
 fn lease(i: u32) -> LeaseView {
-    let node = format!("host-{i}");
+    lease_with(
+        i,
+        BackendData::Vxlan {
+            vni: 1,
+            vtep_mac: vtep_mac(&format!("host-{i}")),
+        },
+    )
+}
+
+/// Host `i`'s lease (subnet 10.244.i.0/24, public IP 198.18.0.(10+i)).
+fn lease_with(i: u32, backend: BackendData) -> LeaseView {
     let l = Lease {
         key: format!("10.244.{i}.0-24").parse().unwrap(),
         attrs: LeaseAttrs::new(
-            &node,
+            &format!("host-{i}"),
             Some(format!("198.18.0.{}", 10 + i).parse().unwrap()),
             None,
-            &BackendData::Vxlan {
-                vni: 1,
-                vtep_mac: vtep_mac(&node),
-            },
+            &backend,
         ),
         etcd_lease: None,
         create_revision: 1,
@@ -281,23 +288,13 @@ async fn after_a_failure_the_next_pass_reads_the_kernel() {
 
 /// An ipsec peer's lease with this key.
 fn ipsec_lease(i: u32, key: &weft_backends::ipsec::keys::NodeKey) -> LeaseView {
-    let node = format!("host-{i}");
-    let l = Lease {
-        key: format!("10.244.{i}.0-24").parse().unwrap(),
-        attrs: LeaseAttrs::new(
-            &node,
-            Some(format!("198.18.0.{}", 10 + i).parse().unwrap()),
-            None,
-            &BackendData::Ipsec {
-                public_key: key.public(),
-                key_epoch: key.epoch(),
-            },
-        ),
-        etcd_lease: None,
-        create_revision: 1,
-        mod_revision: 1,
-    };
-    LeaseView::new(&l, true, None)
+    lease_with(
+        i,
+        BackendData::Ipsec {
+            public_key: key.public(),
+            key_epoch: key.epoch(),
+        },
+    )
 }
 
 #[tokio::test(start_paused = true)]

@@ -141,6 +141,24 @@ fn ns_run(ns: &str, args: &[&str]) -> Result<String> {
     run("ip", &all)
 }
 
+/// A veth pair: `name` in namespace `ns`, its peer `peer` in `peer_ns`.
+fn veth(ns: &str, name: &str, peer_ns: &str, peer: &str) -> Result<()> {
+    ns_run(
+        ns,
+        &[
+            "link", "add", name, "type", "veth", "peer", "name", peer, "netns", peer_ns,
+        ],
+    )?;
+    Ok(())
+}
+
+/// Gives `dev` in namespace `ns` the address `cidr` and brings it up.
+fn addr_up(ns: &str, dev: &str, cidr: &str) -> Result<()> {
+    ns_run(ns, &["addr", "add", cidr, "dev", dev])?;
+    ns_run(ns, &["link", "set", dev, "up"])?;
+    Ok(())
+}
+
 impl Lab {
     fn dir_of(name: &str) -> PathBuf {
         Path::new(STATE_ROOT).join(name)
@@ -261,18 +279,9 @@ impl Lab {
         ns_run(&fab, &["link", "set", "br0", "up"])?;
         let out = self.state.outside.clone();
         self.add_ns(&out)?;
-        ns_run(
-            &fab,
-            &[
-                "link", "add", "out", "type", "veth", "peer", "name", "eth0", "netns", &out,
-            ],
-        )?;
+        veth(&fab, "out", &out, "eth0")?;
         ns_run(&fab, &["link", "set", "out", "master", "br0", "up"])?;
-        ns_run(
-            &out,
-            &["addr", "add", &format!("{OUTSIDE_IP}/16"), "dev", "eth0"],
-        )?;
-        ns_run(&out, &["link", "set", "eth0", "up"])?;
+        addr_up(&out, "eth0", &format!("{OUTSIDE_IP}/16"))?;
         let data = self.dir.join("etcd-data");
         let etcd = system_tool("etcd", "etcd-server")?;
         self.spawn(
@@ -476,15 +485,36 @@ impl Lab {
     /// Creates host `i`'s namespace and starts its node, without waiting
     /// for a lease. [`Lab::finish_host`] waits for it and adds the pods.
     pub fn start_host(&mut self) -> Result<u32> {
-        let i = self.state.hosts.iter().map(|h| h.index).max().unwrap_or(0) + 1;
-        let ns = format!("{NS_PREFIX}{}-h{i}", self.state.name);
+        let i = self.next_index();
         let ip = Ipv4Addr::new(
             198,
             18,
             0,
             10 + u8::try_from(i).context("at most 240 hosts")?,
         );
+        let ns = self.add_host_state(i, ip, None)?;
+        let fab = self.state.fabric.clone();
+        let port = format!("h{i}");
+        veth(&fab, &port, &ns, "eth0")?;
+        ns_run(&fab, &["link", "set", &port, "master", "br0", "up"])?;
+        addr_up(&ns, "eth0", &format!("{ip}/16"))?;
+        self.start_node_process(i)?;
+        Ok(i)
+    }
+
+    fn next_index(&self) -> u32 {
+        self.state.hosts.iter().map(|h| h.index).max().unwrap_or(0) + 1
+    }
+
+    /// Records host `i` (saved at once, so teardown finds it even if the
+    /// rest fails) and makes its namespace, and its router's if any;
+    /// returns the host's namespace.
+    fn add_host_state(&mut self, i: u32, ip: Ipv4Addr, router: Option<String>) -> Result<String> {
+        let ns = format!("{NS_PREFIX}{}-h{i}", self.state.name);
         self.add_ns(&ns)?;
+        if let Some(r) = &router {
+            self.add_ns(r)?;
+        }
         self.state.hosts.push(HostState {
             index: i,
             name: format!("host-{i}"),
@@ -493,33 +523,10 @@ impl Lab {
             subnet: None,
             mtu: 0,
             pods: Vec::new(),
-            router: None,
+            router,
         });
         self.save()?;
-        let fab = self.state.fabric.clone();
-        ns_run(
-            &fab,
-            &[
-                "link",
-                "add",
-                &format!("h{i}"),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &ns,
-            ],
-        )?;
-        ns_run(
-            &fab,
-            &["link", "set", &format!("h{i}"), "master", "br0", "up"],
-        )?;
-        ns_run(&ns, &["addr", "add", &format!("{ip}/16"), "dev", "eth0"])?;
-        ns_run(&ns, &["link", "set", "eth0", "up"])?;
-        self.start_node_process(i)?;
-        Ok(i)
+        Ok(ns)
     }
 
     /// Like [`Lab::start_host`], but the host is a routed hop away from
@@ -529,64 +536,26 @@ impl Lab {
     /// it cross a router. host-gw cannot reach such a host; vxlan and ipsec
     /// can.
     pub fn start_routed_host(&mut self) -> Result<u32> {
-        let i = self.state.hosts.iter().map(|h| h.index).max().unwrap_or(0) + 1;
+        let i = self.next_index();
         let n = u8::try_from(i)
             .ok()
             .filter(|n| *n < 100)
             .context("at most 99 hosts")?;
-        let ns = format!("{NS_PREFIX}{}-h{i}", self.state.name);
         let router = format!("{NS_PREFIX}{}-r{i}", self.state.name);
         let ip = Ipv4Addr::new(198, 18, 100 + n, 10);
         let gw = Ipv4Addr::new(198, 18, 100 + n, 1);
-        self.add_ns(&ns)?;
-        self.add_ns(&router)?;
-        self.state.hosts.push(HostState {
-            index: i,
-            name: format!("host-{i}"),
-            ns: ns.clone(),
-            ip,
-            subnet: None,
-            mtu: 0,
-            pods: Vec::new(),
-            router: Some(router.clone()),
-        });
-        self.save()?;
+        let ns = self.add_host_state(i, ip, Some(router.clone()))?;
         let fab = self.state.fabric.clone();
-        let up = format!("r{i}");
-        ns_run(
-            &fab,
-            &[
-                "link", "add", &up, "type", "veth", "peer", "name", "up0", "netns", &router,
-            ],
-        )?;
-        ns_run(&fab, &["link", "set", &up, "master", "br0", "up"])?;
-        ns_run(
-            &router,
-            &[
-                "addr",
-                "add",
-                &format!("198.18.0.{}/16", 200 + n),
-                "dev",
-                "up0",
-            ],
-        )?;
-        ns_run(&router, &["link", "set", "up0", "up"])?;
-        ns_run(
-            &router,
-            &[
-                "link", "add", "down0", "type", "veth", "peer", "name", "eth0", "netns", &ns,
-            ],
-        )?;
-        ns_run(
-            &router,
-            &["addr", "add", &format!("{gw}/24"), "dev", "down0"],
-        )?;
-        ns_run(&router, &["link", "set", "down0", "up"])?;
+        let port = format!("r{i}");
+        veth(&fab, &port, &router, "up0")?;
+        ns_run(&fab, &["link", "set", &port, "master", "br0", "up"])?;
+        addr_up(&router, "up0", &format!("198.18.0.{}/16", 200 + n))?;
+        veth(&router, "down0", &ns, "eth0")?;
+        addr_up(&router, "down0", &format!("{gw}/24"))?;
         for knob in ["net.ipv4.ip_forward=1", "net.ipv4.conf.up0.proxy_arp=1"] {
             run("ip", &["netns", "exec", &router, "sysctl", "-qw", knob])?;
         }
-        ns_run(&ns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-        ns_run(&ns, &["link", "set", "eth0", "up"])?;
+        addr_up(&ns, "eth0", &format!("{ip}/24"))?;
         ns_run(&ns, &["route", "add", "default", "via", &gw.to_string()])?;
         self.start_node_process(i)?;
         Ok(i)
@@ -675,20 +644,7 @@ impl Lab {
     /// Removes a pod the way a runtime does: weft-cni DEL, then the
     /// namespace goes.
     pub fn delete_pod(&mut self, i: u32, pod: &str) -> Result<()> {
-        let h = self.host(i)?.clone();
-        let netns = format!("/run/netns/{pod}");
-        let attach = crate::cni::Attach {
-            container_id: pod,
-            netns: &netns,
-            ifname: "eth0",
-        };
-        let answer = crate::cni::call(
-            &crate::cni::weft_cni()?,
-            &h.ns,
-            "DEL",
-            &self.cni_conf(i),
-            Some(&attach),
-        )?;
+        let answer = self.cni(i, "DEL", pod)?;
         if !answer.ok {
             bail!("weft-cni DEL for {pod} failed: {}", answer.msg());
         }
@@ -697,11 +653,28 @@ impl Lab {
         self.save()
     }
 
+    /// Runs weft-cni `command` in host `i`'s namespace for pod namespace
+    /// `pod` (its eth0), as a runtime does.
+    fn cni(&self, i: u32, command: &str, pod: &str) -> Result<crate::cni::Answer> {
+        let netns = format!("/run/netns/{pod}");
+        let attach = crate::cni::Attach {
+            container_id: pod,
+            netns: &netns,
+            ifname: "eth0",
+        };
+        crate::cni::call(
+            &crate::cni::weft_cni()?,
+            &self.host(i)?.ns,
+            command,
+            &self.cni_conf(i),
+            Some(&attach),
+        )
+    }
+
     /// Creates pod `j` on host `i` the way a container runtime does: a new
     /// namespace, then weft-cni ADD inside the host's namespace.
     fn add_pod(&mut self, i: u32, j: u32) -> Result<()> {
-        let h = self.host(i)?.clone();
-        let pod = format!("{}-p{j}", h.ns);
+        let pod = format!("{}-p{j}", self.host(i)?.ns);
         self.add_ns(&pod)?;
         // Saved before the ADD, so a failure still tears the namespace down.
         self.host_mut(i)?.pods.push(PodState {
@@ -709,19 +682,7 @@ impl Lab {
             ip: Ipv4Addr::UNSPECIFIED,
         });
         self.save()?;
-        let netns = format!("/run/netns/{pod}");
-        let attach = crate::cni::Attach {
-            container_id: &pod,
-            netns: &netns,
-            ifname: "eth0",
-        };
-        let answer = crate::cni::call(
-            &crate::cni::weft_cni()?,
-            &h.ns,
-            "ADD",
-            &self.cni_conf(i),
-            Some(&attach),
-        )?;
+        let answer = self.cni(i, "ADD", &pod)?;
         if !answer.ok {
             bail!(
                 "weft-cni ADD for {pod} failed: {} (code {:?}); stderr: {}",

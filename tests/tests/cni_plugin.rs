@@ -45,14 +45,12 @@ impl Node {
             netns: &netns,
             ifname,
         };
-        call(
-            &weft_cni().unwrap(),
-            self.ns.name(),
-            command,
-            conf,
-            Some(&a),
-        )
-        .unwrap()
+        self.call(command, conf, Some(&a))
+    }
+
+    /// Runs weft-cni in the node's namespace, as a runtime does.
+    fn call(&self, command: &str, conf: &Value, attach: Option<&Attach<'_>>) -> Answer {
+        call(&weft_cni().unwrap(), self.ns.name(), command, conf, attach).unwrap()
     }
 
     fn add(&self, c: &Netns, id: &str) -> Answer {
@@ -189,47 +187,17 @@ fn del_frees_the_address_and_is_idempotent() {
         netns: &path,
         ifname: "eth0",
     };
-    assert!(
-        call(
-            &weft_cni().unwrap(),
-            n.ns.name(),
-            "DEL",
-            &n.conf("1.0.0"),
-            Some(&gone)
-        )
-        .unwrap()
-        .ok
-    );
+    assert!(n.call("DEL", &n.conf("1.0.0"), Some(&gone)).ok);
     let none = Attach {
         container_id: "x2",
         netns: "",
         ifname: "eth0",
     };
-    assert!(
-        call(
-            &weft_cni().unwrap(),
-            n.ns.name(),
-            "DEL",
-            &n.conf("1.0.0"),
-            Some(&none)
-        )
-        .unwrap()
-        .ok
-    );
+    assert!(n.call("DEL", &n.conf("1.0.0"), Some(&none)).ok);
     assert!(n.ips_in_store().is_empty());
     // DEL works when subnet.env has gone too (the node is being taken down).
     std::fs::remove_file(&n.subnet_file).unwrap();
-    assert!(
-        call(
-            &weft_cni().unwrap(),
-            n.ns.name(),
-            "DEL",
-            &n.conf("1.0.0"),
-            Some(&none)
-        )
-        .unwrap()
-        .ok
-    );
+    assert!(n.call("DEL", &n.conf("1.0.0"), Some(&none)).ok);
 }
 
 #[test]
@@ -407,14 +375,7 @@ fn older_spec_versions_get_results_in_their_shape() {
         assert_eq!(has_version, v.starts_with("0."), "{v}: {}", a.out);
         assert!(n.run("DEL", &n.conf(v), &c, &format!("ver-{i}"), "eth0").ok);
     }
-    let v = call(
-        &weft_cni().unwrap(),
-        n.ns.name(),
-        "VERSION",
-        &json!({"cniVersion": "0.4.0"}),
-        None,
-    )
-    .unwrap();
+    let v = n.call("VERSION", &json!({"cniVersion": "0.4.0"}), None);
     assert_eq!(v.out["cniVersion"], "0.4.0");
     assert!(v.out["supportedVersions"]
         .as_array()

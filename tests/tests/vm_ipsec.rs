@@ -7,7 +7,7 @@ use serde_json::Value;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 use weft_tests::capture::capture;
-use weft_tests::lab::{Lab, LabConfig};
+use weft_tests::lab::{Lab, LabConfig, PodState};
 use weft_tests::netns::require_root;
 
 /// Fails clearly unless the kernel can do ESP (the VM loads esp4).
@@ -85,6 +85,18 @@ fn sas(lab: &Lab, i: u32) -> Vec<Sa> {
     out
 }
 
+/// Host `i`'s first pod.
+fn pod(lab: &Lab, i: u32) -> PodState {
+    lab.host(i).unwrap().pods[0].clone()
+}
+
+/// Sends 3000 packets from `from` to `to` and back, so the receivers'
+/// replay windows move far beyond the few packets a check sends later.
+fn move_replay_window(lab: &Lab, from: &PodState, to: &PodState) {
+    let (sent, got) = lab.ping(&from.ns, to.ip, 3000, "0.001").unwrap();
+    assert!(sent == 3000 && got >= 1000, "{got} of {sent}");
+}
+
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
@@ -130,7 +142,7 @@ fn pods_reach_each_other_and_the_fabric_carries_only_esp() {
     // crosses without fragmentation.
     let env = std::fs::read_to_string(lab.dir().join("h1-subnet.env")).unwrap();
     assert!(env.contains("FLANNEL_MTU=1446"), "{env}");
-    let (p1, p2) = (&lab.host(1).unwrap().pods[0], &lab.host(2).unwrap().pods[0]);
+    let (p1, p2) = (pod(&lab, 1), pod(&lab, 2));
     let df = weft_tests::netns::run(
         "ip",
         &[
@@ -211,10 +223,7 @@ fn pods_reach_each_other_and_the_fabric_carries_only_esp() {
 #[ignore = "needs a kernel with ESP; run by scripts/vm-test"]
 fn key_rotations_under_a_10_per_second_ping_lose_at_most_one_packet() {
     let lab = lab(2);
-    let (p1, p2) = (
-        lab.host(1).unwrap().pods[0].clone(),
-        lab.host(2).unwrap().pods[0].clone(),
-    );
+    let (p1, p2) = (pod(&lab, 1), pod(&lab, 2));
     let key_before = lease_of(&lab, 1)["backend_data"].clone();
     assert_eq!(key_before["KeyEpoch"], 1);
     // 25 s of pings; host 1 rotates by weftctl after 2 s, host 2 by SIGUSR1
@@ -362,7 +371,7 @@ fn a_removed_peer_leaves_no_states_or_policies_behind() {
     )
     .unwrap();
     // The others are untouched.
-    let (p1, p2) = (&lab.host(1).unwrap().pods[0], &lab.host(2).unwrap().pods[0]);
+    let (p1, p2) = (pod(&lab, 1), pod(&lab, 2));
     assert!(lab.reaches(&p1.ns, p2.ip));
     assert_eq!(
         lab.host_ip(1, &["xfrm", "policy"])
@@ -397,11 +406,7 @@ fn a_forged_key_in_etcd_cuts_that_node_off_without_leaking_plaintext() {
     // Someone with etcd access swaps host 2's published key.
     lab.etcdctl(&["put", "--ignore-lease", &etcd_key, &forged.to_string()])
         .unwrap();
-    let (p1, p2, p3) = (
-        lab.host(1).unwrap().pods[0].clone(),
-        lab.host(2).unwrap().pods[0].clone(),
-        lab.host(3).unwrap().pods[0].clone(),
-    );
+    let (p1, p2, p3) = (pod(&lab, 1), pod(&lab, 2), pod(&lab, 3));
     lab.wait_for(
         Duration::from_secs(30),
         "host 2's pods to be cut off",
@@ -426,12 +431,8 @@ fn a_forged_key_in_etcd_cuts_that_node_off_without_leaking_plaintext() {
 #[ignore = "needs a kernel with ESP; run by scripts/vm-test"]
 fn a_peer_that_returns_with_the_same_key_is_reached_again() {
     let mut lab = lab(2);
-    let (p1, p2) = (
-        lab.host(1).unwrap().pods[0].clone(),
-        lab.host(2).unwrap().pods[0].clone(),
-    );
-    let (sent, got) = lab.ping(&p1.ns, p2.ip, 3000, "0.001").unwrap();
-    assert!(sent == 3000 && got >= 1000, "{got} of {sent}");
+    let (p1, p2) = (pod(&lab, 1), pod(&lab, 2));
+    move_replay_window(&lab, &p1, &p2);
     let key2 = lease_of(&lab, 2)["backend_data"].clone();
     lab.stop("node-2").unwrap();
     lab.weftctl(&["lease", "release", "host-2"]).unwrap();
@@ -462,15 +463,11 @@ fn a_peer_that_returns_with_the_same_key_is_reached_again() {
 #[ignore = "needs a kernel with ESP; run by scripts/vm-test"]
 fn after_a_reboot_the_node_rotates_its_key_and_traffic_flows_both_ways() {
     let mut lab = lab(2);
-    let (p1, p2) = (
-        lab.host(1).unwrap().pods[0].clone(),
-        lab.host(2).unwrap().pods[0].clone(),
-    );
+    let (p1, p2) = (pod(&lab, 1), pod(&lab, 2));
     // Traffic both ways first, so host 2's replay window has moved far
     // beyond the few packets the checks below send: a node that put the
     // same SAs back would stay cut off (its sequence numbers restart at 1).
-    let (sent, got) = lab.ping(&p1.ns, p2.ip, 3000, "0.001").unwrap();
-    assert!(sent == 3000 && got >= 1000, "{got} of {sent}");
+    move_replay_window(&lab, &p1, &p2);
     lab.stop("node-1").unwrap();
     for what in [
         &["xfrm", "state", "flush"][..],
@@ -621,7 +618,7 @@ fn hand_deletions_come_back_and_foreign_xfrm_entries_are_left_alone() {
     assert!(lab
         .log_tail("node-1", 200)
         .contains("outbound IPsec SAs were lost"));
-    let (p1, p2) = (&lab.host(1).unwrap().pods[0], &lab.host(2).unwrap().pods[0]);
+    let (p1, p2) = (pod(&lab, 1), pod(&lab, 2));
     lab.wait_for(
         Duration::from_secs(30),
         "the pods to reach each other again",
@@ -652,7 +649,7 @@ fn a_host_behind_a_router_is_reached_through_esp() {
     // The routed host reaches host 1 only through its gateway.
     let via = lab.host_ip(i, &["route", "get", "198.18.0.11"]).unwrap();
     assert!(via.contains(" via "), "{via}");
-    let (p1, p3) = (&lab.host(1).unwrap().pods[0], &far.pods[0]);
+    let (p1, p3) = (pod(&lab, 1), far.pods[0].clone());
     let r = router.clone();
     let cap = std::thread::spawn(move || capture(&r, Duration::from_secs(4), pods()));
     std::thread::sleep(Duration::from_millis(500));
