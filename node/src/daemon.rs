@@ -9,12 +9,10 @@ use crate::peers::{self, PeerTable};
 use crate::reconcile::Reconciler;
 use crate::rekey::{RekeyRequest, Rekeyer};
 use crate::retry::{until_ok, Backoff};
-use crate::status::IpsecSnapshot;
 use crate::status::Status;
 use crate::subnet_env::{self, SubnetEnv};
 use crate::{health, masq, system};
 use anyhow::{anyhow, Context, Result};
-use base64::Engine;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -366,15 +364,7 @@ async fn start(
     system::enable_forwarding(network.ipv6.is_some()).map_err(|e| anyhow!(e))?;
     if let Some(i) = &ipsec {
         i.published(i.epoch());
-        let k = i.key_status();
-        status.ipsec_epoch.set(k.epoch as i64);
-        status.update(|s| {
-            s.ipsec = Some(IpsecSnapshot {
-                epoch: k.epoch,
-                published_epoch: k.published_epoch,
-                public_key: base64::engine::general_purpose::STANDARD.encode(k.public_key),
-            })
-        });
+        status.ipsec_keys(&i.key_status());
     }
 
     let (local_tx, local_rx) = watch::channel(None);

@@ -110,14 +110,7 @@ impl Rekeyer {
         }
         self.ipsec.published(epoch);
         self.status.ipsec_rekeys.inc();
-        self.status.ipsec_epoch.set(epoch as i64);
-        self.status.update(|s| {
-            if let Some(i) = s.ipsec.as_mut() {
-                i.epoch = epoch;
-                i.published_epoch = Some(epoch);
-                i.public_key = public.clone();
-            }
-        });
+        self.status.ipsec_keys(&self.ipsec.key_status());
         tracing::info!(epoch, public_key = %public, "IPsec key rotated and published; peers switch over within seconds");
         Ok(epoch)
     }

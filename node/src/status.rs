@@ -157,6 +157,19 @@ impl Status {
         self.update(|s| s.phase = phase.into());
     }
 
+    /// Shows the ipsec backend's key state in `/readyz` and the epoch
+    /// gauge.
+    pub fn ipsec_keys(&self, k: &weft_backends::ipsec::KeyStatus) {
+        use base64::Engine;
+        self.ipsec_epoch.set(k.epoch as i64);
+        let snap = IpsecSnapshot {
+            epoch: k.epoch,
+            published_epoch: k.published_epoch,
+            public_key: base64::engine::general_purpose::STANDARD.encode(k.public_key),
+        };
+        self.update(|s| s.ipsec = Some(snap));
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         self.snap.lock().expect("status lock").clone()
     }
