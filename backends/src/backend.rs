@@ -31,10 +31,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         None
     }
 
-    /// What the kernel has before a pass's diff (read back, or as the
-    /// previous pass left it): lets a backend notice state it cannot
-    /// simply put back (ipsec: an outbound SA whose sequence numbers the
-    /// peer has already seen).
+    /// What the kernel has: before a pass's diff (read back, or as the
+    /// previous pass left it) and after a pass applied every change. Lets
+    /// a backend notice state it cannot simply put back (ipsec: an
+    /// outbound SA whose sequence numbers the peer has already seen).
     fn observed(&self, _have: &NetState) {}
 }
 

@@ -151,6 +151,8 @@ impl Reconciler {
                 outcome.changes -= errors.len();
                 outcome.errors = errors.iter().map(|e| e.to_string()).collect();
                 if errors.is_empty() {
+                    // The kernel has it all now, before any next pass.
+                    self.backend.observed(&want);
                     self.known = Some(want);
                 }
             }

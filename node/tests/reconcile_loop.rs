@@ -3,13 +3,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+use weft_backends::ipsec::keys::NodeKey;
+use weft_backends::ipsec::{Ipsec, RekeyCause, Timing};
 use weft_backends::peer::read;
 use weft_backends::{vtep_mac, Dataplane, ExternalIface, FakeDataplane, LocalNode, Vxlan};
 use weft_config::{NetworkConfig, VxlanConfig};
 use weft_lease::api::LeaseView;
 use weft_lease::{BackendData, Lease, LeaseAttrs};
 use weft_node::peers::PeerTable;
-use weft_node::reconcile::Reconciler;
+use weft_node::reconcile::{Kicker, Reconciler};
 use weft_node::status::Status;
 
 fn local(subnet: &str) -> Arc<LocalNode> {
@@ -297,36 +299,96 @@ fn ipsec_lease(i: u32, key: &weft_backends::ipsec::keys::NodeKey) -> LeaseView {
     )
 }
 
-#[tokio::test(start_paused = true)]
-async fn ipsec_switches_happen_on_time_without_waiting_for_the_resync_and_kicks_run_a_pass() {
-    use weft_backends::ipsec::keys::NodeKey;
-    use weft_backends::ipsec::{Ipsec, Timing};
+/// Host 1's reconcile loop with the ipsec backend on a fake kernel (no
+/// resync: only leases, kicks and the backend's clock wake it).
+struct IpsecLoop {
+    fake: Arc<FakeDataplane>,
+    ipsec: Arc<Ipsec>,
+    kicker: Kicker,
+    peers: watch::Sender<Arc<PeerTable>>,
+    /// Kept: the loop stops when its senders go away.
+    _local: watch::Sender<Option<Arc<LocalNode>>>,
+}
+
+fn ipsec_loop(timing: Timing) -> IpsecLoop {
     let fake = Arc::new(FakeDataplane::with_devices(&["eth0"]));
     let status = Arc::new(Status::new("host-1"));
-    let timing = Timing::default();
     let ipsec = Arc::new(Ipsec::new(NodeKey::generate(1).unwrap(), None, timing));
     ipsec.published(1);
     let (local_tx, local_rx) = watch::channel(None);
-    let (peers_tx, peers_rx) = watch::channel(Arc::new(PeerTable::default()));
-    let r = Reconciler::new(fake.clone(), ipsec.clone(), status.clone());
+    let (peers, peers_rx) = watch::channel(Arc::new(PeerTable::default()));
+    let r = Reconciler::new(fake.clone(), ipsec.clone(), status);
     let kicker = r.kicker();
-    // A resync far away: only the backend's own clock can wake the loop.
     tokio::spawn(r.run(local_rx, peers_rx, Duration::from_secs(3600)));
     let mut local = (*local("10.244.1.0-24")).clone();
     local.network = Arc::new(
         NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"ipsec"}}"#).unwrap(),
     );
     local_tx.send_replace(Some(Arc::new(local)));
-    let peer = |k: &NodeKey| {
-        let l = ipsec_lease(2, k);
-        Arc::new(PeerTable {
-            synced: true,
-            revision: 1,
-            leases: [(l.key, read(&l))].into_iter().collect(),
-        })
-    };
+    IpsecLoop {
+        fake,
+        ipsec,
+        kicker,
+        peers,
+        _local: local_tx,
+    }
+}
+
+/// A peer table holding host 2 with key `k`.
+fn ipsec_peer(k: &NodeKey) -> Arc<PeerTable> {
+    let l = ipsec_lease(2, k);
+    Arc::new(PeerTable {
+        synced: true,
+        revision: 1,
+        leases: [(l.key, read(&l))].into_iter().collect(),
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outbound_sa_deleted_before_any_later_pass_still_asks_for_a_new_key() {
+    // Installed by a pass woken by the lease, deleted before any other
+    // pass ran: the SA was in the kernel and may have carried packets.
+    let IpsecLoop {
+        fake,
+        ipsec,
+        kicker,
+        peers: peers_tx,
+        _local,
+    } = ipsec_loop(Timing::default());
+    peers_tx.send_replace(ipsec_peer(&NodeKey::generate(1).unwrap()));
+    settle().await;
+    let out = *fake
+        .state()
+        .xfrm_states
+        .keys()
+        .find(|id| id.src.to_string() == "198.18.0.11")
+        .unwrap();
+    fake.tamper(|st| {
+        st.xfrm_states.remove(&out);
+    });
+    let o = kicker.full_pass().await.unwrap();
+    assert!(o.errors.is_empty() && o.changes == 1, "{o:?}");
+    use futures::FutureExt;
+    assert_eq!(
+        ipsec.rekey_wanted().now_or_never(),
+        Some(RekeyCause::LostOutbound(vec!["198.18.0.12"
+            .parse()
+            .unwrap()]))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn ipsec_switches_happen_on_time_without_waiting_for_the_resync_and_kicks_run_a_pass() {
+    let timing = Timing::default();
+    let IpsecLoop {
+        fake,
+        ipsec,
+        kicker,
+        peers: peers_tx,
+        _local,
+    } = ipsec_loop(timing);
     let k1 = NodeKey::generate(1).unwrap();
-    peers_tx.send_replace(peer(&k1));
+    peers_tx.send_replace(ipsec_peer(&k1));
     settle().await;
     let out_spis = || {
         let st = fake.state();
@@ -346,7 +408,7 @@ async fn ipsec_switches_happen_on_time_without_waiting_for_the_resync_and_kicks_
     // The peer rotates: its new inbound SA at once, the outbound switch
     // after the switch delay, the old inbound one gone after the grace.
     let k2 = NodeKey::generate(2).unwrap();
-    peers_tx.send_replace(peer(&k2));
+    peers_tx.send_replace(ipsec_peer(&k2));
     settle().await;
     assert_eq!(fake.state().xfrm_states.len(), 3, "new inbound SA added");
     assert_eq!(out_spis(), first, "still sending with the old SA");
