@@ -11,7 +11,7 @@ mod stats;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(about = "weft benchmarks")]
+#[command(version = env!("WEFT_VERSION"), about = "weft benchmarks")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

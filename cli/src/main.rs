@@ -1,7 +1,9 @@
 //! `weftctl`: look at and change a weft network through its controller.
 //!
-//! Exit codes: 0 success; 1 the controller refused or could not be reached,
-//! or (for `status`) is not ready; 2 bad usage.
+//! Exit codes: 0 success; 1 the controller refused (or, for `status`, is not
+//! ready), or a local error; 2 bad usage; 3 the controller could not be
+//! reached or is temporarily unavailable (`5xx`, e.g. etcd down): the one
+//! failure that a retry may fix.
 
 mod table;
 
@@ -13,7 +15,7 @@ use weft_lease::client::{ClientError, ControllerClient};
 
 /// Operate a weft network through its controller.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version = env!("WEFT_VERSION"), about)]
 struct Cli {
     /// Controller URL.
     #[arg(
@@ -104,8 +106,23 @@ async fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("weftctl: {}", explain(&e));
-            ExitCode::from(1)
+            if retryable(&e) {
+                ExitCode::from(3)
+            } else {
+                ExitCode::from(1)
+            }
         }
+    }
+}
+
+/// Whether the same command may succeed later unchanged.
+fn retryable(e: &anyhow::Error) -> bool {
+    match e.downcast_ref::<ClientError>() {
+        Some(ClientError::Connect { .. }) => true,
+        Some(ClientError::Api { status, .. }) => *status >= 500,
+        _ => e
+            .downcast_ref::<reqwest::Error>()
+            .is_some_and(|r| r.is_connect() || r.is_timeout()),
     }
 }
 

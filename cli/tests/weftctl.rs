@@ -236,7 +236,8 @@ async fn unreachable_controller_and_bad_usage() {
         .unwrap()
         .port();
     let out = weftctl(&format!("http://127.0.0.1:{port}"), &["status"], None).await;
-    assert_eq!(out.status.code(), Some(1));
+    // 3: worth retrying (scripts and the lab wait on it; 1 is final).
+    assert_eq!(out.status.code(), Some(3));
     let err = text(&out.stderr);
     assert!(
         err.contains("cannot reach the controller") && err.contains("WEFT_CONTROLLER"),

@@ -54,8 +54,41 @@ fn run(command: &str, stdin: &[u8]) -> Result<Option<serde_json::Value>, (CniErr
     }
 }
 
+const HELP: &str = "\
+weft-cni: the CNI plugin of weft. A container runtime (containerd, CRI-O,
+podman) runs it with CNI_COMMAND set and the network configuration on
+standard input; it gives the container a veth on the node's bridge and an
+address from the node's subnet (weft-node writes it to subnet.env).
+
+Install: /opt/cni/bin/weft-cni, and a network configuration in
+/etc/cni/net.d (example: /usr/share/doc/weft-cni/examples/10-weft.conflist).
+
+Commands (CNI_COMMAND): ADD, DEL, CHECK, STATUS, GC, VERSION.
+Configuration keys: subnetFile, dataDir, bridge, mtu, isDefaultGateway,
+hairpinMode.
+
+Options:
+  -h, --help     Print this help
+  -V, --version  Print the version
+";
+
 fn main() -> ExitCode {
     let command = std::env::var("CNI_COMMAND").unwrap_or_default();
+    // A person at a terminal; a runtime never passes arguments. Answered
+    // before reading standard input, which a terminal would never close.
+    if command.is_empty() {
+        match std::env::args().nth(1).as_deref() {
+            Some("--version" | "-V") => {
+                println!("weft-cni {}", env!("WEFT_VERSION"));
+                return ExitCode::SUCCESS;
+            }
+            Some("--help" | "-h") => {
+                print!("{HELP}");
+                return ExitCode::SUCCESS;
+            }
+            _ => {}
+        }
+    }
     let mut stdin = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
         let e = CniError::new(Code::Io, format!("reading the configuration: {e}"));

@@ -11,7 +11,7 @@ use weft_lease::{EtcdOptions, EtcdStore};
 /// Hands out one subnet per node from the network config in etcd and serves
 /// the lease API.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version = env!("WEFT_VERSION"), about)]
 struct Args {
     /// etcd client URLs, comma-separated.
     #[arg(

@@ -2,7 +2,8 @@
 //!
 //! - [`SubnetKey`], [`LeaseAttrs`], [`Lease`]: flannel's etcd schema, typed.
 //! - [`alloc`]: the pure allocator that picks a node's subnet.
-//! - [`LeaseStore`] with [`EtcdStore`] (production) and [`MemoryStore`]
+//! - [`LeaseStore`] with `EtcdStore` (production; feature `etcd`, which only
+//!   the controller, tests and benchmarks enable) and [`MemoryStore`]
 //!   (tests); `conformance` (feature `conformance`) holds the suite both pass.
 //! - [`api`]: the controller's HTTP API types; `client` (feature `client`)
 //!   an HTTP client for it.
@@ -44,4 +45,6 @@ pub use key::{KeyError, SubnetKey};
 pub use lease::{Lease, LeaseId};
 pub use mac::MacAddr;
 pub use name::{NodeName, NodeNameError, MAX_NODE_NAME_LEN};
-pub use store::{EtcdOptions, EtcdStore, LeaseStore, MemoryStore, StoreError, StoreEvent};
+#[cfg(feature = "etcd")]
+pub use store::{EtcdOptions, EtcdStore};
+pub use store::{LeaseStore, MemoryStore, StoreError, StoreEvent};

@@ -11,7 +11,7 @@ use weft_node::iface::IfaceChoice;
 
 /// Keeps this node's subnet lease and programs the overlay to every peer.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version = env!("WEFT_VERSION"), about)]
 struct Args {
     /// Controller URL.
     #[arg(long, env = "WEFT_NODE_CONTROLLER")]

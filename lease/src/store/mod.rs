@@ -1,4 +1,4 @@
-//! Where leases live: the [`LeaseStore`] trait, implemented by [`EtcdStore`]
+//! Where leases live: the [`LeaseStore`] trait, implemented by `EtcdStore`
 //! (production) and [`MemoryStore`] (unit tests). Both pass the same
 //! conformance suite (`weft_lease::conformance`).
 //!
@@ -7,11 +7,13 @@
 //! replays changes from a revision or reports that it was compacted.
 
 mod decode;
+#[cfg(feature = "etcd")]
 mod etcd;
 mod memory;
 
 pub(crate) use decode::Entry;
 pub use decode::{config_key, subnets_prefix};
+#[cfg(feature = "etcd")]
 pub use etcd::{EtcdOptions, EtcdStore};
 pub use memory::MemoryStore;
 

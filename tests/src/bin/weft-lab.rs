@@ -13,7 +13,11 @@ use std::process::ExitCode;
 use weft_tests::lab::{Lab, LabConfig};
 
 #[derive(Debug, Parser)]
-#[command(about = "A weft cluster in network namespaces on this machine (needs root)")]
+#[command(
+    name = "weft-lab",
+    version = env!("WEFT_VERSION"),
+    about = "A weft cluster in network namespaces on this machine (needs root)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
