@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use weft_config::cidr;
 
 /// Versions this plugin speaks.
 pub const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
@@ -251,7 +252,7 @@ impl CniResult {
                 .get("address")
                 .and_then(Value::as_str)
                 .ok_or_else(|| bad("an ip without address"))?;
-            let Ok(address) = address.parse::<Ipv4Net>() else {
+            let Some(address) = cidr::parse_v4(address) else {
                 continue;
             };
             let gateway = ip
@@ -273,10 +274,10 @@ impl CniResult {
             .into_iter()
             .flatten()
         {
-            let Some(Ok(dst)) = r
+            let Some(dst) = r
                 .get("dst")
                 .and_then(Value::as_str)
-                .map(str::parse::<Ipv4Net>)
+                .and_then(cidr::parse_v4)
             else {
                 continue;
             };

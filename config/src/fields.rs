@@ -86,6 +86,22 @@ impl Fields {
     }
 
     /// A string field parsed with `FromStr`, the error naming what was expected.
+    /// A string field read by `parse`; `None` from it is an error naming
+    /// `expected`.
+    pub(crate) fn parsed_with<T>(
+        &mut self,
+        field: &'static str,
+        expected: &str,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> Result<Option<T>, ConfigError> {
+        match self.string(field)? {
+            None => Ok(None),
+            Some(s) => parse(s.trim())
+                .map(Some)
+                .ok_or_else(|| self.err(field, format!("expected {expected}, got {s:?}"))),
+        }
+    }
+
     pub(crate) fn parsed<T: std::str::FromStr>(
         &mut self,
         field: &'static str,

@@ -19,6 +19,7 @@
 //! an error that names the field. This crate does no I/O.
 
 mod backend;
+pub mod cidr;
 mod duration;
 mod error;
 mod fields;

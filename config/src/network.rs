@@ -1,6 +1,7 @@
 //! The network config as a whole: parsing, flannel's defaults and checks.
 
 use crate::backend::BackendConfig;
+use crate::cidr;
 use crate::duration::{format_duration, parse_duration};
 use crate::fields::Fields;
 use crate::pool::{Family, Ipv4Pool, Ipv6Pool, SubnetPool, V4, V6};
@@ -109,13 +110,21 @@ impl NetworkConfig {
         let enable_ipv6 = f.bool("EnableIPv6")?.unwrap_or(false);
         let enable_nftables = f.bool("EnableNFTables")?.unwrap_or(false);
         let v4 = FamilyFields::<std::net::Ipv4Addr, Ipv4Net> {
-            network: f.parsed("Network", "an IPv4 CIDR such as 10.244.0.0/16")?,
+            network: f.parsed_with(
+                "Network",
+                "an IPv4 CIDR such as 10.244.0.0/16",
+                cidr::parse_v4,
+            )?,
             subnet_len: f.uint("SubnetLen", 32)?,
             min: f.parsed("SubnetMin", "an IPv4 address")?,
             max: f.parsed("SubnetMax", "an IPv4 address")?,
         };
         let v6 = FamilyFields::<std::net::Ipv6Addr, Ipv6Net> {
-            network: f.parsed("IPv6Network", "an IPv6 CIDR such as fd77::/48")?,
+            network: f.parsed_with(
+                "IPv6Network",
+                "an IPv6 CIDR such as fd77::/48",
+                cidr::parse_v6,
+            )?,
             subnet_len: f.uint("IPv6SubnetLen", 128)?,
             min: f.parsed("IPv6SubnetMin", "an IPv6 address")?,
             max: f.parsed("IPv6SubnetMax", "an IPv6 address")?,

@@ -2,6 +2,7 @@
 //! (and anything else that reads it) works unchanged. Text only: reading
 //! and writing the file is the caller's business.
 
+use crate::cidr;
 use crate::NetworkConfig;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -91,14 +92,16 @@ impl SubnetEnv {
             let bad = |what: &str| format!("{k}={v:?} is not {what}");
             match k.trim() {
                 "FLANNEL_NETWORK" => {
-                    env.network = Some(v.parse().map_err(|_| bad("an IPv4 CIDR"))?)
+                    env.network = Some(cidr::parse_v4(v).ok_or_else(|| bad("an IPv4 CIDR"))?)
                 }
-                "FLANNEL_SUBNET" => env.subnet = Some(v.parse().map_err(|_| bad("an IPv4 CIDR"))?),
+                "FLANNEL_SUBNET" => {
+                    env.subnet = Some(cidr::parse_v4(v).ok_or_else(|| bad("an IPv4 CIDR"))?)
+                }
                 "FLANNEL_IPV6_NETWORK" => {
-                    env.ipv6_network = Some(v.parse().map_err(|_| bad("an IPv6 CIDR"))?)
+                    env.ipv6_network = Some(cidr::parse_v6(v).ok_or_else(|| bad("an IPv6 CIDR"))?)
                 }
                 "FLANNEL_IPV6_SUBNET" => {
-                    env.ipv6_subnet = Some(v.parse().map_err(|_| bad("an IPv6 CIDR"))?)
+                    env.ipv6_subnet = Some(cidr::parse_v6(v).ok_or_else(|| bad("an IPv6 CIDR"))?)
                 }
                 "FLANNEL_MTU" => env.mtu = v.parse().map_err(|_| bad("a number"))?,
                 "FLANNEL_IPMASQ" => env.ip_masq = v.parse().map_err(|_| bad("true or false"))?,
@@ -177,5 +180,12 @@ mod tests {
         let e = SubnetEnv::parse("FLANNEL_SUBNET=banana\n").unwrap_err();
         assert!(e.contains("FLANNEL_SUBNET"), "{e}");
         assert!(SubnetEnv::parse("just words").is_err());
+        // Read as strictly as flannel reads CIDRs.
+        for bad in [
+            "FLANNEL_SUBNET=010.5.34.1/24",
+            "FLANNEL_NETWORK=10.5.0.0/016",
+        ] {
+            assert!(SubnetEnv::parse(bad).is_err(), "{bad}");
+        }
     }
 }

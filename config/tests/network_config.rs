@@ -262,3 +262,40 @@ fn the_example_config_in_deploy_is_valid() {
     let cfg = NetworkConfig::parse(&text).unwrap();
     assert_eq!(cfg.ipv4.unwrap().network().to_string(), "10.244.0.0/16");
 }
+
+/// CIDR text is read as flannel (Go's `net.ParseCIDR`) reads it: an address,
+/// a slash and a decimal prefix length. Forms Go refuses are refused too, so
+/// flannel and weft nodes sharing a keyspace never disagree about which
+/// network a stored config names. (These are the forms the `ipnetwork`
+/// crate accepts; README's Development section says why weft uses `ipnet`.)
+#[test]
+fn cidr_text_is_read_as_flannel_reads_it() {
+    for (text, why) in [
+        ("10.244.0.0", "no prefix length (not a /32)"),
+        ("10.244.0.0/255.255.0.0", "a netmask instead of a length"),
+        ("10.244.0.0/+16", "a sign"),
+        ("10.244.0.0/016", "a leading zero"),
+        ("10.244.0.0/ 16", "a space"),
+        ("10.244.0.0/33", "too long"),
+        ("010.244.0.0/16", "an octet with a leading zero"),
+    ] {
+        let (field, _) = field_error(&format!(r#"{{"Network":"{text}"}}"#));
+        assert_eq!(field, "Network", "{text}: {why}");
+    }
+    for (text, why) in [
+        ("fc00::", "no prefix length"),
+        ("fc00::/+48", "a sign"),
+        ("fc00::/048", "a leading zero"),
+    ] {
+        let (field, _) = field_error(&format!(
+            r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"{text}"}}"#
+        ));
+        assert_eq!(field, "IPv6Network", "{text}: {why}");
+    }
+    // Host bits are dropped, as Go's ParseCIDR does, and the subnets of the
+    // network are then inside it.
+    let cfg = NetworkConfig::parse(r#"{"Network":"10.244.5.1/16"}"#).unwrap();
+    let v4 = cfg.ipv4.unwrap();
+    assert_eq!(v4.network().to_string(), "10.244.0.0/16");
+    assert!(v4.contains(&"10.244.1.0/24".parse().unwrap()));
+}

@@ -60,7 +60,9 @@ impl AcquireRequest {
 pub struct LeaseView {
     /// flannel's key form, e.g. `10.244.3.0-24`.
     pub key: SubnetKey,
+    #[serde(with = "weft_config::cidr::opt_v4")]
     pub subnet: Option<Ipv4Net>,
+    #[serde(with = "weft_config::cidr::opt_v6")]
     pub ipv6_subnet: Option<Ipv6Net>,
     /// Owner; `null` for leases written by flannel.
     pub node_name: Option<String>,

@@ -7,6 +7,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 use thiserror::Error;
+use weft_config::cidr;
 
 /// The subnet(s) one lease holds; at least one family is present.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -77,11 +78,11 @@ impl SubnetKey {
         let mut ipv4 = None;
         let mut ipv6 = None;
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            if let Ok(n) = part.parse::<Ipv4Net>() {
+            if let Some(n) = cidr::parse_v4(part) {
                 if ipv4.replace(n.trunc()).is_some() {
                     return Err(KeyError::Malformed(text.into()));
                 }
-            } else if let Ok(n) = part.parse::<Ipv6Net>() {
+            } else if let Some(n) = cidr::parse_v6(part) {
                 if ipv6.replace(n.trunc()).is_some() {
                     return Err(KeyError::Malformed(text.into()));
                 }
@@ -119,7 +120,13 @@ impl fmt::Display for SubnetKey {
 
 fn split_net(part: &str) -> Option<(&str, u8)> {
     let (ip, len) = part.rsplit_once('-')?;
-    if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
+    // One spelling per subnet: no sign, no leading zeros (`-024` would be a
+    // second key for the subnet of `-24`).
+    if len.is_empty()
+        || len.len() > 3
+        || !len.bytes().all(|b| b.is_ascii_digit())
+        || (len.len() > 1 && len.starts_with('0'))
+    {
         return None;
     }
     Some((ip, len.parse().ok()?))
@@ -210,6 +217,10 @@ mod tests {
             "10.244.3.0--24",
             "0.0.0.0-0",
             "10.244.3.0-0024",
+            "10.244.3.0-024",
+            "10.244.3.0-+24",
+            "010.244.3.0-24",
+            "10.244.3.0-24&fd77::-064",
         ] {
             assert!(
                 bad.parse::<SubnetKey>().is_err(),
@@ -218,5 +229,6 @@ mod tests {
         }
         assert!(SubnetKey::from_cidrs("10.0.0.0/24,10.1.0.0/24").is_err());
         assert!(SubnetKey::from_cidrs("nonsense").is_err());
+        assert!(SubnetKey::from_cidrs("010.244.3.0/24").is_err());
     }
 }
