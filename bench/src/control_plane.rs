@@ -105,12 +105,19 @@ async fn start_controller(etcd_url: &str) -> Result<Controller> {
     .stdin(Stdio::null());
     let child = spawn_tied(cmd)?;
     let client = ControllerClient::new(&format!("http://127.0.0.1:{port}"))?;
+    let mut ctl = Controller { child, client };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while client.readiness().await.is_err() {
-        ensure!(Instant::now() < deadline, "controller did not start");
+    while ctl.client.readiness().await.is_err() {
+        if let Some(status) = ctl.child.try_wait()? {
+            bail!("weft-controller exited at start ({status}); its errors are above");
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "weft-controller did not answer within 20 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok(Controller { child, client })
+    Ok(ctl)
 }
 
 pub async fn run(args: Args) -> Result<()> {

@@ -1,6 +1,7 @@
 //! Finding the workspace's binaries and system tools.
 
-use anyhow::{bail, Result};
+use crate::wait::unretryable;
+use anyhow::Result;
 use std::path::PathBuf;
 
 /// Path of a binary built from this workspace (`weft-controller`, ...).
@@ -13,10 +14,10 @@ pub fn workspace_bin(name: &str) -> Result<PathBuf> {
     }
     let path = dir.join(name);
     if !path.is_file() {
-        bail!(
+        return Err(unretryable(format!(
             "{} is not built; run `cargo build --workspace --bins` (scripts/test does)",
             path.display()
-        );
+        )));
     }
     Ok(path)
 }
@@ -33,5 +34,7 @@ pub fn system_tool(name: &str, package: &str) -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    bail!("{name} is not installed: this test needs it; install Debian's {package} package (scripts/test does)")
+    Err(unretryable(format!(
+        "{name} is not installed: this test needs it; install Debian's {package} package (scripts/test does)"
+    )))
 }

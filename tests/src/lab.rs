@@ -19,6 +19,7 @@
 use crate::bins::{system_tool, workspace_bin};
 use crate::netns::{http_get, run};
 use crate::process::{spawn_tied, stop, stop_pid};
+use crate::wait::{is_unretryable, unretryable};
 use anyhow::{bail, Context, Result};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -319,6 +320,7 @@ impl Lab {
             ],
         )?;
         self.wait_for(Duration::from_secs(30), "the controller to answer", || {
+            self.still_running(&["etcd", "controller"])?;
             Ok(http_get(&fab, "127.0.0.1:7070", "/healthz").is_ok())
         })?;
         let config = self.state.network.clone().unwrap_or_else(|| {
@@ -331,9 +333,12 @@ impl Lab {
             Duration::from_secs(30),
             "the controller to take the network config",
             || {
-                Ok(self
-                    .weftctl_stdin(&["network", "set", "--file", "-"], &config)
-                    .is_ok())
+                self.still_running(&["etcd", "controller"])?;
+                match self.weftctl_stdin(&["network", "set", "--file", "-"], &config) {
+                    Ok(_) => Ok(true),
+                    Err(e) if is_unretryable(&e) => Err(e),
+                    Err(_) => Ok(false),
+                }
             },
         )?;
         Ok(())
@@ -363,13 +368,31 @@ impl Lab {
             .write_all(stdin.as_bytes())?;
         let out = child.wait_with_output()?;
         if !out.status.success() {
-            bail!(
+            let msg = format!(
                 "weftctl {}: {}",
                 args.join(" "),
                 String::from_utf8_lossy(&out.stderr).trim()
             );
+            // weftctl exits 3 when the controller is unreachable or
+            // unavailable; anything else (a refused config) is final.
+            if out.status.code() == Some(3) {
+                bail!(msg);
+            }
+            return Err(unretryable(msg));
         }
         Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// An unretryable error naming the first of `what` that has exited, with
+    /// its log tail.
+    fn still_running(&self, what: &[&str]) -> Result<()> {
+        match what.iter().find(|w| !self.running(w)) {
+            None => Ok(()),
+            Some(w) => Err(unretryable(format!(
+                "{w} is not running; its log ends with:\n{}",
+                self.log_tail(w, 12)
+            ))),
+        }
     }
 
     fn spawn(&mut self, what: &str, ns: &str, argv: Vec<String>) -> Result<()> {
@@ -901,6 +924,9 @@ impl Lab {
             match check() {
                 Ok(Some(v)) => return Ok(v),
                 Ok(None) => {}
+                Err(e) if is_unretryable(&e) => {
+                    bail!("gave up waiting for {what}: {e:#}");
+                }
                 Err(e) => last_err = format!("{e:#}"),
             }
             if Instant::now() > deadline {

@@ -6,6 +6,7 @@
 //!   [`etcdctl`]: the operator's tool as an independent oracle.
 //! - [`controller`]: a controller serving HTTP in-process.
 //! - [`bins`]: paths of workspace binaries and system tools.
+//! - [`wait`]: errors that end a wait at once (retrying cannot fix them).
 //! - [`netns`]: throwaway network namespaces, `ip -j` as the oracle.
 //! - [`lab`]: a weft cluster in namespaces (also the `weft-lab` command).
 //! - [`cni`]: calling CNI plugins as a runtime does.
@@ -26,3 +27,4 @@ pub mod lab;
 pub mod netns;
 pub mod oci;
 pub mod process;
+pub mod wait;

@@ -207,3 +207,26 @@ fn renewals_keep_short_leases_alive_and_a_lost_lease_is_taken_again() {
         "{metrics}"
     );
 }
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn a_refused_network_config_ends_the_wait_at_once_with_the_refusal() {
+    weft_tests::netns::require_root();
+    let mut cfg = LabConfig::for_test(1, "vxlan");
+    cfg.network = Some(r#"{"Network":"10.244.0.0/16","SubnetLen":31}"#.into());
+    let Err(e) = Lab::up(cfg) else {
+        panic!("a lab came up with a config the controller refuses");
+    };
+    let msg = format!("{e:#}");
+    // Not a timeout about something else: the wait stops at the refusal
+    // (weftctl exit 1), and says what was refused.
+    assert!(
+        msg.contains("gave up waiting for the controller to take the network config"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("SubnetLen") && msg.contains("[invalid_config]"),
+        "{msg}"
+    );
+    assert!(!msg.contains("timed out"), "{msg}");
+}
