@@ -1,0 +1,69 @@
+# Sourced by the scripts in this directory: messages, checks, and the
+# Debian packages each script needs, installed when missing.
+# shellcheck shell=bash
+
+script=scripts/$(basename "$0")
+log() { printf '\n==> %s\n' "$*"; }
+die() { printf '%s: %s\n' "$script" "$*" >&2; exit 1; }
+
+need_root() {
+    [ "$(id -u)" -eq 0 ] || die "run as root ($*)"
+}
+
+need_cargo() {
+    command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) first"
+}
+
+# What each script needs. Building: a C linker for rustc (gcc, libc6-dev);
+# protoc and its well-known .proto files for etcd-client, which only the
+# controller links (protobuf-compiler ships without them; they are in
+# libprotobuf-dev).
+PKGS_BUILD=(gcc libc6-dev protobuf-compiler libprotobuf-dev)
+# The lab: etcd and etcdctl, the tools the lab drives, ping.
+PKGS_LAB=(etcd-server etcd-client iproute2 nftables iputils-ping procps)
+# Benchmarks: iperf3 (data plane), the reference CNI plugins (cni).
+PKGS_BENCH=(iperf3 containernetworking-plugins iptables)
+# Tests beyond the lab and the benchmark smoke runs: containerd, runc and
+# busybox-static for `ctr run --cni` with a locally built image; nsenter
+# and unshare (util-linux).
+PKGS_TEST=(containerd runc busybox-static util-linux)
+
+# ensure_packages PKG...: installs the ones that are missing, then checks
+# that all are there (naming any that are not).
+ensure_packages() {
+    local missing=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    [ "$(id -u)" -eq 0 ] || die "missing Debian packages: ${missing[*]}; run as root to have them installed"
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq || die "apt-get update failed (see above)"
+    # Debian's etcd-server and containerd packages would start system
+    # services; the lab and the tests start their own (private ports and
+    # state directories), so keep the system ones from starting.
+    local added_policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        added_policy=1
+    fi
+    local rc=0
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || rc=$?
+    [ -n "$added_policy" ] && rm -f /usr/sbin/policy-rc.d
+    local still=()
+    for p in "${missing[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || still+=("$p")
+    done
+    [ "${#still[@]}" -eq 0 ] || die "could not install ${still[*]} (apt-get exit $rc)"
+}
+
+# ensure_cargo_tool CRATE VERSION BINARY: cargo install, pinned, if missing.
+ensure_cargo_tool() {
+    local crate=$1 version=$2 bin=$3
+    if ! command -v "$bin" >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/$bin" ]; then
+        log "installing $crate $version (cargo install)"
+        cargo install -q --locked "$crate" --version "$version" || die "cargo install $crate failed"
+    fi
+}
