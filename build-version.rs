@@ -19,7 +19,9 @@ fn main() {
         .map(|c| c.trim().to_string())
         .or_else(|| git_commit(&manifest))
         .unwrap_or_else(|| "unknown".into());
-    let short: String = commit.chars().take(12).collect();
+    // `<hash>` or `<hash>-dirty` (scripts/package marks a changed tree).
+    let (hash, rest) = commit.split_at(commit.find('-').unwrap_or(commit.len()));
+    let short = format!("{}{rest}", &hash[..hash.len().min(12)]);
     println!(
         "cargo:rustc-env=WEFT_VERSION={} (commit {short})",
         env::var("CARGO_PKG_VERSION").unwrap_or_default()
@@ -28,8 +30,11 @@ fn main() {
 
 /// The commit `HEAD` names, read from the files under `.git`.
 fn git_commit(start: &Path) -> Option<String> {
+    // The crate's directory or the workspace's, never a repository around
+    // an unpacked source tree.
     let dot_git = start
         .ancestors()
+        .take(2)
         .map(|d| d.join(".git"))
         .find(|p| p.exists())?;
     // A worktree or submodule has a `.git` file pointing at its git dir.
@@ -41,7 +46,7 @@ fn git_commit(start: &Path) -> Option<String> {
         dot_git
     };
     let head_file = git_dir.join("HEAD");
-    println!("cargo:rerun-if-changed={}", head_file.display());
+    watch(&head_file);
     let head = fs::read_to_string(&head_file).ok()?;
     let head = head.trim();
     let Some(name) = head.strip_prefix("ref: ") else {
@@ -55,12 +60,10 @@ fn git_commit(start: &Path) -> Option<String> {
     // Watch the ref's directory: a commit rewrites the loose ref or creates
     // it (when the ref was only packed before).
     if let Some(dir) = loose.parent() {
-        println!("cargo:rerun-if-changed={}", dir.display());
+        watch(dir);
     }
     let packed = common.join("packed-refs");
-    if packed.exists() {
-        println!("cargo:rerun-if-changed={}", packed.display());
-    }
+    watch(&packed);
     if let Ok(hash) = fs::read_to_string(&loose) {
         let hash = hash.trim();
         return is_hash(hash).then(|| hash.to_string());
@@ -72,6 +75,14 @@ fn git_commit(start: &Path) -> Option<String> {
         .find(|(_, r)| *r == name)
         .map(|(hash, _)| hash.to_string())
         .filter(|h| is_hash(h))
+}
+
+/// Rebuild when `path` changes. Only paths that exist: cargo takes a missing
+/// one as changed, and would rebuild on every build.
+fn watch(path: &Path) {
+    if path.exists() {
+        println!("cargo:rerun-if-changed={}", path.display());
+    }
 }
 
 fn is_hash(s: &str) -> bool {

@@ -45,18 +45,34 @@ ensure_packages() {
     # state directories), so keep the system ones from starting.
     local added_policy=
     if [ ! -e /usr/sbin/policy-rc.d ]; then
+        # Removed also when the install is interrupted: left behind, it would
+        # keep every later upgrade from restarting services.
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+        trap 'rm -f /usr/sbin/policy-rc.d; exit 130' INT TERM
         printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
         chmod +x /usr/sbin/policy-rc.d
         added_policy=1
     fi
     local rc=0
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || rc=$?
-    [ -n "$added_policy" ] && rm -f /usr/sbin/policy-rc.d
+    if [ -n "$added_policy" ]; then
+        rm -f /usr/sbin/policy-rc.d
+        trap - EXIT INT TERM
+    fi
     local still=()
     for p in "${missing[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || still+=("$p")
     done
     [ "${#still[@]}" -eq 0 ] || die "could not install ${still[*]} (apt-get exit $rc)"
+}
+
+# links_etcd_client PACKAGE: whether the package's build pulls etcd-client
+# in (only weft-controller may). A failing `cargo tree` is an error, not a no.
+links_etcd_client() {
+    local tree
+    tree=$(cargo tree --locked -q -e normal,build -p "$1" --prefix none -f '{p}') \
+        || die "cargo tree -p $1 failed"
+    grep -q '^etcd-client ' <<<"$tree"
 }
 
 # ensure_cargo_tool CRATE VERSION BINARY: cargo install, pinned, if missing.

@@ -1,9 +1,11 @@
 //! `weftctl`: look at and change a weft network through its controller.
 //!
-//! Exit codes: 0 success; 1 the controller refused (or, for `status`, is not
-//! ready), or a local error; 2 bad usage; 3 the controller could not be
-//! reached or is temporarily unavailable (`5xx`, e.g. etcd down): the one
-//! failure that a retry may fix.
+//! Exit codes: 0 success; 1 the controller refused, or a local error, or
+//! (for `status`) the controller answered that it is not ready (its reasons
+//! are printed: a missing config needs a person); 2 bad usage; 3 the
+//! controller (or, for `node rekey`, the node) could not be reached or is
+//! temporarily unavailable (`5xx`, e.g. etcd down): the one failure that a
+//! retry may fix.
 
 mod table;
 
@@ -159,7 +161,8 @@ async fn rekey(node: &str) -> Result<ExitCode> {
             body["message"].as_str().unwrap_or("the node refused"),
             body["error"].as_str().unwrap_or(code.as_str())
         );
-        Ok(ExitCode::from(1))
+        // As for the controller: 3 when a retry may help.
+        Ok(ExitCode::from(if code.is_server_error() { 3 } else { 1 }))
     }
 }
 

@@ -1,5 +1,6 @@
-//! CIDR text as flannel reads it (Go's `net.ParseCIDR`): an address, one
-//! `/`, and a decimal prefix length without sign or leading zeros.
+//! CIDR text as flannel reads it (Go's `net.ParseCIDR`): an address in
+//! standard form (no leading zeros in an octet, no zone), one `/`, and a
+//! decimal prefix length (digits only: no sign, no space).
 //!
 //! Etcd values, subnet.env and CNI results are written by others (every
 //! flannel node in a shared keyspace can write the config), so weft reads
@@ -56,12 +57,25 @@ opt_serde!(opt_v6, ipnet::Ipv6Net, super::parse_v6, "an IPv6 CIDR");
 
 fn split(text: &str, max: u8) -> Option<(&str, u8)> {
     let (addr, len) = text.split_once('/')?;
-    let digits_only = !len.is_empty() && len.len() <= 3 && len.bytes().all(|b| b.is_ascii_digit());
-    if !digits_only || (len.len() > 1 && len.starts_with('0')) {
+    Some((addr, prefix_len(len, max)?))
+}
+
+/// A prefix length as Go reads it (`dtoi`): decimal digits only (no sign,
+/// no space); leading zeros are fine (`016` is 16).
+pub fn prefix_len(text: &str, max: u8) -> Option<u8> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let len: u8 = len.parse().ok()?;
-    (len <= max).then_some((addr, len))
+    let digits = text.trim_start_matches('0');
+    if digits.len() > 3 {
+        return None;
+    }
+    let len: u16 = if digits.is_empty() {
+        0
+    } else {
+        digits.parse().ok()?
+    };
+    u8::try_from(len).ok().filter(|l| *l <= max)
 }
 
 #[cfg(test)]
@@ -82,6 +96,13 @@ mod tests {
         assert_eq!(parse_v4("10.0.0.1/32").unwrap().prefix_len(), 32);
         assert_eq!(parse_v6("fd77::/48").unwrap().to_string(), "fd77::/48");
         assert_eq!(parse_v6("fd77:0:0:5::1/64").unwrap().prefix_len(), 64);
+        // Go's dtoi takes leading zeros in the length.
+        assert_eq!(
+            parse_v4("10.244.0.0/016").unwrap().to_string(),
+            "10.244.0.0/16"
+        );
+        assert_eq!(parse_v4("10.244.0.0/0000016").unwrap().prefix_len(), 16);
+        assert_eq!(parse_v6("fd77::/048").unwrap().prefix_len(), 48);
     }
 
     #[test]
@@ -119,7 +140,7 @@ mod tests {
             "10.244.0.0/",
             "10.244.0.0/255.255.0.0",
             "10.244.0.0/+16",
-            "10.244.0.0/016",
+            "10.244.0.0/-16",
             "10.244.0.0/ 16",
             "10.244.0.0/16 ",
             "10.244.0.0/33",
@@ -136,7 +157,7 @@ mod tests {
         for bad in [
             "fd77::",
             "fd77::/+48",
-            "fd77::/048",
+            "fd77::/0129",
             "fd77::/129",
             "fd77::%eth0/48",
             "10.0.0.0/8",

@@ -85,7 +85,6 @@ impl Fields {
         }
     }
 
-    /// A string field parsed with `FromStr`, the error naming what was expected.
     /// A string field read by `parse`; `None` from it is an error naming
     /// `expected`.
     pub(crate) fn parsed_with<T>(
@@ -102,6 +101,7 @@ impl Fields {
         }
     }
 
+    /// A string field parsed with `FromStr`, the error naming what was expected.
     pub(crate) fn parsed<T: std::str::FromStr>(
         &mut self,
         field: &'static str,

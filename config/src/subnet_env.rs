@@ -183,7 +183,7 @@ mod tests {
         // Read as strictly as flannel reads CIDRs.
         for bad in [
             "FLANNEL_SUBNET=010.5.34.1/24",
-            "FLANNEL_NETWORK=10.5.0.0/016",
+            "FLANNEL_NETWORK=10.5.0.0/+16",
         ] {
             assert!(SubnetEnv::parse(bad).is_err(), "{bad}");
         }

@@ -551,8 +551,16 @@ impl Shared {
             .await
             .map_err(|e| self.store_err("writing the network config", e))?;
         tracing::info!(revision = rev, backend = %parsed.backend.backend_type(), "network config written");
+        // Let reads that follow see it; the answer is what was written, also
+        // when the cache lags behind (a slow etcd watch is no failure).
         self.wait_applied(rev).await;
-        self.network()
+        Ok(NetworkView {
+            valid: true,
+            config: Some(parsed.to_json()),
+            error: None,
+            raw: text.trim().to_string(),
+            revision: rev,
+        })
     }
 
     /// Readiness, with the numbers `weftctl status` shows.

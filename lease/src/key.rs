@@ -120,16 +120,10 @@ impl fmt::Display for SubnetKey {
 
 fn split_net(part: &str) -> Option<(&str, u8)> {
     let (ip, len) = part.rsplit_once('-')?;
-    // One spelling per subnet: no sign, no leading zeros (`-024` would be a
-    // second key for the subnet of `-24`).
-    if len.is_empty()
-        || len.len() > 3
-        || !len.bytes().all(|b| b.is_ascii_digit())
-        || (len.len() > 1 && len.starts_with('0'))
-    {
-        return None;
-    }
-    Some((ip, len.parse().ok()?))
+    // flannel reads the length with strconv.ParseUint: leading zeros are
+    // fine. A key spelled `-024` names the subnet of `-24`, and must count
+    // as taken like it, not be skipped as unreadable.
+    Some((ip, weft_config::cidr::prefix_len(len, 128)?))
 }
 
 impl FromStr for SubnetKey {
@@ -181,6 +175,15 @@ mod tests {
     }
 
     #[test]
+    fn a_length_with_leading_zeros_names_the_same_subnet() {
+        // As flannel reads it: the subnet counts as taken, whichever key
+        // spelling holds it.
+        let odd: SubnetKey = "10.244.3.0-024".parse().unwrap();
+        assert_eq!(odd, "10.244.3.0-24".parse().unwrap());
+        assert_eq!(odd.to_string(), "10.244.3.0-24");
+    }
+
+    #[test]
     fn parts_and_cidrs() {
         let key: SubnetKey = "10.244.3.0-24&fd77::-64".parse().unwrap();
         assert_eq!(key.ipv4().unwrap().to_string(), "10.244.3.0/24");
@@ -216,11 +219,9 @@ mod tests {
             "10.244.3.0-24-1",
             "10.244.3.0--24",
             "0.0.0.0-0",
-            "10.244.3.0-0024",
-            "10.244.3.0-024",
             "10.244.3.0-+24",
             "010.244.3.0-24",
-            "10.244.3.0-24&fd77::-064",
+            "10.244.3.0-24&fd77::-+64",
         ] {
             assert!(
                 bad.parse::<SubnetKey>().is_err(),

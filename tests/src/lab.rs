@@ -18,7 +18,7 @@
 
 use crate::bins::{system_tool, workspace_bin};
 use crate::netns::{http_get, run};
-use crate::process::{spawn_tied, stop, stop_pid};
+use crate::process::{has_exited, spawn_tied, stop, stop_pid};
 use crate::wait::{is_unretryable, unretryable};
 use anyhow::{bail, Context, Result};
 use ipnet::Ipv4Net;
@@ -386,7 +386,8 @@ impl Lab {
     /// An unretryable error naming the first of `what` that has exited, with
     /// its log tail.
     fn still_running(&self, what: &[&str]) -> Result<()> {
-        match what.iter().find(|w| !self.running(w)) {
+        let exited = |w: &&str| self.proc(w).is_ok_and(|p| has_exited(p.pid));
+        match what.iter().copied().find(exited) {
             None => Ok(()),
             Some(w) => Err(unretryable(format!(
                 "{w} is not running; its log ends with:\n{}",
@@ -925,7 +926,7 @@ impl Lab {
                 Ok(Some(v)) => return Ok(v),
                 Ok(None) => {}
                 Err(e) if is_unretryable(&e) => {
-                    bail!("gave up waiting for {what}: {e:#}");
+                    return Err(e.context(format!("gave up waiting for {what}")));
                 }
                 Err(e) => last_err = format!("{e:#}"),
             }

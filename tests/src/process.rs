@@ -87,6 +87,19 @@ pub fn stop(child: &mut Child, grace: std::time::Duration) -> Option<std::proces
     child.wait().ok()
 }
 
+/// Whether a process has ended (gone, or a zombie not yet reaped). Unlike
+/// [`alive_as`] it does not read the command line, which is briefly empty
+/// while the process execs (`ip netns exec` execs the real program).
+pub fn has_exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
 /// Whether process `pid` is alive and its command line contains `needle`
 /// (guards against signalling a process that reused a recorded PID).
 pub fn alive_as(pid: u32, needle: &str) -> bool {
