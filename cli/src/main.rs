@@ -7,13 +7,16 @@
 //! temporarily unavailable (`5xx`, e.g. etcd down): the one failure that a
 //! retry may fix.
 
+mod pki;
 mod table;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::Read;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use weft_lease::client::{ClientError, ControllerClient};
+use weft_lease::tls::ClientTlsFiles;
 
 /// Operate a weft network through its controller.
 #[derive(Debug, Parser)]
@@ -27,6 +30,17 @@ struct Cli {
         global = true
     )]
     controller: String,
+    /// CA certificate (PEM) that signed the controller's certificate; for
+    /// an https:// controller.
+    #[arg(long, env = "WEFT_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
+    /// Client certificate (PEM): O=weft:admins to change things,
+    /// O=weft:nodes to read.
+    #[arg(long, env = "WEFT_CERT_FILE", global = true)]
+    cert_file: Option<PathBuf>,
+    /// Key (PEM) of --cert-file.
+    #[arg(long, env = "WEFT_KEY_FILE", global = true)]
+    key_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -47,6 +61,86 @@ enum Command {
     /// Talk to a node daemon on this host (its status listener).
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Certificates for a small cluster: PEM files in one directory.
+    #[command(subcommand)]
+    Pki(PkiCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum PkiCmd {
+    /// A new CA: ca.pem and ca-key.pem (never replaces an existing one).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// The controller's certificate: server.pem, server-key.pem.
+    Server {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Every name and address nodes use to reach the controller.
+        #[arg(long = "host", required = true, num_args = 1..)]
+        hosts: Vec<String>,
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        /// Replace an existing certificate (a rotation).
+        #[arg(long)]
+        force: bool,
+    },
+    /// A node's certificate (CN=NAME, O=weft:nodes): node-NAME.pem and
+    /// node-NAME-key.pem.
+    Node {
+        name: String,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Replace an existing certificate (a rotation).
+        #[arg(long)]
+        force: bool,
+    },
+    /// An administrator's certificate (CN=NAME, O=weft:admins):
+    /// admin-NAME.pem and admin-NAME-key.pem.
+    Admin {
+        name: String,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Replace an existing certificate (a rotation).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn pki(cmd: PkiCmd) -> Result<ExitCode> {
+    use pki::Request;
+    let (dir, req, days, force) = match cmd {
+        PkiCmd::Init { dir, days } => (dir, Request::Ca, days, false),
+        PkiCmd::Server {
+            dir,
+            hosts,
+            days,
+            force,
+        } => (dir, Request::Server { hosts }, days, force),
+        PkiCmd::Node {
+            name,
+            dir,
+            days,
+            force,
+        } => (dir, Request::Node { name }, days, force),
+        PkiCmd::Admin {
+            name,
+            dir,
+            days,
+            force,
+        } => (dir, Request::Admin { name }, days, force),
+    };
+    for f in pki::issue(&dir, &req, days, force)? {
+        println!("wrote {}", f.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,9 +261,15 @@ async fn rekey(node: &str) -> Result<ExitCode> {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    let client = ControllerClient::new(&cli.controller)?;
-    match cli.command {
+    let command = match cli.command {
+        Command::Pki(cmd) => return pki(cmd),
         Command::Node(NodeCmd::Rekey { node }) => return rekey(&node).await,
+        other => other,
+    };
+    let tls = ClientTlsFiles::from_flags(cli.ca_file, cli.cert_file, cli.key_file)?;
+    let client = ControllerClient::with_tls(&cli.controller, tls)?;
+    match command {
+        Command::Pki(_) | Command::Node(_) => unreachable!("handled above"),
         Command::Network(NetworkCmd::Get) => {
             let view = client.network().await?;
             match view.config {

@@ -23,6 +23,9 @@ pub enum ControllerError {
     /// The request conflicts with the current state.
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
+    /// The caller's certificate does not allow this.
+    #[error("{0}")]
+    Forbidden(String),
     /// No subnet is free.
     #[error("{0}")]
     Exhausted(#[from] Exhausted),
@@ -65,6 +68,7 @@ impl ControllerError {
             ControllerError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ControllerError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ControllerError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ControllerError::Forbidden(_) => StatusCode::FORBIDDEN,
             ControllerError::Conflict { .. } | ControllerError::Exhausted(_) => {
                 StatusCode::CONFLICT
             }
@@ -91,6 +95,7 @@ impl ControllerError {
                 format!("{e}; release unused leases or widen the network (weftctl leases list)"),
             ),
             ControllerError::NotReady(m) => ("not_ready", m.clone()),
+            ControllerError::Forbidden(m) => ("forbidden", m.clone()),
             ControllerError::TooLarge(m) => ("body_too_large", m.clone()),
             ControllerError::Gone(m) => ("revision_compacted", m.clone()),
             ControllerError::Store(e) => match e {

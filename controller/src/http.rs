@@ -1,6 +1,7 @@
 //! The HTTP API (`/v1`, health, metrics) as axum handlers over [`Shared`].
 
 use crate::error::ControllerError;
+use crate::tls::{Caller, Role};
 use crate::{watch, Shared};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -36,12 +37,32 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/leases/{node}/renew", post(renew))
         .route("/v1/reservations", post(reserve))
         .route("/v1/network", get(network).put(set_network))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        // Every route above: the caller must be allowed (crate::auth).
+        .route_layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            crate::auth::authorize,
+        ))
+        .merge(health_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(shared)
+}
+
+/// `/healthz`, `/readyz` and `/metrics`: open to every client (counts and
+/// reasons, no lease data).
+fn health_routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+/// Only the health routes (`--healthz-listen`).
+pub(crate) fn health_router(shared: Arc<Shared>) -> Router {
+    health_routes()
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(shared)
 }
 
@@ -160,8 +181,15 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(s): AppState) -> Response {
-    let r = s.readiness();
+async fn readyz(State(s): AppState, caller: Option<axum::Extension<Caller>>) -> Response {
+    // Leases are named only to callers who may read them; the open health
+    // listener and certificates without a role get counts.
+    let detail = match caller.as_deref() {
+        Some(Caller::Unauthenticated) => true,
+        Some(Caller::Cert { role, .. }) => *role != Role::None,
+        None => false,
+    };
+    let r = s.readiness(detail);
     let status = if r.ready {
         StatusCode::OK
     } else {

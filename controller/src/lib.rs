@@ -20,16 +20,20 @@
 //! # Ok(()) }
 //! ```
 
+mod auth;
 mod cache;
 mod error;
 mod http;
 mod metrics;
 mod ops;
+mod serve;
 mod sync;
+pub mod tls;
 mod validate;
 mod watch;
 
 pub use error::ControllerError;
+pub use serve::serve_tls;
 
 use cache::Cache;
 use metrics::Metrics;
@@ -53,6 +57,9 @@ pub struct Options {
     pub health_interval: Duration,
     /// How long a write waits to show up in the cache before answering.
     pub write_wait: Duration,
+    /// Set when the API is served without TLS on a non-loopback address
+    /// (`--insecure-listen`): the warning `/readyz` carries.
+    pub insecure: Option<String>,
 }
 
 impl Default for Options {
@@ -62,6 +69,7 @@ impl Default for Options {
             history: 16_384,
             health_interval: Duration::from_secs(2),
             write_wait: Duration::from_secs(3),
+            insecure: None,
         }
     }
 }
@@ -171,9 +179,17 @@ impl Controller {
         Controller { shared, tasks }
     }
 
-    /// The HTTP API.
+    /// The HTTP API without authentication: every caller may do
+    /// everything. For a listener only trusted clients reach (loopback);
+    /// [`serve_tls`] serves the API with client certificates instead.
     pub fn router(&self) -> axum::Router {
-        http::router(self.shared.clone())
+        http::router(self.shared.clone()).layer(axum::Extension(tls::Caller::Unauthenticated))
+    }
+
+    /// Only `/healthz`, `/readyz` and `/metrics` (no lease data), for a
+    /// plain-HTTP listener next to the HTTPS one (`--healthz-listen`).
+    pub fn health_router(&self) -> axum::Router {
+        http::health_router(self.shared.clone())
     }
 
     /// Ends every open watch stream (nodes reconnect, to this controller

@@ -3,9 +3,12 @@
 use anyhow::Context;
 use clap::Parser;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use weft_controller::tls::ServerTlsFiles;
 use weft_controller::{Controller, Options};
+use weft_lease::store::EtcdTls;
 use weft_lease::{EtcdOptions, EtcdStore};
 
 /// Hands out one subnet per node from the network config in etcd and serves
@@ -28,9 +31,46 @@ struct Args {
         default_value = "/weft/network"
     )]
     etcd_prefix: String,
-    /// Address to serve the API on.
+    /// CA certificate (PEM) that signed etcd's certificate; for https://
+    /// endpoints.
+    #[arg(long, env = "WEFT_CONTROLLER_ETCD_CAFILE")]
+    etcd_cafile: Option<PathBuf>,
+    /// Client certificate (PEM) for an etcd run with --client-cert-auth.
+    #[arg(long, env = "WEFT_CONTROLLER_ETCD_CERTFILE")]
+    etcd_certfile: Option<PathBuf>,
+    /// Key (PEM) of --etcd-certfile.
+    #[arg(long, env = "WEFT_CONTROLLER_ETCD_KEYFILE")]
+    etcd_keyfile: Option<PathBuf>,
+    /// etcd user, when etcd has authentication enabled.
+    #[arg(long, env = "WEFT_CONTROLLER_ETCD_USERNAME")]
+    etcd_username: Option<String>,
+    /// Password of --etcd-username (prefer the environment variable: a flag
+    /// shows in the process list).
+    #[arg(long, env = "WEFT_CONTROLLER_ETCD_PASSWORD", hide_env_values = true)]
+    etcd_password: Option<String>,
+    /// Address to serve the API on. Without TLS, only a loopback address
+    /// (or --insecure-listen).
     #[arg(long, env = "WEFT_CONTROLLER_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
+    /// The controller's certificate (PEM, chain): serve HTTPS.
+    #[arg(long, env = "WEFT_CONTROLLER_TLS_CERT_FILE")]
+    tls_cert_file: Option<PathBuf>,
+    /// Key (PEM) of --tls-cert-file.
+    #[arg(long, env = "WEFT_CONTROLLER_TLS_KEY_FILE")]
+    tls_key_file: Option<PathBuf>,
+    /// CA (PEM) that signs client certificates; every client must present
+    /// one. CN = identity, O = role (weft:nodes, weft:admins).
+    #[arg(long, env = "WEFT_CONTROLLER_CLIENT_CA_FILE")]
+    client_ca_file: Option<PathBuf>,
+    /// Serve plain HTTP on a non-loopback --listen anyway. Anyone who
+    /// reaches it can take over any node's lease; the log and /readyz say
+    /// so.
+    #[arg(long, env = "WEFT_CONTROLLER_INSECURE_LISTEN")]
+    insecure_listen: bool,
+    /// Also serve /healthz, /readyz and /metrics (no lease data) over plain
+    /// HTTP on this address, for probes and scrapers without a certificate.
+    #[arg(long, env = "WEFT_CONTROLLER_HEALTHZ_LISTEN")]
+    healthz_listen: Option<SocketAddr>,
     /// Seconds between heartbeat lines on idle watch streams.
     #[arg(long, env = "WEFT_CONTROLLER_WATCH_HEARTBEAT", default_value_t = 10)]
     watch_heartbeat: u64,
@@ -51,22 +91,88 @@ async fn main() -> anyhow::Result<()> {
     if args.watch_heartbeat == 0 {
         anyhow::bail!("--watch-heartbeat must be at least 1 second");
     }
-    let store = EtcdStore::connect(EtcdOptions::new(
-        args.etcd_endpoints.clone(),
-        &args.etcd_prefix,
-    ))
-    .await
-    .with_context(|| format!("etcd client for {:?}", args.etcd_endpoints))?;
-    let opts = Options {
+    let server_tls = ServerTlsFiles::from_flags(
+        args.tls_cert_file.clone(),
+        args.tls_key_file.clone(),
+        args.client_ca_file.clone(),
+    )?
+    .map(|files| files.config())
+    .transpose()?;
+    let mut opts = Options {
         heartbeat: Duration::from_secs(args.watch_heartbeat),
         ..Options::default()
     };
+    match (
+        &server_tls,
+        args.listen.ip().is_loopback(),
+        args.insecure_listen,
+    ) {
+        (Some(_), _, true) => {
+            tracing::warn!("--insecure-listen has no effect: the API is served over HTTPS")
+        }
+        (None, false, false) => anyhow::bail!(
+            "refusing to serve the lease API without TLS on {}: anyone who reaches it could take \
+             over any node's lease. Give --tls-cert-file, --tls-key-file and --client-ca-file \
+             (`weftctl pki` makes them), listen on a loopback address, or accept the risk with \
+             --insecure-listen",
+            args.listen
+        ),
+        (None, false, true) => {
+            let warning = format!(
+                "the lease API is served without TLS on {} (--insecure-listen): anyone who \
+                 reaches it can take over any node's lease",
+                args.listen
+            );
+            tracing::warn!("{warning}");
+            opts.insecure = Some(warning);
+        }
+        _ => {}
+    }
+    let mut etcd = EtcdOptions::new(args.etcd_endpoints.clone(), &args.etcd_prefix);
+    if args.etcd_cafile.is_some() || args.etcd_certfile.is_some() || args.etcd_keyfile.is_some() {
+        etcd.tls = Some(EtcdTls {
+            ca: args.etcd_cafile.clone(),
+            cert: args.etcd_certfile.clone(),
+            key: args.etcd_keyfile.clone(),
+        });
+    }
+    etcd.user = match (args.etcd_username.clone(), args.etcd_password.clone()) {
+        (Some(u), Some(p)) => Some((u, p)),
+        (None, None) => None,
+        (Some(_), None) => anyhow::bail!("--etcd-username needs --etcd-password"),
+        (None, Some(_)) => anyhow::bail!("--etcd-password needs --etcd-username"),
+    };
+    let store = EtcdStore::connect(etcd)
+        .await
+        .with_context(|| format!("etcd client for {:?}", args.etcd_endpoints))?;
     let controller = Controller::start(Arc::new(store), opts);
+    if let Some(addr) = args.healthz_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--healthz-listen)"))?;
+        let router = controller.health_router();
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!("health listener on {addr}: {e}");
+            }
+        });
+        tracing::info!(listen = %addr, "serving /healthz, /readyz and /metrics");
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, prefix = %args.etcd_prefix, "serving the lease API");
-    weft_controller::serve(listener, &controller, shutdown_signal()).await?;
+    match server_tls {
+        Some(tls) => {
+            tracing::info!(listen = %args.listen, prefix = %args.etcd_prefix,
+                "serving the lease API over HTTPS (client certificates required)");
+            weft_controller::serve_tls(listener, &controller, tls, shutdown_signal()).await?;
+        }
+        None => {
+            tracing::info!(listen = %args.listen, prefix = %args.etcd_prefix,
+                "serving the lease API over plain HTTP");
+            weft_controller::serve(listener, &controller, shutdown_signal()).await?;
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }

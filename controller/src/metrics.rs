@@ -32,6 +32,8 @@ pub(crate) struct Metrics {
     acquires: Family<Labels, Counter>,
     pub watch_clients: Gauge,
     pub etcd_errors: Counter,
+    pub forbidden: Counter,
+    pub tls_handshake_failures: Counter,
     etcd_requests: Family<Labels, Counter>,
     last_requests: Mutex<RequestCounts>,
     subnets: Family<Labels, Gauge>,
@@ -64,6 +66,18 @@ impl Metrics {
             "etcd_errors",
             "Failed requests to etcd",
             etcd_errors.clone(),
+        );
+        let forbidden = Counter::default();
+        registry.register(
+            "requests_forbidden",
+            "Requests refused because the caller's certificate does not allow them",
+            forbidden.clone(),
+        );
+        let tls_handshake_failures = Counter::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed (no, expired or untrusted client certificate, ...)",
+            tls_handshake_failures.clone(),
         );
         let etcd_requests = Family::<Labels, Counter>::default();
         registry.register(
@@ -109,6 +123,8 @@ impl Metrics {
             acquires,
             watch_clients,
             etcd_errors,
+            forbidden,
+            tls_handshake_failures,
             etcd_requests,
             last_requests: Mutex::new(RequestCounts::default()),
             subnets,

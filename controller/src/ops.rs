@@ -564,7 +564,9 @@ impl Shared {
     }
 
     /// Readiness, with the numbers `weftctl status` shows.
-    pub(crate) fn readiness(&self) -> Readiness {
+    /// `detail`: name example leases in warnings (callers that may read
+    /// leases); otherwise only counts.
+    pub(crate) fn readiness(&self, detail: bool) -> Readiness {
         let store_error = self.store_error.lock().expect("health lock").clone();
         let cache = self.read();
         let mut reasons = Vec::new();
@@ -587,7 +589,15 @@ impl Shared {
         }
         let outside = cache.outside_network();
         let mut warnings = Vec::new();
-        if !outside.is_empty() {
+        if let Some(w) = &self.opts.insecure {
+            warnings.push(w.clone());
+        }
+        if !outside.is_empty() && !detail {
+            warnings.push(format!(
+                "{} lease(s) outside the current network; their nodes get new subnets when they next acquire",
+                outside.len()
+            ));
+        } else if !outside.is_empty() {
             let names: Vec<String> = outside
                 .iter()
                 .take(5)
@@ -631,7 +641,7 @@ impl Shared {
 
     /// The metrics text.
     pub(crate) fn metrics_text(&self) -> String {
-        let r = self.readiness();
+        let r = self.readiness(false);
         let levels = Levels {
             subnets_total: i64::try_from(r.subnets_total).unwrap_or(i64::MAX),
             subnets_used: r.subnets_used as i64,

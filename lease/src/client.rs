@@ -1,14 +1,16 @@
-//! An HTTP client for the controller API, used by `weftctl`, `weft-node`
+//! An HTTP(S) client for the controller API, used by `weftctl`, `weft-node`
 //! and the benchmarks.
 
 use crate::api::{
     AcquireRequest, ApiError, LeaseList, LeaseResponse, LeaseView, NetworkView, Readiness,
     ReleaseResponse, ReserveRequest, WatchEvent,
 };
+use crate::tls::ClientTlsFiles;
 use bytes::{Buf, BytesMut};
 use futures::stream::{BoxStream, StreamExt};
 use serde::de::DeserializeOwned;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 use thiserror::Error;
 
 /// What went wrong talking to the controller.
@@ -24,8 +26,11 @@ pub enum ClientError {
     #[error("unexpected answer from the controller: {0}")]
     Decode(String),
     /// The URL given for the controller is not usable.
-    #[error("bad controller URL {0:?}: expected http://HOST:PORT")]
+    #[error("bad controller URL {0:?}: expected https://HOST:PORT (or http:// without TLS)")]
     BadUrl(String),
+    /// The TLS settings are incomplete, or their files do not load.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl ClientError {
@@ -41,11 +46,58 @@ impl ClientError {
 /// A stream of watch lines; ends when the controller closes the stream.
 pub type WatchLines = BoxStream<'static, Result<WatchEvent, ClientError>>;
 
-/// Client for one controller URL. Cheap to clone.
+/// Client for one controller URL. Cheap to clone (clones share the
+/// connection pool and the TLS files' state).
 #[derive(Debug, Clone)]
 pub struct ControllerClient {
     base: String,
-    http: reqwest::Client,
+    http: Arc<Http>,
+}
+
+/// The HTTP client, rebuilt when the TLS files change (a rotated
+/// certificate is used without a restart).
+#[derive(Debug)]
+struct Http {
+    tls: Option<ClientTlsFiles>,
+    state: Mutex<HttpState>,
+}
+
+#[derive(Debug)]
+struct HttpState {
+    client: reqwest::Client,
+    /// The files as the current client was built from them.
+    stamp: Vec<FileStamp>,
+    /// Files that failed to load (not retried until they change again).
+    failed: Option<Vec<FileStamp>>,
+    checked: Instant,
+}
+
+/// What tells a file's content changed without reading it.
+type FileStamp = Option<(SystemTime, u64, u64)>;
+
+/// How often the TLS files are looked at.
+const TLS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+fn stamps(tls: &ClientTlsFiles) -> Vec<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    tls.paths()
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len(), m.ino())))
+        })
+        .collect()
+}
+
+fn build_http(tls: Option<&ClientTlsFiles>) -> Result<reqwest::Client, ClientError> {
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        let config = tls.config().map_err(|e| ClientError::Tls(e.to_string()))?;
+        b = b.use_preconfigured_tls(config).https_only(true);
+    }
+    b.build().map_err(|e| ClientError::Tls(e.to_string()))
 }
 
 /// Deadline of every request but the watch.
@@ -80,18 +132,84 @@ fn segment(s: &str) -> String {
 }
 
 impl ControllerClient {
-    /// A client for `base`, e.g. `http://198.18.0.1:7070`.
+    /// A plain-HTTP client for `base`, e.g. `http://127.0.0.1:7070`.
     pub fn new(base: &str) -> Result<Self, ClientError> {
+        Self::with_tls(base, None)
+    }
+
+    /// A client for `base`: `https://...` with `tls` (the CA that signed the
+    /// controller's certificate, and this client's certificate), or
+    /// `http://...` without. Mixing them is an error: TLS files with an
+    /// `http://` URL would send the credentials' holder's requests in the
+    /// clear.
+    pub fn with_tls(base: &str, tls: Option<ClientTlsFiles>) -> Result<Self, ClientError> {
         let base = base.trim_end_matches('/').to_string();
-        if !base.starts_with("http://") || base.len() <= "http://".len() {
+        let scheme_ok = match (base.split_once("://"), &tls) {
+            (Some(("http", host)), None) | (Some(("https", host)), Some(_)) => !host.is_empty(),
+            (Some(("https", _)), None) => {
+                return Err(ClientError::Tls(format!(
+                    "{base} is HTTPS: give the controller's CA with --ca-file (and this \
+                     client's --cert-file and --key-file)"
+                )))
+            }
+            (Some(("http", _)), Some(_)) => {
+                return Err(ClientError::Tls(format!(
+                    "TLS files are given but {base} is plain HTTP; use https://"
+                )))
+            }
+            _ => false,
+        };
+        if !scheme_ok {
             return Err(ClientError::BadUrl(base));
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| ClientError::Decode(e.to_string()))?;
-        Ok(ControllerClient { base, http })
+        let client = build_http(tls.as_ref())?;
+        let stamp = tls.as_ref().map(stamps).unwrap_or_default();
+        let state = HttpState {
+            client,
+            stamp,
+            failed: None,
+            checked: Instant::now(),
+        };
+        Ok(ControllerClient {
+            base,
+            http: Arc::new(Http {
+                tls,
+                state: Mutex::new(state),
+            }),
+        })
+    }
+
+    /// The HTTP client for the next request; rebuilt first when the TLS
+    /// files changed (looked at most once a second). Files that do not load
+    /// (a rotation half written) keep the previous client, with a warning.
+    fn http(&self) -> reqwest::Client {
+        let mut st = self.http.state.lock().expect("client state lock");
+        if let Some(tls) = &self.http.tls {
+            if st.checked.elapsed() >= TLS_CHECK_INTERVAL {
+                st.checked = Instant::now();
+                let now = stamps(tls);
+                if now != st.stamp && st.failed.as_ref() != Some(&now) {
+                    match build_http(Some(tls)) {
+                        Ok(client) => {
+                            tracing::info!(
+                                cert = ?tls.cert,
+                                "TLS files changed: new connections use them"
+                            );
+                            st.client = client;
+                            st.stamp = now;
+                            st.failed = None;
+                        }
+                        Err(e) => {
+                            tracing::warn!(
+                                "TLS files changed but do not load ({e}); keeping the previous ones"
+                            );
+                            st.failed = Some(now);
+                        }
+                    }
+                }
+            }
+        }
+        st.client.clone()
     }
 
     /// The controller URL.
@@ -147,25 +265,25 @@ impl ControllerClient {
         req: &AcquireRequest,
     ) -> Result<LeaseResponse, ClientError> {
         let url = format!("{}/v1/leases/{}", self.base, segment(node));
-        self.send(self.http.put(url).json(req)).await
+        self.send(self.http().put(url).json(req)).await
     }
 
     /// Renews the node's lease.
     pub async fn renew(&self, node: &str) -> Result<LeaseResponse, ClientError> {
         let url = format!("{}/v1/leases/{}/renew", self.base, segment(node));
-        self.send(self.http.post(url)).await
+        self.send(self.http().post(url)).await
     }
 
     /// Releases every lease the node holds.
     pub async fn release(&self, node: &str) -> Result<ReleaseResponse, ClientError> {
         let url = format!("{}/v1/leases/{}", self.base, segment(node));
-        self.send(self.http.delete(url)).await
+        self.send(self.http().delete(url)).await
     }
 
     /// Lists leases; `with_ttl` also asks etcd for the time left on each.
     pub async fn list(&self, with_ttl: bool) -> Result<LeaseList, ClientError> {
         let url = format!("{}/v1/leases?with_ttl={with_ttl}", self.base);
-        self.send(self.http.get(url)).await
+        self.send(self.http().get(url)).await
     }
 
     /// Reserves a subnet for a node.
@@ -175,19 +293,19 @@ impl ControllerClient {
             subnet: subnet.to_string(),
             node_name: node.to_string(),
         };
-        self.send(self.http.post(url).json(&body)).await
+        self.send(self.http().post(url).json(&body)).await
     }
 
     /// The stored network config.
     pub async fn network(&self) -> Result<NetworkView, ClientError> {
-        self.send(self.http.get(format!("{}/v1/network", self.base)))
+        self.send(self.http().get(format!("{}/v1/network", self.base)))
             .await
     }
 
     /// Validates and stores a network config.
     pub async fn set_network(&self, text: &str) -> Result<NetworkView, ClientError> {
         let req = self
-            .http
+            .http()
             .put(format!("{}/v1/network", self.base))
             .header("content-type", "application/json")
             .body(text.to_string());
@@ -198,7 +316,7 @@ impl ControllerClient {
     pub async fn readiness(&self) -> Result<Readiness, ClientError> {
         let (_, bytes) = self
             .raw(
-                self.http.get(format!("{}/readyz", self.base)),
+                self.http().get(format!("{}/readyz", self.base)),
                 Some(REQUEST_TIMEOUT),
             )
             .await?;
@@ -209,7 +327,7 @@ impl ControllerClient {
     pub async fn metrics(&self) -> Result<String, ClientError> {
         let (status, bytes) = self
             .raw(
-                self.http.get(format!("{}/metrics", self.base)),
+                self.http().get(format!("{}/metrics", self.base)),
                 Some(REQUEST_TIMEOUT),
             )
             .await?;
@@ -227,7 +345,7 @@ impl ControllerClient {
             self.base
         );
         let resp = self
-            .http
+            .http()
             .get(url)
             .send()
             .await
@@ -283,5 +401,17 @@ mod tests {
         assert!(ControllerClient::new("http://127.0.0.1:7070/").is_ok());
         assert!(ControllerClient::new("127.0.0.1:7070").is_err());
         assert!(ControllerClient::new("https://x").is_err());
+        assert!(ControllerClient::new("http://").is_err());
+        let tls = ClientTlsFiles {
+            ca: "/nonexistent/ca.pem".into(),
+            cert: None,
+            key: None,
+        };
+        let e = ControllerClient::with_tls("http://127.0.0.1:7070", Some(tls.clone())).unwrap_err();
+        assert!(e.to_string().contains("use https://"), "{e}");
+        let e = ControllerClient::with_tls("https://127.0.0.1:7070", Some(tls)).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+        let e = ControllerClient::new("https://127.0.0.1:7070").unwrap_err();
+        assert!(e.to_string().contains("--ca-file"), "{e}");
     }
 }

@@ -6,7 +6,8 @@
 //!   the controller, tests and benchmarks enable) and [`MemoryStore`]
 //!   (tests); `conformance` (feature `conformance`) holds the suite both pass.
 //! - [`api`]: the controller's HTTP API types; `client` (feature `client`)
-//!   an HTTP client for it.
+//!   an HTTP(S) client for it; `tls` (feature `tls`) its PEM files as
+//!   rustls configurations.
 //! - [`NodeName`]: validated node identities.
 
 /// Serializes a type as its `Display` text and reads it with `FromStr`.
@@ -39,6 +40,8 @@ mod lease;
 mod mac;
 mod name;
 pub mod store;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use attrs::{BackendData, BackendDataError, LeaseAttrs};
 pub use key::{KeyError, SubnetKey};

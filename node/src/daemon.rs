@@ -34,6 +34,8 @@ use weft_lease::{NodeName, SubnetKey};
 #[derive(Debug, Clone)]
 pub struct Options {
     pub controller: String,
+    /// HTTPS to the controller: its CA, this node's certificate and key.
+    pub tls: Option<weft_lease::tls::ClientTlsFiles>,
     pub node_name: NodeName,
     pub iface: IfaceChoice,
     pub public_ip: Option<Ipv4Addr>,
@@ -302,7 +304,7 @@ async fn start(
     rekey_rx: mpsc::Receiver<RekeyRequest>,
 ) -> Result<()> {
     let dp = Arc::new(NetlinkDataplane::new().context("netlink")?);
-    let client = ControllerClient::new(&opts.controller)?;
+    let client = ControllerClient::with_tls(&opts.controller, opts.tls.clone())?;
 
     status.phase("choosing the external interface");
     let ifaces = dp.interfaces().await?;

@@ -5,6 +5,7 @@ use clap::Parser;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
+use weft_lease::tls::ClientTlsFiles;
 use weft_lease::NodeName;
 use weft_node::daemon::{self, Options};
 use weft_node::iface::IfaceChoice;
@@ -13,9 +14,20 @@ use weft_node::iface::IfaceChoice;
 #[derive(Debug, Parser)]
 #[command(version = env!("WEFT_VERSION"), about)]
 struct Args {
-    /// Controller URL.
+    /// Controller URL: https://HOST:PORT (with the TLS files below), or
+    /// http:// for a controller without TLS.
     #[arg(long, env = "WEFT_NODE_CONTROLLER")]
     controller: String,
+    /// CA certificate (PEM) that signed the controller's certificate.
+    #[arg(long, env = "WEFT_NODE_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// This node's certificate (PEM; CN = the node name, O = weft:nodes).
+    /// Re-read when the file changes: rotate it without a restart.
+    #[arg(long, env = "WEFT_NODE_CERT_FILE")]
+    cert_file: Option<PathBuf>,
+    /// Key (PEM) of --cert-file; re-read with it.
+    #[arg(long, env = "WEFT_NODE_KEY_FILE")]
+    key_file: Option<PathBuf>,
     /// This node's name (default: the host name).
     #[arg(long, env = "WEFT_NODE_NODE_NAME")]
     node_name: Option<String>,
@@ -101,8 +113,10 @@ fn options(a: Args) -> anyhow::Result<Options> {
         }
         d
     };
+    let tls = ClientTlsFiles::from_flags(a.ca_file, a.cert_file, a.key_file)?;
     Ok(Options {
         controller: a.controller,
+        tls,
         node_name,
         iface,
         public_ip: a.public_ip,

@@ -4,7 +4,8 @@
 //!   it is killed.
 //! - [`etcd`]: a real etcd server on loopback with a temporary data dir;
 //!   [`etcdctl`]: the operator's tool as an independent oracle.
-//! - [`controller`]: a controller serving HTTP in-process.
+//! - [`controller`]: a controller serving HTTPS in-process; [`pki`]:
+//!   certificates for it (and the kinds it must refuse).
 //! - [`bins`]: paths of workspace binaries and system tools.
 //! - [`wait`]: errors that end a wait at once (retrying cannot fix them).
 //! - [`netns`]: throwaway network namespaces, `ip -j` as the oracle.
@@ -26,5 +27,6 @@ pub mod etcdctl;
 pub mod lab;
 pub mod netns;
 pub mod oci;
+pub mod pki;
 pub mod process;
 pub mod wait;

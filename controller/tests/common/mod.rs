@@ -27,6 +27,7 @@ pub fn opts() -> Options {
         history: 1000,
         health_interval: Duration::from_millis(100),
         write_wait: Duration::from_secs(3),
+        insecure: None,
     }
 }
 

@@ -22,6 +22,29 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Reads the TLS files for etcd-client.
+fn tls_options(tls: &EtcdTls) -> StoreResult<etcd_client::TlsOptions> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| StoreError::Other(format!("cannot read {}: {e}", p.display())))
+    };
+    let mut opts = etcd_client::TlsOptions::new();
+    if let Some(ca) = &tls.ca {
+        opts = opts.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+    }
+    match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => {
+            opts = opts.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+        }
+        (None, None) => {}
+        _ => {
+            return Err(StoreError::Other(
+                "--etcd-certfile and --etcd-keyfile go together".into(),
+            ))
+        }
+    }
+    Ok(opts)
+}
+
 /// How to reach etcd.
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
@@ -33,6 +56,20 @@ pub struct EtcdOptions {
     pub request_timeout: Duration,
     /// Deadline for establishing a connection.
     pub connect_timeout: Duration,
+    /// TLS to etcd (`https://` endpoints): its CA, and a client certificate
+    /// when etcd runs with `--client-cert-auth`.
+    pub tls: Option<EtcdTls>,
+    /// User and password when etcd has authentication enabled.
+    pub user: Option<(String, String)>,
+}
+
+/// PEM files for TLS to etcd (flannel's `--etcd-cafile`, `--etcd-certfile`,
+/// `--etcd-keyfile`).
+#[derive(Debug, Clone, Default)]
+pub struct EtcdTls {
+    pub ca: Option<std::path::PathBuf>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
 }
 
 impl EtcdOptions {
@@ -43,6 +80,8 @@ impl EtcdOptions {
             prefix: prefix.into(),
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
+            tls: None,
+            user: None,
         }
     }
 }
@@ -67,7 +106,7 @@ fn bump(c: &AtomicU64) {
 /// Lease store on a real etcd (v3 API).
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
+    conn: Arc<Conn>,
     prefix: String,
     endpoints: Vec<String>,
     counts: Arc<Counters>,
@@ -97,6 +136,52 @@ fn chain(first: String, mut source: Option<&dyn std::error::Error>) -> String {
     s
 }
 
+/// The client, made on first use: with a user, making it authenticates,
+/// which needs etcd up and the password right; until then every request
+/// fails with the reason (readiness and the log show it) and the next one
+/// tries again.
+struct Conn {
+    endpoints: Vec<String>,
+    options: ConnectOptions,
+    client: tokio::sync::OnceCell<Client>,
+}
+
+/// What an operator can act on, for failures whose cause is buried in
+/// TLS or gRPC details.
+fn hint(detail: &str) -> Option<&'static str> {
+    let d = detail.to_ascii_lowercase();
+    if d.contains("unknownissuer") || d.contains("invalid peer certificate") {
+        Some("etcd's certificate is not signed by the CA in --etcd-cafile")
+    } else if d.contains("certificaterequired")
+        || d.contains("certificate required")
+        || d.contains("badcertificate")
+        || d.contains("unknownca")
+        || d.contains("bad certificate")
+    {
+        Some(
+            "etcd refused our client certificate: give --etcd-certfile and --etcd-keyfile \
+             signed by etcd's --trusted-ca-file",
+        )
+    } else if d.contains("authentication failed") {
+        Some("etcd authentication failed: check --etcd-username and --etcd-password")
+    } else if d.contains("user name is empty") || d.contains("token is not provided") {
+        Some("etcd has authentication enabled: give --etcd-username and --etcd-password")
+    } else if d.contains("permission denied") {
+        Some("the etcd user lacks permission: grant its role readwrite on the prefix")
+    } else if d.contains("invalidcontenttype") || d.contains("corrupt message") {
+        Some("is that an https:// etcd endpoint given as http://?")
+    } else {
+        None
+    }
+}
+
+fn with_hint(detail: String) -> String {
+    match hint(&detail) {
+        Some(h) => format!("{h} ({detail})"),
+        None => detail,
+    }
+}
+
 fn map_err(e: etcd_client::Error) -> StoreError {
     use etcd_client::Error as E;
     use tonic::Code;
@@ -104,18 +189,26 @@ fn map_err(e: etcd_client::Error) -> StoreError {
         E::GRpcStatus(s) => match s.code() {
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
                 use std::error::Error as _;
-                StoreError::Unavailable(format!(
+                StoreError::Unavailable(with_hint(format!(
                     "{}: {}",
                     s.code(),
                     chain(s.message().to_string(), s.source())
-                ))
+                )))
             }
             Code::NotFound => StoreError::NotFound(s.message().to_string()),
+            // Wrong password, no user, no permission: etcd is there, but
+            // nothing works until the credentials are fixed.
+            Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated
+                if hint(s.message()).is_some() =>
+            {
+                StoreError::Unavailable(with_hint(format!("{}: {}", s.code(), s.message())))
+            }
             _ => StoreError::Other(format!("{}: {}", s.code(), s.message())),
         },
-        E::TransportError(_) | E::IoError(_) => {
-            StoreError::Unavailable(chain(e.to_string(), std::error::Error::source(&e)))
-        }
+        E::TransportError(_) | E::IoError(_) => StoreError::Unavailable(with_hint(chain(
+            e.to_string(),
+            std::error::Error::source(&e),
+        ))),
         E::LeaseKeepAliveError(m) if m.contains("not found") => StoreError::NotFound(m.clone()),
         E::LeaseKeepAliveError(_) | E::WatchError(_) => StoreError::Unavailable(e.to_string()),
         _ => StoreError::Other(chain(e.to_string(), std::error::Error::source(&e))),
@@ -128,7 +221,9 @@ fn compacted_in(e: &StoreError) -> bool {
 
 impl EtcdStore {
     /// Creates a client. Connection is lazy: this succeeds while etcd is
-    /// down, and requests fail with `Unavailable` until it is up.
+    /// down (or refuses our credentials), and requests fail with
+    /// `Unavailable` and the reason until it is up. Settings that cannot
+    /// work (a TLS file that does not load, TLS with http://) fail here.
     pub async fn connect(opts: EtcdOptions) -> StoreResult<Self> {
         if opts.endpoints.is_empty() {
             return Err(StoreError::Other("no etcd endpoints given".into()));
@@ -140,21 +235,77 @@ impl EtcdStore {
                 opts.prefix
             )));
         }
-        let connect = ConnectOptions::new()
+        let https = opts
+            .endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        if https != 0 && https != opts.endpoints.len() {
+            return Err(StoreError::Other(
+                "etcd endpoints mix http:// and https://".into(),
+            ));
+        }
+        let mut connect = ConnectOptions::new()
             .with_timeout(opts.request_timeout)
             .with_connect_timeout(opts.connect_timeout)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
-        let client = Client::connect(&opts.endpoints, Some(connect))
-            .await
-            .map_err(map_err)?;
-        Ok(EtcdStore {
-            client,
+        match (&opts.tls, https > 0) {
+            (Some(tls), true) => connect = connect.with_tls(tls_options(tls)?),
+            (Some(_), false) => {
+                return Err(StoreError::Other(
+                    "--etcd-cafile, --etcd-certfile and --etcd-keyfile need https:// endpoints"
+                        .into(),
+                ))
+            }
+            (None, true) => {
+                return Err(StoreError::Other(
+                    "https:// etcd endpoints need --etcd-cafile (the CA of etcd's certificate)"
+                        .into(),
+                ))
+            }
+            (None, false) => {}
+        }
+        let authenticated = opts.user.is_some();
+        if let Some((user, password)) = &opts.user {
+            if user.is_empty() {
+                return Err(StoreError::Other("--etcd-username is empty".into()));
+            }
+            connect = connect
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
+        }
+        let store = EtcdStore {
+            conn: Arc::new(Conn {
+                endpoints: opts.endpoints.clone(),
+                options: connect,
+                client: tokio::sync::OnceCell::new(),
+            }),
             prefix,
             endpoints: opts.endpoints,
             counts: Arc::default(),
-        })
+        };
+        // Without a user, making the client does no I/O: a bad setting shows
+        // here. With one it authenticates, which waits for etcd: the first
+        // request does that.
+        if !authenticated {
+            store.client().await?;
+        }
+        Ok(store)
+    }
+
+    /// The client; made (and authenticated) on first use.
+    async fn client(&self) -> StoreResult<Client> {
+        let conn = &self.conn;
+        conn.client
+            .get_or_try_init(|| async {
+                Client::connect(&conn.endpoints, Some(conn.options.clone()))
+                    .await
+                    .map_err(map_err)
+            })
+            .await
+            .cloned()
     }
 
     /// The key prefix in use (no trailing slash).
@@ -175,9 +326,13 @@ impl EtcdStore {
         s.strip_prefix(&self.prefix)?.strip_prefix('/')
     }
 
-    fn kv(&self) -> KvClient {
+    async fn kv(&self) -> StoreResult<KvClient> {
         // Large clusters list many leases in one response.
-        self.client.kv_client().max_decoding_message_size(256 << 20)
+        Ok(self
+            .client()
+            .await?
+            .kv_client()
+            .max_decoding_message_size(256 << 20))
     }
 
     async fn read(&self, revision: Option<i64>) -> StoreResult<Snapshot> {
@@ -192,6 +347,7 @@ impl EtcdStore {
                 .with_keys_only();
             return match self
                 .kv()
+                .await?
                 .get(self.full(""), Some(probe))
                 .await
                 .map_err(map_err)
@@ -211,6 +367,7 @@ impl EtcdStore {
         }
         let resp = self
             .kv()
+            .await?
             .get(self.full(""), Some(opts))
             .await
             .map_err(map_err)
@@ -277,7 +434,8 @@ impl LeaseStore for EtcdStore {
             opts = opts.with_start_revision(from_revision);
         }
         let mut ws = self
-            .client
+            .client()
+            .await?
             .watch_client()
             .watch(self.full(""), Some(opts))
             .await
@@ -359,6 +517,7 @@ impl LeaseStore for EtcdStore {
         bump(&self.counts.put);
         let resp = self
             .kv()
+            .await?
             .put(self.full(super::config_key()), text, None)
             .await
             .map_err(map_err)?;
@@ -369,7 +528,8 @@ impl LeaseStore for EtcdStore {
         bump(&self.counts.grant);
         let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         let resp = self
-            .client
+            .client()
+            .await?
             .lease_client()
             .grant(secs, None)
             .await
@@ -388,7 +548,8 @@ impl LeaseStore for EtcdStore {
         // message on the same stream reports the TTL it was reset to.
         bump(&self.counts.keep_alive);
         let (mut keeper, mut stream) = self
-            .client
+            .client()
+            .await?
             .lease_client()
             .keep_alive(id.0)
             .await
@@ -411,7 +572,8 @@ impl LeaseStore for EtcdStore {
     async fn time_to_live(&self, id: LeaseId) -> StoreResult<Option<Duration>> {
         bump(&self.counts.time_to_live);
         let resp = self
-            .client
+            .client()
+            .await?
             .lease_client()
             .time_to_live(id.0, None)
             .await
@@ -422,7 +584,8 @@ impl LeaseStore for EtcdStore {
     async fn revoke(&self, id: LeaseId) -> StoreResult<()> {
         bump(&self.counts.revoke);
         match self
-            .client
+            .client()
+            .await?
             .lease_client()
             .revoke(id.0)
             .await
@@ -458,7 +621,7 @@ impl LeaseStore for EtcdStore {
             attrs.to_json(),
             Some(put),
         )]);
-        let resp = self.kv().txn(txn).await.map_err(map_err)?;
+        let resp = self.kv().await?.txn(txn).await.map_err(map_err)?;
         if !resp.succeeded() {
             return Err(StoreError::AlreadyExists(*key));
         }
@@ -489,7 +652,7 @@ impl LeaseStore for EtcdStore {
             )])
             .and_then([TxnOp::put(full.clone(), attrs.to_json(), Some(put))])
             .or_else([TxnOp::get(full, None)]);
-        let resp = self.kv().txn(txn).await.map_err(map_err)?;
+        let resp = self.kv().await?.txn(txn).await.map_err(map_err)?;
         if !resp.succeeded() {
             return Err(Self::cas_failure(&resp, format!("lease {}", current.key)));
         }
@@ -513,7 +676,7 @@ impl LeaseStore for EtcdStore {
             )])
             .and_then([TxnOp::delete(full.clone(), None)])
             .or_else([TxnOp::get(full, None)]);
-        let resp = self.kv().txn(txn).await.map_err(map_err)?;
+        let resp = self.kv().await?.txn(txn).await.map_err(map_err)?;
         if !resp.succeeded() {
             return Err(Self::cas_failure(&resp, format!("lease {key}")));
         }
@@ -525,6 +688,7 @@ impl LeaseStore for EtcdStore {
         let opts = PutOptions::new().with_lease(lease.map_or(0, |l| l.0));
         let resp = self
             .kv()
+            .await?
             .put(self.full(key), value, Some(opts))
             .await
             .map_err(map_err)?;
@@ -533,7 +697,13 @@ impl LeaseStore for EtcdStore {
 
     async fn compact(&self, revision: i64) -> StoreResult<()> {
         bump(&self.counts.other);
-        match self.kv().compact(revision, None).await.map_err(map_err) {
+        match self
+            .kv()
+            .await?
+            .compact(revision, None)
+            .await
+            .map_err(map_err)
+        {
             Ok(_) => Ok(()),
             Err(e) if compacted_in(&e) => Err(StoreError::Compacted {
                 requested: revision,
@@ -545,7 +715,8 @@ impl LeaseStore for EtcdStore {
 
     async fn ping(&self) -> StoreResult<()> {
         bump(&self.counts.other);
-        self.client
+        self.client()
+            .await?
             .maintenance_client()
             .status()
             .await

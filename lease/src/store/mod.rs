@@ -14,7 +14,7 @@ mod memory;
 pub(crate) use decode::Entry;
 pub use decode::{config_key, subnets_prefix};
 #[cfg(feature = "etcd")]
-pub use etcd::{EtcdOptions, EtcdStore};
+pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
 pub use memory::MemoryStore;
 
 use crate::attrs::LeaseAttrs;

@@ -1,0 +1,279 @@
+//! `weftctl pki`: the certificates of a small cluster, as PEM files in one
+//! directory. ECDSA P-256 keys (rcgen), keys written 0600 in a 0700
+//! directory, every file replaced atomically (a node that re-reads its
+//! certificate never sees half a file).
+//!
+//! | command | writes | subject |
+//! |---|---|---|
+//! | `init` | `ca.pem`, `ca-key.pem` | CN=weft CA |
+//! | `server --host H...` | `server.pem`, `server-key.pem` | CN=H[0], SAN = every H (DNS name or IP) |
+//! | `node NAME` | `node-NAME.pem`, `node-NAME-key.pem` | CN=NAME, O=weft:nodes |
+//! | `admin NAME` | `admin-NAME.pem`, `admin-NAME-key.pem` | CN=NAME, O=weft:admins |
+//!
+//! Existing files are replaced only with `--force` (a rotation); `init`
+//! never replaces a CA key, which would invalidate every certificate.
+
+use anyhow::{bail, Context, Result};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use time::{Duration, OffsetDateTime};
+
+/// The Organization of node certificates (the controller's role mapping).
+pub const NODES_ORG: &str = "weft:nodes";
+/// The Organization of administrator certificates.
+pub const ADMINS_ORG: &str = "weft:admins";
+
+/// What to make.
+#[derive(Debug)]
+pub enum Request {
+    Ca,
+    Server { hosts: Vec<String> },
+    Node { name: String },
+    Admin { name: String },
+}
+
+/// Makes `req`'s certificate and key in `dir`, valid for `days`; returns
+/// the files written.
+pub fn issue(dir: &Path, req: &Request, days: u32, force: bool) -> Result<Vec<PathBuf>> {
+    if days == 0 {
+        bail!("--days must be at least 1");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting the mode of {}", dir.display()))?;
+    let (stem, params) = match req {
+        Request::Ca => {
+            if dir.join("ca-key.pem").exists() {
+                bail!(
+                    "{} already holds a CA (ca-key.pem); a new CA would invalidate every \
+                     certificate it signed. Use another --dir for a new cluster",
+                    dir.display()
+                );
+            }
+            ("ca".to_string(), ca_params(days))
+        }
+        Request::Server { hosts } => ("server".to_string(), server_params(hosts, days)?),
+        Request::Node { name } => {
+            check_name(name)?;
+            (format!("node-{name}"), client_params(name, NODES_ORG, days))
+        }
+        Request::Admin { name } => {
+            check_name(name)?;
+            (
+                format!("admin-{name}"),
+                client_params(name, ADMINS_ORG, days),
+            )
+        }
+    };
+    let cert_path = dir.join(format!("{stem}.pem"));
+    let key_path = dir.join(format!("{stem}-key.pem"));
+    if !force && !matches!(req, Request::Ca) && (cert_path.exists() || key_path.exists()) {
+        bail!(
+            "{} exists; give --force to replace it (a rotation)",
+            cert_path.display()
+        );
+    }
+    let key = KeyPair::generate().context("generating a key")?;
+    let cert = match req {
+        Request::Ca => params.self_signed(&key).context("signing the CA")?,
+        _ => {
+            let issuer = load_ca(dir)?;
+            params
+                .signed_by(&key, &issuer)
+                .context("signing with the CA")?
+        }
+    };
+    // The key first: a node that reads both sees the new key with the old
+    // certificate for a moment, keeps its old pair, and takes the new one
+    // once the certificate follows.
+    write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    write_atomic(&cert_path, cert.pem().as_bytes(), 0o644)?;
+    Ok(vec![cert_path, key_path])
+}
+
+fn check_name(name: &str) -> Result<()> {
+    weft_lease::NodeName::new(name.to_string())
+        .map(|_| ())
+        .with_context(|| format!("{name:?} is not a valid node name"))
+}
+
+fn validity(params: &mut CertificateParams, days: u32) {
+    let now = OffsetDateTime::now_utc();
+    // A little slack for clocks that are behind.
+    params.not_before = now - Duration::minutes(5);
+    params.not_after = now + Duration::days(i64::from(days));
+}
+
+fn ca_params(days: u32) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "weft CA");
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut p, days);
+    p
+}
+
+fn server_params(hosts: &[String], days: u32) -> Result<CertificateParams> {
+    let Some(first) = hosts.first() else {
+        bail!("give the names and addresses nodes use for the controller: --host NAME_OR_IP ...");
+    };
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, first.as_str());
+    p.distinguished_name = dn;
+    for h in hosts {
+        let san = match h.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(h.clone().try_into().with_context(|| {
+                format!("--host {h:?} is neither an IP address nor a DNS name")
+            })?),
+        };
+        p.subject_alt_names.push(san);
+    }
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    validity(&mut p, days);
+    Ok(p)
+}
+
+fn client_params(name: &str, org: &str, days: u32) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    dn.push(DnType::OrganizationName, org);
+    p.distinguished_name = dn;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    validity(&mut p, days);
+    p
+}
+
+fn load_ca(dir: &Path) -> Result<Issuer<'static, KeyPair>> {
+    let cert_path = dir.join("ca.pem");
+    let key_path = dir.join("ca-key.pem");
+    let cert = std::fs::read_to_string(&cert_path).with_context(|| {
+        format!(
+            "reading {} (make the CA first: weftctl pki init --dir {})",
+            cert_path.display(),
+            dir.display()
+        )
+    })?;
+    let key = std::fs::read_to_string(&key_path)
+        .with_context(|| format!("reading {}", key_path.display()))?;
+    let key = KeyPair::from_pem(&key).with_context(|| format!("{}", key_path.display()))?;
+    Issuer::from_ca_cert_pem(&cert, key).with_context(|| format!("{}", cert_path.display()))
+}
+
+/// Writes `path` through a temporary file in the same directory, created
+/// with `mode` (a key is never readable by others, not even for a moment).
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("pki")
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_pki_with_modes_and_subjects() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("pki");
+        issue(&d, &Request::Ca, 30, false).unwrap();
+        let e = issue(&d, &Request::Ca, 30, true).unwrap_err();
+        assert!(e.to_string().contains("already holds a CA"), "{e}");
+        issue(
+            &d,
+            &Request::Server {
+                hosts: vec!["controller.example".into(), "198.18.0.1".into()],
+            },
+            30,
+            false,
+        )
+        .unwrap();
+        let files = issue(
+            &d,
+            &Request::Node {
+                name: "host-1".into(),
+            },
+            30,
+            false,
+        )
+        .unwrap();
+        assert_eq!(files[0], d.join("node-host-1.pem"));
+        let e = issue(
+            &d,
+            &Request::Node {
+                name: "host-1".into(),
+            },
+            30,
+            false,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("--force"), "{e}");
+        issue(
+            &d,
+            &Request::Node {
+                name: "host-1".into(),
+            },
+            30,
+            true,
+        )
+        .unwrap();
+        issue(&d, &Request::Admin { name: "ops".into() }, 30, false).unwrap();
+        assert!(issue(
+            &d,
+            &Request::Node {
+                name: "Bad Name".into()
+            },
+            30,
+            false
+        )
+        .is_err());
+        let mode = |f: &str| std::fs::metadata(d.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode("ca-key.pem"), 0o600);
+        assert_eq!(mode("node-host-1-key.pem"), 0o600);
+        assert_eq!(mode("node-host-1.pem"), 0o644);
+        assert_eq!(
+            std::fs::metadata(&d).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        // Subjects, read back with the same parser the controller uses.
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let pem = std::fs::read(d.join("admin-ops.pem")).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let (_, cert) = X509Certificate::from_der(&pem.contents).unwrap();
+        let cn = cert.subject().iter_common_name().next().unwrap();
+        assert_eq!(cn.as_str().unwrap(), "ops");
+        let o = cert.subject().iter_organization().next().unwrap();
+        assert_eq!(o.as_str().unwrap(), ADMINS_ORG);
+    }
+
+    #[test]
+    fn leaf_certificates_need_the_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = issue(dir.path(), &Request::Node { name: "n".into() }, 30, false).unwrap_err();
+        assert!(format!("{e:#}").contains("weftctl pki init"), "{e:#}");
+    }
+}
