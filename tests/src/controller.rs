@@ -109,3 +109,97 @@ pub fn test_options() -> Options {
         ..Options::default()
     }
 }
+
+/// The weft-controller binary in a child process tied to the test, its
+/// output in a temporary file.
+#[derive(Debug)]
+pub struct ControllerProcess {
+    child: std::process::Child,
+    log: tempfile::NamedTempFile,
+}
+
+impl ControllerProcess {
+    /// Starts `weft-controller` with `env` and `args` (no `WEFT_*` from the
+    /// test's own environment).
+    pub fn spawn(env: &[(&str, &str)], args: &[&str]) -> Result<Self> {
+        use std::process::{Command, Stdio};
+        let log = tempfile::NamedTempFile::new()?;
+        let mut cmd = Command::new(crate::bins::workspace_bin("weft-controller")?);
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("WEFT_")) {
+            cmd.env_remove(k);
+        }
+        cmd.envs(env.iter().copied())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.reopen()?)
+            .stderr(log.reopen()?);
+        Ok(ControllerProcess {
+            child: crate::process::spawn_tied(cmd)?,
+            log,
+        })
+    }
+
+    /// Everything it printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// Stops it (SIGTERM, then SIGKILL); how it exited.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        crate::process::stop(&mut self.child, Duration::from_secs(10))
+    }
+
+    /// How it exited, if it has.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A free `127.0.0.1:<port>`.
+pub fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port");
+    format!("127.0.0.1:{port}")
+}
+
+/// Flags that make a controller serve HTTPS with `pki`'s certificates.
+pub fn tls_args(pki: &TestPki) -> Result<Vec<String>> {
+    let files = pki.server()?;
+    Ok(vec![
+        "--tls-cert-file".into(),
+        files.cert.display().to_string(),
+        "--tls-key-file".into(),
+        files.key.display().to_string(),
+        "--client-ca-file".into(),
+        files.client_ca.display().to_string(),
+    ])
+}
+
+/// Polls `client`'s `/readyz` until `until` holds for it; the last
+/// readiness seen when it does not within `within`.
+pub async fn wait_readiness(
+    client: &ControllerClient,
+    within: Duration,
+    mut until: impl FnMut(&weft_lease::api::Readiness) -> bool,
+) -> std::result::Result<weft_lease::api::Readiness, String> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let last = match client.readiness().await {
+            Ok(r) if until(&r) => return Ok(r),
+            Ok(r) => format!("{r:?}"),
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() > deadline {
+            return Err(last);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -19,6 +19,19 @@ pub struct EtcdServer {
     client_port: u16,
     peer_port: u16,
     binary: PathBuf,
+    tls: Option<EtcdServerTls>,
+}
+
+/// etcd serving its clients over TLS, as production etcd does.
+#[derive(Debug, Clone)]
+pub struct EtcdServerTls {
+    /// `--cert-file`, `--key-file`: etcd's own certificate.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// `--trusted-ca-file`: the CA of client certificates.
+    pub trusted_ca: PathBuf,
+    /// `--client-cert-auth`: refuse clients without such a certificate.
+    pub client_cert_auth: bool,
 }
 
 fn find_etcd() -> Result<PathBuf> {
@@ -65,6 +78,11 @@ fn free_port() -> Result<u16> {
 impl EtcdServer {
     /// Starts a fresh etcd and waits until it is healthy.
     pub fn start() -> Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// Starts a fresh etcd, over TLS when `tls` is given.
+    pub fn start_with(tls: Option<EtcdServerTls>) -> Result<Self> {
         let binary = find_etcd()?;
         sweep_stale_dirs();
         let mut last_err = None;
@@ -78,6 +96,7 @@ impl EtcdServer {
                 client_port: free_port()?,
                 peer_port: free_port()?,
                 binary: binary.clone(),
+                tls: tls.clone(),
             };
             match server.launch() {
                 Ok(()) => return Ok(server),
@@ -88,7 +107,7 @@ impl EtcdServer {
     }
 
     fn launch(&mut self) -> Result<()> {
-        let c = format!("http://127.0.0.1:{}", self.client_port);
+        let c = self.url();
         let p = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -110,6 +129,17 @@ impl EtcdServer {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.trusted_ca);
+            if tls.client_cert_auth {
+                cmd.arg("--client-cert-auth");
+            }
+        }
         // Debian's defaults file is not for us; keep etcd's own defaults.
         for (k, _) in std::env::vars() {
             if k.starts_with("ETCD_") {
@@ -150,6 +180,11 @@ impl EtcdServer {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
             return false;
         };
+        if self.tls.is_some() {
+            // No TLS client here: etcd says when it serves.
+            return std::fs::read_to_string(self.log_path())
+                .is_ok_and(|l| l.contains("ready to serve client requests"));
+        }
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
         if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
             .is_err()
@@ -161,9 +196,10 @@ impl EtcdServer {
         body.contains("\"health\":\"true\"")
     }
 
-    /// The client URL, e.g. `http://127.0.0.1:40123`.
+    /// The client URL, e.g. `http://127.0.0.1:40123` (`https://` over TLS).
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// Where etcd's output goes.

@@ -6,11 +6,17 @@ use std::process::Command;
 
 /// Runs `etcdctl --endpoints URL <args>` (API v3) and returns stdout.
 pub fn etcdctl(url: &str, args: &[&str]) -> Result<String> {
+    etcdctl_with(url, &[], args)
+}
+
+/// The same with global flags first (`--cacert`, `--cert`, `--user`, ...).
+pub fn etcdctl_with(url: &str, flags: &[&str], args: &[&str]) -> Result<String> {
     let bin = system_tool("etcdctl", "etcd-client")?;
     let out = Command::new(bin)
         .env("ETCDCTL_API", "3")
         .arg("--endpoints")
         .arg(url)
+        .args(flags)
         .args(args)
         .output()
         .context("running etcdctl")?;
