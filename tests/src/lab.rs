@@ -2,7 +2,9 @@
 //!
 //! ```text
 //!  wl-<name>-fab   bridge br0 198.18.0.1/16, etcd on 127.0.0.1:2379,
-//!                  weft-controller on 0.0.0.0:7070
+//!                  weft-controller on 0.0.0.0:7070 (HTTPS, client
+//!                  certificates from the lab's `weftctl pki` in pki/),
+//!                  health on 127.0.0.1:7071
 //!     |  veth h<i> <-> eth0
 //!  wl-<name>-h<i>  eth0 198.18.0.(10+i)/16, weft-node, bridge weft0 (pod gateway)
 //!     |  veth from weft-cni ADD <-> eth0
@@ -38,6 +40,10 @@ pub const NS_PREFIX: &str = "wl-";
 pub const FABRIC_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// An address outside the cluster network, on the fabric.
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 1);
+/// The controller's plain-HTTP health listener, inside the fabric.
+pub const HEALTHZ: &str = "127.0.0.1:7071";
+/// The name in the lab's admin certificate (`pki/admin-lab.pem`).
+pub const ADMIN: &str = "lab";
 
 /// How to build a lab.
 #[derive(Debug, Clone)]
@@ -306,6 +312,23 @@ impl Lab {
                 "lab=http://127.0.0.1:2380".into(),
             ],
         )?;
+        // The lab's PKI, made as an operator makes one.
+        let pki = self.pki_dir();
+        let pki_s = pki.display().to_string();
+        self.weftctl_pki(&["init", "--dir", &pki_s])?;
+        self.weftctl_pki(&[
+            "server",
+            "--dir",
+            &pki_s,
+            "--host",
+            "198.18.0.1",
+            "--host",
+            "127.0.0.1",
+            "--host",
+            "localhost",
+        ])?;
+        self.weftctl_pki(&["admin", ADMIN, "--dir", &pki_s])?;
+        let file = |f: &str| pki.join(f).display().to_string();
         self.spawn(
             "controller",
             &fab,
@@ -315,13 +338,21 @@ impl Lab {
                 "http://127.0.0.1:2379".into(),
                 "--listen".into(),
                 "0.0.0.0:7070".into(),
+                "--tls-cert-file".into(),
+                file("server.pem"),
+                "--tls-key-file".into(),
+                file("server-key.pem"),
+                "--client-ca-file".into(),
+                file("ca.pem"),
+                "--healthz-listen".into(),
+                HEALTHZ.into(),
                 "--watch-heartbeat".into(),
                 "2".into(),
             ],
         )?;
         self.wait_for(Duration::from_secs(30), "the controller to answer", || {
             self.still_running(&["etcd", "controller"])?;
-            Ok(http_get(&fab, "127.0.0.1:7070", "/healthz").is_ok())
+            Ok(http_get(&fab, HEALTHZ, "/healthz").is_ok())
         })?;
         let config = self.state.network.clone().unwrap_or_else(|| {
             format!(
@@ -349,13 +380,42 @@ impl Lab {
         self.weftctl_stdin(args, "")
     }
 
+    /// The lab's certificates (`weftctl pki`): CA, controller, the admin
+    /// certificate `weftctl` uses, one per node.
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir.join("pki")
+    }
+
+    /// Runs `weftctl pki <args>`.
+    pub fn weftctl_pki(&self, args: &[&str]) -> Result<String> {
+        let bin = workspace_bin("weftctl")?.display().to_string();
+        let mut all = vec!["pki"];
+        all.extend_from_slice(args);
+        run(&bin, &all)
+    }
+
+    /// The flags that make weftctl (inside the fabric) an admin of the lab.
+    pub fn admin_flags(&self) -> Vec<String> {
+        let file = |f: &str| self.pki_dir().join(f).display().to_string();
+        vec![
+            "--controller".into(),
+            "https://127.0.0.1:7070".into(),
+            "--ca-file".into(),
+            file("ca.pem"),
+            "--cert-file".into(),
+            file(&format!("admin-{ADMIN}.pem")),
+            "--key-file".into(),
+            file(&format!("admin-{ADMIN}-key.pem")),
+        ]
+    }
+
     fn weftctl_stdin(&self, args: &[&str], stdin: &str) -> Result<String> {
         use std::io::Write;
         let bin = workspace_bin("weftctl")?;
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.state.fabric])
             .arg(bin)
-            .args(["--controller", "http://127.0.0.1:7070"])
+            .args(self.admin_flags())
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -614,12 +674,32 @@ impl Lab {
         self.dir.join(format!("h{i}-subnet.env"))
     }
 
+    /// Host `i`'s certificate and key (CN=host-i, O=weft:nodes).
+    pub fn node_cert(&self, i: u32) -> (PathBuf, PathBuf) {
+        let pki = self.pki_dir();
+        (
+            pki.join(format!("node-host-{i}.pem")),
+            pki.join(format!("node-host-{i}-key.pem")),
+        )
+    }
+
     fn start_node_process(&mut self, i: u32) -> Result<()> {
         let ns = self.host(i)?.ns.clone();
+        let (cert, key) = self.node_cert(i);
+        if !cert.exists() {
+            let pki = self.pki_dir().display().to_string();
+            self.weftctl_pki(&["node", &format!("host-{i}"), "--dir", &pki])?;
+        }
         let mut argv = vec![
             workspace_bin("weft-node")?.display().to_string(),
             "--controller".into(),
-            format!("http://{FABRIC_IP}:7070"),
+            format!("https://{FABRIC_IP}:7070"),
+            "--ca-file".into(),
+            self.pki_dir().join("ca.pem").display().to_string(),
+            "--cert-file".into(),
+            cert.display().to_string(),
+            "--key-file".into(),
+            key.display().to_string(),
             "--node-name".into(),
             format!("host-{i}"),
             "--iface".into(),

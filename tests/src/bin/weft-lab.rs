@@ -89,12 +89,13 @@ fn status(lab: &Lab) -> String {
         if lab.state.ip_masq { ", ip-masq" } else { "" }
     );
     out.push_str(&format!(
-        "controller: {}\n",
+        "controller: {} (HTTPS with client certificates, PKI in {})\n",
         if lab.running("controller") {
             "running"
         } else {
             "STOPPED"
-        }
+        },
+        lab.pki_dir().display()
     ));
     out.push_str(&format!(
         "etcd:       {}\n\n",
@@ -141,6 +142,11 @@ fn status(lab: &Lab) -> String {
         ));
     }
     out.push_str(&format!("\nstate, logs: {}\n", lab.dir().display()));
+    out.push_str(&format!(
+        "weftctl as the lab's admin: ip netns exec {} weftctl {} leases list\n",
+        lab.state.fabric,
+        lab.admin_flags().join(" ")
+    ));
     out
 }
 
