@@ -2,12 +2,13 @@
 //!
 //! 1. etcd (Debian's, on disk) and the real `weft-controller` binary as
 //!    separate processes.
-//! 2. Joins: N nodes acquire at once through the API. Latency per acquire,
-//!    total time, and etcd requests per acquire (from the controller's
-//!    `/metrics`).
-//! 3. Fan-out: W watch streams follow the leases; K more nodes join one at a
-//!    time; for each, the time from sending the acquire until every watcher
-//!    has the lease.
+//! 2. Joins: N nodes acquire at once through the API, each with its own
+//!    client: once over plain HTTP, once over HTTPS with a certificate per
+//!    node (what TLS costs). Latency per acquire, total time, and etcd
+//!    requests per acquire (from the controller's `/metrics`).
+//! 3. Fan-out (over HTTPS): W watch streams follow the leases; K more nodes
+//!    join one at a time; for each, the time from sending the acquire until
+//!    every watcher has the lease.
 //! 4. Baseline: flannel's acquire pattern replayed against the same etcd
 //!    with the same N leases: one prefix Get, one TimeToLive per lease, a
 //!    Grant and the claiming Txn (flannel's `getSubnets` + `createSubnet`).
@@ -18,13 +19,17 @@ use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use weft_lease::api::{AcquireRequest, WatchKind};
 use weft_lease::client::ControllerClient;
+use weft_lease::tls::ClientTlsFiles;
 use weft_lease::{BackendData, SubnetKey};
 use weft_tests::bins::workspace_bin;
+use weft_tests::controller::{free_addr, tls_args};
 use weft_tests::etcd::EtcdServer;
+use weft_tests::pki::TestPki;
 use weft_tests::process::{spawn_tied, stop};
 
 #[derive(Debug, clap::Args)]
@@ -81,6 +86,9 @@ async fn etcd_requests(client: &ControllerClient) -> Result<HashMap<String, f64>
 struct Controller {
     child: std::process::Child,
     client: ControllerClient,
+    url: String,
+    /// The PKI, and node `i`'s certificate files at `[i]`.
+    tls: Option<(Arc<TestPki>, Arc<Vec<ClientTlsFiles>>)>,
 }
 
 impl Drop for Controller {
@@ -89,23 +97,61 @@ impl Drop for Controller {
     }
 }
 
-async fn start_controller(etcd_url: &str) -> Result<Controller> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+impl Controller {
+    /// Node `i`'s client: with its own certificate (CN=node-i) on HTTPS, as
+    /// each node has one, so every node makes its own TLS handshake.
+    fn node(&self, i: u32) -> Result<ControllerClient> {
+        Ok(match &self.tls {
+            Some((_, nodes)) => {
+                let files = nodes
+                    .get(i as usize)
+                    .context("no certificate made for that node")?;
+                ControllerClient::with_tls(&self.url, Some(files.clone()))?
+            }
+            None => ControllerClient::new(&self.url)?,
+        })
+    }
+}
+
+/// The controller binary on `prefix`, over HTTPS with client certificates
+/// from `pki`, or over plain HTTP on loopback without.
+async fn start_controller(
+    etcd_url: &str,
+    prefix: &str,
+    tls: Option<(Arc<TestPki>, Arc<Vec<ClientTlsFiles>>)>,
+) -> Result<Controller> {
+    let addr = free_addr();
     let mut cmd = Command::new(workspace_bin("weft-controller")?);
     cmd.args([
         "--etcd-endpoints",
         etcd_url,
+        "--etcd-prefix",
+        prefix,
         "--listen",
-        &format!("127.0.0.1:{port}"),
+        &addr,
         "--log",
         "warn",
     ])
     .stdin(Stdio::null());
+    let (url, client) = match &tls {
+        Some((pki, _)) => {
+            cmd.args(tls_args(pki)?);
+            let url = format!("https://{addr}");
+            let admin = ControllerClient::with_tls(&url, Some(pki.admin("bench")?))?;
+            (url, admin)
+        }
+        None => {
+            let url = format!("http://{addr}");
+            (url.clone(), ControllerClient::new(&url)?)
+        }
+    };
     let child = spawn_tied(cmd)?;
-    let client = ControllerClient::new(&format!("http://127.0.0.1:{port}"))?;
-    let mut ctl = Controller { child, client };
+    let mut ctl = Controller {
+        child,
+        client,
+        url,
+        tls,
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     while ctl.client.readiness().await.is_err() {
         if let Some(status) = ctl.child.try_wait()? {
@@ -117,33 +163,51 @@ async fn start_controller(etcd_url: &str) -> Result<Controller> {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // /29 per node: 8191 subnets, room for 5000 nodes and the fan-out joins.
+    ctl.client
+        .set_network(r#"{"Network":"10.244.0.0/16","SubnetLen":29}"#)
+        .await?;
     Ok(ctl)
 }
 
-pub async fn run(args: Args) -> Result<()> {
-    let etcd = tokio::task::spawn_blocking(EtcdServer::start).await??;
-    let url = etcd.url();
-    let ctl = start_controller(&url).await?;
-    let client = ctl.client.clone();
-    // /29 per node: 8191 subnets, room for 5000 nodes and the fan-out joins.
-    client
-        .set_network(r#"{"Network":"10.244.0.0/16","SubnetLen":29}"#)
-        .await?;
-    println!(
-        "weft control-plane benchmark: {} nodes, {} watchers, {} CPUs, etcd from {}",
-        args.nodes,
-        args.watchers,
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        etcd.log_path().display()
-    );
+/// What a join storm measured.
+struct Joins {
+    total: Duration,
+    latencies: Vec<Duration>,
+    per_acquire: f64,
+    deltas: HashMap<String, f64>,
+    /// CPU seconds the controller spent, and this process (the nodes' side).
+    controller_cpu: f64,
+    nodes_cpu: f64,
+}
 
-    // Joins, all at once.
-    let before = etcd_requests(&client).await?;
+/// CPU seconds (user + system) of process `pid` so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15 (11 and 12 after the name).
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum();
+    ticks / 100.0
+}
+
+/// `n` nodes acquire at once, each through its own client.
+async fn join_storm(ctl: &Controller, n: u32) -> Result<Joins> {
+    let clients = (0..n).map(|i| ctl.node(i)).collect::<Result<Vec<_>>>()?;
+    let before = etcd_requests(&ctl.client).await?;
+    let cpu_before = (cpu_seconds(ctl.child.id()), cpu_seconds(std::process::id()));
     let start = Instant::now();
-    let tasks: Vec<_> = (0..args.nodes)
-        .map(|i| {
-            let client = client.clone();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, client)| {
             tokio::spawn(async move {
+                let i = i as u32;
                 let t0 = Instant::now();
                 let r = client.acquire(&format!("node-{i}"), &request(i)).await;
                 (t0.elapsed(), r)
@@ -163,34 +227,99 @@ pub async fn run(args: Args) -> Result<()> {
         latencies.push(lat);
     }
     let total = start.elapsed();
-    let after = etcd_requests(&client).await?;
-    let delta =
-        |op: &str| after.get(op).copied().unwrap_or(0.0) - before.get(op).copied().unwrap_or(0.0);
-    let all: f64 = after.keys().map(|op| delta(op)).sum();
+    let controller_cpu = cpu_seconds(ctl.child.id()) - cpu_before.0;
+    let nodes_cpu = cpu_seconds(std::process::id()) - cpu_before.1;
+    let after = etcd_requests(&ctl.client).await?;
+    let deltas: HashMap<String, f64> = after
+        .iter()
+        .map(|(op, v)| (op.clone(), v - before.get(op).copied().unwrap_or(0.0)))
+        .collect();
+    let all: f64 = deltas.values().sum();
     // The controller's health pings count as "other"; they are not part of acquiring.
-    let per_acquire = (all - delta("other")) / f64::from(args.nodes);
+    let per_acquire = (all - deltas.get("other").copied().unwrap_or(0.0)) / f64::from(n);
+    Ok(Joins {
+        total,
+        latencies,
+        per_acquire,
+        deltas,
+        controller_cpu,
+        nodes_cpu,
+    })
+}
+
+fn print_joins(what: &str, n: u32, j: &mut Joins) {
     println!(
-        "joins    {} acquires in {:.2} s ({:.0}/s); latency {}",
-        args.nodes,
-        total.as_secs_f64(),
-        f64::from(args.nodes) / total.as_secs_f64(),
-        summary(&mut latencies)
+        "joins    {what}: {n} acquires in {:.2} s ({:.0}/s); latency {}",
+        j.total.as_secs_f64(),
+        f64::from(n) / j.total.as_secs_f64(),
+        summary(&mut j.latencies)
     );
     println!(
-        "etcd     {:.2} requests per acquire (grant {:.2}, txn {:.2}, range {:.2}, time_to_live {:.2})",
-        per_acquire,
-        delta("grant") / f64::from(args.nodes),
-        delta("txn") / f64::from(args.nodes),
-        delta("range") / f64::from(args.nodes),
-        delta("time_to_live") / f64::from(args.nodes)
+        "         CPU: controller {:.2} s ({:.2} ms a join), the {n} nodes' side {:.2} s (this process, same machine)",
+        j.controller_cpu,
+        j.controller_cpu * 1000.0 / f64::from(n),
+        j.nodes_cpu
+    );
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    let etcd = tokio::task::spawn_blocking(EtcdServer::start).await??;
+    let url = etcd.url();
+    let pki = Arc::new(tokio::task::spawn_blocking(TestPki::new).await??);
+    println!(
+        "weft control-plane benchmark: {} nodes, {} watchers, {} CPUs, etcd from {}",
+        args.nodes,
+        args.watchers,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        etcd.log_path().display()
+    );
+    // Certificates for every node (and watcher) first, outside the timing.
+    let t0 = Instant::now();
+    let for_all = args.nodes.max(args.watchers) + args.changes;
+    let made = pki.clone();
+    let nodes = tokio::task::spawn_blocking(move || {
+        (0..for_all)
+            .map(|i| made.node(&format!("node-{i}")))
+            .collect::<Result<Vec<_>>>()
+    })
+    .await??;
+    println!(
+        "pki      {for_all} node certificates made in {:.2} s",
+        t0.elapsed().as_secs_f64()
     );
 
-    // Fan-out.
-    let (fanout, single) = fan_out(&client, &args).await?;
+    // Joins, all at once: over plain HTTP, then over HTTPS with a client
+    // certificate per node, each on a prefix and controller of its own.
+    let plain_ctl = start_controller(&url, "/weft-bench-plain/network", None).await?;
+    let mut plain = join_storm(&plain_ctl, args.nodes).await?;
+    drop(plain_ctl);
+    print_joins("plain HTTP", args.nodes, &mut plain);
+    let ctl = start_controller(&url, "/weft/network", Some((pki, Arc::new(nodes)))).await?;
+    let mut tls = join_storm(&ctl, args.nodes).await?;
+    print_joins("HTTPS + client certs", args.nodes, &mut tls);
+    println!(
+        "tls      joins take {:.2}x the plain time; the controller's CPU {:.2}x",
+        tls.total.as_secs_f64() / plain.total.as_secs_f64(),
+        tls.controller_cpu / plain.controller_cpu.max(1e-9)
+    );
+    let per = |op: &str| tls.deltas.get(op).copied().unwrap_or(0.0) / f64::from(args.nodes);
+    println!(
+        "etcd     {:.2} requests per acquire (grant {:.2}, txn {:.2}, range {:.2}, time_to_live {:.2})",
+        tls.per_acquire,
+        per("grant"),
+        per("txn"),
+        per("range"),
+        per("time_to_live")
+    );
+    let per_acquire = tls.per_acquire;
+    let client = ctl.client.clone();
+
+    // Fan-out, over HTTPS: each watcher a node with its own certificate.
+    let (fanout, single) = fan_out(&ctl, &args).await?;
     let (mut all_have, mut per_delivery) = fanout;
     let mut single = single;
     println!(
-        "fan-out  {} watchers, {} changes: all watchers have it {}; each delivery {}",
+        "fan-out  {} watchers over HTTPS, {} changes: all watchers have it {}; each delivery {}",
         args.watchers,
         args.changes,
         summary(&mut all_have),
@@ -221,6 +350,7 @@ pub async fn run(args: Args) -> Result<()> {
         ms(weft_p50),
         ms(flannel_p50)
     );
+    drop(client);
     drop(ctl);
     drop(etcd);
     Ok(())
@@ -230,12 +360,13 @@ type FanOut = ((Vec<Duration>, Vec<Duration>), Vec<Duration>);
 
 /// Opens the watchers, then times `changes` single joins until every watcher
 /// has each one.
-async fn fan_out(client: &ControllerClient, args: &Args) -> Result<FanOut> {
+async fn fan_out(ctl: &Controller, args: &Args) -> Result<FanOut> {
+    let client = &ctl.client;
     let revision = client.list(false).await?.revision;
     let (tx, mut rx) = mpsc::unbounded_channel::<(SubnetKey, Instant)>();
     let mut watchers = Vec::new();
-    for _ in 0..args.watchers {
-        let mut stream = client.watch(revision + 1).await?;
+    for w in 0..args.watchers {
+        let mut stream = ctl.node(w)?.watch(revision + 1).await?;
         let tx = tx.clone();
         watchers.push(tokio::spawn(async move {
             while let Some(Ok(line)) = stream.next().await {
