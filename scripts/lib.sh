@@ -25,8 +25,8 @@ PKGS_LAB=(etcd-server etcd-client iproute2 nftables iputils-ping procps)
 PKGS_BENCH=(iperf3 containernetworking-plugins iptables)
 # Tests beyond the lab and the benchmark smoke runs: containerd, runc and
 # busybox-static for `ctr run --cni` with a locally built image; nsenter
-# and unshare (util-linux).
-PKGS_TEST=(containerd runc busybox-static util-linux)
+# and unshare (util-linux); openssl (certificates not made by weft).
+PKGS_TEST=(containerd runc busybox-static util-linux openssl)
 
 # ensure_packages PKG...: installs the ones that are missing, then checks
 # that all are there (naming any that are not).

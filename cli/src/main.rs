@@ -87,6 +87,10 @@ enum PkiCmd {
         /// Replace an existing certificate (a rotation).
         #[arg(long)]
         force: bool,
+        /// Let this group read the key (0640), e.g. the user a service
+        /// runs as: weft-controller.
+        #[arg(long)]
+        key_group: Option<String>,
     },
     /// A node's certificate (CN=NAME, O=weft:nodes): node-NAME.pem and
     /// node-NAME-key.pem.
@@ -99,6 +103,10 @@ enum PkiCmd {
         /// Replace an existing certificate (a rotation).
         #[arg(long)]
         force: bool,
+        /// Let this group read the key (0640), e.g. the user a service
+        /// runs as: weft-controller.
+        #[arg(long)]
+        key_group: Option<String>,
     },
     /// An administrator's certificate (CN=NAME, O=weft:admins):
     /// admin-NAME.pem and admin-NAME-key.pem.
@@ -111,33 +119,71 @@ enum PkiCmd {
         /// Replace an existing certificate (a rotation).
         #[arg(long)]
         force: bool,
+        /// Let this group read the key (0640), e.g. the user a service
+        /// runs as: weft-controller.
+        #[arg(long)]
+        key_group: Option<String>,
     },
 }
 
 fn pki(cmd: PkiCmd) -> Result<ExitCode> {
-    use pki::Request;
-    let (dir, req, days, force) = match cmd {
-        PkiCmd::Init { dir, days } => (dir, Request::Ca, days, false),
+    use pki::{Options, Request};
+    let (dir, req, opts) = match cmd {
+        PkiCmd::Init { dir, days } => (
+            dir,
+            Request::Ca,
+            Options {
+                days,
+                ..Options::default()
+            },
+        ),
         PkiCmd::Server {
             dir,
             hosts,
             days,
             force,
-        } => (dir, Request::Server { hosts }, days, force),
+            key_group,
+        } => (
+            dir,
+            Request::Server { hosts },
+            Options {
+                days,
+                force,
+                key_group,
+            },
+        ),
         PkiCmd::Node {
             name,
             dir,
             days,
             force,
-        } => (dir, Request::Node { name }, days, force),
+            key_group,
+        } => (
+            dir,
+            Request::Node { name },
+            Options {
+                days,
+                force,
+                key_group,
+            },
+        ),
         PkiCmd::Admin {
             name,
             dir,
             days,
             force,
-        } => (dir, Request::Admin { name }, days, force),
+            key_group,
+        } => (
+            dir,
+            Request::Admin { name },
+            Options {
+                days,
+                force,
+                key_group,
+            },
+        ),
     };
-    for f in pki::issue(&dir, &req, days, force)? {
+    for f in pki::issue(&dir, &req, &opts)? {
         println!("wrote {}", f.display());
     }
     Ok(ExitCode::SUCCESS)

@@ -38,9 +38,22 @@ pub enum Request {
     Admin { name: String },
 }
 
-/// Makes `req`'s certificate and key in `dir`, valid for `days`; returns
-/// the files written.
-pub fn issue(dir: &Path, req: &Request, days: u32, force: bool) -> Result<Vec<PathBuf>> {
+/// How to write the files.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// Valid for this many days.
+    pub days: u32,
+    /// Replace existing files (a rotation); never a CA.
+    pub force: bool,
+    /// Group that may read the key (mode 0640): the user a service runs as,
+    /// e.g. `weft-controller`.
+    pub key_group: Option<String>,
+}
+
+/// Makes `req`'s certificate and key in `dir`; returns the files written.
+pub fn issue(dir: &Path, req: &Request, opts: &Options) -> Result<Vec<PathBuf>> {
+    let (days, force) = (opts.days, opts.force);
+    let key_gid = opts.key_group.as_deref().map(group_id).transpose()?;
     if days == 0 {
         bail!("--days must be at least 1");
     }
@@ -92,8 +105,8 @@ pub fn issue(dir: &Path, req: &Request, days: u32, force: bool) -> Result<Vec<Pa
     // The key first: a node that reads both sees the new key with the old
     // certificate for a moment, keeps its old pair, and takes the new one
     // once the certificate follows.
-    write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-    write_atomic(&cert_path, cert.pem().as_bytes(), 0o644)?;
+    write_atomic(&key_path, key.serialize_pem().as_bytes(), key_gid)?;
+    write_atomic(&cert_path, cert.pem().as_bytes(), None)?;
     Ok(vec![cert_path, key_path])
 }
 
@@ -172,9 +185,36 @@ fn load_ca(dir: &Path) -> Result<Issuer<'static, KeyPair>> {
     Issuer::from_ca_cert_pem(&cert, key).with_context(|| format!("{}", cert_path.display()))
 }
 
-/// Writes `path` through a temporary file in the same directory, created
-/// with `mode` (a key is never readable by others, not even for a moment).
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+/// The id of group `name` (from /etc/group).
+fn group_id(name: &str) -> Result<u32> {
+    let groups = std::fs::read_to_string("/etc/group").context("reading /etc/group")?;
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            Some((f.next()?, f.nth(1)?))
+        })
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, gid)| gid.parse().ok())
+        .with_context(|| {
+            format!("no group {name:?} in /etc/group (is the package that creates it installed?)")
+        })
+}
+
+/// Writes `path` through a temporary file in the same directory. A
+/// certificate gets 0644; a key (`*-key.pem`) 0600, or 0640 with group
+/// `key_gid`, set before it gets its name: never readable by others, not
+/// even for a moment.
+fn write_atomic(path: &Path, bytes: &[u8], key_gid: Option<u32>) -> Result<()> {
+    let is_key = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with("-key.pem"));
+    let mode = match (is_key, key_gid) {
+        (false, _) => 0o644,
+        (true, None) => 0o600,
+        (true, Some(_)) => 0o640,
+    };
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp",
@@ -189,6 +229,10 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         .with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(bytes)?;
     f.sync_all()?;
+    if let (true, Some(gid)) = (is_key, key_gid) {
+        std::os::unix::fs::fchown(&f, None, Some(gid))
+            .with_context(|| format!("setting the group of {}", path.display()))?;
+    }
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
@@ -196,20 +240,57 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 mod tests {
     use super::*;
 
+    fn opts(force: bool) -> Options {
+        Options {
+            days: 30,
+            force,
+            key_group: None,
+        }
+    }
+
+    #[test]
+    fn a_key_for_a_service_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        issue(d, &Request::Ca, &opts(false)).unwrap();
+        // "root" is in every /etc/group, with id 0.
+        let o = Options {
+            key_group: Some("root".into()),
+            ..opts(false)
+        };
+        issue(
+            d,
+            &Request::Server {
+                hosts: vec!["127.0.0.1".into()],
+            },
+            &o,
+        )
+        .unwrap();
+        let m = std::fs::metadata(d.join("server-key.pem")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o640);
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(m.gid(), 0);
+        let o = Options {
+            key_group: Some("no-such-group-here".into()),
+            ..opts(true)
+        };
+        let e = issue(d, &Request::Admin { name: "x".into() }, &o).unwrap_err();
+        assert!(e.to_string().contains("no group"), "{e}");
+    }
+
     #[test]
     fn a_cluster_pki_with_modes_and_subjects() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().join("pki");
-        issue(&d, &Request::Ca, 30, false).unwrap();
-        let e = issue(&d, &Request::Ca, 30, true).unwrap_err();
+        issue(&d, &Request::Ca, &opts(false)).unwrap();
+        let e = issue(&d, &Request::Ca, &opts(true)).unwrap_err();
         assert!(e.to_string().contains("already holds a CA"), "{e}");
         issue(
             &d,
             &Request::Server {
                 hosts: vec!["controller.example".into(), "198.18.0.1".into()],
             },
-            30,
-            false,
+            &opts(false),
         )
         .unwrap();
         let files = issue(
@@ -217,8 +298,7 @@ mod tests {
             &Request::Node {
                 name: "host-1".into(),
             },
-            30,
-            false,
+            &opts(false),
         )
         .unwrap();
         assert_eq!(files[0], d.join("node-host-1.pem"));
@@ -227,8 +307,7 @@ mod tests {
             &Request::Node {
                 name: "host-1".into(),
             },
-            30,
-            false,
+            &opts(false),
         )
         .unwrap_err();
         assert!(e.to_string().contains("--force"), "{e}");
@@ -237,18 +316,16 @@ mod tests {
             &Request::Node {
                 name: "host-1".into(),
             },
-            30,
-            true,
+            &opts(true),
         )
         .unwrap();
-        issue(&d, &Request::Admin { name: "ops".into() }, 30, false).unwrap();
+        issue(&d, &Request::Admin { name: "ops".into() }, &opts(false)).unwrap();
         assert!(issue(
             &d,
             &Request::Node {
                 name: "Bad Name".into()
             },
-            30,
-            false
+            &opts(false)
         )
         .is_err());
         let mode = |f: &str| std::fs::metadata(d.join(f)).unwrap().permissions().mode() & 0o777;
@@ -273,7 +350,12 @@ mod tests {
     #[test]
     fn leaf_certificates_need_the_ca() {
         let dir = tempfile::tempdir().unwrap();
-        let e = issue(dir.path(), &Request::Node { name: "n".into() }, 30, false).unwrap_err();
+        let e = issue(
+            dir.path(),
+            &Request::Node { name: "n".into() },
+            &opts(false),
+        )
+        .unwrap_err();
         assert!(format!("{e:#}").contains("weftctl pki init"), "{e:#}");
     }
 }
