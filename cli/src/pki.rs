@@ -57,9 +57,27 @@ pub fn issue(dir: &Path, req: &Request, opts: &Options) -> Result<Vec<PathBuf>> 
     if days == 0 {
         bail!("--days must be at least 1");
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("setting the mode of {}", dir.display()))?;
+    // A new directory is 0700. A key for a service's group needs the
+    // directory passable (0711: entering, not listing; every key keeps its
+    // own mode). An existing directory is never made stricter: that would
+    // lock out a service given access before.
+    let mode = if !dir.exists() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        Some(0o700)
+    } else {
+        None
+    };
+    let mode = match (mode, opts.key_group.is_some()) {
+        (_, true) => {
+            let current = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+            Some(current | 0o711)
+        }
+        (m, false) => m,
+    };
+    if let Some(mode) = mode {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("setting the mode of {}", dir.display()))?;
+    }
     let (stem, params) = match req {
         Request::Ca => {
             if dir.join("ca-key.pem").exists() {
@@ -251,7 +269,7 @@ mod tests {
     #[test]
     fn a_key_for_a_service_group() {
         let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
+        let d = &dir.path().join("pki");
         issue(d, &Request::Ca, &opts(false)).unwrap();
         // "root" is in every /etc/group, with id 0.
         let o = Options {
@@ -268,6 +286,16 @@ mod tests {
         .unwrap();
         let m = std::fs::metadata(d.join("server-key.pem")).unwrap();
         assert_eq!(m.permissions().mode() & 0o777, 0o640);
+        // The service can reach it: the directory is passable, not listable.
+        let dm = std::fs::metadata(d).unwrap().permissions().mode() & 0o777;
+        assert_eq!(dm & 0o011, 0o011);
+        assert_eq!(dm & 0o044, 0, "{dm:o}");
+        // A later issue without a group does not lock the service out.
+        issue(d, &Request::Admin { name: "y".into() }, &opts(false)).unwrap();
+        assert_eq!(
+            std::fs::metadata(d).unwrap().permissions().mode() & 0o011,
+            0o011
+        );
         use std::os::unix::fs::MetadataExt;
         assert_eq!(m.gid(), 0);
         let o = Options {
