@@ -158,9 +158,7 @@ async fn main() -> anyhow::Result<()> {
         });
         tracing::info!(listen = %addr, "serving /healthz, /readyz and /metrics");
     }
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = listen(args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
     match server_tls {
         Some(tls) => {
             tracing::info!(listen = %args.listen, prefix = %args.etcd_prefix,
@@ -175,6 +173,21 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The API's socket, with a backlog for a cluster starting at once: with
+/// the usual 1024, thousands of nodes connecting together overflow it and
+/// wait for SYN retransmits (1 s, then 3 s). The kernel caps it at
+/// net.core.somaxconn.
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(8192)
 }
 
 async fn shutdown_signal() {
