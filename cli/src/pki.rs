@@ -24,10 +24,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use time::{Duration, OffsetDateTime};
 
-/// The Organization of node certificates (the controller's role mapping).
-pub const NODES_ORG: &str = "weft:nodes";
-/// The Organization of administrator certificates.
-pub const ADMINS_ORG: &str = "weft:admins";
+use weft_lease::tls::{ADMINS_ORG, NODES_ORG};
 
 /// What to make.
 #[derive(Debug)]
@@ -52,43 +49,13 @@ pub struct Options {
 
 /// Makes `req`'s certificate and key in `dir`; returns the files written.
 pub fn issue(dir: &Path, req: &Request, opts: &Options) -> Result<Vec<PathBuf>> {
-    let (days, force) = (opts.days, opts.force);
-    let key_gid = opts.key_group.as_deref().map(group_id).transpose()?;
+    let days = opts.days;
     if days == 0 {
         bail!("--days must be at least 1");
     }
-    // A new directory is 0700. A key for a service's group needs the
-    // directory passable (0711: entering, not listing; every key keeps its
-    // own mode). An existing directory is never made stricter: that would
-    // lock out a service given access before.
-    let mode = if !dir.exists() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        Some(0o700)
-    } else {
-        None
-    };
-    let mode = match (mode, opts.key_group.is_some()) {
-        (_, true) => {
-            let current = std::fs::metadata(dir)?.permissions().mode() & 0o777;
-            Some(current | 0o711)
-        }
-        (m, false) => m,
-    };
-    if let Some(mode) = mode {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-            .with_context(|| format!("setting the mode of {}", dir.display()))?;
-    }
+    let key_gid = opts.key_group.as_deref().map(group_id).transpose()?;
     let (stem, params) = match req {
-        Request::Ca => {
-            if dir.join("ca-key.pem").exists() {
-                bail!(
-                    "{} already holds a CA (ca-key.pem); a new CA would invalidate every \
-                     certificate it signed. Use another --dir for a new cluster",
-                    dir.display()
-                );
-            }
-            ("ca".to_string(), ca_params(days))
-        }
+        Request::Ca => ("ca".to_string(), ca_params(days)),
         Request::Server { hosts } => ("server".to_string(), server_params(hosts, days)?),
         Request::Node { name } => {
             check_name(name)?;
@@ -104,12 +71,26 @@ pub fn issue(dir: &Path, req: &Request, opts: &Options) -> Result<Vec<PathBuf>> 
     };
     let cert_path = dir.join(format!("{stem}.pem"));
     let key_path = dir.join(format!("{stem}-key.pem"));
-    if !force && !matches!(req, Request::Ca) && (cert_path.exists() || key_path.exists()) {
+    let exists = cert_path.exists() || key_path.exists();
+    if matches!(req, Request::Ca) && exists {
+        bail!(
+            "{} already holds a CA (ca.pem or ca-key.pem); a new CA would invalidate every \
+             certificate it signed. Use another --dir for a new cluster",
+            dir.display()
+        );
+    }
+    if exists && !opts.force {
         bail!(
             "{} exists; give --force to replace it (a rotation)",
             cert_path.display()
         );
     }
+    // A rotation keeps who may read the key, unless told otherwise.
+    let key_gid = match key_gid {
+        Some(g) => Some(g),
+        None => shared_group(&key_path)?,
+    };
+    prepare_dir(dir, key_gid.is_some())?;
     let key = KeyPair::generate().context("generating a key")?;
     let cert = match req {
         Request::Ca => params.self_signed(&key).context("signing the CA")?,
@@ -120,12 +101,49 @@ pub fn issue(dir: &Path, req: &Request, opts: &Options) -> Result<Vec<PathBuf>> 
                 .context("signing with the CA")?
         }
     };
+    // A CA is never replaced, not even by a run racing this one.
+    let replace = !matches!(req, Request::Ca);
     // The key first: a node that reads both sees the new key with the old
     // certificate for a moment, keeps its old pair, and takes the new one
     // once the certificate follows.
-    write_atomic(&key_path, key.serialize_pem().as_bytes(), key_gid)?;
-    write_atomic(&cert_path, cert.pem().as_bytes(), None)?;
+    write_atomic(&key_path, key.serialize_pem().as_bytes(), key_gid, replace)?;
+    write_atomic(&cert_path, cert.pem().as_bytes(), None, replace)?;
     Ok(vec![cert_path, key_path])
+}
+
+/// The group an existing key is shared with (mode 0640), if any.
+fn shared_group(key: &Path) -> Result<Option<u32>> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(key) {
+        Ok(m) if m.mode() & 0o040 != 0 => Ok(Some(m.gid())),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", key.display())),
+    }
+}
+
+/// Creates `dir` 0700, or checks an existing one. A key shared with a
+/// service's group needs the directory passable (0711: entering, not
+/// listing; every key keeps its own mode). An existing directory is never
+/// made stricter (that would lock out a service given access before), and
+/// one others may write to is refused (they could swap the files).
+fn prepare_dir(dir: &Path, shared: bool) -> Result<()> {
+    let mode = if dir.exists() {
+        let current = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+        if current & 0o022 != 0 {
+            bail!(
+                "{} is writable by others (mode {current:o}); keys do not belong there",
+                dir.display()
+            );
+        }
+        current
+    } else {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        0o700
+    };
+    let wanted = if shared { mode | 0o711 } else { mode };
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(wanted))
+        .with_context(|| format!("setting the mode of {}", dir.display()))
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -219,11 +237,12 @@ fn group_id(name: &str) -> Result<u32> {
         })
 }
 
-/// Writes `path` through a temporary file in the same directory. A
+/// Writes `path` through a temporary file in the same directory (renamed
+/// over it, or with `replace` false linked to a name that must be new). A
 /// certificate gets 0644; a key (`*-key.pem`) 0600, or 0640 with group
 /// `key_gid`, set before it gets its name: never readable by others, not
 /// even for a moment.
-fn write_atomic(path: &Path, bytes: &[u8], key_gid: Option<u32>) -> Result<()> {
+fn write_atomic(path: &Path, bytes: &[u8], key_gid: Option<u32>, replace: bool) -> Result<()> {
     let is_key = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -251,7 +270,13 @@ fn write_atomic(path: &Path, bytes: &[u8], key_gid: Option<u32>) -> Result<()> {
         std::os::unix::fs::fchown(&f, None, Some(gid))
             .with_context(|| format!("setting the group of {}", path.display()))?;
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    if replace {
+        return std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()));
+    }
+    // A new name only: a link fails if the name exists.
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    linked.with_context(|| format!("writing {} (it must not exist)", path.display()))
 }
 
 #[cfg(test)]
@@ -313,6 +338,11 @@ mod tests {
         issue(&d, &Request::Ca, &opts(false)).unwrap();
         let e = issue(&d, &Request::Ca, &opts(true)).unwrap_err();
         assert!(e.to_string().contains("already holds a CA"), "{e}");
+        // With the CA key moved offline, ca.pem alone still counts.
+        std::fs::rename(d.join("ca-key.pem"), dir.path().join("offline.pem")).unwrap();
+        let e = issue(&d, &Request::Ca, &opts(false)).unwrap_err();
+        assert!(e.to_string().contains("already holds a CA"), "{e}");
+        std::fs::rename(dir.path().join("offline.pem"), d.join("ca-key.pem")).unwrap();
         issue(
             &d,
             &Request::Server {

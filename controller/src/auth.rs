@@ -20,24 +20,37 @@ use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// What a node certificate may do on a route: `Read`, or act on the lease
-/// named by the `{node}` path segment (or the fixed name of the route).
+/// What a node certificate may do on a route.
 enum NodeRight {
     Read,
-    OwnLease(&'static str),
+    /// Act on the lease named by the `{node}` path segment.
+    LeaseInPath,
+    /// Act on the lease of the node called `watch` (the watch route's own
+    /// path).
+    LeaseNamedWatch,
     None,
 }
 
-fn node_right(method: &Method, route: &str) -> NodeRight {
+fn node_right(method: &Method, route: &str, query: Option<&str>) -> NodeRight {
     match (method.as_str(), route) {
-        ("GET", "/v1/leases" | "/v1/leases/watch" | "/v1/network") => NodeRight::Read,
+        // Not with_ttl: that costs etcd a request per lease.
+        ("GET", "/v1/leases") if !asks_ttl(query) => NodeRight::Read,
+        ("GET", "/v1/leases/watch" | "/v1/network") => NodeRight::Read,
         ("PUT" | "DELETE", "/v1/leases/{node}") | ("POST", "/v1/leases/{node}/renew") => {
-            NodeRight::OwnLease("{node}")
+            NodeRight::LeaseInPath
         }
-        // A node named "watch" (the watch route's own path).
-        ("PUT" | "DELETE", "/v1/leases/watch") => NodeRight::OwnLease("watch"),
+        ("PUT" | "DELETE", "/v1/leases/watch") => NodeRight::LeaseNamedWatch,
         _ => NodeRight::None,
     }
+}
+
+/// Whether a query asks for `with_ttl=true` (as the handler reads it).
+fn asks_ttl(query: Option<&str>) -> bool {
+    query
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .any(|(k, v)| k == "with_ttl" && v != "false")
 }
 
 /// The decision for one request: `Ok` or the refusal to send.
@@ -45,49 +58,43 @@ pub(crate) fn decide(
     caller: Option<&Caller>,
     method: &Method,
     route: &str,
-    path: &str,
+    uri: &axum::http::Uri,
     node_param: Option<&str>,
 ) -> Result<(), ControllerError> {
-    let action = format!("{method} {path}");
-    let caller = match caller {
+    let action = format!("{method} {uri}");
+    match caller {
         // Fail closed: a connection that did not say who it is.
-        None => {
-            return Err(ControllerError::Forbidden(format!(
-                "{action}: the caller is not known"
-            )))
-        }
-        Some(Caller::Unauthenticated) => return Ok(()),
-        Some(c) => c,
-    };
-    let Caller::Cert { name, role, .. } = caller else {
-        unreachable!("handled above")
-    };
-    match role {
-        Role::Admin => Ok(()),
-        Role::None => Err(ControllerError::Forbidden(format!(
-            "{caller} may not {action}: its Organization grants no weft role \
-             (weft:nodes or weft:admins)"
+        None => Err(ControllerError::Forbidden(format!(
+            "{action}: the caller is not known"
         ))),
-        Role::Node => match node_right(method, route) {
-            NodeRight::Read => Ok(()),
-            NodeRight::OwnLease(segment) => {
-                let target = if segment == "{node}" {
-                    node_param.unwrap_or_default()
-                } else {
-                    segment
+        Some(Caller::Unauthenticated) => Ok(()),
+        Some(c @ Caller::Cert { name, role, .. }) => match role {
+            Role::Admin => Ok(()),
+            Role::None => Err(ControllerError::Forbidden(format!(
+                "{c} may not {action}: its Organization grants no weft role \
+                 (weft:nodes or weft:admins)"
+            ))),
+            Role::Node => {
+                let target = match node_right(method, route, uri.query()) {
+                    NodeRight::Read => return Ok(()),
+                    NodeRight::LeaseInPath => node_param.unwrap_or_default(),
+                    NodeRight::LeaseNamedWatch => "watch",
+                    NodeRight::None => {
+                        return Err(ControllerError::Forbidden(format!(
+                            "{c} may not {action}: that takes an admin certificate \
+                             (O=weft:admins)"
+                        )))
+                    }
                 };
                 if target == name {
                     Ok(())
                 } else {
                     Err(ControllerError::Forbidden(format!(
-                        "{caller} may not {action}: a node may act only on its own lease \
+                        "{c} may not {action}: a node may act only on its own lease \
                          ({name}), not on {target:?}'s"
                     )))
                 }
             }
-            NodeRight::None => Err(ControllerError::Forbidden(format!(
-                "{caller} may not {action}: that takes an admin certificate (O=weft:admins)"
-            ))),
         },
     }
 }
@@ -117,7 +124,7 @@ pub(crate) async fn authorize(
         caller,
         &parts.method,
         &route,
-        parts.uri.path(),
+        &parts.uri,
         params.get("node").map(String::as_str),
     );
     if let Err(e) = decision {
@@ -141,7 +148,7 @@ mod tests {
     }
 
     fn check(c: Option<&Caller>, m: Method, route: &str, node: Option<&str>) -> bool {
-        decide(c, &m, route, "/path", node).is_ok()
+        decide(c, &m, route, &"/path".parse().unwrap(), node).is_ok()
     }
 
     #[test]
@@ -166,6 +173,20 @@ mod tests {
         assert!(!check(a, Method::PUT, "/v1/network", None));
         assert!(!check(a, Method::POST, "/v1/reservations", None));
         assert!(!check(a, Method::GET, "/v1/something-new", None));
+        // Listing with TTLs (an etcd request per lease) is for admins.
+        let ttl = |q: &str| {
+            decide(
+                a,
+                &Method::GET,
+                "/v1/leases",
+                &format!("/v1/leases?{q}").parse().unwrap(),
+                None,
+            )
+            .is_ok()
+        };
+        assert!(ttl("with_ttl=false"));
+        assert!(!ttl("with_ttl=true"));
+        assert!(!ttl("x=1&with_ttl=true"));
     }
 
     #[test]
@@ -183,7 +204,14 @@ mod tests {
             assert!(!check(None, m.clone(), r, Some("x")), "fails closed");
             assert!(check(Some(&Caller::Unauthenticated), m, r, Some("x")));
         }
-        let e = decide(Some(&none), &Method::GET, "/v1/leases", "/v1/leases", None).unwrap_err();
+        let e = decide(
+            Some(&none),
+            &Method::GET,
+            "/v1/leases",
+            &"/v1/leases".parse().unwrap(),
+            None,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("weft:nodes or weft:admins"), "{e}");
         assert!(e.to_string().contains("GET /v1/leases"), "{e}");
     }

@@ -158,7 +158,8 @@ async fn main() -> anyhow::Result<()> {
         });
         tracing::info!(listen = %addr, "serving /healthz, /readyz and /metrics");
     }
-    let listener = listen(args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener =
+        listen(args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
     match server_tls {
         Some(tls) => {
             tracing::info!(listen = %args.listen, prefix = %args.etcd_prefix,

@@ -12,16 +12,65 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 /// A client that does not finish the handshake within this is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Likewise for a request's headers (slow clients hold no connection open).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Likewise for a request's headers, which also closes idle keep-alive
+/// connections.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long requests in flight may finish after shutdown begins.
 const DRAIN: Duration = Duration::from_secs(10);
+/// Handshakes in flight at once: each costs a key exchange and a
+/// signature before the client has proved anything; more wait in the
+/// listen backlog.
+const HANDSHAKES: usize = 256;
+/// File descriptors kept for etcd, logs and the like.
+const FD_MARGIN: u64 = 256;
+
+/// How many connections may be open at once: the open-files limit less a
+/// margin, so that a flood of connections (anyone who reaches the port can
+/// open them) makes new ones wait rather than making `accept`, etcd and
+/// everything else fail.
+pub fn connection_limit() -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|x| x.starts_with("Max open files"))
+                .and_then(|x| x.split_whitespace().nth(3)?.parse::<u64>().ok())
+        })
+        .unwrap_or(1024);
+    usize::try_from(soft.saturating_sub(FD_MARGIN).max(64)).unwrap_or(usize::MAX)
+}
+
+/// Failed handshakes, logged at most once per interval with a count (a
+/// scanner must not flood the log).
+#[derive(Debug)]
+struct FailureLog {
+    state: std::sync::Mutex<(tokio::time::Instant, u64)>,
+}
+
+impl FailureLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn record(&self, peer: SocketAddr, why: &str) {
+        tracing::debug!(%peer, "TLS handshake failed: {why}");
+        let mut st = self.state.lock().expect("failure log lock");
+        st.1 += 1;
+        if st.0.elapsed() >= Self::EVERY {
+            tracing::info!(
+                "{} TLS handshake(s) failed in the last {:?}; the last: {peer}: {why}",
+                st.1,
+                st.0.elapsed()
+            );
+            *st = (tokio::time::Instant::now(), 0);
+        }
+    }
+}
 
 /// Serves the API on `listener` over TLS with `tls` (which must require a
 /// client certificate: [`crate::tls::ServerTlsFiles::config`]) until
@@ -48,33 +97,57 @@ async fn run(
 ) -> std::io::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
     let router = crate::http::router(shared.clone());
+    let limit = connection_limit();
+    tracing::info!(
+        "accepting up to {limit} connections at once, {HANDSHAKES} of them in the TLS handshake"
+    );
+    let open = Arc::new(Semaphore::new(limit));
+    let handshakes = Arc::new(Semaphore::new(HANDSHAKES));
+    let failures = Arc::new(FailureLog {
+        state: std::sync::Mutex::new((tokio::time::Instant::now(), 0)),
+    });
     let mut conns = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
-        tokio::select! {
+        // Room for one more connection and its handshake first; until then
+        // new ones wait in the listen backlog.
+        let permits = async {
+            let conn = open.clone().acquire_owned().await;
+            let hs = handshakes.clone().acquire_owned().await;
+            (conn, hs)
+        };
+        let (conn_permit, hs_permit) = tokio::select! {
             _ = &mut shutdown => break,
-            accepted = listener.accept() => {
-                let (tcp, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors, say: wait, do not spin.
-                        tracing::warn!("accepting a connection: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let _ = tcp.set_nodelay(true);
-                let conn = Connection {
-                    acceptor: acceptor.clone(),
-                    router: router.clone(),
-                    shared: shared.clone(),
-                    peer,
-                };
-                conns.spawn(conn.run(tcp));
+            (Ok(c), Ok(h)) = permits => (c, h),
+        };
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors, say: wait, do not spin.
+                tracing::warn!("accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-        }
+        };
+        let _ = tcp.set_nodelay(true);
+        let conn = Connection {
+            acceptor: acceptor.clone(),
+            router: router.clone(),
+            shared: shared.clone(),
+            failures: failures.clone(),
+            peer,
+        };
+        conns.spawn(conn.run(tcp, conn_permit, hs_permit));
+        // Reap finished connections as we go.
+        while conns.try_join_next().is_some() {}
     }
+    // No new connections during the drain: they would wait in the backlog
+    // for nothing.
+    drop(listener);
     shared.closing.send_replace(true);
     let drained =
         tokio::time::timeout(DRAIN, async { while conns.join_next().await.is_some() {} }).await;
@@ -92,23 +165,33 @@ struct Connection {
     acceptor: TlsAcceptor,
     router: axum::Router,
     shared: Arc<crate::Shared>,
+    failures: Arc<FailureLog>,
     peer: SocketAddr,
 }
 
 impl Connection {
-    async fn run(self, tcp: tokio::net::TcpStream) {
+    /// Serves one connection; `_open` is held while it is open, `handshake`
+    /// until its handshake is done.
+    async fn run(
+        self,
+        tcp: tokio::net::TcpStream,
+        _open: OwnedSemaphorePermit,
+        handshake: OwnedSemaphorePermit,
+    ) {
         let peer = self.peer;
-        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await
-        {
+        let done = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await;
+        drop(handshake);
+        let stream = match done {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 self.shared.metrics.tls_handshake_failures.inc();
-                tracing::info!(%peer, "TLS handshake failed: {e}");
+                self.failures.record(peer, &e.to_string());
                 return;
             }
             Err(_) => {
                 self.shared.metrics.tls_handshake_failures.inc();
-                tracing::info!(%peer, "TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}");
+                self.failures
+                    .record(peer, &format!("not finished within {HANDSHAKE_TIMEOUT:?}"));
                 return;
             }
         };

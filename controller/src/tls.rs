@@ -13,10 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use weft_lease::tls::{provider, read_certs, read_key, read_roots, TlsError};
 
-/// The Organization of node certificates.
-pub const NODES_ORG: &str = "weft:nodes";
-/// The Organization of administrator certificates.
-pub const ADMINS_ORG: &str = "weft:admins";
+pub use weft_lease::tls::{ADMINS_ORG, NODES_ORG};
 
 /// The controller's own certificate and the CA its clients' certificates
 /// must be signed by.
@@ -130,12 +127,13 @@ impl Caller {
             };
         };
         let subject = cert.subject();
-        let name = subject
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .unwrap_or_default()
-            .to_string();
+        // Exactly one Common Name; tools disagree on which of several
+        // counts, so a certificate with more names none.
+        let names: Vec<_> = subject.iter_common_name().collect();
+        let name = match names.as_slice() {
+            [cn] => cn.as_str().unwrap_or_default().to_string(),
+            _ => String::new(),
+        };
         let orgs: Vec<String> = subject
             .iter_organization()
             .filter_map(|o| o.as_str().ok())

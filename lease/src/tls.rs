@@ -14,6 +14,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use thiserror::Error;
 
+/// The Organization of node certificates: a node, acting only on its own
+/// lease (CN = its name).
+pub const NODES_ORG: &str = "weft:nodes";
+/// The Organization of administrator certificates.
+pub const ADMINS_ORG: &str = "weft:admins";
+
 /// Why TLS material could not be loaded.
 #[derive(Debug, Error)]
 pub enum TlsError {

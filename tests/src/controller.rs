@@ -15,7 +15,7 @@ use weft_lease::{EtcdOptions, EtcdStore, LeaseStore};
 /// A serving controller; stops when dropped.
 #[derive(Debug)]
 pub struct RunningController {
-    /// `https://127.0.0.1:<port>`, or `http://` from [`Self::start_plain`].
+    /// `https://127.0.0.1:<port>`.
     pub url: String,
     /// A client with an admin certificate (may do everything).
     pub client: ControllerClient,
@@ -41,20 +41,6 @@ impl RunningController {
         });
         let client = ControllerClient::with_tls(&url, Some(pki.admin("test-admin")?))?;
         Self::synced(controller, url, client, Some(pki), server).await
-    }
-
-    /// The same over plain HTTP, every caller trusted: for tests where
-    /// plain HTTP is the point.
-    pub async fn start_plain(store: Arc<dyn LeaseStore>, opts: Options) -> Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let controller = Controller::start(store, opts);
-        let router = controller.router();
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
-        });
-        let client = ControllerClient::new(&url)?;
-        Self::synced(controller, url, client, None, server).await
     }
 
     async fn synced(

@@ -345,3 +345,93 @@ async fn a_client_uses_rotated_certificate_files_without_a_restart() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     client.renew("rotating").await.unwrap();
 }
+
+/// A raw HTTPS request as node-a (the typed client encodes paths itself;
+/// these are what an attacker holding node-a's certificate could send).
+async fn raw(c: &RunningController, method: &str, path: &str) -> (u16, String) {
+    let files = pki(c).node("node-a").unwrap();
+    let tls = files.config().unwrap();
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()
+        .unwrap();
+    let resp = http
+        .request(method.parse().unwrap(), format!("{}{path}", c.url))
+        .header("content-type", "application/json")
+        .body(r#"{"public_ip":"198.18.0.81","backend_type":"host-gw"}"#)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn odd_paths_and_methods_give_a_node_nothing_more() {
+    let c = controller().await;
+    c.client.acquire("node-b", &req(82)).await.unwrap();
+    for (method, path) in [
+        // Another node, spelled otherwise.
+        ("PUT", "/v1/leases/node%2Db"),
+        ("PUT", "/v1/leases/node-b/"),
+        ("PUT", "/v1/leases/node-a%2F..%2Fnode-b"),
+        ("DELETE", "/v1/leases/node%2db"),
+        ("POST", "/v1/leases/node-b/renew/"),
+        ("PUT", "/v1/leases/w%61tch"),
+        ("PUT", "/v1/leases/%FF"),
+        ("PUT", "/v1/leases/"),
+        ("PUT", "/v1/leases//node-b"),
+        // Other methods, admin routes.
+        ("HEAD", "/v1/network"),
+        ("OPTIONS", "/v1/leases/node-a"),
+        ("PATCH", "/v1/leases/node-a"),
+        ("PUT", "/v1/network"),
+        ("POST", "/v1/reservations"),
+        ("GET", "/v1/leases?with_ttl=true"),
+        ("GET", "/v1/leases?with_ttl=1"),
+    ] {
+        let (status, body) = raw(&c, method, path).await;
+        assert!(
+            matches!(status, 400 | 403 | 404 | 405),
+            "{method} {path}: {status} {body}"
+        );
+    }
+    // node-b's lease is as it was; node-a got nothing.
+    let leases = c.client.list(false).await.unwrap().leases;
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    assert_eq!(leases[0].node_name.as_deref(), Some("node-b"));
+    assert_eq!(leases[0].public_ip, Some("198.18.0.82".parse().unwrap()));
+    // While its own name, percent-encoded or not, works.
+    let (status, body) = raw(&c, "PUT", "/v1/leases/node%2Da").await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn clients_that_never_finish_a_handshake_do_not_lock_others_out() {
+    let c = controller().await;
+    let addr = c.url.trim_start_matches("https://").to_string();
+    // More silent connections than handshakes are served at once.
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    // A real client gets through once the silent ones time out (5 s).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match c.client.list(false).await {
+            Ok(_) => break,
+            Err(e) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "still locked out: {e}"
+            ),
+        }
+    }
+    drop(idle);
+    let metrics = c.client.metrics().await.unwrap();
+    let failures: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("weft_controller_tls_handshake_failures_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(failures >= 256, "{failures}");
+}

@@ -46,7 +46,7 @@ fn tls_options(tls: &EtcdTls) -> StoreResult<etcd_client::TlsOptions> {
 }
 
 /// How to reach etcd.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EtcdOptions {
     /// Client URLs, e.g. `http://127.0.0.1:2379`.
     pub endpoints: Vec<String>,
@@ -61,6 +61,20 @@ pub struct EtcdOptions {
     pub tls: Option<EtcdTls>,
     /// User and password when etcd has authentication enabled.
     pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdOptions {
+    /// Without the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdOptions")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("request_timeout", &self.request_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("tls", &self.tls)
+            .field("user", &self.user.as_ref().map(|(u, _)| (u, "<redacted>")))
+            .finish()
+    }
 }
 
 /// PEM files for TLS to etcd (flannel's `--etcd-cafile`, `--etcd-certfile`,
@@ -144,14 +158,24 @@ struct Conn {
     endpoints: Vec<String>,
     options: ConnectOptions,
     client: tokio::sync::OnceCell<Client>,
+    /// The last failure to make the client: requests fail fast with it for
+    /// [`CONNECT_RETRY`] instead of each trying (and waiting) in turn.
+    failed: std::sync::Mutex<Option<(std::time::Instant, StoreError)>>,
 }
+
+/// How long a failure to connect (or authenticate) is answered from memory.
+const CONNECT_RETRY: Duration = Duration::from_secs(1);
 
 /// What an operator can act on, for failures whose cause is buried in
 /// TLS or gRPC details.
 fn hint(detail: &str) -> Option<&'static str> {
     let d = detail.to_ascii_lowercase();
-    if d.contains("unknownissuer") || d.contains("invalid peer certificate") {
+    if d.contains("unknownissuer") || d.contains("badsignature") {
         Some("etcd's certificate is not signed by the CA in --etcd-cafile")
+    } else if d.contains("notvalidforname") {
+        Some("etcd's certificate does not name the host of --etcd-endpoints")
+    } else if d.contains("invalid peer certificate: expired") {
+        Some("etcd's certificate has expired (or this host's clock is wrong)")
     } else if d.contains("certificaterequired")
         || d.contains("certificate required")
         || d.contains("badcertificate")
@@ -235,6 +259,19 @@ impl EtcdStore {
                 opts.prefix
             )));
         }
+        for e in &opts.endpoints {
+            let ok = match e.split_once("://") {
+                Some(("http" | "https", rest)) => {
+                    !rest.is_empty() && !rest.contains(char::is_whitespace)
+                }
+                _ => false,
+            };
+            if !ok {
+                return Err(StoreError::Other(format!(
+                    "etcd endpoint {e:?} is not http(s)://HOST:PORT"
+                )));
+            }
+        }
         let https = opts
             .endpoints
             .iter()
@@ -252,6 +289,13 @@ impl EtcdStore {
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
         match (&opts.tls, https > 0) {
+            // Without a CA nothing would be trusted (no system roots here).
+            (Some(tls), true) if tls.ca.is_none() => {
+                return Err(StoreError::Other(
+                    "https:// etcd endpoints need --etcd-cafile (the CA of etcd's certificate)"
+                        .into(),
+                ))
+            }
             (Some(tls), true) => connect = connect.with_tls(tls_options(tls)?),
             (Some(_), false) => {
                 return Err(StoreError::Other(
@@ -281,6 +325,7 @@ impl EtcdStore {
                 endpoints: opts.endpoints.clone(),
                 options: connect,
                 client: tokio::sync::OnceCell::new(),
+                failed: std::sync::Mutex::new(None),
             }),
             prefix,
             endpoints: opts.endpoints,
@@ -298,14 +343,28 @@ impl EtcdStore {
     /// The client; made (and authenticated) on first use.
     async fn client(&self) -> StoreResult<Client> {
         let conn = &self.conn;
-        conn.client
+        if let Some(c) = conn.client.get() {
+            return Ok(c.clone());
+        }
+        if let Some((at, e)) = &*conn.failed.lock().expect("etcd connect lock") {
+            if at.elapsed() < CONNECT_RETRY {
+                return Err(e.clone());
+            }
+        }
+        let made = conn
+            .client
             .get_or_try_init(|| async {
                 Client::connect(&conn.endpoints, Some(conn.options.clone()))
                     .await
                     .map_err(map_err)
             })
             .await
-            .cloned()
+            .cloned();
+        if let Err(e) = &made {
+            *conn.failed.lock().expect("etcd connect lock") =
+                Some((std::time::Instant::now(), e.clone()));
+        }
+        made
     }
 
     /// The key prefix in use (no trailing slash).
@@ -742,5 +801,60 @@ impl LeaseStore for EtcdStore {
 
     fn describe(&self) -> String {
         format!("etcd {} prefix {}", self.endpoints.join(","), self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_stays_out_of_debug_output() {
+        let mut o = EtcdOptions::new(vec!["http://127.0.0.1:2379".into()], "/weft/network");
+        o.user = Some(("weft".into(), "s3cret".into()));
+        let text = format!("{o:?}");
+        assert!(text.contains("weft") && !text.contains("s3cret"), "{text}");
+    }
+
+    #[test]
+    fn hints_name_what_to_fix() {
+        let h = |d: &str| hint(d).unwrap_or_default();
+        assert!(h("invalid peer certificate: UnknownIssuer").contains("--etcd-cafile"));
+        assert!(h("invalid peer certificate: NotValidForName").contains("--etcd-endpoints"));
+        assert!(h("invalid peer certificate: Expired").contains("expired"));
+        assert!(h("received fatal alert: BadCertificate").contains("--etcd-certfile"));
+        assert!(
+            h("etcdserver: authentication failed, invalid user ID or password")
+                .contains("--etcd-password")
+        );
+        assert!(hint("connection refused").is_none());
+    }
+
+    #[tokio::test]
+    async fn settings_that_cannot_work_fail_at_once() {
+        async fn err(o: EtcdOptions) -> String {
+            EtcdStore::connect(o).await.unwrap_err().to_string()
+        }
+        let opts = |e: &str| EtcdOptions::new(vec![e.into()], "/weft/network");
+        assert!(err(opts("127.0.0.1:2379")).await.contains("not http(s)://"));
+        assert!(err(opts("https://127.0.0.1:2379"))
+            .await
+            .contains("--etcd-cafile"));
+        let mut o = opts("https://127.0.0.1:2379");
+        o.tls = Some(EtcdTls {
+            ca: None,
+            cert: Some("c.pem".into()),
+            key: Some("k.pem".into()),
+        });
+        assert!(err(o).await.contains("--etcd-cafile"));
+        let mut o = opts("http://127.0.0.1:2379");
+        o.tls = Some(EtcdTls::default());
+        assert!(err(o).await.contains("need https://"));
+        let mut o = EtcdOptions::new(
+            vec!["http://127.0.0.1:1".into(), "https://127.0.0.1:2".into()],
+            "/weft/network",
+        );
+        o.user = Some(("weft".into(), "x".into()));
+        assert!(err(o).await.contains("mix"));
     }
 }
