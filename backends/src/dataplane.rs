@@ -38,6 +38,12 @@ pub trait Dataplane: Send + Sync {
     /// Applies `changes` in order. A failed change does not stop the
     /// others; every failure is returned.
     async fn apply(&self, changes: &[Change]) -> Vec<ApplyError>;
+
+    /// What the host has besides weft: its networks and the routes others
+    /// installed, which no peer may take ([`crate::peer::HostView`]).
+    async fn host_view(&self) -> Result<crate::peer::HostView, DataplaneError> {
+        Ok(crate::peer::HostView::default())
+    }
 }
 
 /// An in-memory kernel for tests: applies changes to a [`NetState`] with
@@ -155,9 +161,16 @@ impl FakeDataplane {
             Change::DelFdb { dev, mac, .. } => {
                 st.fdb.remove(&(dev.clone(), *mac));
             }
-            Change::SetRoute { dst, target } => {
+            Change::SetRoute {
+                dst,
+                target,
+                replace,
+            } => {
                 if !dev_exists(st, &target.dev) {
                     return Err("No such device".into());
+                }
+                if !replace && st.routes.contains_key(dst) {
+                    return Err("File exists".into());
                 }
                 st.routes.insert(*dst, target.clone());
             }

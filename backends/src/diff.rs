@@ -1,6 +1,29 @@
 //! Desired against observed: the changes that make the kernel match.
 
 use crate::state::{Change, Dev, NetState};
+use ipnet::IpNet;
+use weft_config::NetworkConfig;
+
+/// Leaves in `have` only the routes weft may delete: those with its
+/// protocol (all that observing reports) whose destination lies inside the
+/// cluster network, or that use one of weft's own devices. A proto-87
+/// route elsewhere (made by hand, or by another tool that picked the
+/// number) is not weft's to remove, so the diff never sees it.
+pub fn in_scope(have: &mut NetState, network: &NetworkConfig) {
+    have.routes.retain(|dst, target| {
+        let inside = match dst {
+            IpNet::V4(d) => network
+                .ipv4
+                .as_ref()
+                .is_some_and(|p| p.network().contains(d)),
+            IpNet::V6(d) => network
+                .ipv6
+                .as_ref()
+                .is_some_and(|p| p.network().contains(d)),
+        };
+        inside || target.dev.starts_with("weft")
+    });
+}
 use std::collections::BTreeSet;
 
 /// The changes that turn `observed` into `desired`, in an order that works:
@@ -96,10 +119,14 @@ pub fn diff(desired: &NetState, observed: &NetState) -> Vec<Change> {
         }
     }
     for (dst, target) in &desired.routes {
-        if gone(&target.dev) || observed.routes.get(dst) != Some(target) {
+        let have = observed.routes.get(dst);
+        if gone(&target.dev) || have != Some(target) {
             out.push(Change::SetRoute {
                 dst: *dst,
                 target: target.clone(),
+                // Only weft's own routes are observed: replace those; make
+                // new ones exclusively.
+                replace: have.is_some() && !gone(&have.expect("some").dev),
             });
         }
     }

@@ -24,7 +24,7 @@ pub mod xfrm;
 
 pub use backend::{for_config, Backend, BackendError};
 pub use dataplane::{ApplyError, Dataplane, DataplaneError, FakeDataplane};
-pub use diff::diff;
+pub use diff::{diff, in_scope};
 pub use hostgw::HostGw;
 pub use ipsec::Ipsec;
 pub use local::{vtep_mac, ExternalIface, LocalNode};

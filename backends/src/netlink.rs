@@ -8,6 +8,7 @@
 //! that is already gone counts as done.
 
 use crate::dataplane::{ApplyError, Dataplane, DataplaneError};
+use crate::peer::HostView;
 use crate::state::{
     dev, Change, Dev, NetState, RouteTarget, VxlanLink, VXLAN_PREFIX, WEFT_ROUTE_PROTOCOL,
 };
@@ -22,7 +23,7 @@ use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
 };
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
@@ -110,7 +111,16 @@ fn already_gone(e: &rtnetlink::Error) -> bool {
         if m.code.is_some_and(|c| [-libc_enoent(), -libc_esrch(), -libc_enodev(), -libc_eaddrnotavail()].contains(&c.get())))
 }
 
-// errno values (Linux), without pulling in libc for four constants.
+// errno values (Linux), without pulling in libc for five constants.
+const fn libc_eexist() -> i32 {
+    17
+}
+
+/// Whether the kernel answered with this errno.
+fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.code.map(|c| -c.get()) == Some(errno))
+}
+
 const fn libc_enoent() -> i32 {
     2
 }
@@ -403,9 +413,21 @@ impl NetlinkDataplane {
                     .push(NeighbourAttribute::Destination(neigh_addr(*dst)));
                 ignore_gone(h.neighbours().del(m).execute().await)
             }
-            Change::SetRoute { dst, target } => {
+            Change::SetRoute {
+                dst,
+                target,
+                replace,
+            } => {
                 let msg = route_message(dst, target, index(&target.dev)?)?;
-                h.route().add(msg).replace().execute().await.map_err(nl_err)
+                let req = h.route().add(msg);
+                let req = if *replace { req.replace() } else { req };
+                req.execute().await.map_err(|e| {
+                    if is_errno(&e, libc_eexist()) {
+                        format!("a route to {dst} that weft does not own exists; it is left alone")
+                    } else {
+                        nl_err(e)
+                    }
+                })
             }
             Change::DelRoute { dst, target } => {
                 let i = idx.get(&*target.dev).copied().unwrap_or(0);
@@ -720,6 +742,61 @@ impl Dataplane for NetlinkDataplane {
         })
         .await?;
         Ok(st)
+    }
+
+    async fn host_view(&self) -> Result<HostView, DataplaneError> {
+        let links = self.links().await?;
+        // weft's own devices (weft.<VNI>, weft0, weft-wg...) are not the
+        // host's: what is on them is the cluster's.
+        let weft: std::collections::HashSet<u32> = links
+            .iter()
+            .filter(|l| link_name(l).is_some_and(|n| n.starts_with("weft")))
+            .map(|l| l.header.index)
+            .collect();
+        let mut view = HostView::default();
+        for a in self.addresses().await? {
+            if weft.contains(&a.header.index) {
+                continue;
+            }
+            if let Some(ip) = address_ip(&a) {
+                if let Ok(net) = IpNet::new(ip, a.header.prefix_len) {
+                    view.networks.push(net.trunc());
+                }
+            }
+        }
+        self.each_route(|r| {
+            if r.header.table != RouteHeader::RT_TABLE_MAIN
+                || r.header.protocol == RouteProtocol::Other(WEFT_ROUTE_PROTOCOL)
+                || r.header.destination_prefix_length == 0
+            {
+                return;
+            }
+            let mut dst = None;
+            let mut oif = None;
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Destination(d) => dst = route_ip(d),
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
+                }
+            }
+            if oif.is_some_and(|i| weft.contains(&i)) {
+                return;
+            }
+            let Some(net) =
+                dst.and_then(|d| IpNet::new(d, r.header.destination_prefix_length).ok())
+            else {
+                return;
+            };
+            if r.header.scope == RouteScope::Link {
+                view.networks.push(net.trunc());
+            }
+            view.foreign_routes.insert(net.trunc());
+        })
+        .await?;
+        view.networks.sort();
+        view.networks.dedup();
+        Ok(view)
     }
 
     async fn apply(&self, changes: &[Change]) -> Vec<ApplyError> {

@@ -2,9 +2,10 @@
 //! that cannot be programmed is skipped with a reason; the others still are.
 
 use crate::local::LocalNode;
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use std::collections::{BTreeSet, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr};
-use weft_config::BackendType;
+use weft_config::{BackendType, NetworkConfig};
 use weft_lease::api::LeaseView;
 use weft_lease::{BackendData, SubnetKey};
 
@@ -86,6 +87,51 @@ pub fn read(lease: &LeaseView) -> Candidate {
     })
 }
 
+/// What this host has that no peer may take: its addresses and connected
+/// routes (the underlay and anything else it is attached to), and routes
+/// that others installed (a peer route to the same destination would
+/// replace or shadow them). weft's own devices are not in it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostView {
+    /// Networks of the host's addresses and connected (scope link) routes.
+    pub networks: Vec<IpNet>,
+    /// Destinations of main-table routes weft does not own (not the
+    /// default route).
+    pub foreign_routes: BTreeSet<IpNet>,
+}
+
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Why `p` does not fit the network: its subnets must be subnets of the
+/// network config, of its subnet length.
+fn misfit(p: &Peer, network: &NetworkConfig) -> Option<String> {
+    let Some(pool) = &network.ipv4 else {
+        return Some("the network has no IPv4 pool".into());
+    };
+    if !pool.network().contains(&p.subnet) || p.subnet.prefix_len() != pool.subnet_len() {
+        return Some(format!(
+            "subnet {} is not a /{} of the network {}",
+            p.subnet,
+            pool.subnet_len(),
+            pool.network()
+        ));
+    }
+    match (p.subnet6, &network.ipv6) {
+        (Some(s6), Some(pool6))
+            if !pool6.network().contains(&s6) || s6.prefix_len() != pool6.subnet_len() =>
+        {
+            Some(format!(
+                "IPv6 subnet {s6} is not a /{} of the network {}",
+                pool6.subnet_len(),
+                pool6.network()
+            ))
+        }
+        _ => None,
+    }
+}
+
 /// Whether `c` is the local node's own lease.
 fn is_ours(key: &SubnetKey, node: Option<&str>, local: &LocalNode) -> bool {
     *key == local.subnet || node == Some(local.name.as_str())
@@ -93,12 +139,21 @@ fn is_ours(key: &SubnetKey, node: Option<&str>, local: &LocalNode) -> bool {
 
 /// The peers to program, and the leases skipped with the reason (the local
 /// node's own lease is neither).
+///
+/// A peer is programmed only if its subnet is one of the network's (inside
+/// it, of its subnet length) and collides with nothing this node has: its
+/// own subnet and public IP, the host's networks and foreign routes
+/// (`host`), and, between peers, an older lease's subnet or public IP (the
+/// older lease keeps it, as flannel's VTEP MACs are kept). A lease written
+/// into etcd by hand can therefore not divert traffic that is not the
+/// cluster's.
 pub fn select<'a>(
     candidates: impl IntoIterator<Item = &'a Candidate>,
     local: &LocalNode,
     backend: BackendType,
+    host: &HostView,
 ) -> (Vec<&'a Peer>, Vec<Skipped>) {
-    let mut peers = Vec::new();
+    let mut fitting = Vec::new();
     let mut skipped = Vec::new();
     for c in candidates {
         let p = match c {
@@ -113,7 +168,8 @@ pub fn select<'a>(
         if is_ours(&p.key, p.node.as_deref(), local) {
             continue;
         }
-        let reason = if let Some(ours) = local.subnet.ipv4().filter(|o| overlaps4(&p.subnet, o)) {
+        let nets = || std::iter::once(IpNet::V4(p.subnet)).chain(p.subnet6.map(IpNet::V6));
+        let ours = if let Some(ours) = local.subnet.ipv4().filter(|o| overlaps4(&p.subnet, o)) {
             Some(format!("subnet {} overlaps ours ({ours})", p.subnet))
         } else if let (Some(theirs), Some(ours)) = (p.subnet6, local.subnet.ipv6()) {
             overlaps6(&theirs, &ours)
@@ -121,7 +177,20 @@ pub fn select<'a>(
         } else {
             None
         };
-        let reason = reason
+        let reason = ours
+            .or_else(|| misfit(p, &local.network))
+            .or_else(|| {
+                nets().find_map(|n| {
+                    host.networks.iter().find(|h| overlaps(&n, h)).map(|h| {
+                        format!("subnet {n} overlaps {h}, a network of this host (its addresses or connected routes)")
+                    })
+                })
+            })
+            .or_else(|| {
+                nets().find(|n| host.foreign_routes.contains(n)).map(|n| {
+                    format!("a route to {n} that weft does not own exists on this host; it is left alone")
+                })
+            })
             .or_else(|| {
                 (p.public_ip == local.public_ip)
                     .then(|| format!("public IP {} is ours", p.public_ip))
@@ -136,7 +205,41 @@ pub fn select<'a>(
             });
         match reason {
             Some(reason) => skipped.push(Skipped::of(p, reason)),
-            None => peers.push(p),
+            None => fitting.push(p),
+        }
+    }
+    // Between peers, the older lease keeps what two of them claim.
+    fitting.sort_by_key(|p| (p.revision, p.key));
+    let mut peers: Vec<&Peer> = Vec::with_capacity(fitting.len());
+    let mut by_ip: HashMap<Ipv4Addr, &Peer> = HashMap::new();
+    let mut by_subnet: HashMap<Ipv4Net, &Peer> = HashMap::new();
+    let mut by_subnet6: HashMap<Ipv6Net, &Peer> = HashMap::new();
+    let name = |p: &Peer| p.node.clone().unwrap_or_else(|| p.key.to_cidrs());
+    for p in fitting {
+        // Subnets all have the network's length here: overlapping is equal.
+        let reason = if let Some(first) = by_subnet.get(&p.subnet) {
+            Some(format!("subnet {} is already {}'s", p.subnet, name(first)))
+        } else if let Some(first) = p.subnet6.and_then(|s| by_subnet6.get(&s)) {
+            Some(format!("IPv6 subnet is already {}'s", name(first)))
+        } else {
+            by_ip.get(&p.public_ip).map(|first| {
+                format!(
+                    "public IP {} is already {}'s (the older lease keeps it)",
+                    p.public_ip,
+                    name(first)
+                )
+            })
+        };
+        match reason {
+            Some(reason) => skipped.push(Skipped::of(p, reason)),
+            None => {
+                by_subnet.insert(p.subnet, p);
+                if let Some(s6) = p.subnet6 {
+                    by_subnet6.insert(s6, p);
+                }
+                by_ip.insert(p.public_ip, p);
+                peers.push(p);
+            }
         }
     }
     (peers, skipped)
@@ -147,8 +250,9 @@ pub fn select_leases(
     leases: &[LeaseView],
     local: &LocalNode,
     backend: BackendType,
+    host: &HostView,
 ) -> (Vec<Peer>, Vec<Skipped>) {
     let candidates: Vec<Candidate> = leases.iter().map(read).collect();
-    let (peers, skipped) = select(&candidates, local, backend);
+    let (peers, skipped) = select(&candidates, local, backend, host);
     (peers.into_iter().cloned().collect(), skipped)
 }

@@ -233,9 +233,13 @@ pub enum Change {
         mac: MacAddr,
         dst: IpAddr,
     },
+    /// A route with weft's protocol: created exclusively (a route to `dst`
+    /// that is already there, which weft did not make, stays), or with
+    /// `replace` in place of weft's own route to `dst`.
     SetRoute {
         dst: IpNet,
         target: RouteTarget,
+        replace: bool,
     },
     DelRoute {
         dst: IpNet,
@@ -291,9 +295,14 @@ impl fmt::Display for Change {
             Change::DelFdb { dev, mac, dst } => {
                 write!(f, "bridge fdb del {mac} dev {dev} dst {dst} self")
             }
-            Change::SetRoute { dst, target } => write!(
+            Change::SetRoute {
+                dst,
+                target,
+                replace,
+            } => write!(
                 f,
-                "ip route replace {dst} via {} dev {}{} proto {WEFT_ROUTE_PROTOCOL}",
+                "ip route {} {dst} via {} dev {}{} proto {WEFT_ROUTE_PROTOCOL}",
+                if *replace { "replace" } else { "add" },
                 target.via,
                 target.dev,
                 if target.onlink { " onlink" } else { "" }

@@ -5,7 +5,7 @@ use ipnet::IpNet;
 use serde_json::json;
 use std::net::IpAddr;
 use std::sync::Arc;
-use weft_backends::peer::select_leases as select;
+use weft_backends::peer::{select_leases, HostView, Peer, Skipped};
 use weft_backends::{
     dev, diff, for_config, vtep_mac, Backend, Change, Dataplane, ExternalIface, FakeDataplane,
     HostGw, LocalNode, NetState, Vxlan,
@@ -13,6 +13,11 @@ use weft_backends::{
 use weft_config::{BackendType, NetworkConfig, VxlanConfig};
 use weft_lease::api::LeaseView;
 use weft_lease::{BackendData, Lease, LeaseAttrs, SubnetKey};
+
+/// Peer selection on a host with nothing in the way.
+fn select(leases: &[LeaseView], local: &LocalNode, b: BackendType) -> (Vec<Peer>, Vec<Skipped>) {
+    select_leases(leases, local, b, &HostView::default())
+}
 
 fn net() -> Arc<NetworkConfig> {
     Arc::new(NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap())

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use weft_backends::ipsec::keys::NodeKey;
 use weft_backends::ipsec::{drop_inbound_spi_collisions, pod_mtu, RekeyCause, Timing};
-use weft_backends::peer::select_leases;
+use weft_backends::peer::{select_leases, HostView};
 use weft_backends::{
     diff, vtep_mac, Backend, Change, ExternalIface, Ipsec, LocalNode, NetState, XfrmDir,
     XfrmPolicyId, WEFT_XFRM_REQID,
@@ -78,7 +78,12 @@ impl Node {
 
     /// Desired state given the other nodes' leases.
     fn desired(&self, others: &[LeaseView], now: Instant) -> (NetState, Vec<String>) {
-        let (peers, mut skipped) = select_leases(others, &self.local(), BackendType::Ipsec);
+        let (peers, mut skipped) = select_leases(
+            others,
+            &self.local(),
+            BackendType::Ipsec,
+            &HostView::default(),
+        );
         let refs: Vec<_> = peers.iter().collect();
         let (st, more) = self.backend.desired_at(&self.local(), &refs, now);
         skipped.extend(more);

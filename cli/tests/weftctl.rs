@@ -334,7 +334,11 @@ async fn a_node_certificate_may_read_but_not_change() {
     let s = setup(Some(r#"{"Network":"10.244.0.0/16"}"#)).await;
     let out = weftctl_as(&s, "node-host-1", &["leases", "list"], None).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("without TTLs"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("without TTLs"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = weftctl_as(&s, "node-host-1", &["lease", "release", "host-2"], None).await;
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);

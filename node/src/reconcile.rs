@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
-use weft_backends::peer::select;
-use weft_backends::{diff, Backend, Dataplane, LocalNode};
+use weft_backends::peer::{select, HostView};
+use weft_backends::{diff, in_scope, Backend, Dataplane, LocalNode};
 
 /// What one pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -62,6 +62,8 @@ pub struct Reconciler {
     last_errors: BTreeSet<String>,
     /// The kernel's state as the last pass left it; `None` after a failure.
     known: Option<weft_backends::NetState>,
+    /// The host's networks and foreign routes, read on every full pass.
+    host: HostView,
     /// Milliseconds since `origin` of the last completed pass, for the
     /// systemd watchdog.
     pub heartbeat: Arc<AtomicU64>,
@@ -94,6 +96,7 @@ impl Reconciler {
             last_skipped: BTreeSet::new(),
             last_errors: BTreeSet::new(),
             known: None,
+            host: HostView::default(),
             heartbeat: Arc::new(AtomicU64::new(0)),
             origin: Instant::now(),
         }
@@ -112,8 +115,20 @@ impl Reconciler {
     /// One pass of the given kind.
     pub async fn reconcile(&mut self, local: &LocalNode, table: &PeerTable, pass: Pass) -> Outcome {
         let started = Instant::now();
-        let (peers, mut skipped) =
-            select(table.leases.values(), local, self.backend.backend_type());
+        let mut outcome = Outcome::default();
+        if pass == Pass::Full || self.known.is_none() {
+            match self.dataplane.host_view().await {
+                Ok(h) => self.host = h,
+                // Keep the last view; the error is reported.
+                Err(e) => outcome.errors.push(e.to_string()),
+            }
+        }
+        let (peers, mut skipped) = select(
+            table.leases.values(),
+            local,
+            self.backend.backend_type(),
+            &self.host,
+        );
         let (want, more) = self.backend.desired(local, &peers);
         // Peers the backend itself could not program are among `peers`.
         let programmed = peers.len().saturating_sub(more.len());
@@ -129,18 +144,16 @@ impl Reconciler {
                 )
             })
             .collect();
-        let mut outcome = Outcome {
-            peers: programmed,
-            skipped,
-            ..Outcome::default()
-        };
+        outcome.peers = programmed;
+        outcome.skipped = skipped;
         let have = match (pass, self.known.take()) {
             (Pass::Event, Some(known)) => Ok(known),
             _ => self.dataplane.observe().await,
         };
         match have {
             Err(e) => outcome.errors.push(e.to_string()),
-            Ok(have) => {
+            Ok(mut have) => {
+                in_scope(&mut have, &local.network);
                 self.backend.observed(&have);
                 let changes = diff(&want, &have);
                 outcome.changes = changes.len();
@@ -149,7 +162,7 @@ impl Reconciler {
                 }
                 let errors = self.dataplane.apply(&changes).await;
                 outcome.changes -= errors.len();
-                outcome.errors = errors.iter().map(|e| e.to_string()).collect();
+                outcome.errors.extend(errors.iter().map(|e| e.to_string()));
                 if errors.is_empty() {
                     // The kernel has it all now, before any next pass.
                     self.backend.observed(&want);

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 use std::sync::Arc;
-use weft_backends::peer::select_leases as select;
+use weft_backends::peer::{select_leases as select, HostView};
 use weft_backends::{
     diff, vtep_mac, Backend, Dataplane, ExternalIface, HostGw, LocalNode, NetlinkDataplane, Vxlan,
 };
@@ -81,7 +81,7 @@ async fn reconcile(
     local: &LocalNode,
     leases: &[LeaseView],
 ) -> usize {
-    let (peers, skipped) = select(leases, local, backend.backend_type());
+    let (peers, skipped) = select(leases, local, backend.backend_type(), &HostView::default());
     assert!(skipped.is_empty(), "{skipped:?}");
     let (want, skipped) = backend.desired(local, &peers.iter().collect::<Vec<_>>());
     assert!(skipped.is_empty(), "{skipped:?}");

@@ -1,0 +1,105 @@
+//! Someone with write access to etcd (every flannel node in a shared
+//! keyspace has it) writes leases meant to divert traffic. The nodes skip
+//! them, say why, and keep everything else working.
+
+use std::time::Duration;
+use weft_tests::lab::{Lab, LabConfig};
+use weft_tests::netns::http_get;
+
+fn put(lab: &Lab, key: &str, ip: &str, node: &str) {
+    lab.etcdctl(&[
+        "put",
+        &format!("/weft/network/subnets/{key}"),
+        &format!(r#"{{"PublicIP":"{ip}","BackendType":"host-gw","NodeName":"{node}"}}"#),
+    ])
+    .unwrap();
+}
+
+/// Waits until host `i` reports a skipped lease containing `needle`.
+fn skips(lab: &Lab, i: u32, needle: &str) {
+    lab.wait_for(
+        Duration::from_secs(30),
+        &format!("host {i} to skip {needle}"),
+        || {
+            Ok(lab
+                .node_status(i)
+                .map(|s| s["skipped"].to_string().contains(needle))
+                .unwrap_or(false))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\nstatus: {:?}", lab.node_status(i)));
+}
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn leases_written_into_etcd_to_divert_traffic_are_not_programmed() {
+    weft_tests::netns::require_root();
+    let lab = Lab::up(LabConfig::for_test(3, "host-gw")).unwrap_or_else(|e| panic!("{e:#}"));
+    // The issue's two keys: half the internet, and the underlay itself.
+    put(&lab, "128.0.0.0-1", "198.18.0.99", "evil-1");
+    put(&lab, "198.18.0.0-16", "198.18.0.98", "evil-2");
+    // A node's public IP, claimed by a newer lease.
+    put(&lab, "10.244.251.0-24", "198.18.0.12", "evil-3");
+    // On host 1, a route someone else made to a subnet a lease then claims.
+    lab.host_ip(
+        1,
+        &[
+            "route",
+            "add",
+            "10.244.250.0/24",
+            "via",
+            "198.18.0.1",
+            "dev",
+            "eth0",
+        ],
+    )
+    .unwrap();
+    put(&lab, "10.244.250.0-24", "198.18.0.97", "evil-4");
+    for i in 1..=3 {
+        skips(
+            &lab,
+            i,
+            "128.0.0.0/1 is not a /24 of the network 10.244.0.0/16",
+        );
+        skips(&lab, i, "198.18.0.0/16 is not a /24 of the network");
+        if i != 2 {
+            skips(&lab, i, "public IP 198.18.0.12 is already host-2's");
+        }
+    }
+    skips(&lab, 1, "a route to 10.244.250.0/24 that weft does not own");
+    for i in 1..=3 {
+        let routes = lab.host_ip(i, &["-j", "route", "show"]).unwrap();
+        let routes: serde_json::Value = serde_json::from_str(&routes).unwrap();
+        let routes = routes.as_array().unwrap();
+        // Nothing of the attacker's, and the underlay's connected route as
+        // the kernel made it.
+        assert!(
+            routes
+                .iter()
+                .all(|r| r["dst"] != "128.0.0.0/1" && r["gateway"] != "198.18.0.98"),
+            "host {i}: {routes:?}"
+        );
+        assert!(
+            routes.iter().any(|r| r["dst"] == "198.18.0.0/16"
+                && r["protocol"] == "kernel"
+                && r.get("gateway").is_none()),
+            "host {i}: {routes:?}"
+        );
+        // Host 1 has its two peers; hosts 2 and 3 also evil-4's lease,
+        // which looks like any other (nothing on them collides with it).
+        let (_, metrics) =
+            http_get(&lab.host(i).unwrap().ns, "127.0.0.1:9680", "/metrics").unwrap();
+        let want = if i == 1 { 2 } else { 3 };
+        assert!(
+            metrics.contains(&format!("weft_node_peers {want}")),
+            "host {i}: {metrics}"
+        );
+    }
+    // The foreign route on host 1 is as it was.
+    let r = lab
+        .host_ip(1, &["route", "show", "10.244.250.0/24"])
+        .unwrap();
+    assert!(r.contains("via 198.18.0.1") && !r.contains("proto"), "{r}");
+    // And the pods still reach each other.
+    assert!(lab.unreachable_pairs().is_empty());
+}
