@@ -102,6 +102,18 @@ struct IpsecData {
     key_epoch: u64,
 }
 
+/// Whether an X25519 public key is a point of small order (the zero
+/// point, the points of order 2, 4, 8, their non-canonical encodings): the
+/// shared secret with it is all zeros whatever the secret key, so whoever
+/// publishes one knows the key of every peer's SA. A clamped scalar is a
+/// multiple of 8, which takes exactly those points to zero.
+pub fn low_order(public_key: &[u8; 32]) -> bool {
+    let probe = x25519_dalek::StaticSecret::from([0x55; 32]);
+    !probe
+        .diffie_hellman(&x25519_dalek::PublicKey::from(*public_key))
+        .was_contributory()
+}
+
 impl BackendData {
     /// Reads backend data of the given type, checking it fully.
     pub fn parse(backend_type: &str, data: Option<&Value>) -> Result<Self, BackendDataError> {
@@ -148,6 +160,13 @@ impl BackendData {
                         raw.len()
                     ))
                 })?;
+                if low_order(&public_key) {
+                    return Err(invalid(
+                        "PublicKey is a low-order X25519 point: every key agreed with it would \
+                         be all zeros"
+                            .into(),
+                    ));
+                }
                 Ok(BackendData::Ipsec {
                     public_key,
                     key_epoch: d.key_epoch,
@@ -271,6 +290,37 @@ mod tests {
         assert_eq!(v["BackendData"]["VNI"], 1);
         assert_eq!(v["BackendData"]["VtepMAC"], "0e:5a:00:00:00:01");
         assert_eq!(v["NodeName"], "host-1");
+    }
+
+    #[test]
+    fn low_order_ipsec_keys_are_refused() {
+        use base64::Engine;
+        let enc = |k: [u8; 32]| base64::engine::general_purpose::STANDARD.encode(k);
+        let mut p_plus_1 = [0xffu8; 32];
+        p_plus_1[0] = 0xee;
+        p_plus_1[31] = 0x7f;
+        for bad in [
+            [0u8; 32],
+            {
+                let mut one = [0u8; 32];
+                one[0] = 1;
+                one
+            },
+            p_plus_1,
+        ] {
+            let e = BackendData::parse(
+                "ipsec",
+                Some(&json!({"PublicKey": enc(bad), "KeyEpoch": 1})),
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("low-order"), "{e}");
+        }
+        let good = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([7u8; 32]));
+        assert!(BackendData::parse(
+            "ipsec",
+            Some(&json!({"PublicKey": enc(*good.as_bytes()), "KeyEpoch": 1}))
+        )
+        .is_ok());
     }
 
     #[test]

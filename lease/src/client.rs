@@ -102,6 +102,39 @@ fn build_http(tls: Option<&ClientTlsFiles>) -> Result<reqwest::Client, ClientErr
 
 /// Deadline of every request but the watch.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline for a watch's answer to start (its headers); the stream itself
+/// has none, the node reconnects after a silence.
+const WATCH_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest answer read: a lease list of 100,000 nodes is about 60 MiB.
+/// A controller (or whoever stands in for one) cannot make a client hold
+/// more.
+pub const MAX_BODY: usize = 128 << 20;
+/// The largest watch line: one lease and its metadata is under 2 KiB.
+pub const MAX_WATCH_LINE: usize = 256 << 10;
+
+/// Reads `resp`'s body, refusing more than `limit` bytes.
+async fn capped_body(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<bytes::Bytes, ClientErrorKind> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(ClientErrorKind::TooLarge(limit));
+    }
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = resp.chunk().await.map_err(ClientErrorKind::Transport)? {
+        if buf.len() + chunk.len() > limit {
+            return Err(ClientErrorKind::TooLarge(limit));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+/// How reading a body failed.
+enum ClientErrorKind {
+    Transport(reqwest::Error),
+    TooLarge(usize),
+}
 
 /// The error an answer with a failure status carries.
 fn api_error(status: reqwest::StatusCode, bytes: &[u8]) -> ClientError {
@@ -217,6 +250,15 @@ impl ControllerClient {
         &self.base
     }
 
+    fn body_err(&self, e: ClientErrorKind) -> ClientError {
+        match e {
+            ClientErrorKind::Transport(e) => self.connect_err(e),
+            ClientErrorKind::TooLarge(n) => {
+                ClientError::Decode(format!("the answer is larger than {n} bytes; not read"))
+            }
+        }
+    }
+
     fn connect_err(&self, e: reqwest::Error) -> ClientError {
         let mut reason = e.to_string();
         let mut src = std::error::Error::source(&e);
@@ -243,7 +285,9 @@ impl ControllerClient {
         };
         let resp = req.send().await.map_err(|e| self.connect_err(e))?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| self.connect_err(e))?;
+        let bytes = capped_body(resp, MAX_BODY)
+            .await
+            .map_err(|e| self.body_err(e))?;
         Ok((status, bytes))
     }
 
@@ -344,19 +388,22 @@ impl ControllerClient {
             "{}/v1/leases/watch?from_revision={from_revision}",
             self.base
         );
-        let resp = self
-            .http()
-            .get(url)
-            .send()
+        let resp = tokio::time::timeout(WATCH_START_TIMEOUT, self.http().get(url).send())
             .await
+            .map_err(|_| ClientError::Connect {
+                url: self.base.clone(),
+                reason: format!("no answer to the watch within {WATCH_START_TIMEOUT:?}"),
+            })?
             .map_err(|e| self.connect_err(e))?;
         let status = resp.status();
         if !status.is_success() {
-            let bytes = resp.bytes().await.map_err(|e| self.connect_err(e))?;
+            let bytes = capped_body(resp, 64 << 10)
+                .await
+                .map_err(|e| self.body_err(e))?;
             return Err(api_error(status, &bytes));
         }
         let client = self.clone();
-        let bytes = resp.bytes_stream();
+        let bytes = resp.bytes_stream().boxed();
         let lines = futures::stream::unfold(
             (bytes, BytesMut::new(), client),
             |(mut bytes, mut buf, client)| async move {
@@ -370,6 +417,15 @@ impl ControllerClient {
                         let item = serde_json::from_slice::<WatchEvent>(&line)
                             .map_err(|e| ClientError::Decode(format!("watch line: {e}")));
                         return Some((item, (bytes, buf, client)));
+                    }
+                    if buf.len() > MAX_WATCH_LINE {
+                        // A line this long is no lease: end the stream (the
+                        // node reconnects and lists again).
+                        let e = ClientError::Decode(format!(
+                            "watch line longer than {MAX_WATCH_LINE} bytes"
+                        ));
+                        buf.clear();
+                        return Some((Err(e), (futures::stream::empty().boxed(), buf, client)));
                     }
                     match bytes.next().await {
                         Some(Ok(chunk)) => buf.extend_from_slice(&chunk),

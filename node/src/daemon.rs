@@ -12,7 +12,7 @@ use crate::retry::{until_ok, Backoff};
 use crate::status::Status;
 use crate::subnet_env::{self, SubnetEnv};
 use crate::{health, masq, system};
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -25,7 +25,7 @@ use weft_backends::ipsec::Timing;
 use weft_backends::{
     for_config, vtep_mac, Backend, ExternalIface, Ipsec, LocalNode, NetlinkDataplane,
 };
-use weft_config::{BackendConfig, NetworkConfig};
+use weft_config::{BackendConfig, BackendType, NetworkConfig};
 use weft_lease::api::{AcquireRequest, LeaseResponse};
 use weft_lease::client::{ClientError, ControllerClient};
 use weft_lease::{NodeName, SubnetKey};
@@ -50,6 +50,13 @@ pub struct Options {
     pub state_dir: PathBuf,
     /// Rotate the IPsec key this often (zero: only on demand).
     pub ipsec_rekey_interval: Duration,
+    /// The cluster PSK for the ipsec backend (a node-local file).
+    pub ipsec_psk_file: Option<PathBuf>,
+    /// Run ipsec without a PSK.
+    pub ipsec_allow_no_psk: bool,
+    /// Start a backend weaker than the one this node ran before (ipsec to
+    /// vxlan or host-gw: pod traffic in the clear).
+    pub allow_backend_change: bool,
 }
 
 /// What the lease-keeping task needs.
@@ -113,13 +120,82 @@ impl Keeper {
         Ok(())
     }
 
+    /// What is wrong with our lease as the store has it now, if anything:
+    /// gone, or changed by someone else (its node, public IP or backend
+    /// data are no longer what this node publishes).
+    fn tampered(&self, current: &LeaseResponse, table: &PeerTable) -> Option<String> {
+        // Until the table has caught up with our own write, it may not
+        // show it yet.
+        if !table.synced || table.revision < current.lease.revision {
+            return None;
+        }
+        let key = current.lease.key.to_cidrs();
+        let name = self.opts.node_name.as_str();
+        let changed = match table.leases.get(&current.lease.key) {
+            None => {
+                return Some(format!(
+                    "our lease is gone from the store: {key} (released, or deleted by someone; \
+                     store revision {})",
+                    table.revision
+                ))
+            }
+            Some(Err(s)) => format!("is unreadable now: {}", s.reason),
+            Some(Ok(p)) if p.node.as_deref() != Some(name) => {
+                format!("now names node {:?}", p.node.as_deref().unwrap_or(""))
+            }
+            Some(Ok(p)) if p.public_ip != self.public_ip => {
+                format!(
+                    "now has public IP {} (ours is {})",
+                    p.public_ip, self.public_ip
+                )
+            }
+            Some(Ok(p)) if p.backend != self.backend.lease_data(name) => {
+                format!("now has backend data {:?}, not ours", p.backend)
+            }
+            Some(Ok(_)) => return None,
+        };
+        Some(format!(
+            "our lease was rewritten in the store by someone else: {key} {changed} (store \
+             revision {})",
+            table.revision
+        ))
+    }
+
     /// Renews the lease for ever; re-acquires when it is gone or no longer
-    /// fits the network.
-    async fn keep(self, mut current: LeaseResponse) {
+    /// fits the network, and at once when the store shows it gone or
+    /// changed by someone else (a renewal may be an hour away).
+    async fn keep(self, mut current: LeaseResponse, mut table: watch::Receiver<Arc<PeerTable>>) {
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         let mut delay = renew_interval(&current);
+        let mut following = true;
         loop {
-            tokio::time::sleep(delay).await;
+            let renew_at = tokio::time::Instant::now() + delay;
+            // Wait for the renewal, looking at every change of the leases.
+            let tampered = loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(renew_at) => break None,
+                    r = table.changed(), if following => {
+                        if r.is_err() {
+                            following = false;
+                            continue;
+                        }
+                        let t = table.borrow_and_update().clone();
+                        if let Some(why) = self.tampered(&current, &t) {
+                            break Some(why);
+                        }
+                    }
+                }
+            };
+            if let Some(why) = tampered {
+                self.status
+                    .renewals
+                    .get_or_create(&vec![("result", "tampered")])
+                    .inc();
+                tracing::warn!("{why}; acquiring again");
+                current = self.reacquire(Some(current.lease.key)).await;
+                delay = renew_interval(&current);
+                continue;
+            }
             match self.client.renew(self.opts.node_name.as_str()).await {
                 Ok(resp) => {
                     self.status
@@ -231,6 +307,7 @@ async fn make_backend(
     opts: &Options,
     dp: &NetlinkDataplane,
 ) -> Result<(Arc<dyn Backend>, Option<Arc<Ipsec>>)> {
+    check_backend_change(network.backend.backend_type(), opts)?;
     match &network.backend {
         BackendConfig::Ipsec(cfg) => {
             dp.probe_ipsec().await.map_err(|e| {
@@ -240,9 +317,29 @@ async fn make_backend(
                 )
             })?;
             let (key, origin) = keystore::load_or_create(&opts.state_dir)?;
-            let psk = match &cfg.psk_file {
-                Some(f) => Some(keystore::read_psk(f).context("Backend.PSK")?),
-                None => None,
+            if let Some(f) = &cfg.psk_file {
+                tracing::warn!(
+                    "the network config names a PSK file ({}); it is ignored: the PSK is a \
+                     node's own setting (--ipsec-psk-file), not something the cluster config \
+                     (which every node can read, and etcd's writers can change) decides",
+                    f.display()
+                );
+            }
+            let psk = match (&opts.ipsec_psk_file, opts.ipsec_allow_no_psk) {
+                (Some(f), _) => Some(keystore::read_psk(f).context("--ipsec-psk-file")?),
+                (None, true) => {
+                    tracing::warn!(
+                        "ipsec without a PSK (--ipsec-allow-no-psk): any node whose lease the \
+                         others accept can set up SAs with them"
+                    );
+                    None
+                }
+                (None, false) => bail!(
+                    "the ipsec backend needs the cluster PSK: give --ipsec-psk-file (the same \
+                     secret on every node, a root-owned 0600 file), or --ipsec-allow-no-psk to \
+                     run without one (then anyone who can write a lease into etcd can set up \
+                     SAs with every node)"
+                ),
             };
             tracing::info!(
                 epoch = key.epoch(),
@@ -258,6 +355,30 @@ async fn make_backend(
         }
         other => Ok((Arc::from(for_config(other)?), None)),
     }
+}
+
+/// Refuses to go from an encrypting backend to one that is not, unless
+/// told to; remembers the backend that runs.
+fn check_backend_change(wanted: BackendType, opts: &Options) -> Result<()> {
+    let before = keystore::remembered_backend(&opts.state_dir)?;
+    let encrypts = |b: &str| b == BackendType::Ipsec.as_str();
+    if let Some(b) = &before {
+        if encrypts(b) && !encrypts(wanted.as_str()) {
+            if !opts.allow_backend_change {
+                bail!(
+                    "refusing to start the {wanted} backend: this node ran {b} (remembered in \
+                     {}), and {wanted} sends pod traffic between nodes unencrypted. If the \
+                     network's backend was changed on purpose, give --allow-backend-change",
+                    opts.state_dir.display()
+                );
+            }
+            tracing::warn!("switching from {b} to {wanted} (--allow-backend-change): pod traffic between nodes is no longer encrypted");
+        }
+    }
+    if before.as_deref() != Some(wanted.as_str()) {
+        keystore::remember_backend(&opts.state_dir, wanted.as_str())?;
+    }
+    Ok(())
 }
 
 fn kernel_release() -> String {
@@ -405,8 +526,8 @@ async fn start(
         };
         tasks.spawn(rekeyer.run(opts.ipsec_rekey_interval, rekey_rx));
     }
-    tasks.spawn(reconciler.run(local_rx, peers_rx, opts.resync));
-    tasks.spawn(keeper.keep(lease));
+    tasks.spawn(reconciler.run(local_rx, peers_rx.clone(), opts.resync));
+    tasks.spawn(keeper.keep(lease, peers_rx));
 
     status.phase("programming the data plane");
     // One-shot tasks live in their own set: their ending is not a failure.

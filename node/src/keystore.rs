@@ -164,18 +164,95 @@ pub fn store(state_dir: &Path, k: &NodeKey) -> Result<(), KeyStoreError> {
 
 /// The cluster PSK from the file the network config names: its bytes,
 /// without a trailing newline. Empty or unreadable is an error.
+/// The largest PSK file read.
+pub const MAX_PSK: u64 = 4096;
+
+/// Reads the cluster PSK from a node-local file (`--ipsec-psk-file`): a
+/// regular file (not a link) owned by root (or the user weft-node runs
+/// as), mode 0600 or stricter, at most
+/// [`MAX_PSK`] bytes. Anything else is refused: whoever could write or read
+/// it could read the traffic. A trailing newline is not part of the key.
 pub fn read_psk(file: &Path) -> Result<Zeroizing<Vec<u8>>, KeyStoreError> {
-    let mut raw = Zeroizing::new(fs::read(file).map_err(io(file))?);
+    use std::os::unix::fs::MetadataExt;
+    let invalid = |reason: String| KeyStoreError::Invalid {
+        path: file.to_path_buf(),
+        reason,
+    };
+    let meta = fs::symlink_metadata(file).map_err(io(file))?;
+    if !meta.file_type().is_file() {
+        return Err(invalid(
+            "not a regular file (links are not followed)".into(),
+        ));
+    }
+    // Root, or whoever weft-node runs as (root in production; tests run as
+    // anyone).
+    let me = fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(invalid(format!("owned by uid {}, not root", meta.uid())));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(invalid(format!(
+            "mode {:o}: others may read or write it; chmod 600",
+            meta.mode() & 0o777
+        )));
+    }
+    if meta.len() > MAX_PSK {
+        return Err(invalid(format!(
+            "{} bytes; a PSK file holds at most {MAX_PSK}",
+            meta.len()
+        )));
+    }
+    let mut raw = Zeroizing::new(Vec::with_capacity(meta.len() as usize));
+    {
+        use std::io::Read;
+        let f = fs::File::open(file).map_err(io(file))?;
+        f.take(MAX_PSK + 1)
+            .read_to_end(&mut raw)
+            .map_err(io(file))?;
+    }
+    if raw.len() as u64 > MAX_PSK {
+        return Err(invalid("it grew while being read".into()));
+    }
     while raw.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
         raw.pop();
     }
     if raw.is_empty() {
-        return Err(KeyStoreError::Invalid {
-            path: file.to_path_buf(),
-            reason: "the PSK file is empty".into(),
-        });
+        return Err(invalid("the PSK file is empty".into()));
     }
     Ok(raw)
+}
+
+/// The file where the node remembers the backend it last ran.
+fn backend_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("backend")
+}
+
+/// The backend this node last ran, from its state directory.
+pub fn remembered_backend(state_dir: &Path) -> Result<Option<String>, KeyStoreError> {
+    let p = backend_path(state_dir);
+    match fs::read_to_string(&p) {
+        Ok(s) => Ok(Some(s.trim().to_string()).filter(|s| !s.is_empty())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(&p)(e)),
+    }
+}
+
+/// Remembers `backend` as the one this node runs (atomically, 0600).
+pub fn remember_backend(state_dir: &Path, backend: &str) -> Result<(), KeyStoreError> {
+    ensure_dir(state_dir)?;
+    let p = backend_path(state_dir);
+    let tmp = state_dir.join(".backend.tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(format!("{backend}\n").as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(io(&tmp))?;
+    fs::rename(&tmp, &p).map_err(io(&p))
 }
 
 #[cfg(test)]
@@ -244,13 +321,29 @@ mod tests {
     }
 
     #[test]
-    fn psk_files_are_read_without_the_newline() {
+    fn psk_files_are_read_without_the_newline_and_only_when_private() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("psk");
         fs::write(&p, "s3cret\n").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(read_psk(&p).unwrap().as_slice(), b"s3cret");
         fs::write(&p, "\n").unwrap();
         assert!(read_psk(&p).is_err());
         assert!(read_psk(&dir.path().join("missing")).is_err());
+        // Readable by others.
+        fs::write(&p, "s3cret").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_psk(&p).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        // A link, even to a good file.
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        let e = read_psk(&link).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        // Too long.
+        fs::write(&p, vec![b'k'; 5000]).unwrap();
+        let e = read_psk(&p).unwrap_err().to_string();
+        assert!(e.contains("at most 4096"), "{e}");
     }
 }

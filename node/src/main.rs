@@ -65,6 +65,18 @@ struct Args {
     /// `24h`, `90m`; `0` only on demand: SIGUSR1 or `weftctl node rekey`).
     #[arg(long, env = "WEFT_NODE_IPSEC_REKEY_INTERVAL", default_value = "24h")]
     ipsec_rekey_interval: String,
+    /// ipsec backend: the cluster PSK, a root-owned 0600 file (at most 4
+    /// KiB) with the same secret on every node.
+    #[arg(long, env = "WEFT_NODE_IPSEC_PSK_FILE")]
+    ipsec_psk_file: Option<PathBuf>,
+    /// ipsec backend: run without a PSK (anyone who can write a lease into
+    /// etcd can then set up SAs with this node).
+    #[arg(long, env = "WEFT_NODE_IPSEC_ALLOW_NO_PSK")]
+    ipsec_allow_no_psk: bool,
+    /// Start vxlan or host-gw on a node that ran ipsec (its pod traffic is
+    /// then unencrypted); refused without this.
+    #[arg(long, env = "WEFT_NODE_ALLOW_BACKEND_CHANGE")]
+    allow_backend_change: bool,
     /// Log filter, e.g. `info` or `weft_node=debug`.
     #[arg(long, env = "WEFT_NODE_LOG", default_value = "info")]
     log: String,
@@ -127,6 +139,9 @@ fn options(a: Args) -> anyhow::Result<Options> {
         watch_silence: Duration::from_secs(45),
         state_dir: a.state_dir,
         ipsec_rekey_interval,
+        ipsec_psk_file: a.ipsec_psk_file,
+        ipsec_allow_no_psk: a.ipsec_allow_no_psk,
+        allow_backend_change: a.allow_backend_change,
     })
 }
 

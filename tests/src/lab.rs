@@ -674,6 +674,27 @@ impl Lab {
         self.dir.join(format!("h{i}-subnet.env"))
     }
 
+    /// The cluster PSK every node's ipsec backend reads: made once per lab,
+    /// root-owned 0600, like an operator's.
+    pub fn psk_file(&self) -> Result<PathBuf> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let p = self.dir.join("ipsec.psk");
+        if !p.exists() {
+            let mut key = [0u8; 32];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
+                .context("reading /dev/urandom")?;
+            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&p)?;
+            std::io::Write::write_all(&mut f, hex.as_bytes())?;
+        }
+        Ok(p)
+    }
+
     /// Host `i`'s certificate and key (CN=host-i, O=weft:nodes).
     pub fn node_cert(&self, i: u32) -> (PathBuf, PathBuf) {
         let pki = self.pki_dir();
@@ -712,6 +733,9 @@ impl Lab {
             self.state.resync.to_string(),
             "--state-dir".into(),
             self.state_dir(i).display().to_string(),
+            // Read only by the ipsec backend.
+            "--ipsec-psk-file".into(),
+            self.psk_file()?.display().to_string(),
         ];
         if self.state.ip_masq {
             argv.push("--ip-masq".into());

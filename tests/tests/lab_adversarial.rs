@@ -103,3 +103,68 @@ fn leases_written_into_etcd_to_divert_traffic_are_not_programmed() {
     // And the pods still reach each other.
     assert!(lab.unreachable_pairs().is_empty());
 }
+
+/// The lease JSON under `key`, as etcd has it.
+fn stored(lab: &Lab, key: &str) -> String {
+    lab.etcdctl(&[
+        "get",
+        "--print-value-only",
+        &format!("/weft/network/subnets/{key}"),
+    ])
+    .unwrap()
+}
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn a_node_restores_its_lease_at_once_when_someone_rewrites_or_deletes_it() {
+    weft_tests::netns::require_root();
+    // The default TTL (24h): the next renewal is an hour away.
+    let lab = Lab::up(LabConfig::for_test(2, "host-gw")).unwrap_or_else(|e| panic!("{e:#}"));
+    let key1 = lab
+        .host(1)
+        .unwrap()
+        .subnet
+        .unwrap()
+        .to_string()
+        .replace('/', "-");
+    let key2 = lab
+        .host(2)
+        .unwrap()
+        .subnet
+        .unwrap()
+        .to_string()
+        .replace('/', "-");
+    // Rewritten to take host 1's traffic elsewhere.
+    lab.etcdctl(&[
+        "put",
+        &format!("/weft/network/subnets/{key1}"),
+        r#"{"PublicIP":"198.18.0.99","BackendType":"host-gw","NodeName":"host-1"}"#,
+    ])
+    .unwrap();
+    lab.wait_for(
+        Duration::from_secs(15),
+        "host 1 to restore its lease",
+        || Ok(stored(&lab, &key1).contains("198.18.0.11")),
+    )
+    .unwrap();
+    let log = lab.log_tail("node-1", 30);
+    assert!(
+        log.contains("our lease was rewritten in the store by someone else")
+            && log.contains("198.18.0.99"),
+        "{log}"
+    );
+    // Deleted behind the controller's back.
+    lab.etcdctl(&["del", &format!("/weft/network/subnets/{key2}")])
+        .unwrap();
+    lab.wait_for(
+        Duration::from_secs(15),
+        "host 2 to take its subnet again",
+        || Ok(stored(&lab, &key2).contains("host-2")),
+    )
+    .unwrap();
+    assert!(lab
+        .log_tail("node-2", 30)
+        .contains("our lease is gone from the store"));
+    lab.wait_converged(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+}
