@@ -114,6 +114,26 @@ fn subnet_env(path: &Path) -> Result<(SubnetEnv, Ipv4Net), CniError> {
     Ok((env, subnet))
 }
 
+/// The node's lease, which must still be held: past its expiry the subnet
+/// may be handed to another node, so no container gets an address from it.
+fn held_lease(path: &Path) -> Result<(SubnetEnv, Ipv4Net), CniError> {
+    let (env, subnet) = subnet_env(path)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if let Some(t) = env.lease_expires.filter(|t| *t <= now) {
+        return Err(CniError::new(
+            Code::TryAgainLater,
+            format!(
+                "this node's lease of {subnet} ran out {}s ago (weft-node could not renew it; \
+                 see its /readyz): no new containers until it holds a lease again",
+                now - t
+            ),
+        ));
+    }
+    Ok((env, subnet))
+}
+
 fn open_netns(path: &str) -> Result<File, CniError> {
     File::open(path).map_err(|e| {
         CniError::new(
@@ -132,7 +152,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, CniError> {
 
 /// ADD: attach the container.
 pub fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
-    let (senv, subnet) = subnet_env(&conf.subnet_file)?;
+    let (senv, subnet) = held_lease(&conf.subnet_file)?;
     let range = Range::of(subnet);
     let mtu = conf
         .mtu
@@ -341,7 +361,7 @@ pub fn status(conf: &NetConf) -> Result<(), CniError> {
             format!("STATUS is not part of CNI {}", conf.cni_version),
         ));
     }
-    subnet_env(&conf.subnet_file)
+    held_lease(&conf.subnet_file)
         .map(|_| ())
         .map_err(|e| CniError::new(Code::NotAvailable, e.msg))
 }

@@ -16,6 +16,11 @@ pub struct SubnetEnv {
     pub ipv6_subnet: Option<Ipv6Net>,
     pub mtu: u32,
     pub ip_masq: bool,
+    /// `WEFT_LEASE_EXPIRES`: Unix time the node's lease runs out unless
+    /// renewed (weft's own variable; flannel's readers ignore it). weft-cni
+    /// adds no container after it: the subnet may be handed to another
+    /// node.
+    pub lease_expires: Option<u64>,
 }
 
 fn first_host(n: IpNet) -> IpNet {
@@ -48,6 +53,7 @@ impl SubnetEnv {
             }),
             mtu,
             ip_masq,
+            lease_expires: None,
         }
     }
 
@@ -66,6 +72,9 @@ impl SubnetEnv {
             "FLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
             self.mtu, self.ip_masq
         ));
+        if let Some(t) = self.lease_expires {
+            s.push_str(&format!("WEFT_LEASE_EXPIRES={t}\n"));
+        }
         s
     }
 
@@ -79,6 +88,7 @@ impl SubnetEnv {
             ipv6_subnet: None,
             mtu: 0,
             ip_masq: false,
+            lease_expires: None,
         };
         for line in text
             .lines()
@@ -105,6 +115,9 @@ impl SubnetEnv {
                 }
                 "FLANNEL_MTU" => env.mtu = v.parse().map_err(|_| bad("a number"))?,
                 "FLANNEL_IPMASQ" => env.ip_masq = v.parse().map_err(|_| bad("true or false"))?,
+                "WEFT_LEASE_EXPIRES" => {
+                    env.lease_expires = Some(v.parse().map_err(|_| bad("a Unix time"))?)
+                }
                 _ => {}
             }
         }

@@ -69,6 +69,17 @@ struct Keeper {
     ipsec: Option<Arc<Ipsec>>,
     status: Arc<Status>,
     local: watch::Sender<Option<Arc<LocalNode>>>,
+    /// subnet.env as last written (its expiry moves with each renewal).
+    env: std::sync::Mutex<Option<SubnetEnv>>,
+}
+
+/// When a lease runs out unless renewed, as Unix time.
+fn lease_expiry(resp: &LeaseResponse) -> Option<u64> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    resp.lease.ttl_seconds.map(|t| now + t)
 }
 
 impl Keeper {
@@ -93,9 +104,12 @@ impl Keeper {
             );
         }
         let mtu = self.backend.pod_mtu(self.ext.mtu);
-        let env = SubnetEnv::new(&network, key.ipv4(), key.ipv6(), mtu, self.opts.ip_masq);
+        let mut env = SubnetEnv::new(&network, key.ipv4(), key.ipv6(), mtu, self.opts.ip_masq);
+        env.lease_expires = lease_expiry(resp);
         subnet_env::write(&env, &self.opts.subnet_file)
             .with_context(|| format!("writing {}", self.opts.subnet_file.display()))?;
+        *self.env.lock().expect("env lock") = Some(env);
+        self.lease_held();
         if self.opts.ip_masq {
             let rules = masq::ruleset(
                 network.ipv4.as_ref().map(|p| p.network().into()),
@@ -118,6 +132,69 @@ impl Keeper {
         self.status.update(|s| s.subnet = Some(key.to_cidrs()));
         self.local.send_replace(Some(Arc::new(local)));
         Ok(())
+    }
+
+    /// The lease is held again (or still): new pods are welcome.
+    fn lease_held(&self) {
+        if self.status.snapshot().lease_expired.is_some() {
+            tracing::info!("our lease is held again; taking new pods");
+        }
+        self.status.update(|s| s.lease_expired = None);
+    }
+
+    /// A renewal succeeded: subnet.env gets the new expiry.
+    fn renewed(&self, resp: &LeaseResponse) {
+        let mut env = self.env.lock().expect("env lock");
+        if let Some(env) = env.as_mut() {
+            env.lease_expires = lease_expiry(resp);
+            if let Err(e) = subnet_env::write(env, &self.opts.subnet_file) {
+                tracing::warn!("writing {}: {e}", self.opts.subnet_file.display());
+            }
+        }
+        drop(env);
+        self.lease_held();
+    }
+
+    /// A renewal failed: past the lease's expiry, stop taking new pods (the
+    /// controller may give the subnet to another node once its quarantine
+    /// ends); the data plane stays as it is.
+    fn check_expiry(&self) {
+        let expires = self
+            .env
+            .lock()
+            .expect("env lock")
+            .as_ref()
+            .and_then(|e| e.lease_expires);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Some(t) = expires.filter(|t| *t <= now) {
+            if self.status.snapshot().lease_expired.is_none() {
+                let why = format!(
+                    "our lease expired {}s ago without a renewal (is the controller reachable?): \
+                     no new pods until it is renewed",
+                    now - t
+                );
+                tracing::error!("{why}");
+                self.status.update(|s| s.lease_expired = Some(why));
+            }
+        }
+    }
+
+    /// The lease is gone (released, deleted, expired): no new pods until
+    /// we hold one again; subnet.env says so to weft-cni.
+    fn lease_lost(&self, why: &str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Some(env) = self.env.lock().expect("env lock").as_mut() {
+            env.lease_expires = Some(now);
+            if let Err(e) = subnet_env::write(env, &self.opts.subnet_file) {
+                tracing::warn!("writing {}: {e}", self.opts.subnet_file.display());
+            }
+        }
+        let why = format!("{why}: no new pods until this node holds a lease again");
+        self.status.update(|s| s.lease_expired = Some(why));
     }
 
     /// What is wrong with our lease as the store has it now, if anything:
@@ -192,6 +269,9 @@ impl Keeper {
                     .get_or_create(&vec![("result", "tampered")])
                     .inc();
                 tracing::warn!("{why}; acquiring again");
+                if why.starts_with("our lease is gone") {
+                    self.lease_lost("our lease is gone from the store");
+                }
                 current = self.reacquire(Some(current.lease.key)).await;
                 delay = renew_interval(&current);
                 continue;
@@ -212,6 +292,7 @@ impl Keeper {
                         );
                         self.reacquire(Some(current.lease.key)).await
                     } else {
+                        self.renewed(&resp);
                         resp
                     };
                     delay = renew_interval(&current);
@@ -222,6 +303,7 @@ impl Keeper {
                         .get_or_create(&vec![("result", "lost")])
                         .inc();
                     tracing::warn!(subnet = %current.lease.key.to_cidrs(), "our lease is gone (expired or released); acquiring again");
+                    self.lease_lost("our lease is gone (expired or released)");
                     current = self.reacquire(Some(current.lease.key)).await;
                     delay = renew_interval(&current);
                 }
@@ -232,6 +314,7 @@ impl Keeper {
                         .inc();
                     delay = backoff.next_delay();
                     tracing::warn!("renewing the lease: {e}; retrying in {delay:?} (the data plane stays as it is)");
+                    self.check_expiry();
                 }
             }
         }
@@ -500,6 +583,7 @@ async fn start(
         ipsec: ipsec.clone(),
         status: status.clone(),
         local: local_tx,
+        env: std::sync::Mutex::new(None),
     };
     let network = Arc::new(network);
     keeper.install(&lease, network).await?;

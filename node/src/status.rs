@@ -26,6 +26,10 @@ pub struct Snapshot {
     pub errors: Vec<String>,
     /// Unix time of the last reconcile that applied everything.
     pub last_success_unix: Option<u64>,
+    /// Set while the node's lease has run out without a renewal: no new
+    /// pods (weft-cni refuses), not ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_expired: Option<String>,
     /// The IPsec key, with the ipsec backend (never the private half).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ipsec: Option<IpsecSnapshot>,
@@ -149,7 +153,8 @@ impl Status {
     pub fn update(&self, f: impl FnOnce(&mut Snapshot)) {
         let mut s = self.snap.lock().expect("status lock");
         f(&mut s);
-        self.ready.set(i64::from(s.ready));
+        self.ready
+            .set(i64::from(s.ready && s.lease_expired.is_none()));
     }
 
     /// Sets what the daemon is doing.
@@ -170,8 +175,15 @@ impl Status {
         self.update(|s| s.ipsec = Some(snap));
     }
 
+    /// The snapshot; not ready while the lease has expired, whatever the
+    /// data plane does.
     pub fn snapshot(&self) -> Snapshot {
-        self.snap.lock().expect("status lock").clone()
+        let mut s = self.snap.lock().expect("status lock").clone();
+        if let Some(why) = &s.lease_expired {
+            s.ready = false;
+            s.phase = why.clone();
+        }
+        s
     }
 
     /// Records a reconcile without errors now.

@@ -812,6 +812,10 @@ impl Lab {
         self.save()?;
         let answer = self.cni(i, "ADD", &pod)?;
         if !answer.ok {
+            // A refused ADD leaves no pod behind (weft-cni made nothing).
+            let _ = run("ip", &["netns", "del", &pod]);
+            self.host_mut(i)?.pods.retain(|p| p.ns != pod);
+            self.save()?;
             bail!(
                 "weft-cni ADD for {pod} failed: {} (code {:?}); stderr: {}",
                 answer.msg(),

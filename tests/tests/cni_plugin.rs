@@ -402,6 +402,34 @@ fn status_and_gc_from_cni_1_1() {
     assert!(call(&plugin, n.ns.name(), "GC", &gc, None).unwrap().ok);
     assert_eq!(n.ips_in_store(), vec![ip_of(&keep)]);
     assert_eq!(n.host_veths(), 1);
+    // The node's lease ran out (weft-node writes when): STATUS says no,
+    // ADD refuses, DEL still works.
+    let text = std::fs::read_to_string(&n.subnet_file).unwrap();
+    std::fs::write(&n.subnet_file, format!("{text}WEFT_LEASE_EXPIRES=1000\n")).unwrap();
+    let s = call(&plugin, n.ns.name(), "STATUS", &n.conf("1.1.0"), None).unwrap();
+    assert_eq!(s.code(), Some(50), "{s:?}");
+    assert!(s.msg().contains("ran out"), "{s:?}");
+    let c3 = Netns::new("g3").unwrap();
+    let refused = n.run("ADD", &n.conf("1.1.0"), &c3, "late", "eth0");
+    assert_eq!(refused.code(), Some(11), "{refused:?}");
+    assert!(refused.msg().contains("no new containers"), "{refused:?}");
+    assert!(n.run("DEL", &n.conf("1.1.0"), &c1, "keep", "eth0").ok);
+    // A lease that runs out later is fine.
+    let later = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    std::fs::write(
+        &n.subnet_file,
+        format!("{text}WEFT_LEASE_EXPIRES={later}\n"),
+    )
+    .unwrap();
+    assert!(
+        call(&plugin, n.ns.name(), "STATUS", &n.conf("1.1.0"), None)
+            .unwrap()
+            .ok
+    );
     std::fs::remove_file(&n.subnet_file).unwrap();
     let s = call(&plugin, n.ns.name(), "STATUS", &n.conf("1.1.0"), None).unwrap();
     assert_eq!(s.code(), Some(50), "{s:?}");

@@ -101,7 +101,15 @@ fn leases_written_into_etcd_to_divert_traffic_are_not_programmed() {
         .unwrap();
     assert!(r.contains("via 198.18.0.1") && !r.contains("proto"), "{r}");
     // And the pods still reach each other.
-    assert!(lab.unreachable_pairs().is_empty());
+    let broken = lab.unreachable_pairs();
+    assert!(
+        broken.is_empty(),
+        "{broken:?}\n{}",
+        (1..=3)
+            .map(|i| lab.host_ip(i, &["route"]).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 /// The lease JSON under `key`, as etcd has it.

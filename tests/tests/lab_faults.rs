@@ -230,3 +230,43 @@ fn a_refused_network_config_ends_the_wait_at_once_with_the_refusal() {
     );
     assert!(!msg.contains("timed out"), "{msg}");
 }
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn a_node_whose_lease_ran_out_takes_no_new_pods_until_it_holds_one_again() {
+    weft_tests::netns::require_root();
+    let mut cfg = LabConfig::for_test(2, "vxlan");
+    cfg.network = Some(r#"{"Network":"10.244.0.0/16","LeaseTTL":"6s"}"#.into());
+    let mut lab = Lab::up(cfg).unwrap_or_else(|e| panic!("{e:#}"));
+    // No controller: no renewal, and after 6 s the leases have run out.
+    lab.stop("controller").unwrap();
+    lab.wait_for(
+        Duration::from_secs(30),
+        "host 1 to see its lease run out",
+        || {
+            let s = lab.node_status(1)?;
+            Ok(s["ready"] == false && s["lease_expired"].is_string())
+        },
+    )
+    .unwrap();
+    let e = lab.new_pod(1).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("ran out") && msg.contains("no new containers"),
+        "{msg}"
+    );
+    // The pods it has keep working meanwhile.
+    assert!(lab.unreachable_pairs().is_empty());
+    lab.start("controller").unwrap();
+    lab.wait_for(
+        Duration::from_secs(30),
+        "host 1 to hold a lease again",
+        || {
+            let s = lab.node_status(1)?;
+            Ok(s["ready"] == true && s.get("lease_expired").is_none())
+        },
+    )
+    .unwrap();
+    let pod = lab.new_pod(1).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(lab.host(1).unwrap().subnet.unwrap().contains(&pod.ip));
+}
