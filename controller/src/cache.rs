@@ -125,7 +125,20 @@ pub(crate) struct Cache {
     by_node: HashMap<String, BTreeSet<SubnetKey>>,
     occupancy: Occupancy,
     pub history: History,
+    /// Subnets whose lease ran out (not released through the API): held for
+    /// their node until the deadline, so a node cut off for longer than
+    /// its TTL finds its subnet unused when it comes back.
+    quarantine: HashMap<SubnetKey, (String, tokio::time::Instant)>,
+    /// Keys this controller is deleting on purpose (release, retire): their
+    /// deletion is no expiry.
+    releasing: std::collections::HashSet<SubnetKey>,
+    /// How long an expired subnet stays held (`None`: one TTL, at most
+    /// 10 minutes).
+    pub quarantine_for: Option<std::time::Duration>,
 }
+
+/// The default hold: one TTL, at most 10 minutes.
+const QUARANTINE_MAX: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl Cache {
     pub(crate) fn new(history_capacity: usize) -> Self {
@@ -138,7 +151,54 @@ impl Cache {
             by_node: HashMap::new(),
             occupancy: Occupancy::default(),
             history: History::new(history_capacity),
+            quarantine: HashMap::new(),
+            releasing: std::collections::HashSet::new(),
+            quarantine_for: None,
         }
+    }
+
+    /// Marks `key` as being deleted on purpose (not an expiry).
+    pub(crate) fn releasing(&mut self, key: SubnetKey) {
+        self.releasing.insert(key);
+    }
+
+    /// A lease deleted without this controller asking: it ran out (or
+    /// someone deleted it in etcd). Its subnet is held for its node.
+    fn expired(&mut self, lease: &Lease) {
+        if self.releasing.remove(&lease.key) || lease.is_reservation() {
+            return;
+        }
+        let Some(node) = lease.node_name() else {
+            return;
+        };
+        let hold = self.quarantine_for.unwrap_or_else(|| {
+            self.config
+                .valid()
+                .map_or(QUARANTINE_MAX, |c| c.lease_ttl.min(QUARANTINE_MAX))
+        });
+        if hold.is_zero() {
+            return;
+        }
+        tracing::info!(subnet = %lease.key, node, hold = ?hold, "lease ran out; its subnet is held for its node");
+        self.quarantine.insert(
+            lease.key,
+            (node.to_string(), tokio::time::Instant::now() + hold),
+        );
+    }
+
+    /// Subnets held for nodes other than `node` now, and `node`'s own.
+    pub(crate) fn quarantined(&mut self, node: &str) -> (Vec<SubnetKey>, Vec<SubnetKey>) {
+        let now = tokio::time::Instant::now();
+        self.quarantine.retain(|_, (_, until)| *until > now);
+        let (mut others, mut own) = (Vec::new(), Vec::new());
+        for (key, (owner, _)) in &self.quarantine {
+            if owner == node {
+                own.push(*key);
+            } else {
+                others.push(*key);
+            }
+        }
+        (others, own)
     }
 
     /// The view of a lease under the current config.
@@ -309,8 +369,12 @@ impl Cache {
                 .values()
                 .filter(|l| !self.leases.contains_key(&l.key))
                 .collect();
-            for l in gone {
+            for l in &gone {
                 self.record(WatchKind::Delete, rev, l);
+            }
+            let gone: Vec<Lease> = gone.into_iter().cloned().collect();
+            for l in &gone {
+                self.expired(l);
             }
             for l in &changed {
                 self.record(WatchKind::Put, rev, l);
@@ -332,6 +396,7 @@ impl Cache {
                 StoreEvent::Delete { key, revision } => {
                     if let Some(old) = self.remove_lease(key) {
                         self.record(WatchKind::Delete, *revision, &old);
+                        self.expired(&old);
                     }
                     self.remove_corrupt(&format!("subnets/{key}"));
                 }

@@ -60,6 +60,9 @@ pub struct Options {
     /// Set when the API is served without TLS on a non-loopback address
     /// (`--insecure-listen`): the warning `/readyz` carries.
     pub insecure: Option<String>,
+    /// How long the subnet of a lease that ran out is held for its node
+    /// (`None`: one TTL, at most 10 minutes; zero: not at all).
+    pub expired_quarantine: Option<Duration>,
 }
 
 impl Default for Options {
@@ -70,6 +73,7 @@ impl Default for Options {
             health_interval: Duration::from_secs(2),
             write_wait: Duration::from_secs(3),
             insecure: None,
+            expired_quarantine: None,
         }
     }
 }
@@ -157,9 +161,11 @@ impl Controller {
     pub fn start(store: Arc<dyn LeaseStore>, opts: Options) -> Self {
         let (applied, _) = tokio_watch::channel(0);
         let (closing, _) = tokio_watch::channel(false);
+        let mut cache = Cache::new(opts.history);
+        cache.quarantine_for = opts.expired_quarantine;
         let shared = Arc::new(Shared {
             store,
-            cache: RwLock::new(Cache::new(opts.history)),
+            cache: RwLock::new(cache),
             applied,
             store_error: Mutex::new(None),
             metrics: Metrics::new(),

@@ -71,6 +71,11 @@ struct Args {
     /// HTTP on this address, for probes and scrapers without a certificate.
     #[arg(long, env = "WEFT_CONTROLLER_HEALTHZ_LISTEN")]
     healthz_listen: Option<SocketAddr>,
+    /// How long the subnet of a lease that ran out (its node stopped
+    /// renewing) is kept from other nodes (Go duration; `0`: not at all).
+    /// Default: the network's lease TTL, at most 10m.
+    #[arg(long, env = "WEFT_CONTROLLER_EXPIRED_QUARANTINE")]
+    expired_quarantine: Option<String>,
     /// Seconds between heartbeat lines on idle watch streams.
     #[arg(long, env = "WEFT_CONTROLLER_WATCH_HEARTBEAT", default_value_t = 10)]
     watch_heartbeat: u64,
@@ -98,8 +103,17 @@ async fn main() -> anyhow::Result<()> {
     )?
     .map(|files| files.config())
     .transpose()?;
+    let expired_quarantine = match args.expired_quarantine.as_deref().map(str::trim) {
+        None => None,
+        Some("0") => Some(Duration::ZERO),
+        Some(d) => Some(
+            weft_config::parse_duration(d)
+                .map_err(|e| anyhow::anyhow!("--expired-quarantine {d:?}: {e}"))?,
+        ),
+    };
     let mut opts = Options {
         heartbeat: Duration::from_secs(args.watch_heartbeat),
+        expired_quarantine,
         ..Options::default()
     };
     match (

@@ -146,11 +146,16 @@ impl Shared {
         let (lease, ttl) = match kept {
             Some(k) => k,
             None => {
+                // Subnets held after their lease ran out: another node's are
+                // not given out; this node's own come first.
+                let (held, own) = self.write().quarantined(node.as_str());
                 let mut preferred: Vec<SubnetKey> = want.previous.into_iter().collect();
+                preferred.extend(own.iter().copied());
                 preferred.extend(expired.iter().copied());
                 let exclude = Occupancy::from_keys(&config, &expired);
+                // Held even when a node names one as its previous subnet.
                 let lease = self
-                    .allocate(&config, &attrs, &preferred, &exclude, &mut flights)
+                    .allocate(&config, &attrs, &preferred, &exclude, &held, &mut flights)
                     .await?;
                 tracing::info!(%node, subnet = %lease.key, "subnet allocated");
                 (lease, Some(config.lease_ttl))
@@ -196,6 +201,7 @@ impl Shared {
         attrs: &LeaseAttrs,
         preferred: &[SubnetKey],
         exclude: &Occupancy,
+        held: &[SubnetKey],
         flights: &mut Vec<InFlight<'a>>,
     ) -> Result<Lease, ControllerError> {
         let mut id = self
@@ -207,9 +213,20 @@ impl Shared {
             let picked = {
                 let cache = self.read();
                 let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+                let with_held;
+                let extra = if held.is_empty() {
+                    &*in_flight
+                } else {
+                    let mut e = in_flight.clone();
+                    for k in held {
+                        e.insert(config, k);
+                    }
+                    with_held = e;
+                    &with_held
+                };
                 let in_use = InUse {
                     base: cache.occupancy(),
-                    extra: &in_flight,
+                    extra,
                     exclude,
                 };
                 let mut rng = self.rng.lock().expect("rng lock");
@@ -261,6 +278,7 @@ impl Shared {
 
     /// Deletes a lease the node no longer needs, and its etcd lease.
     async fn retire(&self, lease: &Lease) {
+        self.write().releasing(lease.key);
         match self.store.delete(&lease.key, lease.mod_revision).await {
             Ok(_) | Err(StoreError::NotFound(_)) => {
                 tracing::info!(node = ?lease.node_name(), subnet = %lease.key, "retired a superseded lease");
@@ -324,6 +342,7 @@ impl Shared {
         let mut released = Vec::new();
         let mut last = 0;
         for l in &mine {
+            self.write().releasing(l.key);
             match self.store.delete(&l.key, l.mod_revision).await {
                 Ok(rev) => {
                     last = last.max(rev);

@@ -275,3 +275,59 @@ async fn unknown_routes_and_methods_answer_json() {
     let (status, body) = api.raw(Method::GET, "/healthz", Body::empty()).await;
     assert_eq!((status, body.as_slice()), (StatusCode::OK, &b"ok\n"[..]));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_subnet_whose_lease_ran_out_is_held_for_its_node() {
+    // Three subnets (.1, .2, .3; the first /24 is skipped), a 60 s TTL:
+    // the hold is one TTL.
+    let net = r#"{"Network":"10.244.0.0/22","SubnetLen":24,"LeaseTTL":"60s"}"#;
+    let api = Api::new(Some(net)).await;
+    let a = api.subnet_of("host-a", "198.18.0.11").await;
+    // host-a is cut off: its lease runs out.
+    tokio::time::sleep(std::time::Duration::from_secs(61)).await;
+    let (_, list) = api.call(Method::GET, "/v1/leases", None).await;
+    assert!(list["leases"].as_array().unwrap().is_empty(), "{list}");
+    // Nobody else gets it meanwhile, not even by asking for it.
+    let prev = a.replace(".0/24", ".1/24");
+    let (status, b) = api
+        .call(
+            Method::PUT,
+            "/v1/leases/host-b",
+            Some(vxlan_req("198.18.0.12", Some(&prev))),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{b}");
+    assert_ne!(b["lease"]["subnet"], a.as_str());
+    let c = api.subnet_of("host-c", "198.18.0.13").await;
+    assert_ne!(c, a);
+    let (status, d) = api.acquire("host-d", "198.18.0.14").await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "the held subnet is not free: {d}"
+    );
+    // host-a comes back: its subnet is there for it.
+    assert_eq!(api.subnet_of("host-a", "198.18.0.11").await, a);
+    // A release through the API holds nothing: host-d gets host-c's subnet.
+    let (status, _) = api.call(Method::DELETE, "/v1/leases/host-c", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(api.subnet_of("host-d", "198.18.0.14").await, c);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_hold_ends() {
+    let net = r#"{"Network":"10.244.0.0/22","SubnetLen":24,"LeaseTTL":"60s"}"#;
+    let api = Api::new(Some(net)).await;
+    let all = [
+        api.subnet_of("host-a", "198.18.0.11").await,
+        api.subnet_of("host-b", "198.18.0.12").await,
+        api.subnet_of("host-c", "198.18.0.13").await,
+    ];
+    tokio::time::sleep(std::time::Duration::from_secs(61)).await;
+    // All three ran out and are held; after the hold, any node may have one.
+    let (status, _) = api.acquire("host-d", "198.18.0.14").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    tokio::time::sleep(std::time::Duration::from_secs(61)).await;
+    let d = api.subnet_of("host-d", "198.18.0.14").await;
+    assert!(all.contains(&d), "{d} is one of {all:?}");
+}

@@ -139,8 +139,13 @@ impl Occupancy {
 /// e.g. its own expired lease, which it may take again).
 #[derive(Debug, Clone, Copy)]
 pub struct InUse<'a> {
+    /// The leases in the store.
     pub base: &'a Occupancy,
+    /// Subnets being claimed right now, and subnets held for a node whose
+    /// lease ran out: in use, though no lease holds them.
     pub extra: &'a Occupancy,
+    /// Leases of the store to count as free (the asking node's own expired
+    /// ones).
     pub exclude: &'a Occupancy,
 }
 
@@ -158,7 +163,8 @@ impl InUse<'_> {
         b4 > x4 || b6 > x6 || e4 > 0 || e6 > 0
     }
 
-    /// Pool positions in use.
+    /// Pool positions in use (without walking the pool: exclude and extra
+    /// are small).
     pub fn used(&self) -> u128 {
         let freed = self
             .exclude

@@ -28,6 +28,7 @@ pub fn opts() -> Options {
         health_interval: Duration::from_millis(100),
         write_wait: Duration::from_secs(3),
         insecure: None,
+        expired_quarantine: None,
     }
 }
 
