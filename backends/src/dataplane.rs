@@ -194,6 +194,16 @@ impl FakeDataplane {
                     .remove(id)
                     .ok_or("No such file or directory")?;
             }
+            Change::AddXfrmBlock { id } => {
+                if !st.xfrm_blocks.insert(*id) {
+                    return Err("File exists".into());
+                }
+            }
+            Change::DelXfrmBlock { id } => {
+                if !st.xfrm_blocks.remove(id) {
+                    return Err("No such file or directory".into());
+                }
+            }
         }
         Ok(())
     }

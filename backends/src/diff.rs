@@ -118,6 +118,9 @@ pub fn diff(desired: &NetState, observed: &NetState) -> Vec<Change> {
             });
         }
     }
+    for id in desired.xfrm_blocks.difference(&observed.xfrm_blocks) {
+        out.push(Change::AddXfrmBlock { id: *id });
+    }
     for (dst, target) in &desired.routes {
         let have = observed.routes.get(dst);
         if gone(&target.dev) || have != Some(target) {
@@ -145,6 +148,9 @@ pub fn diff(desired: &NetState, observed: &NetState) -> Vec<Change> {
         if !desired.xfrm_policies.contains_key(id) {
             out.push(Change::DelXfrmPolicy { id: *id });
         }
+    }
+    for id in observed.xfrm_blocks.difference(&desired.xfrm_blocks) {
+        out.push(Change::DelXfrmBlock { id: *id });
     }
     for id in observed.xfrm_states.keys() {
         if !desired.xfrm_states.contains_key(id) {

@@ -437,7 +437,9 @@ impl NetlinkDataplane {
             Change::AddXfrmState { .. }
             | Change::DelXfrmState { .. }
             | Change::SetXfrmPolicy { .. }
-            | Change::DelXfrmPolicy { .. } => crate::xfrm::apply(self.xfrm()?, c).await,
+            | Change::DelXfrmPolicy { .. }
+            | Change::AddXfrmBlock { .. }
+            | Change::DelXfrmBlock { .. } => crate::xfrm::apply(self.xfrm()?, c).await,
         }
     }
 }
@@ -633,8 +635,8 @@ fn group(c: &Change) -> u8 {
         Change::DelNeighbour { .. } => 7,
         Change::DelAddress { .. } => 8,
         Change::AddXfrmState { .. } => 9,
-        Change::SetXfrmPolicy { .. } => 10,
-        Change::DelXfrmPolicy { .. } => 11,
+        Change::SetXfrmPolicy { .. } | Change::AddXfrmBlock { .. } => 10,
+        Change::DelXfrmPolicy { .. } | Change::DelXfrmBlock { .. } => 11,
         Change::DelXfrmState { .. } => 12,
     }
 }
@@ -704,11 +706,11 @@ impl Dataplane for NetlinkDataplane {
                     .await
                     .map_err(failed("XFRM states"))?,
             );
-            st.xfrm_policies.extend(
-                crate::xfrm::policies(h)
-                    .await
-                    .map_err(failed("XFRM policies"))?,
-            );
+            let (policies, blocks) = crate::xfrm::policies(h)
+                .await
+                .map_err(failed("XFRM policies"))?;
+            st.xfrm_policies.extend(policies);
+            st.xfrm_blocks.extend(blocks);
         }
         self.each_route(|r| {
             if r.header.table != RouteHeader::RT_TABLE_MAIN

@@ -3,7 +3,7 @@
 
 use ipnet::IpNet;
 use rustc_hash::FxHashMap as HashMap;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -147,6 +147,11 @@ pub struct XfrmPolicyId {
     pub dst: IpNet,
 }
 
+/// The priority of weft's dropping policies ("weft" in ASCII, as the reqid):
+/// larger than the per-peer policies' (0), so those match first; it also
+/// tells weft's block policies from others.
+pub const WEFT_BLOCK_PRIORITY: u32 = 0x7765_6674;
+
 /// The one template of a weft policy: ESP in tunnel mode between two hosts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct XfrmTmpl {
@@ -174,6 +179,11 @@ pub struct NetState {
     pub xfrm_states: HashMap<XfrmSaId, XfrmSa>,
     /// XFRM policies whose template has weft's reqid.
     pub xfrm_policies: HashMap<XfrmPolicyId, XfrmTmpl>,
+    /// XFRM policies that drop (action block, priority
+    /// [`WEFT_BLOCK_PRIORITY`], which marks them weft's): below the
+    /// per-peer policies, they catch pod traffic to the cluster network that
+    /// no peer's policy encrypts, so it is never sent in the clear.
+    pub xfrm_blocks: BTreeSet<XfrmPolicyId>,
 }
 
 impl NetState {
@@ -187,6 +197,7 @@ impl NetState {
             + self.routes.len()
             + self.xfrm_states.len()
             + self.xfrm_policies.len()
+            + self.xfrm_blocks.len()
     }
 }
 
@@ -260,6 +271,13 @@ pub enum Change {
     DelXfrmPolicy {
         id: XfrmPolicyId,
     },
+    /// A dropping policy ([`NetState::xfrm_blocks`]).
+    AddXfrmBlock {
+        id: XfrmPolicyId,
+    },
+    DelXfrmBlock {
+        id: XfrmPolicyId,
+    },
 }
 
 impl fmt::Display for Change {
@@ -331,6 +349,16 @@ impl fmt::Display for Change {
             Change::DelXfrmPolicy { id } => write!(
                 f,
                 "ip xfrm policy del src {} dst {} dir {}",
+                id.src, id.dst, id.dir
+            ),
+            Change::AddXfrmBlock { id } => write!(
+                f,
+                "ip xfrm policy add src {} dst {} dir {} priority {WEFT_BLOCK_PRIORITY} action block",
+                id.src, id.dst, id.dir
+            ),
+            Change::DelXfrmBlock { id } => write!(
+                f,
+                "ip xfrm policy del src {} dst {} dir {} (action block)",
                 id.src, id.dst, id.dir
             ),
         }

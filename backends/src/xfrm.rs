@@ -3,8 +3,8 @@
 //! the kernel can do what the ipsec backend needs. No `ip xfrm`, no IKE.
 
 use crate::state::{
-    AeadKey, Change, XfrmDir, XfrmPolicyId, XfrmSa, XfrmSaId, XfrmTmpl, WEFT_XFRM_REQID, XFRM_AEAD,
-    XFRM_ICV_BITS,
+    AeadKey, Change, XfrmDir, XfrmPolicyId, XfrmSa, XfrmSaId, XfrmTmpl, WEFT_BLOCK_PRIORITY,
+    WEFT_XFRM_REQID, XFRM_AEAD, XFRM_ICV_BITS,
 };
 use futures::TryStreamExt;
 use ipnet::IpNet;
@@ -16,6 +16,8 @@ use xfrmnetlink::Handle;
 const IPPROTO_ESP: u8 = 50;
 const XFRM_MODE_TUNNEL: u8 = 1;
 const AF_INET: u16 = 2;
+/// XFRM_POLICY_BLOCK: drop what matches.
+const XFRM_POLICY_BLOCK: u8 = 1;
 
 /// Priority of weft's policies (the kernel's default for `ip xfrm policy`).
 const POLICY_PRIORITY: u32 = 0;
@@ -108,15 +110,29 @@ pub async fn states(h: &Handle) -> Result<Vec<(XfrmSaId, XfrmSa)>, String> {
     Ok(out)
 }
 
-/// The policies whose (single) template has weft's reqid.
-pub async fn policies(h: &Handle) -> Result<Vec<(XfrmPolicyId, XfrmTmpl)>, String> {
+/// Weft's policies: those whose (single) template has weft's reqid, and
+/// the dropping ones with weft's priority.
+pub async fn policies(
+    h: &Handle,
+) -> Result<(Vec<(XfrmPolicyId, XfrmTmpl)>, Vec<XfrmPolicyId>), String> {
     let mut out = Vec::new();
+    let mut blocks = Vec::new();
     let mut dump = Box::pin(h.policy().get_dump().execute());
     while let Some(m) = dump.try_next().await.map_err(|e| err_text(&e))? {
         let info = &m.user_policy_info;
         let Some(dir) = XfrmDir::from_kernel(info.direction) else {
             continue;
         };
+        let sel = &info.selector;
+        if info.action == XFRM_POLICY_BLOCK && info.priority == WEFT_BLOCK_PRIORITY {
+            if let (Some(src), Some(dst)) = (
+                net_of(&sel.saddr, sel.family, sel.prefixlen_s),
+                net_of(&sel.daddr, sel.family, sel.prefixlen_d),
+            ) {
+                blocks.push(XfrmPolicyId { dir, src, dst });
+            }
+            continue;
+        }
         let tmpls: Vec<&UserTemplate> = m
             .nlas
             .iter()
@@ -130,7 +146,6 @@ pub async fn policies(h: &Handle) -> Result<Vec<(XfrmPolicyId, XfrmTmpl)>, Strin
         if t.reqid != WEFT_XFRM_REQID {
             continue;
         }
-        let sel = &info.selector;
         let (Some(src), Some(dst)) = (
             net_of(&sel.saddr, sel.family, sel.prefixlen_s),
             net_of(&sel.daddr, sel.family, sel.prefixlen_d),
@@ -146,7 +161,7 @@ pub async fn policies(h: &Handle) -> Result<Vec<(XfrmPolicyId, XfrmTmpl)>, Strin
             },
         ));
     }
-    Ok(out)
+    Ok((out, blocks))
 }
 
 async fn add_state(h: &Handle, id: &XfrmSaId, sa: &XfrmSa) -> Result<(), xfrmnetlink::Error> {
@@ -215,7 +230,21 @@ pub async fn apply(h: &Handle, c: &Change) -> Result<(), String> {
             .execute()
             .await
             .map_err(|e| err_text(&e)),
-        Change::DelXfrmPolicy { id } => gone_ok(
+        Change::AddXfrmBlock { id } => h
+            .policy()
+            .add(
+                id.src.addr(),
+                id.src.prefix_len(),
+                id.dst.addr(),
+                id.dst.prefix_len(),
+            )
+            .direction(id.dir.kernel())
+            .priority(WEFT_BLOCK_PRIORITY)
+            .action(XFRM_POLICY_BLOCK)
+            .execute()
+            .await
+            .map_err(|e| err_text(&e)),
+        Change::DelXfrmPolicy { id } | Change::DelXfrmBlock { id } => gone_ok(
             h.policy()
                 .delete(
                     id.src.addr(),

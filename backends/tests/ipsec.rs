@@ -428,7 +428,7 @@ async fn on_the_fake_kernel_it_converges_in_order_and_repairs_hand_deletions() {
     // without its SA.
     let rank = |c: &Change| match c {
         Change::AddXfrmState { .. } => 0,
-        Change::SetXfrmPolicy { .. } => 1,
+        Change::SetXfrmPolicy { .. } | Change::AddXfrmBlock { .. } => 1,
         Change::SetRoute { .. } => 2,
         other => panic!("unexpected {other}"),
     };
@@ -507,8 +507,14 @@ fn a_lost_outbound_sa_asks_for_a_new_key_once_and_a_lost_inbound_one_does_not() 
     assert_eq!(lost_now(&a), None, "taken");
     a.backend.observed(&have);
     assert_eq!(lost_now(&a), None, "one report per key");
-    // The pass puts the SA back meanwhile; after the rotation a new loss
-    // is reported again.
+    // Until the rotation the SA is not wanted back; its policy is, so
+    // packets to b are dropped, not sent with restarted sequence numbers
+    // (nor in the clear).
+    let (meanwhile, _) = a.desired(&peers, t0);
+    assert!(!meanwhile.xfrm_states.contains_key(&outbound));
+    assert_eq!(meanwhile.xfrm_policies, want.xfrm_policies);
+    assert_eq!(meanwhile.xfrm_blocks, want.xfrm_blocks);
+    // After the rotation a new loss is reported again.
     a.backend.observed(&want);
     a.backend.rotate(key(2));
     let (want2, _) = a.desired(&peers, t0 + Duration::from_secs(1));

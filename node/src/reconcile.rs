@@ -123,6 +123,18 @@ impl Reconciler {
                 Err(e) => outcome.errors.push(e.to_string()),
             }
         }
+        // What the kernel has, first: the backend may want to know before
+        // it says what it wants (ipsec: outbound SAs that were lost are not
+        // put back).
+        let have = match (pass, self.known.take()) {
+            (Pass::Event, Some(known)) => Ok(known),
+            _ => self.dataplane.observe().await,
+        };
+        let have = have.map(|mut h| {
+            in_scope(&mut h, &local.network);
+            self.backend.observed(&h);
+            h
+        });
         let (peers, mut skipped) = select(
             table.leases.values(),
             local,
@@ -146,15 +158,9 @@ impl Reconciler {
             .collect();
         outcome.peers = programmed;
         outcome.skipped = skipped;
-        let have = match (pass, self.known.take()) {
-            (Pass::Event, Some(known)) => Ok(known),
-            _ => self.dataplane.observe().await,
-        };
         match have {
             Err(e) => outcome.errors.push(e.to_string()),
-            Ok(mut have) => {
-                in_scope(&mut have, &local.network);
-                self.backend.observed(&have);
+            Ok(have) => {
                 let changes = diff(&want, &have);
                 outcome.changes = changes.len();
                 for c in &changes {

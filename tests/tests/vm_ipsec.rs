@@ -86,6 +86,11 @@ fn sas(lab: &Lab, i: u32) -> Vec<Sa> {
 }
 
 /// Host `i`'s first pod.
+/// Outbound policies that encrypt to a peer (not weft's dropping one).
+fn peer_out_policies(ip_xfrm_policy: &str) -> usize {
+    ip_xfrm_policy.matches("dir out").count() - ip_xfrm_policy.matches("action block").count()
+}
+
 fn pod(lab: &Lab, i: u32) -> PodState {
     lab.host(i).unwrap().pods[0].clone()
 }
@@ -135,7 +140,8 @@ fn pods_reach_each_other_and_the_fabric_carries_only_esp() {
             );
         }
         let pol = lab.host_ip(i, &["xfrm", "policy"]).unwrap();
-        assert_eq!(pol.matches("dir out").count(), 2, "{pol}");
+        assert_eq!(peer_out_policies(&pol), 2, "{pol}");
+        assert_eq!(pol.matches("action block").count(), 1, "{pol}");
         assert_eq!(pol.matches("dir fwd").count(), 2, "{pol}");
     }
     // The pod MTU leaves room for ESP: a full-size packet with DF set
@@ -374,10 +380,7 @@ fn a_removed_peer_leaves_no_states_or_policies_behind() {
     let (p1, p2) = (pod(&lab, 1), pod(&lab, 2));
     assert!(lab.reaches(&p1.ns, p2.ip));
     assert_eq!(
-        lab.host_ip(1, &["xfrm", "policy"])
-            .unwrap()
-            .matches("dir out")
-            .count(),
+        peer_out_policies(&lab.host_ip(1, &["xfrm", "policy"]).unwrap()),
         1
     );
 }
@@ -730,4 +733,51 @@ fn without_esp_the_node_names_the_missing_module_and_exits() {
         !lab.state_dir(1).join("ipsec-key.json").exists(),
         "no key made for nothing"
     );
+}
+
+/// A lease the nodes cannot encrypt to (its key is missing): pod traffic to
+/// its subnet is dropped by weft's block policy, not routed out in the
+/// clear, even on hosts with a default route that would take it.
+#[test]
+#[ignore = "needs a kernel with ESP; run by scripts/vm-test"]
+fn traffic_to_a_peer_without_a_usable_key_is_dropped_not_sent_in_the_clear() {
+    let lab = lab(2);
+    // A default route via the fabric: without the block policy, packets
+    // for a subnet without its own route would leave this way, unencrypted.
+    lab.host_ip(1, &["route", "add", "default", "via", "198.18.0.1"])
+        .unwrap();
+    lab.etcdctl(&[
+        "put",
+        "/weft/network/subnets/10.244.250.0-24",
+        r#"{"PublicIP":"198.18.0.77","BackendType":"ipsec","NodeName":"keyless"}"#,
+    ])
+    .unwrap();
+    lab.wait_for(
+        Duration::from_secs(30),
+        "host 1 to skip the keyless lease",
+        || {
+            Ok(lab.node_status(1)?["skipped"]
+                .to_string()
+                .contains("keyless"))
+        },
+    )
+    .unwrap();
+    let policies = lab.host_ip(1, &["xfrm", "policy"]).unwrap();
+    assert!(
+        policies.contains("dst 10.244.0.0/16") && policies.contains("action block"),
+        "{policies}"
+    );
+    let p1 = pod(&lab, 1);
+    let fab = lab.state.fabric.clone();
+    let cap = std::thread::spawn(move || capture(&fab, Duration::from_secs(3), pods()));
+    std::thread::sleep(Duration::from_millis(300));
+    let (sent, got) = lab
+        .ping(&p1.ns, "10.244.250.1".parse().unwrap(), 5, "0.2")
+        .unwrap_or((5, 0));
+    assert_eq!(got, 0, "{got} of {sent} answered");
+    let seen = cap.join().unwrap().unwrap();
+    assert!(seen.plaintext.is_empty(), "{:?}", seen.plaintext);
+    // The real peer is still reached, encrypted.
+    let p2 = pod(&lab, 2);
+    assert!(lab.reaches(&p1.ns, p2.ip));
 }

@@ -151,6 +151,11 @@ struct Keyring {
     /// lease expired, say) comes back with the same key. Cleared by a
     /// rotation, after which none of them can be wanted again.
     burnt: HashSet<XfrmSaId>,
+    /// Burnt outbound SAs the kernel no longer has: never put back (their
+    /// sequence numbers would start again and the peer would drop every
+    /// packet as a replay); the policy stays, so packets to that peer are
+    /// dropped until the rotation gives new SAs. Cleared by a rotation.
+    lost: HashSet<XfrmSaId>,
     /// The key was in use before this process started (loaded from the
     /// state directory) and no pass has looked at the kernel yet: the
     /// first pass counts every outbound SA it wants as burnt, since the
@@ -193,6 +198,7 @@ impl Ipsec {
                 generations: HashMap::new(),
                 sending: HashMap::new(),
                 burnt: HashSet::new(),
+                lost: HashSet::new(),
                 restored_unchecked: false,
                 wanted: None,
                 wanted_reported: false,
@@ -255,6 +261,7 @@ impl Ipsec {
         let mut r = self.ring();
         r.key = key;
         r.burnt.clear();
+        r.lost.clear();
         r.wanted = None;
         r.wanted_reported = false;
     }
@@ -313,11 +320,23 @@ impl Ipsec {
         let mut skipped = Vec::new();
         let mut ring = self.ring();
         let published = ring.published;
+        // Outbound SAs lost after use, which must not come back.
+        let lost = ring.lost.clone();
         let ext = dev(&local.ext.name);
         let Some(my_subnet) = local.subnet.ipv4() else {
             return (st, skipped);
         };
         let me = local.public_ip;
+        // Fail closed: pod traffic to the cluster network that no peer's
+        // policy encrypts (a peer skipped for a bad key, another backend, a
+        // lease not yet seen) is dropped, not routed out in the clear.
+        if let Some(pool) = &local.network.ipv4 {
+            st.xfrm_blocks.insert(XfrmPolicyId {
+                dir: XfrmDir::Out,
+                src: IpNet::V4(my_subnet),
+                dst: IpNet::V4(pool.network()),
+            });
+        }
         let mut live = Vec::with_capacity(peers.len());
         let mut sends = Vec::with_capacity(peers.len());
         for p in peers {
@@ -420,14 +439,16 @@ impl Ipsec {
                     spi: g.sas.out.spi,
                 };
                 sends.push((p.public_ip, id));
-                st.xfrm_states.insert(
-                    id,
-                    XfrmSa {
-                        reqid: WEFT_XFRM_REQID,
-                        key: g.sas.out.key.clone(),
-                        replay_window: REPLAY_WINDOW,
-                    },
-                );
+                if !lost.contains(&id) {
+                    st.xfrm_states.insert(
+                        id,
+                        XfrmSa {
+                            reqid: WEFT_XFRM_REQID,
+                            key: g.sas.out.key.clone(),
+                            replay_window: REPLAY_WINDOW,
+                        },
+                    );
+                }
             }
             let (mine, theirs) = (IpNet::V4(my_subnet), IpNet::V4(p.subnet));
             let out = XfrmTmpl {
@@ -556,6 +577,7 @@ impl Backend for Ipsec {
                 r.burnt.insert(*id);
             } else if r.burnt.contains(id) {
                 lost.push(*peer);
+                r.lost.insert(*id);
             }
         }
         if !lost.is_empty() {
