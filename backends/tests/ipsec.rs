@@ -471,6 +471,15 @@ fn lost_now(n: &Node) -> Option<Vec<Ipv4Addr>> {
     }
 }
 
+/// One pass as the reconcile loop makes it: the kernel observed, desired
+/// state computed, applied (the kernel then has it all).
+fn pass(n: &Node, kernel: &NetState, peers: &[LeaseView], at: Instant) -> NetState {
+    n.backend.observed(kernel);
+    let (want, _) = n.desired(peers, at);
+    n.backend.observed(&want);
+    want
+}
+
 #[test]
 fn a_lost_outbound_sa_asks_for_a_new_key_once_and_a_lost_inbound_one_does_not() {
     let t0 = Instant::now();
@@ -478,11 +487,9 @@ fn a_lost_outbound_sa_asks_for_a_new_key_once_and_a_lost_inbound_one_does_not() 
     let (b, c) = (Node::new(2, key(1), None), Node::new(3, key(1), None));
     let peers = [b.lease(), c.lease()];
     a.backend.published_at(1, t0);
-    let (want, _) = a.desired(&peers, t0);
     // First pass on a fresh key: nothing installed yet is nothing lost.
-    a.backend.observed(&NetState::default());
+    let want = pass(&a, &NetState::default(), &peers, t0);
     assert_eq!(lost_now(&a), None);
-    a.backend.observed(&want);
     // An inbound SA deleted by hand is simply put back: a new replay
     // window accepts the peer's next sequence numbers.
     let mut have = want.clone();
@@ -492,7 +499,7 @@ fn a_lost_outbound_sa_asks_for_a_new_key_once_and_a_lost_inbound_one_does_not() 
         .find(|id| id.src == IpAddr::V4(b.ip))
         .unwrap();
     have.xfrm_states.remove(&inbound);
-    a.backend.observed(&have);
+    assert_eq!(pass(&a, &have, &peers, t0), want);
     assert_eq!(lost_now(&a), None);
     // The outbound SA to b: b has seen its sequence numbers, so it needs a
     // new key.
@@ -505,8 +512,6 @@ fn a_lost_outbound_sa_asks_for_a_new_key_once_and_a_lost_inbound_one_does_not() 
     a.backend.observed(&have);
     assert_eq!(lost_now(&a), Some(vec![b.ip]));
     assert_eq!(lost_now(&a), None, "taken");
-    a.backend.observed(&have);
-    assert_eq!(lost_now(&a), None, "one report per key");
     // Until the rotation the SA is not wanted back; its policy is, so
     // packets to b are dropped, not sent with restarted sequence numbers
     // (nor in the clear).
@@ -514,11 +519,12 @@ fn a_lost_outbound_sa_asks_for_a_new_key_once_and_a_lost_inbound_one_does_not() 
     assert!(!meanwhile.xfrm_states.contains_key(&outbound));
     assert_eq!(meanwhile.xfrm_policies, want.xfrm_policies);
     assert_eq!(meanwhile.xfrm_blocks, want.xfrm_blocks);
+    let again = pass(&a, &meanwhile, &peers, t0);
+    assert!(!again.xfrm_states.contains_key(&outbound));
+    assert_eq!(lost_now(&a), None, "one report per key");
     // After the rotation a new loss is reported again.
-    a.backend.observed(&want);
     a.backend.rotate(key(2));
-    let (want2, _) = a.desired(&peers, t0 + Duration::from_secs(1));
-    a.backend.observed(&want2);
+    let want2 = pass(&a, &again, &peers, t0 + Duration::from_secs(1));
     let mut have2 = want2.clone();
     have2.xfrm_states.retain(|id, _| id.dst != IpAddr::V4(c.ip));
     a.backend.observed(&have2);
@@ -540,22 +546,29 @@ fn after_a_restart_with_the_stored_key_missing_outbound_sas_mean_a_reboot() {
         n.backend.published_at(3, t0);
         n
     };
-    // Rebooted: the kernel lost everything, b still has its inbound SA
-    // with our old sequence numbers.
-    let a = restored();
-    let (want, _) = a.desired(&[b.lease()], t0);
-    a.backend.observed(&NetState::default());
-    assert_eq!(lost_now(&a), Some(vec![b.ip]));
     // Only restarted: the kernel kept the SAs, nothing to do.
     let a = restored();
-    a.desired(&[b.lease()], t0);
-    a.backend.observed(&want);
+    let (before, _) = a.desired(&[b.lease()], t0);
+    let a = restored();
+    assert_eq!(pass(&a, &before, &[b.lease()], t0), before);
     assert_eq!(lost_now(&a), None);
+    // Rebooted: the kernel lost everything, b still has its inbound SA
+    // with our old sequence numbers. The outbound SA is not put back.
+    let a = restored();
+    let after = pass(&a, &NetState::default(), &[b.lease()], t0);
+    assert_eq!(lost_now(&a), Some(vec![b.ip]));
+    let out: Vec<_> = before
+        .xfrm_states
+        .keys()
+        .filter(|id| id.dst == IpAddr::V4(b.ip))
+        .collect();
+    assert_eq!(out.len(), 1);
+    assert!(!after.xfrm_states.contains_key(out[0]));
+    assert_eq!(after.xfrm_policies, before.xfrm_policies);
     // A new key (first start) never reports.
     let fresh = Node::new(1, key(1), None);
     fresh.backend.published_at(1, t0);
-    fresh.desired(&[b.lease()], t0);
-    fresh.backend.observed(&NetState::default());
+    pass(&fresh, &NetState::default(), &[b.lease()], t0);
     assert_eq!(lost_now(&fresh), None);
 }
 
@@ -567,21 +580,46 @@ fn a_peer_that_leaves_and_comes_back_with_the_same_key_gets_fresh_sas() {
     let a = Node::new(1, key(1), None);
     let b = Node::new(2, key(1), None);
     a.backend.published_at(1, t0);
-    let (with_b, _) = a.desired(&[b.lease()], t0);
-    a.backend.observed(&with_b);
-    let (without_b, _) = a.desired(&[], t0 + Duration::from_secs(1));
-    a.backend.observed(&without_b);
+    let with_b = pass(&a, &NetState::default(), &[b.lease()], t0);
+    let without_b = pass(&a, &with_b, &[], t0 + Duration::from_secs(1));
     assert_eq!(lost_now(&a), None, "a peer that is gone sends nothing");
-    let (back, _) = a.desired(&[b.lease()], t0 + Duration::from_secs(2));
-    assert_eq!(back, with_b, "the same keys give the same SAs");
-    a.backend.observed(&without_b);
+    let back = pass(&a, &without_b, &[b.lease()], t0 + Duration::from_secs(2));
     assert_eq!(lost_now(&a), Some(vec![b.ip]));
-    // After the rotation the new generation is fresh: nothing to report
-    // while it is not yet installed.
+    // The same keys would give the same SAs: all but the outbound one.
+    let mut expected = with_b.clone();
+    expected
+        .xfrm_states
+        .retain(|id, _| id.dst != IpAddr::V4(b.ip));
+    assert_eq!(back, expected);
+    // The rotation: until the new key is published and the switch is
+    // due, the lost SA stays out; then the new generation's goes in.
+    let lost_out: Vec<_> = with_b
+        .xfrm_states
+        .keys()
+        .filter(|id| id.dst == IpAddr::V4(b.ip))
+        .copied()
+        .collect();
+    assert_eq!(lost_out.len(), 1);
     a.backend.rotate(key(2));
-    a.desired(&[b.lease()], t0 + Duration::from_secs(3));
-    a.backend.observed(&without_b);
+    let t3 = t0 + Duration::from_secs(3);
+    let rotating = pass(&a, &back, &[b.lease()], t3);
+    assert!(!rotating.xfrm_states.contains_key(&lost_out[0]));
     assert_eq!(lost_now(&a), None);
+    a.backend.published_at(2, t3);
+    let switched = pass(
+        &a,
+        &rotating,
+        &[b.lease()],
+        t3 + SWITCH + Duration::from_secs(1),
+    );
+    let out: Vec<_> = switched
+        .xfrm_states
+        .keys()
+        .filter(|id| id.dst == IpAddr::V4(b.ip))
+        .collect();
+    assert_eq!(out.len(), 1, "{switched:?}");
+    assert_ne!(*out[0], lost_out[0]);
+    assert_eq!(lost_now(&a), None, "the new SA is fresh");
 }
 
 #[test]

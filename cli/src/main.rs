@@ -4,8 +4,8 @@
 //! (for `status`) the controller answered that it is not ready (its reasons
 //! are printed: a missing config needs a person); 2 bad usage; 3 the
 //! controller (or, for `node rekey`, the node) could not be reached or is
-//! temporarily unavailable (`5xx`, e.g. etcd down): the one failure that a
-//! retry may fix.
+//! temporarily unavailable (`5xx`, e.g. etcd down; the node's rotation
+//! limit): the one failure that a retry may fix.
 
 mod pki;
 mod table;
@@ -13,9 +13,10 @@ mod table;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use weft_lease::client::{ClientError, ControllerClient};
+use weft_lease::node_control::{self, ControlReply};
 use weft_lease::tls::ClientTlsFiles;
 
 /// Operate a weft network through its controller.
@@ -194,10 +195,10 @@ enum NodeCmd {
     /// ipsec backend: rotate the node's key pair now (new epoch published
     /// in its lease; peers switch over without losing traffic).
     Rekey {
-        /// The node's status listener (`weft-node --healthz`); only
-        /// accepted from the same host.
-        #[arg(long, env = "WEFT_NODE_URL", default_value = "http://127.0.0.1:9680")]
-        node: String,
+        /// The node's control socket (`weft-node --control-socket`); only
+        /// root may use it.
+        #[arg(long, env = "WEFT_NODE_SOCKET", default_value = node_control::DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
 }
 
@@ -279,37 +280,36 @@ fn explain(e: &anyhow::Error) -> String {
     }
 }
 
-/// `POST <node>/v1/rekey`.
-async fn rekey(node: &str) -> Result<ExitCode> {
-    let url = format!("{}/v1/rekey", node.trim_end_matches('/'));
-    let resp = reqwest::Client::new()
-        .post(&url)
-        .timeout(std::time::Duration::from_secs(120))
-        .send()
-        .await
-        .with_context(|| {
-            format!("{url} (is weft-node running here? set --node or WEFT_NODE_URL)")
-        })?;
-    let code = resp.status();
-    let body: serde_json::Value = resp.json().await.unwrap_or_default();
-    if code.is_success() {
-        println!("IPsec key rotated: epoch {}", body["epoch"]);
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!(
-            "weftctl: {} [{}]",
-            body["message"].as_str().unwrap_or("the node refused"),
-            body["error"].as_str().unwrap_or(code.as_str())
-        );
-        // As for the controller: 3 when a retry may help.
-        Ok(ExitCode::from(if code.is_server_error() { 3 } else { 1 }))
+/// `rekey` on the node's control socket.
+async fn rekey(socket: &Path) -> Result<ExitCode> {
+    // A rotation waits for a reconcile pass and for the controller.
+    let timeout = std::time::Duration::from_secs(120);
+    // As for the controller: 3 when a retry may help.
+    let code = |retryable: bool| ExitCode::from(if retryable { 3 } else { 1 });
+    match node_control::request(socket, "rekey", timeout).await {
+        Ok(ControlReply::Rotated { epoch }) => {
+            println!("IPsec key rotated: epoch {epoch}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(ControlReply::Refused {
+            error,
+            message,
+            retryable,
+        }) => {
+            eprintln!("weftctl: {message} [{error}]");
+            Ok(code(retryable))
+        }
+        Err(e) => {
+            eprintln!("weftctl: {e}");
+            Ok(code(e.retryable()))
+        }
     }
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     let command = match cli.command {
         Command::Pki(cmd) => return pki(cmd),
-        Command::Node(NodeCmd::Rekey { node }) => return rekey(&node).await,
+        Command::Node(NodeCmd::Rekey { socket }) => return rekey(&socket).await,
         other => other,
     };
     let tls = ClientTlsFiles::from_flags(cli.ca_file, cli.cert_file, cli.key_file)?;

@@ -7,7 +7,8 @@
 //!   (tests); `conformance` (feature `conformance`) holds the suite both pass.
 //! - [`api`]: the controller's HTTP API types; `client` (feature `client`)
 //!   an HTTP(S) client for it; `tls` (feature `tls`) its PEM files as
-//!   rustls configurations.
+//!   rustls configurations; `node_control` (with `client`) the node
+//!   daemon's control socket protocol.
 //! - [`NodeName`]: validated node identities.
 
 /// Serializes a type as its `Display` text and reads it with `FromStr`.
@@ -39,6 +40,8 @@ mod key;
 mod lease;
 mod mac;
 mod name;
+#[cfg(feature = "client")]
+pub mod node_control;
 pub mod store;
 #[cfg(feature = "tls")]
 pub mod tls;

@@ -3,6 +3,7 @@
 //! leases and reconcile, renewing the lease as it goes. On shutdown the
 //! data plane stays as it is, so a restart is hitless.
 
+use crate::control::{self, ControlSocket};
 use crate::iface::{self, IfaceChoice};
 use crate::keystore;
 use crate::peers::{self, PeerTable};
@@ -42,6 +43,8 @@ pub struct Options {
     pub subnet_file: PathBuf,
     pub ip_masq: bool,
     pub healthz: Option<SocketAddr>,
+    /// The control socket for `weftctl node rekey` (root only).
+    pub control_socket: Option<PathBuf>,
     /// Reconcile at least this often.
     pub resync: Duration,
     /// Reconnect the lease watch after this long without a line.
@@ -481,14 +484,15 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("--healthz {addr}: cannot listen"))?;
-        let router = health::router(status.clone(), rekey_tx);
+        let router = health::router(status.clone());
         tasks.spawn(async move {
-            let _ = axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .await;
+            let _ = axum::serve(listener, router).await;
         });
+    }
+    if let Some(path) = &opts.control_socket {
+        let socket = ControlSocket::bind(path)?;
+        tracing::info!(socket = %path.display(), "control socket for weftctl node rekey (root only)");
+        tasks.spawn(socket.serve(rekey_tx, control::Policy::default()));
     }
     tokio::select! {
         r = start(opts, status, &mut tasks, rekey_rx) => r,
@@ -609,6 +613,9 @@ async fn start(
             status: status.clone(),
         };
         tasks.spawn(rekeyer.run(opts.ipsec_rekey_interval, rekey_rx));
+    } else {
+        // The control socket answers `not_ipsec` from now on.
+        drop(rekey_rx);
     }
     tasks.spawn(reconciler.run(local_rx, peers_rx.clone(), opts.resync));
     tasks.spawn(keeper.keep(lease, peers_rx));

@@ -6,6 +6,7 @@
 //! level-triggered reconcile loop over the leases it follows from the
 //! controller's watch stream. It never talks to etcd.
 
+pub mod control;
 pub mod daemon;
 pub mod health;
 pub mod iface;

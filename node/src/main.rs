@@ -54,6 +54,14 @@ struct Args {
     /// Address for /healthz, /readyz and /metrics; `off` to disable.
     #[arg(long, env = "WEFT_NODE_HEALTHZ", default_value = "127.0.0.1:9680")]
     healthz: String,
+    /// The control socket (root only) for `weftctl node rekey`; `off` to
+    /// disable.
+    #[arg(
+        long,
+        env = "WEFT_NODE_CONTROL_SOCKET",
+        default_value = weft_lease::node_control::DEFAULT_SOCKET
+    )]
+    control_socket: String,
     /// Seconds between reconcile passes when nothing changes.
     #[arg(long, env = "WEFT_NODE_RESYNC", default_value_t = 10)]
     resync: u64,
@@ -135,6 +143,10 @@ fn options(a: Args) -> anyhow::Result<Options> {
         subnet_file: a.subnet_file,
         ip_masq: a.ip_masq,
         healthz,
+        control_socket: match a.control_socket.as_str() {
+            "off" | "" => None,
+            p => Some(PathBuf::from(p)),
+        },
         resync: Duration::from_secs(a.resync),
         watch_silence: Duration::from_secs(45),
         state_dir: a.state_dir,

@@ -1,6 +1,6 @@
 //! IPsec key rotation: on a timer (`--ipsec-rekey-interval`), on SIGUSR1,
-//! and on request (`weftctl node rekey`, `POST /v1/rekey` on the status
-//! listener). Each rotation:
+//! and on request (`weftctl node rekey` on the control socket). Each
+//! rotation:
 //!
 //! 1. makes a new key pair with the next epoch and stores it (a failure
 //!    here changes nothing);
@@ -173,7 +173,7 @@ impl Rekeyer {
                 },
             };
             if why.is_empty() {
-                // No status listener; timer and signal still work.
+                // No control socket; timer and signal still work.
                 listening = false;
                 continue;
             }

@@ -733,6 +733,8 @@ impl Lab {
             self.state.resync.to_string(),
             "--state-dir".into(),
             self.state_dir(i).display().to_string(),
+            "--control-socket".into(),
+            self.control_socket(i).display().to_string(),
             // Read only by the ipsec backend.
             "--ipsec-psk-file".into(),
             self.psk_file()?.display().to_string(),
@@ -993,6 +995,11 @@ impl Lab {
         ];
         all.extend_from_slice(args);
         run("ip", &all)
+    }
+
+    /// Host `i`'s `--control-socket` (`weftctl node rekey --socket`).
+    pub fn control_socket(&self, i: u32) -> PathBuf {
+        self.dir.join(format!("h{i}-node.sock"))
     }
 
     /// Runs `weftctl` inside host `i`'s namespace (e.g. `node rekey`).

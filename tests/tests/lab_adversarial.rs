@@ -176,3 +176,49 @@ fn a_node_restores_its_lease_at_once_when_someone_rewrites_or_deletes_it() {
     lab.wait_converged(Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e:#}"));
 }
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn the_control_socket_is_roots_and_says_why_it_refuses() {
+    use std::os::unix::fs::PermissionsExt;
+    weft_tests::netns::require_root();
+    let lab = Lab::up(LabConfig::for_test(1, "host-gw")).unwrap_or_else(|e| panic!("{e:#}"));
+    let socket = lab.control_socket(1);
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let s = socket.display().to_string();
+    // Root, but this node runs host-gw: nothing to rotate.
+    let e = format!(
+        "{:#}",
+        lab.host_weftctl(1, &["node", "rekey", "--socket", &s])
+            .unwrap_err()
+    );
+    assert!(e.contains("[not_ipsec]"), "{e}");
+    // Anyone else: refused before the daemon is reached, exit 1 (a retry
+    // does not help).
+    let weftctl = weft_tests::bins::workspace_bin("weftctl").unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&weftctl)
+        .args(["node", "rekey", "--socket", &s])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("permission denied") && err.contains("run as root"),
+        "{err}"
+    );
+    // No socket there: retryable (the daemon may be starting).
+    let out = std::process::Command::new(&weftctl)
+        .args(["node", "rekey", "--socket", "/run/weft-lab/no-such.sock"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("is weft-node running"), "{err}");
+    // The node stopped: its socket is gone with it.
+    let mut lab = lab;
+    lab.stop("node-1").unwrap();
+    assert!(!socket.exists());
+}

@@ -248,8 +248,13 @@ fn key_rotations_under_a_10_per_second_ping_lose_at_most_one_packet() {
         })
     };
     std::thread::sleep(Duration::from_secs(2));
-    let out = lab.host_weftctl(1, &["node", "rekey"]).unwrap();
+    let socket = lab.control_socket(1).display().to_string();
+    let rekey = ["node", "rekey", "--socket", socket.as_str()];
+    let out = lab.host_weftctl(1, &rekey).unwrap();
     assert!(out.contains("epoch 2"), "{out}");
+    // One rotation per 30 s on the socket: the next is refused, retryable.
+    let again = format!("{:#}", lab.host_weftctl(1, &rekey).unwrap_err());
+    assert!(again.contains("[rate_limited]"), "{again}");
     std::thread::sleep(Duration::from_secs(10));
     let pid = lab.pid("node-2").unwrap();
     weft_tests::netns::run("kill", &["-USR1", &pid.to_string()]).unwrap();

@@ -144,23 +144,30 @@ struct Keyring {
     published: Option<(u64, Instant)>,
     generations: HashMap<Ipv4Addr, Vec<Generation>>,
     /// Per peer, the outbound SA the last desired state sends with.
-    sending: HashMap<Ipv4Addr, XfrmSaId>,
-    /// Outbound SAs of the current key the kernel has had.
-    /// Their peers know their sequence numbers, so none may be installed
-    /// afresh: not after a deletion, and not when a peer that left (its
-    /// lease expired, say) comes back with the same key. Cleared by a
-    /// rotation, after which none of them can be wanted again.
-    burnt: HashSet<XfrmSaId>,
+    /// With the epoch of our key it belongs to.
+    sending: HashMap<Ipv4Addr, (XfrmSaId, u64)>,
+    /// Outbound SAs the kernel has had, with the epoch of our key they
+    /// belong to. Their peers know their sequence numbers, so none may be
+    /// installed afresh: not after a deletion, and not when a peer that
+    /// left (its lease expired, say) comes back with the same key. Kept
+    /// while our key has that epoch or a generation of it is still in use
+    /// (after a rotation, until the switch).
+    burnt: HashMap<XfrmSaId, u64>,
     /// Burnt outbound SAs the kernel no longer has: never put back (their
     /// sequence numbers would start again and the peer would drop every
     /// packet as a replay); the policy stays, so packets to that peer are
-    /// dropped until the rotation gives new SAs. Cleared by a rotation.
+    /// dropped until a rotation gives new SAs.
     lost: HashSet<XfrmSaId>,
     /// The key was in use before this process started (loaded from the
     /// state directory) and no pass has looked at the kernel yet: the
     /// first pass counts every outbound SA it wants as burnt, since the
     /// kernel may have held it before a reboot.
     restored_unchecked: bool,
+    /// The SAs the kernel had at the last observation (`None`: none yet).
+    /// A burnt SA a pass wants to send with that is not among them was
+    /// lost (deleted by hand, by a reboot, or with a peer that left and
+    /// came back with the same key).
+    kernel: Option<HashSet<XfrmSaId>>,
     /// Why a new key is wanted, not yet taken by [`Ipsec::rekey_wanted`].
     wanted: Option<RekeyCause>,
     /// A cause was reported for the current key (one rotation fixes all).
@@ -197,9 +204,10 @@ impl Ipsec {
                 published: None,
                 generations: HashMap::new(),
                 sending: HashMap::new(),
-                burnt: HashSet::new(),
+                burnt: HashMap::new(),
                 lost: HashSet::new(),
                 restored_unchecked: false,
+                kernel: None,
                 wanted: None,
                 wanted_reported: false,
             }),
@@ -260,8 +268,6 @@ impl Ipsec {
     pub fn rotate(&self, key: NodeKey) {
         let mut r = self.ring();
         r.key = key;
-        r.burnt.clear();
-        r.lost.clear();
         r.wanted = None;
         r.wanted_reported = false;
     }
@@ -320,13 +326,18 @@ impl Ipsec {
         let mut skipped = Vec::new();
         let mut ring = self.ring();
         let published = ring.published;
-        // Outbound SAs lost after use, which must not come back.
-        let lost = ring.lost.clone();
         let ext = dev(&local.ext.name);
         let Some(my_subnet) = local.subnet.ipv4() else {
             return (st, skipped);
         };
         let me = local.public_ip;
+        // Outbound SAs lost after use, which must not come back, and what
+        // tells them: the ones sent with before, and the kernel's.
+        let mut lost = std::mem::take(&mut ring.lost);
+        let mut burnt = std::mem::take(&mut ring.burnt);
+        let kernel = ring.kernel.take();
+        let restored_unchecked = ring.restored_unchecked;
+        let mut newly_lost = Vec::new();
         // Fail closed: pod traffic to the cluster network that no peer's
         // policy encrypts (a peer skipped for a bad key, another backend, a
         // lease not yet seen) is dropped, not routed out in the clear.
@@ -438,7 +449,17 @@ impl Ipsec {
                     dst: pip,
                     spi: g.sas.out.spi,
                 };
-                sends.push((p.public_ip, id));
+                sends.push((p.public_ip, (id, g.my_epoch)));
+                if let Some(kernel) = &kernel {
+                    if kernel.contains(&id) || restored_unchecked {
+                        burnt.insert(id, g.my_epoch);
+                    }
+                    // Sent with before, and gone since: putting it back
+                    // would restart its sequence numbers.
+                    if burnt.contains_key(&id) && !kernel.contains(&id) && lost.insert(id) {
+                        newly_lost.push(p.public_ip);
+                    }
+                }
                 if !lost.contains(&id) {
                     st.xfrm_states.insert(
                         id,
@@ -491,6 +512,27 @@ impl Ipsec {
         // Peers that are gone take their SAs along at once.
         ring.generations.retain(|ip, _| live.contains(ip));
         ring.sending = sends.into_iter().collect();
+        // An old key's SAs are forgotten once no generation of it is left:
+        // none can be wanted again.
+        let in_use: HashSet<u64> = ring
+            .generations
+            .values()
+            .flatten()
+            .map(|g| g.my_epoch)
+            .chain([ring.key.epoch()])
+            .collect();
+        burnt.retain(|_, epoch| in_use.contains(epoch));
+        lost.retain(|id| burnt.contains_key(id));
+        ring.lost = lost;
+        ring.burnt = burnt;
+        if kernel.is_some() {
+            ring.restored_unchecked = false;
+        }
+        ring.kernel = kernel;
+        if !newly_lost.is_empty() {
+            newly_lost.sort();
+            self.want_rekey(&mut ring, RekeyCause::LostOutbound(newly_lost));
+        }
         // A collision with an SA of an older key ends with its grace; one
         // of the current key's needs a new key.
         let epoch = ring.key.epoch();
@@ -568,18 +610,15 @@ impl Backend for Ipsec {
     fn observed(&self, have: &NetState) {
         let mut guard = self.ring();
         let r = &mut *guard;
-        if std::mem::take(&mut r.restored_unchecked) {
-            r.burnt.extend(r.sending.values());
-        }
         let mut lost = Vec::new();
-        for (peer, id) in &r.sending {
+        for (peer, (id, epoch)) in &r.sending {
             if have.xfrm_states.contains_key(id) {
-                r.burnt.insert(*id);
-            } else if r.burnt.contains(id) {
+                r.burnt.insert(*id, *epoch);
+            } else if r.burnt.contains_key(id) && r.lost.insert(*id) {
                 lost.push(*peer);
-                r.lost.insert(*id);
             }
         }
+        r.kernel = Some(have.xfrm_states.keys().copied().collect());
         if !lost.is_empty() {
             lost.sort();
             self.want_rekey(r, RekeyCause::LostOutbound(lost));
