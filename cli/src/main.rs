@@ -262,7 +262,7 @@ async fn main() -> ExitCode {
 fn retryable(e: &anyhow::Error) -> bool {
     match e.downcast_ref::<ClientError>() {
         Some(ClientError::Connect { .. }) => true,
-        Some(ClientError::Api { status, .. }) => *status >= 500,
+        Some(ClientError::Api { status, .. }) => *status >= 500 || *status == 429,
         _ => e
             .downcast_ref::<reqwest::Error>()
             .is_some_and(|r| r.is_connect() || r.is_timeout()),

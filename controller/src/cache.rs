@@ -51,37 +51,53 @@ impl ConfigState {
     }
 }
 
-/// Serialized watch lines, oldest first. Every event with a revision greater
-/// than `start` is present.
+/// Serialized watch lines, oldest first, at most `capacity` of them and
+/// `max_bytes` in all. Every event with a revision greater than `start` is
+/// present.
 #[derive(Debug)]
 pub(crate) struct History {
     lines: VecDeque<(i64, Bytes)>,
     start: i64,
     capacity: usize,
+    bytes: usize,
+    max_bytes: usize,
 }
 
 impl History {
-    fn new(capacity: usize) -> Self {
+    fn new(capacity: usize, max_bytes: usize) -> Self {
         History {
             lines: VecDeque::new(),
             start: 0,
             capacity: capacity.max(1),
+            bytes: 0,
+            max_bytes,
         }
     }
 
     fn push(&mut self, revision: i64, line: Bytes) {
-        if self.lines.len() == self.capacity {
-            if let Some((rev, _)) = self.lines.pop_front() {
+        self.bytes += line.len();
+        self.lines.push_back((revision, line));
+        // The newest line always stays, however large.
+        while self.lines.len() > 1
+            && (self.lines.len() > self.capacity || self.bytes > self.max_bytes)
+        {
+            if let Some((rev, old)) = self.lines.pop_front() {
+                self.bytes -= old.len();
                 self.start = rev;
             }
         }
-        self.lines.push_back((revision, line));
     }
 
     /// Forgets everything: history starts at `revision`.
     fn restart_at(&mut self, revision: i64) {
         self.lines.clear();
+        self.bytes = 0;
         self.start = revision;
+    }
+
+    /// Bytes of the lines kept.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Lines with a revision greater than `after`, or `None` if some of
@@ -141,7 +157,7 @@ pub(crate) struct Cache {
 const QUARANTINE_MAX: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl Cache {
-    pub(crate) fn new(history_capacity: usize) -> Self {
+    pub(crate) fn new(history_capacity: usize, history_bytes: usize) -> Self {
         Cache {
             revision: 0,
             synced: false,
@@ -150,7 +166,7 @@ impl Cache {
             corrupt: BTreeMap::new(),
             by_node: HashMap::new(),
             occupancy: Occupancy::default(),
-            history: History::new(history_capacity),
+            history: History::new(history_capacity, history_bytes),
             quarantine: HashMap::new(),
             releasing: std::collections::HashSet::new(),
             quarantine_for: None,
@@ -464,8 +480,29 @@ mod tests {
     }
 
     #[test]
+    fn history_is_bounded_in_bytes_and_keeps_the_newest_line() {
+        let mut h = History::new(1000, 100);
+        h.restart_at(0);
+        for rev in 1..=10 {
+            h.push(rev, Bytes::from(vec![b'x'; 30]));
+        }
+        // 3 lines of 30 bytes fit in 100.
+        assert_eq!(h.bytes(), 90);
+        assert_eq!(h.start(), 7);
+        assert_eq!(h.since(7).unwrap().0.len(), 3);
+        assert!(h.since(6).is_none());
+        // One line larger than the bound replaces everything but stays.
+        h.push(11, Bytes::from(vec![b'y'; 500]));
+        assert_eq!(h.bytes(), 500);
+        assert_eq!(h.since(10).unwrap().0.len(), 1);
+        assert!(h.since(9).is_none());
+        h.restart_at(20);
+        assert_eq!(h.bytes(), 0);
+    }
+
+    #[test]
     fn history_serves_lines_after_a_revision() {
-        let mut h = History::new(3);
+        let mut h = History::new(3, usize::MAX);
         h.restart_at(10);
         for rev in 11..=14 {
             h.push(rev, Bytes::from(format!("{rev}\n")));
@@ -486,7 +523,7 @@ mod tests {
 
     #[test]
     fn indexes_follow_puts_and_deletes() {
-        let mut c = Cache::new(100);
+        let mut c = Cache::new(100, usize::MAX);
         c.reset(snapshot(5, vec![lease("10.244.1.0-24", "a", 3)]));
         assert_eq!(c.occupancy().positions_used(), 1);
         c.apply(&WatchBatch {
@@ -515,7 +552,7 @@ mod tests {
 
     #[test]
     fn corrupt_overwrite_deletes_the_lease_but_keeps_the_subnet_taken() {
-        let mut c = Cache::new(100);
+        let mut c = Cache::new(100, usize::MAX);
         c.reset(snapshot(5, vec![lease("10.244.1.0-24", "a", 3)]));
         c.apply(&WatchBatch {
             revision: 6,
@@ -544,7 +581,7 @@ mod tests {
 
     #[test]
     fn relist_turns_differences_into_lines() {
-        let mut c = Cache::new(100);
+        let mut c = Cache::new(100, usize::MAX);
         c.reset(snapshot(
             5,
             vec![
@@ -573,7 +610,7 @@ mod tests {
 
     #[test]
     fn config_change_rebuilds_occupancy_and_reports_outsiders() {
-        let mut c = Cache::new(10);
+        let mut c = Cache::new(10, usize::MAX);
         c.reset(snapshot(5, vec![lease("10.244.1.0-24", "a", 3)]));
         c.apply(&WatchBatch {
             revision: 6,

@@ -35,6 +35,14 @@ pub enum ControllerError {
     /// A watch asked for history that is gone; list again.
     #[error("{0}")]
     Gone(String),
+    /// A limit on costly requests was reached; try again after
+    /// `retry_after` seconds (429 with `Retry-After`).
+    #[error("{message}")]
+    TooMany {
+        code: &'static str,
+        message: String,
+        retry_after: u64,
+    },
     /// The store failed.
     #[error("{0}")]
     Store(#[from] StoreError),
@@ -74,6 +82,7 @@ impl ControllerError {
             }
             ControllerError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ControllerError::Gone(_) => StatusCode::GONE,
+            ControllerError::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
             ControllerError::Store(e) => match e {
                 StoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
                 StoreError::Conflict(_) | StoreError::AlreadyExists(_) => StatusCode::CONFLICT,
@@ -89,7 +98,8 @@ impl ControllerError {
         let (error, message) = match self {
             ControllerError::BadRequest { code, message }
             | ControllerError::NotFound { code, message }
-            | ControllerError::Conflict { code, message } => (*code, message.clone()),
+            | ControllerError::Conflict { code, message }
+            | ControllerError::TooMany { code, message, .. } => (*code, message.clone()),
             ControllerError::Exhausted(e) => (
                 "network_exhausted",
                 format!("{e}; release unused leases or widen the network (weftctl leases list)"),
@@ -129,6 +139,13 @@ impl ControllerError {
 
 impl IntoResponse for ControllerError {
     fn into_response(self) -> Response {
-        (self.status(), Json(self.body())).into_response()
+        let mut resp = (self.status(), Json(self.body())).into_response();
+        if let ControllerError::TooMany { retry_after, .. } = self {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(retry_after),
+            );
+        }
+        resp
     }
 }

@@ -37,7 +37,9 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/leases/{node}/renew", post(renew))
         .route("/v1/reservations", post(reserve))
         .route("/v1/network", get(network).put(set_network))
-        // Every route above: the caller must be allowed (crate::auth).
+        // Every route above: the caller must be allowed (crate::auth), and
+        // the cache must be whole.
+        .route_layer(axum::middleware::from_fn_with_state(shared.clone(), intact))
         .route_layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             crate::auth::authorize,
@@ -162,6 +164,8 @@ async fn list(
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ControllerError> {
     let Query(params) = params.map_err(|e| ControllerError::bad("invalid_query", e.body_text()))?;
+    // With TTLs a list costs etcd one request per lease: limited.
+    let _running = params.with_ttl.then(|| s.limits.ttl_list()).transpose()?;
     Ok(Json(s.list(params.with_ttl).await?))
 }
 
@@ -177,8 +181,33 @@ async fn set_network(
     Ok(Json(s.set_network(&text).await?))
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// Alive and able to serve: fails while the cache is reloaded after a
+/// panic (a supervisor that probes it restarts a controller stuck there).
+async fn healthz(State(s): AppState) -> Response {
+    if s.damaged() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the lease cache is being reloaded from the store after a panic\n",
+        )
+            .into_response();
+    }
+    "ok\n".into_response()
+}
+
+/// Refuses API requests while the cache may be half updated.
+async fn intact(
+    State(s): AppState,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if s.damaged() {
+        return ControllerError::NotReady(
+            "the lease cache is being reloaded from the store after a panic; try again shortly"
+                .into(),
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 async fn readyz(State(s): AppState, caller: Option<axum::Extension<Caller>>) -> Response {

@@ -76,6 +76,10 @@ struct Args {
     /// Default: the network's lease TTL, at most 10m.
     #[arg(long, env = "WEFT_CONTROLLER_EXPIRED_QUARANTINE")]
     expired_quarantine: Option<String>,
+    /// Watch streams (one per node) served at once; more are answered 429
+    /// and retry.
+    #[arg(long, env = "WEFT_CONTROLLER_MAX_WATCHERS", default_value_t = 16_384)]
+    max_watchers: usize,
     /// Seconds between heartbeat lines on idle watch streams.
     #[arg(long, env = "WEFT_CONTROLLER_WATCH_HEARTBEAT", default_value_t = 10)]
     watch_heartbeat: u64,
@@ -93,6 +97,9 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+    if args.max_watchers == 0 {
+        anyhow::bail!("--max-watchers must be at least 1");
+    }
     if args.watch_heartbeat == 0 {
         anyhow::bail!("--watch-heartbeat must be at least 1 second");
     }
@@ -114,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
     let mut opts = Options {
         heartbeat: Duration::from_secs(args.watch_heartbeat),
         expired_quarantine,
+        max_watchers: args.max_watchers,
         ..Options::default()
     };
     match (
@@ -164,9 +172,9 @@ async fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} (--healthz-listen)"))?;
-        let router = controller.health_router();
+        let health = weft_controller::serve_health(listener, &controller, std::future::pending());
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router).await {
+            if let Err(e) = health.await {
                 tracing::error!("health listener on {addr}: {e}");
             }
         });

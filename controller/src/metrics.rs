@@ -22,6 +22,7 @@ pub(crate) struct Levels {
     pub unreadable: i64,
     pub revision: i64,
     pub ready: bool,
+    pub history_bytes: i64,
 }
 
 /// The controller's metrics.
@@ -34,6 +35,7 @@ pub(crate) struct Metrics {
     pub etcd_errors: Counter,
     pub forbidden: Counter,
     pub tls_handshake_failures: Counter,
+    pub cache_reloads: Counter,
     etcd_requests: Family<Labels, Counter>,
     last_requests: Mutex<RequestCounts>,
     subnets: Family<Labels, Gauge>,
@@ -42,6 +44,7 @@ pub(crate) struct Metrics {
     unreadable: Gauge,
     revision: Gauge,
     ready: Gauge,
+    history_bytes: Gauge,
 }
 
 impl Metrics {
@@ -78,6 +81,12 @@ impl Metrics {
             "tls_handshake_failures",
             "TLS handshakes that failed (no, expired or untrusted client certificate, ...)",
             tls_handshake_failures.clone(),
+        );
+        let cache_reloads = Counter::default();
+        registry.register(
+            "cache_reloads",
+            "Reloads of the lease cache after a panic left its lock poisoned",
+            cache_reloads.clone(),
         );
         let etcd_requests = Family::<Labels, Counter>::default();
         registry.register(
@@ -117,6 +126,12 @@ impl Metrics {
             "1 when the controller is ready to serve",
             ready.clone(),
         );
+        let history_bytes = Gauge::default();
+        registry.register(
+            "watch_history_bytes",
+            "Bytes of watch lines kept for streams that resume",
+            history_bytes.clone(),
+        );
         Metrics {
             registry,
             acquire_seconds,
@@ -125,6 +140,7 @@ impl Metrics {
             etcd_errors,
             forbidden,
             tls_handshake_failures,
+            cache_reloads,
             etcd_requests,
             last_requests: Mutex::new(RequestCounts::default()),
             subnets,
@@ -133,6 +149,7 @@ impl Metrics {
             unreadable,
             revision,
             ready,
+            history_bytes,
         }
     }
 
@@ -163,8 +180,9 @@ impl Metrics {
         self.unreadable.set(levels.unreadable);
         self.revision.set(levels.revision);
         self.ready.set(i64::from(levels.ready));
+        self.history_bytes.set(levels.history_bytes);
         {
-            let mut last = self.last_requests.lock().expect("metrics lock");
+            let mut last = crate::lock(&self.last_requests);
             let prev = last.by_op();
             for ((op, now), (_, before)) in requests.by_op().into_iter().zip(prev) {
                 self.etcd_requests

@@ -29,11 +29,7 @@ struct InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.shared
-            .in_flight
-            .lock()
-            .expect("in-flight lock")
-            .remove(&self.config, &self.key);
+        crate::lock(&self.shared.in_flight).remove(&self.config, &self.key);
     }
 }
 
@@ -57,7 +53,7 @@ impl Shared {
     }
 
     fn not_synced_reason(&self) -> String {
-        match self.store_error.lock().expect("health lock").as_ref() {
+        match crate::lock(&self.store_error).as_ref() {
             Some(e) => format!("leases not loaded yet: {e}"),
             None => "leases not loaded from the store yet".into(),
         }
@@ -212,7 +208,7 @@ impl Shared {
         for _ in 0..MAX_CLAIM_ATTEMPTS {
             let picked = {
                 let cache = self.read();
-                let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+                let mut in_flight = crate::lock(&self.in_flight);
                 let with_held;
                 let extra = if held.is_empty() {
                     &*in_flight
@@ -229,7 +225,7 @@ impl Shared {
                     extra,
                     exclude,
                 };
-                let mut rng = self.rng.lock().expect("rng lock");
+                let mut rng = crate::lock(&self.rng);
                 let picked = alloc::pick(config, &in_use, preferred, &mut *rng);
                 if let Ok(key) = &picked {
                     in_flight.insert(config, key);
@@ -586,9 +582,16 @@ impl Shared {
     /// `detail`: name example leases in warnings (callers that may read
     /// leases); otherwise only counts.
     pub(crate) fn readiness(&self, detail: bool) -> Readiness {
-        let store_error = self.store_error.lock().expect("health lock").clone();
+        let store_error = crate::lock(&self.store_error).clone();
+        let damaged = self.damaged();
         let cache = self.read();
         let mut reasons = Vec::new();
+        if damaged {
+            reasons.push(
+                "the lease cache is being reloaded from the store after a panic left it possibly half updated"
+                    .into(),
+            );
+        }
         if let Some(e) = store_error {
             reasons.push(format!("store unreachable: {e}"));
         }
@@ -670,6 +673,7 @@ impl Shared {
             unreadable: r.unreadable_entries as i64,
             revision: r.revision,
             ready: r.ready,
+            history_bytes: i64::try_from(self.read().history.bytes()).unwrap_or(i64::MAX),
         };
         self.metrics.render(levels, self.store.requests())
     }

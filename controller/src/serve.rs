@@ -1,5 +1,9 @@
-//! Serving the API over HTTPS with client certificates: each connection's
-//! verified certificate becomes the [`Caller`] of its requests.
+//! Serving the API: over HTTPS with client certificates, where each
+//! connection's verified certificate becomes the [`Caller`] of its
+//! requests, or over plain HTTP (loopback, `--insecure-listen`, the health
+//! listener). Either way with the same limits: connections below the
+//! open-files limit, a deadline for each request's headers (which also
+//! closes idle keep-alive connections), and for TLS a bounded handshake.
 
 use crate::tls::Caller;
 use crate::Controller;
@@ -19,9 +23,6 @@ use tower::ServiceExt;
 
 /// A client that does not finish the handshake within this is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Likewise for a request's headers, which also closes idle keep-alive
-/// connections.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long requests in flight may finish after shutdown begins.
 const DRAIN: Duration = Duration::from_secs(10);
 /// Handshakes in flight at once: each costs a key exchange and a
@@ -59,7 +60,7 @@ impl FailureLog {
 
     fn record(&self, peer: SocketAddr, why: &str) {
         tracing::debug!(%peer, "TLS handshake failed: {why}");
-        let mut st = self.state.lock().expect("failure log lock");
+        let mut st = crate::lock(&self.state);
         st.1 += 1;
         if st.0.elapsed() >= Self::EVERY {
             tracing::info!(
@@ -86,21 +87,44 @@ pub fn serve_tls(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + 'static {
     let shared = controller.shared.clone();
-    run(listener, shared, tls, shutdown)
+    let router = crate::http::router(shared.clone());
+    let limit = connection_limit();
+    run(
+        listener,
+        shared,
+        router,
+        Some(TlsAcceptor::from(tls)),
+        limit,
+        shutdown,
+    )
+}
+
+/// Serves `router` over plain HTTP with the same limits, at most `limit`
+/// connections at once; every request's caller is
+/// [`Caller::Unauthenticated`] (the router decides what that may do).
+pub(crate) fn serve_plain(
+    listener: TcpListener,
+    shared: Arc<crate::Shared>,
+    router: axum::Router,
+    limit: usize,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> impl std::future::Future<Output = std::io::Result<()>> + Send + 'static {
+    run(listener, shared, router, None, limit, shutdown)
 }
 
 async fn run(
     listener: TcpListener,
     shared: Arc<crate::Shared>,
-    tls: Arc<ServerConfig>,
+    router: axum::Router,
+    acceptor: Option<TlsAcceptor>,
+    limit: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let acceptor = TlsAcceptor::from(tls);
-    let router = crate::http::router(shared.clone());
-    let limit = connection_limit();
-    tracing::info!(
-        "accepting up to {limit} connections at once, {HANDSHAKES} of them in the TLS handshake"
-    );
+    if acceptor.is_some() {
+        tracing::info!(
+            "accepting up to {limit} connections at once, {HANDSHAKES} of them in the TLS handshake"
+        );
+    }
     let open = Arc::new(Semaphore::new(limit));
     let handshakes = Arc::new(Semaphore::new(HANDSHAKES));
     let failures = Arc::new(FailureLog {
@@ -162,7 +186,7 @@ async fn run(
 }
 
 struct Connection {
-    acceptor: TlsAcceptor,
+    acceptor: Option<TlsAcceptor>,
     router: axum::Router,
     shared: Arc<crate::Shared>,
     failures: Arc<FailureLog>,
@@ -179,7 +203,12 @@ impl Connection {
         handshake: OwnedSemaphorePermit,
     ) {
         let peer = self.peer;
-        let done = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await;
+        let Some(acceptor) = self.acceptor.clone() else {
+            drop(handshake);
+            let (router, shared) = (self.router, self.shared);
+            return serve_connection(tcp, router, Caller::Unauthenticated, &shared, peer).await;
+        };
+        let done = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
         drop(handshake);
         let stream = match done {
             Ok(Ok(s)) => s,
@@ -205,26 +234,39 @@ impl Connection {
             }
         };
         tracing::debug!(%peer, %caller, "TLS connection");
-        let router = self.router;
-        let service = tower::service_fn(move |mut req: Request<Incoming>| {
-            req.extensions_mut().insert(caller.clone());
-            router.clone().oneshot(req.map(axum::body::Body::new))
-        });
-        let mut closing = self.shared.closing.subscribe();
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = async { let _ = closing.wait_for(|c| *c).await; } => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
-        if let Err(e) = result {
-            tracing::debug!(%peer, "connection ended: {e}");
+        serve_connection(stream, self.router, caller, &self.shared, peer).await;
+    }
+}
+
+/// HTTP/1.1 on one connection, every request as `caller`, until the
+/// client closes, its headers are late, or the server shuts down.
+async fn serve_connection<S>(
+    stream: S,
+    router: axum::Router,
+    caller: Caller,
+    shared: &crate::Shared,
+    peer: SocketAddr,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = tower::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(caller.clone());
+        router.clone().oneshot(req.map(axum::body::Body::new))
+    });
+    let mut closing = shared.closing.subscribe();
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.opts.header_timeout)
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = async { let _ = closing.wait_for(|c| *c).await; } => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, "connection ended: {e}");
     }
 }

@@ -56,28 +56,45 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         shared.store_ok();
         let leases = snap.leases.len();
         let rev = snap.revision;
+        // Everything is replaced: whatever a panic left half done is gone.
+        shared.cache.clear_poison();
         shared.write().reset(snap);
+        shared.repaired();
         publish(&shared, rev);
         tracing::info!(revision = rev, leases, "loaded leases from the store");
-        if follow(&shared, rev + 1, &mut backoff).await {
-            tracing::warn!("store history was compacted past our position; listing again");
+        match follow(&shared, rev + 1, &mut backoff).await {
+            Relist::Compacted => {
+                tracing::warn!("store history was compacted past our position; listing again")
+            }
+            Relist::Damaged => {}
         }
     }
 }
 
+/// Why the cache must be loaded afresh.
+enum Relist {
+    Compacted,
+    Damaged,
+}
+
 /// Follows the store from `from`; returns when a re-list is needed.
-async fn follow(shared: &Shared, mut from: i64, backoff: &mut Backoff) -> bool {
+async fn follow(shared: &Shared, mut from: i64, backoff: &mut Backoff) -> Relist {
     loop {
         let mut stream = match shared.store.watch(from).await {
             Ok(s) => s,
-            Err(StoreError::Compacted { .. }) => return true,
+            Err(StoreError::Compacted { .. }) => return Relist::Compacted,
             Err(e) => {
                 shared.store_failed("watching leases", &e);
                 backoff.wait().await;
                 continue;
             }
         };
-        while let Some(item) = stream.next().await {
+        loop {
+            let item = tokio::select! {
+                _ = shared.reload.notified() => return Relist::Damaged,
+                item = stream.next() => item,
+            };
+            let Some(item) = item else { break };
             match item {
                 Ok(batch) => {
                     backoff.reset();
@@ -90,7 +107,7 @@ async fn follow(shared: &Shared, mut from: i64, backoff: &mut Backoff) -> bool {
                     from = from.max(rev + 1);
                     publish(shared, rev);
                 }
-                Err(StoreError::Compacted { .. }) => return true,
+                Err(StoreError::Compacted { .. }) => return Relist::Compacted,
                 Err(e) => {
                     shared.store_failed("watching leases", &e);
                     break;
@@ -101,9 +118,11 @@ async fn follow(shared: &Shared, mut from: i64, backoff: &mut Backoff) -> bool {
     }
 }
 
-/// Pings the store so readiness reflects an outage even when idle.
+/// Pings the store so readiness reflects an outage even when idle, and
+/// looks for a poisoned cache lock nobody has touched since.
 pub(crate) async fn health(shared: Arc<Shared>) {
     loop {
+        shared.damaged();
         match shared.store.ping().await {
             Ok(()) => shared.store_ok(),
             Err(e) => shared.store_failed("store health check", &e),

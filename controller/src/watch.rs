@@ -22,8 +22,12 @@ pub(crate) struct WatchParams {
     from_revision: Option<i64>,
 }
 
-/// Decrements the client gauge when the stream goes away.
-struct ClientGuard(Arc<Shared>);
+/// Decrements the client gauge when the stream goes away (and gives back
+/// its place under `--max-watchers`).
+struct ClientGuard(
+    Arc<Shared>,
+    #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit,
+);
 
 impl Drop for ClientGuard {
     fn drop(&mut self) {
@@ -92,10 +96,11 @@ pub(crate) async fn handler(
     params: Result<Query<WatchParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ControllerError> {
     let Query(params) = params.map_err(|e| ControllerError::bad("invalid_query", e.body_text()))?;
+    let place = s.limits.watcher()?;
     let (initial, cursor) = catch_up(&s, params.from_revision).await?;
     let cursor = Some(cursor);
     s.metrics.watch_clients.inc();
-    let guard = ClientGuard(s.clone());
+    let guard = ClientGuard(s.clone(), place);
     let mut applied = s.applied.subscribe();
     // Changes applied since `catch_up` read the history must not be taken
     // as seen: look at the history once more before waiting.
@@ -148,21 +153,28 @@ async fn catch_up(s: &Shared, from: Option<i64>) -> Result<(Vec<Bytes>, i64), Co
     };
     // Older than the controller's history (e.g. the controller restarted):
     // read the leases as they were at that revision and send the difference.
-    let old = match s.store.snapshot_at(after).await {
-        Ok(old) => old,
-        Err(StoreError::Compacted { .. }) => {
-            return Err(ControllerError::Gone(format!(
-                "revision {} is compacted; list the leases again (GET /v1/leases) and watch from the list's revision + 1",
-                after + 1
-            )))
-        }
-        Err(e) => return Err(ControllerError::Store(e)),
-    };
+    let then = s
+        .limits
+        .past(after, || async {
+            match s.store.snapshot_at(after).await {
+                Ok(old) => Ok(Arc::new(
+                    old.leases
+                        .into_iter()
+                        .map(|l| (l.key, l))
+                        .collect::<BTreeMap<SubnetKey, Lease>>(),
+                )),
+                Err(StoreError::Compacted { .. }) => Err(ControllerError::Gone(format!(
+                    "revision {} is compacted; list the leases again (GET /v1/leases) and watch from the list's revision + 1",
+                    after + 1
+                ))),
+                Err(e) => Err(ControllerError::Store(e)),
+            }
+        })
+        .await?;
     let cache = s.read();
-    let then: BTreeMap<SubnetKey, Lease> = old.leases.into_iter().map(|l| (l.key, l)).collect();
     let mut lines = Vec::new();
     let rev = cache.revision;
-    for (key, l) in &then {
+    for (key, l) in then.iter() {
         if !cache.leases.contains_key(key) {
             lines.push(line(&WatchEvent {
                 kind: WatchKind::Delete,

@@ -26,3 +26,88 @@ weft_lease::conformance_tests!(
     #[ignore = "needs etcd; run by scripts/test"]
     fresh
 );
+
+/// A watch that catches up over many large changes gets them in one etcd
+/// response of several MiB (etcd batches up to 1000 revisions); gRPC's
+/// default 4 MiB limit would end every such watch with an error, and the
+/// controller would re-list and watch again forever.
+#[tokio::test]
+#[ignore = "needs etcd; run by scripts/test"]
+async fn a_watch_catching_up_over_more_than_4_mib_of_changes_reads_them_all() {
+    use futures::StreamExt;
+    let server = tokio::task::spawn_blocking(EtcdServer::start)
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let url = server.url();
+    let store = EtcdStore::connect(EtcdOptions::new(vec![url.clone()], "/weft/network"))
+        .await
+        .expect("connect to etcd");
+    // Five transactions of 100 leases with 12 KiB each (etcd takes at most
+    // 128 operations and 1.5 MiB per request): 6 MB of changes.
+    let pad = "x".repeat(12 * 1024);
+    let etcdctl = weft_tests::bins::system_tool("etcdctl", "etcd-client").unwrap();
+    for t in 0..5u32 {
+        // No compares, the puts on success, no failure requests.
+        let mut script = String::from("\n");
+        for i in 0..100u32 {
+            let n = t * 100 + i;
+            // etcdctl's txn syntax mangles quotes: a plain value (an
+            // unreadable lease is an event all the same).
+            script.push_str(&format!(
+                "put /weft/network/subnets/10.{}.{}.0-24 {pad}\n",
+                n / 256,
+                n % 256
+            ));
+        }
+        script.push_str("\n\n");
+        let mut child = std::process::Command::new(&etcdctl)
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &url, "txn"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("SUCCESS"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let one = weft_tests::etcdctl::etcdctl(
+        &url,
+        &[
+            "get",
+            "--print-value-only",
+            "/weft/network/subnets/10.0.7.0-24",
+        ],
+    )
+    .unwrap();
+    assert_eq!(one.trim_end().len(), pad.len(), "the values as written");
+    let mut watch = weft_lease::LeaseStore::watch(&store, 1).await.unwrap();
+    let mut seen = 0;
+    while seen < 500 {
+        let batch = tokio::time::timeout(std::time::Duration::from_secs(30), watch.next())
+            .await
+            .expect("watch answered within 30 s")
+            .expect("watch still open")
+            .unwrap_or_else(|e| panic!("after {seen} leases: {e}"));
+        seen += batch.events.len();
+        eprintln!(
+            "batch at {}: {} events, {seen} seen",
+            batch.revision,
+            batch.events.len()
+        );
+    }
+    assert_eq!(seen, 500);
+    drop(server);
+}

@@ -25,6 +25,9 @@ pub fn opts() -> Options {
     Options {
         heartbeat: Duration::from_millis(200),
         history: 1000,
+        history_bytes: 64 << 20,
+        max_watchers: 100,
+        header_timeout: Duration::from_secs(30),
         health_interval: Duration::from_millis(100),
         write_wait: Duration::from_secs(3),
         insecure: None,

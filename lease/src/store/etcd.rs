@@ -166,6 +166,11 @@ struct Conn {
 /// How long a failure to connect (or authenticate) is answered from memory.
 const CONNECT_RETRY: Duration = Duration::from_secs(1);
 
+/// The largest gRPC message read from etcd (reads and watch responses);
+/// etcd's own default request limit is 1.5 MiB per value, so this is
+/// about lists and transactions of many leases.
+const MAX_MESSAGE: usize = 256 << 20;
+
 /// What an operator can act on, for failures whose cause is buried in
 /// TLS or gRPC details.
 fn hint(detail: &str) -> Option<&'static str> {
@@ -391,7 +396,7 @@ impl EtcdStore {
             .client()
             .await?
             .kv_client()
-            .max_decoding_message_size(256 << 20))
+            .max_decoding_message_size(MAX_MESSAGE))
     }
 
     async fn read(&self, revision: Option<i64>) -> StoreResult<Snapshot> {
@@ -496,6 +501,9 @@ impl LeaseStore for EtcdStore {
             .client()
             .await?
             .watch_client()
+            // One watch response carries a whole transaction's events (a
+            // list's worth after a restore): the same limit as reads.
+            .max_decoding_message_size(MAX_MESSAGE)
             .watch(self.full(""), Some(opts))
             .await
             .map_err(map_err)?;
