@@ -85,7 +85,10 @@ impl ControllerError {
             ControllerError::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
             ControllerError::Store(e) => match e {
                 StoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-                StoreError::Conflict(_) | StoreError::AlreadyExists(_) => StatusCode::CONFLICT,
+                StoreError::Conflict(_)
+                | StoreError::AlreadyExists(_)
+                | StoreError::ConfigChanged { .. }
+                | StoreError::NodeClaimed { .. } => StatusCode::CONFLICT,
                 StoreError::NotFound(_) => StatusCode::NOT_FOUND,
                 StoreError::Compacted { .. } => StatusCode::GONE,
                 StoreError::Other(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -113,9 +116,10 @@ impl ControllerError {
                     "etcd_unavailable",
                     format!("etcd is unreachable ({m}); nodes keep their data plane, retry later"),
                 ),
-                StoreError::Conflict(_) | StoreError::AlreadyExists(_) => {
-                    ("conflict", format!("{e}; retry"))
-                }
+                StoreError::Conflict(_)
+                | StoreError::AlreadyExists(_)
+                | StoreError::ConfigChanged { .. }
+                | StoreError::NodeClaimed { .. } => ("conflict", format!("{e}; retry")),
                 StoreError::NotFound(_) => ("not_found", e.to_string()),
                 StoreError::Compacted { .. } => ("revision_compacted", e.to_string()),
                 StoreError::Other(_) => ("store_error", e.to_string()),

@@ -15,10 +15,37 @@ use weft_lease::api::{
     AcquireRequest, LeaseList, LeaseResponse, LeaseView, NetworkView, Readiness, ReleaseResponse,
     UnreadableView,
 };
+use weft_lease::store::{Claim, NodeGuard};
 use weft_lease::{Lease, LeaseAttrs, LeaseId, NodeName, StoreError, SubnetKey};
 
 /// Claim attempts before giving up when other writers keep winning.
 const MAX_CLAIM_ATTEMPTS: usize = 16;
+
+/// Acquires started over (the config changed, another replica claimed for
+/// the node) before answering `409 contention`.
+const MAX_RACES: usize = 4;
+
+/// What comes after one claim.
+enum Step {
+    Done(Lease),
+    /// The store moved on: start the acquire over.
+    Again,
+    /// Claim the same subnet again (the guard or the etcd lease changed).
+    SameKey,
+    /// The subnet is taken: pick another.
+    NextKey,
+}
+
+/// What a new lease is claimed under.
+struct Claiming<'a> {
+    config: &'a Arc<NetworkConfig>,
+    /// The revision of the config key `config` was read from.
+    config_revision: i64,
+    attrs: &'a LeaseAttrs,
+    node: &'a NodeName,
+    /// The node's leases the acquire looked at and is replacing.
+    replacing: &'a [Lease],
+}
 
 /// A subnet this controller is claiming; forgotten on drop.
 struct InFlight<'a> {
@@ -36,12 +63,19 @@ impl Drop for InFlight<'_> {
 impl Shared {
     /// The valid network config, or why there is none.
     pub(crate) fn config(&self) -> Result<Arc<NetworkConfig>, ControllerError> {
+        self.config_at().map(|(c, _)| c)
+    }
+
+    /// The valid network config and the revision of its key.
+    fn config_at(&self) -> Result<(Arc<NetworkConfig>, i64), ControllerError> {
         let cache = self.read();
         if !cache.synced {
             return Err(ControllerError::NotReady(self.not_synced_reason()));
         }
         match &cache.config {
-            ConfigState::Valid { config, .. } => Ok(config.clone()),
+            ConfigState::Valid {
+                config, revision, ..
+            } => Ok((config.clone(), *revision)),
             ConfigState::Missing => Err(ControllerError::NotReady(format!(
                 "no network config in the store ({}): set one with `weftctl network set --file F`",
                 self.store.describe()
@@ -103,7 +137,26 @@ impl Shared {
         node: &NodeName,
         req: &AcquireRequest,
     ) -> Result<LeaseResponse, ControllerError> {
-        let config = self.config()?;
+        for _ in 0..MAX_RACES {
+            if let Some(answer) = self.acquire_once(node, req).await? {
+                return Ok(answer);
+            }
+        }
+        Err(ControllerError::conflict(
+            "contention",
+            format!("the network config or node {node}'s lease changed {MAX_RACES} times while acquiring; retry"),
+        ))
+    }
+
+    /// One acquire; `None` when the store moved on under it (the config
+    /// changed, or another replica claimed a subnet for this node) and the
+    /// cache has caught up, so that a new attempt sees what happened.
+    async fn acquire_once(
+        &self,
+        node: &NodeName,
+        req: &AcquireRequest,
+    ) -> Result<Option<LeaseResponse>, ControllerError> {
+        let (config, config_revision) = self.config_at()?;
         let want = validate::acquire(req, &config)?;
         let attrs = LeaseAttrs::new(node.as_str(), want.ipv4, want.ipv6, &want.backend);
         let _guard = self.lock_node(node).await;
@@ -149,10 +202,20 @@ impl Shared {
                 preferred.extend(own.iter().copied());
                 preferred.extend(expired.iter().copied());
                 let exclude = Occupancy::from_keys(&config, &expired);
+                let claim = Claiming {
+                    config: &config,
+                    config_revision,
+                    attrs: &attrs,
+                    node,
+                    replacing: &mine,
+                };
                 // Held even when a node names one as its previous subnet.
-                let lease = self
-                    .allocate(&config, &attrs, &preferred, &exclude, &held, &mut flights)
-                    .await?;
+                let Some(lease) = self
+                    .allocate(&claim, &preferred, &exclude, &held, &mut flights)
+                    .await?
+                else {
+                    return Ok(None);
+                };
                 tracing::info!(%node, subnet = %lease.key, "subnet allocated");
                 (lease, Some(config.lease_ttl))
             }
@@ -167,10 +230,10 @@ impl Shared {
         self.wait_applied(lease.mod_revision).await;
         drop(flights);
         let view = self.read().view(&lease, ttl);
-        Ok(LeaseResponse {
+        Ok(Some(LeaseResponse {
             lease: view,
             network: config.to_json(),
-        })
+        }))
     }
 
     /// Writes new attributes to a lease the node keeps, if they changed.
@@ -190,79 +253,48 @@ impl Shared {
             .map_err(|e| self.store_err("updating a lease", e))
     }
 
-    /// Claims a free subnet for a new lease.
+    /// Claims a free subnet for a new lease. `None` when the store moved on
+    /// (see [`Shared::acquire_once`]); the etcd lease is revoked then.
     async fn allocate<'a>(
         &'a self,
-        config: &Arc<NetworkConfig>,
-        attrs: &LeaseAttrs,
+        claim: &Claiming<'_>,
         preferred: &[SubnetKey],
         exclude: &Occupancy,
         held: &[SubnetKey],
         flights: &mut Vec<InFlight<'a>>,
-    ) -> Result<Lease, ControllerError> {
+    ) -> Result<Option<Lease>, ControllerError> {
+        let config = claim.config;
         let mut id = self
             .store
             .grant(config.lease_ttl)
             .await
             .map_err(|e| self.store_err("granting an etcd lease", e))?;
+        // A guard is written with its lease, in one transaction: the node's
+        // newest leased subnet tells its revision (a wrong guess costs one
+        // more round trip).
+        let mut guard = claim
+            .replacing
+            .iter()
+            .filter(|l| l.etcd_lease.is_some())
+            .map(|l| l.create_revision)
+            .max()
+            .map_or(NodeGuard::Absent, NodeGuard::At);
+        let mut again: Option<SubnetKey> = None;
         for _ in 0..MAX_CLAIM_ATTEMPTS {
-            let picked = {
-                let cache = self.read();
-                let mut in_flight = crate::lock(&self.in_flight);
-                let with_held;
-                let extra = if held.is_empty() {
-                    &*in_flight
-                } else {
-                    let mut e = in_flight.clone();
-                    for k in held {
-                        e.insert(config, k);
-                    }
-                    with_held = e;
-                    &with_held
-                };
-                let in_use = InUse {
-                    base: cache.occupancy(),
-                    extra,
-                    exclude,
-                };
-                let mut rng = crate::lock(&self.rng);
-                let picked = alloc::pick(config, &in_use, preferred, &mut *rng);
-                if let Ok(key) = &picked {
-                    in_flight.insert(config, key);
-                }
-                picked
-            };
-            let key = match picked {
-                Ok(k) => k,
-                Err(exhausted) => {
-                    let _ = self.store.revoke(id).await;
-                    return Err(exhausted.into());
+            let key = match again.take() {
+                // Only the guard or the etcd lease was wrong: the same
+                // subnet, still held in flight.
+                Some(key) => key,
+                None => {
+                    self.pick(claim, preferred, exclude, held, flights, id)
+                        .await?
                 }
             };
-            // Held until the caller has seen the lease in the cache; a key
-            // lost to another writer stays held, so it is not picked again.
-            flights.push(InFlight {
-                shared: self,
-                config: config.clone(),
-                key,
-            });
-            match self.store.create(&key, attrs, Some(id)).await {
-                Ok(lease) => return Ok(lease),
-                Err(StoreError::AlreadyExists(_)) => {
-                    tracing::debug!(subnet = %key, "subnet taken by another writer; picking again");
-                }
-                Err(StoreError::NotFound(_)) => {
-                    // The etcd lease vanished (etcd restarted and dropped it).
-                    id = self
-                        .store
-                        .grant(config.lease_ttl)
-                        .await
-                        .map_err(|e| self.store_err("granting an etcd lease", e))?;
-                }
-                Err(e) => {
-                    let _ = self.store.revoke(id).await;
-                    return Err(self.store_err("claiming a subnet", e));
-                }
+            match self.claim_one(claim, &key, &mut id, &mut guard).await? {
+                Step::Done(lease) => return Ok(Some(lease)),
+                Step::Again => return Ok(None),
+                Step::SameKey => again = Some(key),
+                Step::NextKey => {}
             }
         }
         let _ = self.store.revoke(id).await;
@@ -270,6 +302,130 @@ impl Shared {
             "contention",
             format!("other writers took {MAX_CLAIM_ATTEMPTS} subnets in a row; retry"),
         ))
+    }
+
+    /// Picks a free subnet and holds it in flight; revokes `id` when none
+    /// is free.
+    async fn pick<'a>(
+        &'a self,
+        claim: &Claiming<'_>,
+        preferred: &[SubnetKey],
+        exclude: &Occupancy,
+        held: &[SubnetKey],
+        flights: &mut Vec<InFlight<'a>>,
+        id: LeaseId,
+    ) -> Result<SubnetKey, ControllerError> {
+        let config = claim.config;
+        let picked = {
+            let cache = self.read();
+            let mut in_flight = crate::lock(&self.in_flight);
+            let with_held;
+            let extra = if held.is_empty() {
+                &*in_flight
+            } else {
+                let mut e = in_flight.clone();
+                for k in held {
+                    e.insert(config, k);
+                }
+                with_held = e;
+                &with_held
+            };
+            let in_use = InUse {
+                base: cache.occupancy(),
+                extra,
+                exclude,
+            };
+            let mut rng = crate::lock(&self.rng);
+            let picked = alloc::pick(config, &in_use, preferred, &mut *rng);
+            if let Ok(key) = &picked {
+                in_flight.insert(config, key);
+            }
+            picked
+        };
+        let key = match picked {
+            Ok(k) => k,
+            Err(exhausted) => {
+                let _ = self.store.revoke(id).await;
+                return Err(exhausted.into());
+            }
+        };
+        // Held until the caller has seen the lease in the cache; a key
+        // lost to another writer stays held, so it is not picked again.
+        flights.push(InFlight {
+            shared: self,
+            config: config.clone(),
+            key,
+        });
+        Ok(key)
+    }
+
+    /// One claim of `key`, and what to do next.
+    async fn claim_one(
+        &self,
+        claim: &Claiming<'_>,
+        key: &SubnetKey,
+        id: &mut LeaseId,
+        guard: &mut NodeGuard,
+    ) -> Result<Step, ControllerError> {
+        let node = claim.node.as_str();
+        let request = Claim {
+            key,
+            attrs: claim.attrs,
+            node,
+            lease: *id,
+            config_revision: claim.config_revision,
+            guard: *guard,
+        };
+        match self.store.claim(&request).await {
+            Ok(lease) => Ok(Step::Done(lease)),
+            Err(StoreError::AlreadyExists(_)) => {
+                tracing::debug!(subnet = %key, "subnet taken by another writer; picking again");
+                Ok(Step::NextKey)
+            }
+            Err(StoreError::NotFound(_)) => {
+                // The etcd lease vanished (etcd restarted and dropped it).
+                *id = self
+                    .store
+                    .grant(claim.config.lease_ttl)
+                    .await
+                    .map_err(|e| self.store_err("granting an etcd lease", e))?;
+                Ok(Step::SameKey)
+            }
+            Err(StoreError::ConfigChanged { revision }) => {
+                tracing::info!(%node, revision, "the network config changed while allocating; starting over with the new one");
+                let _ = self.store.revoke(*id).await;
+                self.wait_applied(revision).await;
+                Ok(Step::Again)
+            }
+            Err(StoreError::NodeClaimed { subnet, revision }) => {
+                if revision == 0 {
+                    // What it recorded is gone with its etcd lease.
+                    *guard = NodeGuard::Absent;
+                    return Ok(Step::SameKey);
+                }
+                self.wait_applied(revision).await;
+                let named = subnet.as_deref().and_then(|s| s.parse::<SubnetKey>().ok());
+                let live = named.filter(|k| {
+                    !claim.replacing.iter().any(|l| l.key == *k)
+                        && self.read().leases_of(node).iter().any(|l| l.key == *k)
+                });
+                if let Some(k) = live {
+                    // Another replica gave this node a subnet meanwhile:
+                    // start over, and keep that one.
+                    tracing::info!(%node, subnet = %k, "another writer claimed a subnet for this node; keeping that one");
+                    let _ = self.store.revoke(*id).await;
+                    return Ok(Step::Again);
+                }
+                // It names the lease being replaced, or one that is gone.
+                tracing::debug!(%node, ?subnet, revision, "replacing the node's recorded subnet");
+                *guard = NodeGuard::At(revision);
+                Ok(Step::SameKey)
+            }
+            Err(e) => {
+                let _ = self.store.revoke(*id).await;
+                Err(self.store_err("claiming a subnet", e))
+            }
+        }
     }
 
     /// Deletes a lease the node no longer needs, and its etcd lease.

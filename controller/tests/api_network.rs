@@ -186,3 +186,61 @@ async fn readiness_counts() {
     assert_eq!(r["reservations"], 1);
     assert_eq!(r["store"], "in-memory store");
 }
+
+#[tokio::test]
+async fn a_longer_subnet_len_never_hands_out_a_subnet_overlapping_live_leases() {
+    // Three /28s fill the pool; the network then moves to /29s while they
+    // are still leased.
+    let api = Api::new(Some(r#"{"Network":"10.244.0.0/26","SubnetLen":28}"#)).await;
+    let mut old = Vec::new();
+    for (node, ip) in [
+        ("a", "198.18.0.1"),
+        ("b", "198.18.0.2"),
+        ("c", "198.18.0.3"),
+    ] {
+        old.push(api.subnet_of(node, ip).await);
+    }
+    let (status, _) = api
+        .raw(
+            Method::PUT,
+            "/v1/network",
+            Body::from(r#"{"Network":"10.244.0.0/26","SubnetLen":29}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // Only 10.244.0.8/29 overlaps none of them.
+    assert_eq!(api.subnet_of("d", "198.18.0.4").await, "10.244.0.8/29");
+    let (status, body) = api.acquire("e", "198.18.0.5").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"], "network_exhausted", "{body}");
+    // a's old /28 goes once a has a new subnet: a /29 inside it.
+    let (status, body) = api.call(Method::DELETE, "/v1/leases/d", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = api.acquire("a", "198.18.0.1").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, list) = api.call(Method::GET, "/v1/leases", None).await;
+    let held: Vec<&str> = list["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["subnet"].as_str().unwrap())
+        .collect();
+    assert_eq!(held.len(), 3, "{list}");
+    assert!(!held.contains(&old[0].as_str()), "{list}");
+}
+
+#[tokio::test]
+async fn two_replicas_racing_for_one_node_give_it_one_subnet() {
+    let store = weft_lease::MemoryStore::new();
+    store.put_config(VXLAN_NET).await.unwrap();
+    let one = Api::over(store.clone(), opts()).await;
+    let two = Api::over(store.clone(), opts()).await;
+    for i in 1..=20 {
+        let (node, ip) = (format!("racer-{i}"), format!("198.18.1.{i}"));
+        let ((s1, b1), (s2, b2)) = tokio::join!(one.acquire(&node, &ip), two.acquire(&node, &ip));
+        assert_eq!((s1, s2), (StatusCode::OK, StatusCode::OK), "{b1} {b2}");
+        assert_eq!(b1["lease"]["subnet"], b2["lease"]["subnet"], "{b1} {b2}");
+    }
+    let snap = store.snapshot().await.unwrap();
+    assert_eq!(snap.leases.len(), 20, "{:?}", snap.leases);
+}

@@ -7,7 +7,7 @@
 //! subnet does not rescan every lease.
 
 use crate::key::SubnetKey;
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rand::Rng;
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -67,11 +67,29 @@ fn bump<K: Hash + Eq>(map: &mut HashMap<K, u32>, k: K, up: bool) {
 
 /// What a set of keys occupies: pool positions and individual subnets,
 /// counted, so keys can be added and removed in any order.
+///
+/// Keys of another length than the pool's subnets (leases from before a
+/// `SubnetLen` or `Network` change, or written by a replica with another
+/// config) occupy every pool subnet they overlap: a narrower one counts as
+/// the pool subnet that contains it; a wider one is kept aside and every
+/// candidate is checked against it, one map lookup per distinct length.
 #[derive(Debug, Clone, Default)]
 pub struct Occupancy {
     positions: HashMap<u128, u32>,
     v4: HashMap<Ipv4Net, u32>,
     v6: HashMap<Ipv6Net, u32>,
+    /// Subnets wider than the pool's subnets.
+    wide: HashMap<IpNet, u32>,
+    /// How many entries of `wide` have each (family, prefix length).
+    wide_lens: HashMap<(bool, u8), u32>,
+}
+
+/// `net` shortened to `len` bits (`len` at most its own length).
+fn truncate(net: IpNet, len: u8) -> IpNet {
+    match net {
+        IpNet::V4(n) => IpNet::V4(Ipv4Net::new(n.addr(), len).map_or(n, |t| t.trunc())),
+        IpNet::V6(n) => IpNet::V6(Ipv6Net::new(n.addr(), len).map_or(n, |t| t.trunc())),
+    }
 }
 
 impl Occupancy {
@@ -88,18 +106,68 @@ impl Occupancy {
     }
 
     fn change(&mut self, config: &NetworkConfig, key: &SubnetKey, up: bool) {
-        if let Some(n) = key.ipv4() {
+        if let Some(mut n) = key.ipv4() {
+            if let Some(p) = &config.ipv4 {
+                if n.prefix_len() < p.subnet_len() {
+                    self.change_wide(IpNet::V4(n), up);
+                    return self.change_v6(config, key, up);
+                }
+                // A narrower subnet occupies the pool subnet holding it.
+                n = Ipv4Net::new(n.addr(), p.subnet_len()).map_or(n, |t| t.trunc());
+            }
             bump(&mut self.v4, n, up);
             if let Some(i) = config.ipv4.as_ref().and_then(|p| p.index_of(&n)) {
                 bump(&mut self.positions, i, up);
             }
         }
-        if let Some(n) = key.ipv6() {
+        self.change_v6(config, key, up);
+    }
+
+    fn change_v6(&mut self, config: &NetworkConfig, key: &SubnetKey, up: bool) {
+        if let Some(mut n) = key.ipv6() {
+            if let Some(p) = &config.ipv6 {
+                if n.prefix_len() < p.subnet_len() {
+                    return self.change_wide(IpNet::V6(n), up);
+                }
+                n = Ipv6Net::new(n.addr(), p.subnet_len()).map_or(n, |t| t.trunc());
+            }
             bump(&mut self.v6, n, up);
             if let Some(i) = config.ipv6.as_ref().and_then(|p| p.index_of(&n)) {
                 bump(&mut self.positions, i, up);
             }
         }
+    }
+
+    fn change_wide(&mut self, net: IpNet, up: bool) {
+        let len = (matches!(net, IpNet::V6(_)), net.prefix_len());
+        bump(&mut self.wide, net, up);
+        bump(&mut self.wide_lens, len, up);
+    }
+
+    /// How many wide subnets contain `net` (a pool subnet).
+    fn wide_count(&self, net: IpNet) -> u32 {
+        let v6 = matches!(net, IpNet::V6(_));
+        self.wide_lens
+            .keys()
+            .filter(|(f, len)| *f == v6 && *len < net.prefix_len())
+            .map(|(_, len)| self.wide.get(&truncate(net, *len)).copied().unwrap_or(0))
+            .sum()
+    }
+
+    /// Pool positions the wide subnets cover, at most: a bound on how many
+    /// probes can miss because of them.
+    fn wide_cover(&self, config: &NetworkConfig) -> u128 {
+        self.wide
+            .keys()
+            .map(|n| {
+                let sub = match n {
+                    IpNet::V4(_) => config.ipv4.as_ref().map(|p| p.subnet_len()),
+                    IpNet::V6(_) => config.ipv6.as_ref().map(|p| p.subnet_len()),
+                };
+                let bits = sub.map_or(0, |s| u32::from(s.saturating_sub(n.prefix_len())));
+                1u128.checked_shl(bits).unwrap_or(u128::MAX)
+            })
+            .fold(0u128, u128::saturating_add)
     }
 
     /// Adds a key.
@@ -155,12 +223,22 @@ impl InUse<'_> {
             || self.extra.position_count(i) > 0
     }
 
-    /// Whether any of `key`'s subnets is in use.
+    /// Whether any of `key`'s subnets is in use, or overlaps a wider subnet
+    /// in use.
     pub fn subnet_taken(&self, key: &SubnetKey) -> bool {
         let (b4, b6) = self.base.subnet_counts(key);
         let (x4, x6) = self.exclude.subnet_counts(key);
         let (e4, e6) = self.extra.subnet_counts(key);
-        b4 > x4 || b6 > x6 || e4 > 0 || e6 > 0
+        if b4 > x4 || b6 > x6 || e4 > 0 || e6 > 0 {
+            return true;
+        }
+        if self.base.wide.is_empty() && self.extra.wide.is_empty() {
+            return false;
+        }
+        let nets = [key.ipv4().map(IpNet::V4), key.ipv6().map(IpNet::V6)];
+        nets.into_iter().flatten().any(|n| {
+            self.base.wide_count(n) > self.exclude.wide_count(n) || self.extra.wide_count(n) > 0
+        })
     }
 
     /// Pool positions in use (without walking the pool: exclude and extra
@@ -208,8 +286,14 @@ pub fn pick<R: Rng + ?Sized>(
         });
     }
     let start = rng.random_range(0..total);
-    // At most `used + 1` probes: every probe that fails hits a used position.
-    for step in 0..=used {
+    // Every probe that fails hits a used position or one a wide subnet
+    // covers, so this many probes find a free one if there is one.
+    let probes = used
+        .saturating_add(in_use.base.wide_cover(config))
+        .saturating_add(in_use.extra.wide_cover(config))
+        .saturating_add(1)
+        .min(total);
+    for step in 0..probes {
         let i = (start + step) % total;
         if !in_use.position_taken(i) {
             if let Some(key) = key_at(config, i) {
@@ -360,6 +444,69 @@ mod tests {
             exclude: &none,
         };
         assert_eq!(in_use.used(), 3);
+    }
+
+    #[test]
+    fn leases_of_another_length_block_every_subnet_they_overlap() {
+        // Leases from before SubnetLen changed from 28: a /27 over the first
+        // two pool subnets and a /29 inside the last.
+        let c = cfg(r#"{"Network":"10.0.0.0/26","SubnetLen":28}"#);
+        let (wide, narrow) = (key("10.0.0.0-27"), key("10.0.0.48-29"));
+        for seed in 0..32 {
+            assert_eq!(
+                pick_with(&c, &[wide, narrow], &[], seed),
+                Ok(key("10.0.0.32-28"))
+            );
+        }
+        let preferred = [key("10.0.0.16-28"), key("10.0.0.48-28")];
+        assert_eq!(
+            pick_with(&c, &[wide, narrow], &preferred, 0),
+            Ok(key("10.0.0.32-28"))
+        );
+        let used = [wide, narrow, key("10.0.0.32-28")];
+        for seed in 0..8 {
+            assert!(pick_with(&c, &used, &[], seed).is_err(), "seed {seed}");
+        }
+
+        // The asking node's own expired wide lease is free again; a wide
+        // subnet being claimed is not.
+        let base = Occupancy::from_keys(&c, &used);
+        let own = Occupancy::from_keys(&c, &[wide]);
+        let none = Occupancy::default();
+        let in_use = InUse {
+            base: &base,
+            extra: &none,
+            exclude: &own,
+        };
+        assert_eq!(
+            pick(&c, &in_use, &[], &mut StdRng::seed_from_u64(3)),
+            Ok(key("10.0.0.16-28"))
+        );
+        let in_use = InUse {
+            base: &base,
+            extra: &own,
+            exclude: &own,
+        };
+        assert!(pick(&c, &in_use, &[], &mut StdRng::seed_from_u64(3)).is_err());
+
+        // Removing them frees everything.
+        let mut o = Occupancy::from_keys(&c, &used);
+        for k in &used {
+            o.remove(&c, k);
+        }
+        assert_eq!(o.positions_used(), 0);
+        assert!(o.wide.is_empty() && o.wide_lens.is_empty() && o.v4.is_empty());
+    }
+
+    #[test]
+    fn a_wide_ipv6_lease_blocks_its_subnets_in_a_huge_pool() {
+        let c = cfg(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd10::/48","IPv6SubnetLen":64}"#,
+        );
+        let wide = key("0.0.0.0-0&fd10::-56");
+        let inside = key("0.0.0.0-0&fd10:0:0:12::-64");
+        assert!(pick_with(&c, &[wide], &[inside], 0).unwrap() != inside);
+        assert_eq!(pick_with(&c, &[], &[inside], 0), Ok(inside));
     }
 
     #[test]

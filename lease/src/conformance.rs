@@ -5,7 +5,7 @@
 //! function that returns a fresh, empty store; it expands to one test per
 //! check.
 
-use crate::store::{LeaseStore, StoreError, StoreEvent, WatchStream};
+use crate::store::{Claim, LeaseStore, NodeGuard, StoreError, StoreEvent, WatchStream};
 use crate::{BackendData, LeaseAttrs, LeaseId, SubnetKey};
 use futures::StreamExt;
 use std::collections::VecDeque;
@@ -39,6 +39,8 @@ macro_rules! conformance_tests {
             config_is_stored_and_watched,
             flannel_written_lease_is_read,
             unknown_etcd_lease_is_not_found,
+            claim_checks_the_config_the_subnet_and_the_node,
+            concurrent_claims_for_one_node_have_one_winner,
             requests_are_counted
         );
     };
@@ -508,6 +510,191 @@ pub async fn unknown_etcd_lease_is_not_found(store: Store) {
     ));
     assert_eq!(store.time_to_live(bogus).await.unwrap(), None);
     assert!(store.snapshot().await.unwrap().leases.is_empty());
+}
+
+fn claim<'a>(
+    k: &'a SubnetKey,
+    a: &'a LeaseAttrs,
+    node: &'a str,
+    lease: LeaseId,
+    config_revision: i64,
+    guard: NodeGuard,
+) -> Claim<'a> {
+    Claim {
+        key: k,
+        attrs: a,
+        node,
+        lease,
+        config_revision,
+        guard,
+    }
+}
+
+pub async fn claim_checks_the_config_the_subnet_and_the_node(store: Store) {
+    let c1 = store
+        .put_config(r#"{"Network":"10.244.0.0/16"}"#)
+        .await
+        .unwrap();
+    let id = store.grant(Duration::from_secs(60)).await.unwrap();
+    let (k1, k2, k3) = (
+        key("10.244.1.0-24"),
+        key("10.244.2.0-24"),
+        key("10.244.3.0-24"),
+    );
+    let a1 = attrs("n1", "198.18.0.1");
+    let a2 = attrs("n2", "198.18.0.2");
+    let mut events = Events::new(store.watch(c1 + 1).await.unwrap());
+
+    let first = store
+        .claim(&claim(&k1, &a1, "n1", id, c1, NodeGuard::Absent))
+        .await
+        .unwrap();
+    assert_eq!((first.key, first.etcd_lease), (k1, Some(id)));
+    // A second subnet for the same node is refused, naming the first.
+    assert_eq!(
+        store
+            .claim(&claim(&k2, &a1, "n1", id, c1, NodeGuard::Absent))
+            .await,
+        Err(StoreError::NodeClaimed {
+            subnet: Some(k1.to_string()),
+            revision: first.mod_revision
+        })
+    );
+    // A taken subnet is refused before the node's guard is looked at.
+    assert_eq!(
+        store
+            .claim(&claim(&k1, &a2, "n2", id, c1, NodeGuard::Absent))
+            .await,
+        Err(StoreError::AlreadyExists(k1))
+    );
+    // A subnet chosen under an older config is refused.
+    let c2 = store
+        .put_config(r#"{"Network":"10.244.0.0/15"}"#)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .claim(&claim(&k3, &a2, "n2", id, c1, NodeGuard::Absent))
+            .await,
+        Err(StoreError::ConfigChanged { revision: c2 })
+    );
+    // Expecting a guard that is not there is refused too.
+    assert_eq!(
+        store
+            .claim(&claim(
+                &k3,
+                &a2,
+                "n2",
+                id,
+                c2,
+                NodeGuard::At(first.mod_revision)
+            ))
+            .await,
+        Err(StoreError::NodeClaimed {
+            subnet: None,
+            revision: 0
+        })
+    );
+    // Superseding: the node's guard as last read.
+    let second = store
+        .claim(&claim(
+            &k2,
+            &a1,
+            "n1",
+            id,
+            c2,
+            NodeGuard::At(first.mod_revision),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .claim(&claim(
+                &k3,
+                &a1,
+                "n1",
+                id,
+                c2,
+                NodeGuard::At(first.mod_revision)
+            ))
+            .await,
+        Err(StoreError::NodeClaimed {
+            subnet: Some(k2.to_string()),
+            revision: second.mod_revision
+        })
+    );
+    // The guards are not leases: the watch and the snapshot show the two
+    // subnets only, nothing corrupt.
+    let expect_lease = |e: StoreEvent, want: &crate::Lease| match e {
+        StoreEvent::Put(l) => {
+            assert_eq!((l.key, l.mod_revision), (want.key, want.mod_revision))
+        }
+        e => panic!("expected the lease {}, got {e:?}", want.key),
+    };
+    expect_lease(events.next(Duration::from_secs(5)).await.unwrap(), &first);
+    match events.next(Duration::from_secs(5)).await.unwrap() {
+        StoreEvent::ConfigPut { revision, .. } if revision == c2 => {}
+        e => panic!("expected the config at {c2}, got {e:?}"),
+    }
+    expect_lease(events.next(Duration::from_secs(5)).await.unwrap(), &second);
+    let snap = store.snapshot().await.unwrap();
+    let mut keys: Vec<_> = snap.leases.iter().map(|l| l.key).collect();
+    keys.sort();
+    assert_eq!(keys, vec![k1, k2]);
+    assert!(snap.corrupt.is_empty(), "{:?}", snap.corrupt);
+
+    // The guard goes with the etcd lease: the node may claim afresh.
+    store.revoke(id).await.unwrap();
+    let id2 = store.grant(Duration::from_secs(60)).await.unwrap();
+    store
+        .claim(&claim(&k3, &a1, "n1", id2, c2, NodeGuard::Absent))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .claim(&claim(
+                &key("10.244.4.0-24"),
+                &a2,
+                "n2",
+                id,
+                c2,
+                NodeGuard::Absent
+            ))
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+pub async fn concurrent_claims_for_one_node_have_one_winner(store: Store) {
+    let c = store
+        .put_config(r#"{"Network":"10.244.0.0/16"}"#)
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..10u8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = store.grant(Duration::from_secs(60)).await.unwrap();
+            let k = key(&format!("10.244.{}.0-24", 20 + i));
+            let a = attrs("twin", "198.18.0.20");
+            store
+                .claim(&claim(&k, &a, "twin", id, c, NodeGuard::Absent))
+                .await
+        }));
+    }
+    let mut won = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(l) => won.push(l.key),
+            Err(StoreError::NodeClaimed {
+                subnet: Some(_), ..
+            }) => {}
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert_eq!(won.len(), 1, "{won:?}");
+    let snap = store.snapshot().await.unwrap();
+    assert_eq!(snap.leases.iter().map(|l| l.key).collect::<Vec<_>>(), won);
 }
 
 pub async fn requests_are_counted(store: Store) {

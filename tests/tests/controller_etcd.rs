@@ -132,6 +132,63 @@ async fn three_replicas_and_500_concurrent_acquires_give_500_distinct_subnets() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs etcd; run by scripts/test"]
+async fn one_node_acquiring_on_three_replicas_at_once_holds_one_subnet() {
+    let server = own_etcd().await;
+    let url = server.url();
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(
+            RunningController::on_etcd(&url, "/weft/network", test_options())
+                .await
+                .unwrap(),
+        );
+    }
+    replicas[0]
+        .client
+        .set_network(r#"{"Network":"10.244.0.0/16","SubnetLen":24}"#)
+        .await
+        .unwrap();
+    for r in &replicas {
+        wait_ready(&r.client, Duration::from_secs(10)).await;
+    }
+    for i in 0..30u32 {
+        let node = format!("twin-{i}");
+        let tasks: Vec<_> = replicas
+            .iter()
+            .map(|r| {
+                let (client, node) = (r.client.clone(), node.clone());
+                tokio::spawn(async move { client.acquire(&node, &req(i)).await })
+            })
+            .collect();
+        let mut got = HashSet::new();
+        for t in tasks {
+            let resp = t.await.unwrap().unwrap_or_else(|e| panic!("{node}: {e}"));
+            got.insert(resp.lease.key);
+        }
+        assert_eq!(got.len(), 1, "{node} was given {got:?}");
+    }
+    // etcd agrees: one subnet, one guard and one etcd lease per node.
+    let count = |dir: &str| {
+        etcdctl::etcdctl(&url, &["get", "--prefix", "--keys-only", dir])
+            .unwrap()
+            .lines()
+            .filter(|l| !l.is_empty())
+            .count()
+    };
+    assert_eq!(count("/weft/network/subnets/"), 30);
+    assert_eq!(count("/weft/network/nodes/"), 30);
+    assert_eq!(etcdctl::lease_count(&url).unwrap(), 30);
+    let guard = etcdctl::etcdctl(
+        &url,
+        &["get", "--print-value-only", "/weft/network/nodes/twin-0"],
+    )
+    .unwrap();
+    let lease = replicas[0].client.renew("twin-0").await.unwrap();
+    assert_eq!(guard.trim(), lease.lease.key.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd; run by scripts/test"]
 async fn renewal_keeps_one_etcd_lease_per_node() {
     let server = own_etcd().await;
     let c = RunningController::on_etcd(&server.url(), "/weft/network", test_options())

@@ -16,6 +16,14 @@ pub fn subnets_prefix() -> &'static str {
     "subnets/"
 }
 
+/// The key recording which subnet a node holds, relative to the prefix:
+/// `nodes/<name>`, its value the subnet key, attached to the same etcd
+/// lease. Claims compare it, so one node never gets two subnets even from
+/// two controller replicas. flannel reads only `subnets/` and ignores it.
+pub fn node_key(node: &str) -> String {
+    format!("nodes/{node}")
+}
+
 /// What a raw key/value under the prefix is.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Entry {

@@ -8,7 +8,8 @@
 
 use super::decode::{add_to_snapshot, decode_delete, decode_entry, decode_put};
 use super::{
-    LeaseStore, RequestCounts, Snapshot, StoreError, StoreResult, WatchBatch, WatchStream,
+    Claim, LeaseStore, NodeGuard, RequestCounts, Snapshot, StoreError, StoreResult, WatchBatch,
+    WatchStream,
 };
 use crate::attrs::LeaseAttrs;
 use crate::key::SubnetKey;
@@ -385,6 +386,26 @@ impl EtcdStore {
         self.full(&format!("{}{}", super::subnets_prefix(), key))
     }
 
+    /// The key range holding `key`'s subnets: every key holding its IPv4
+    /// subnet starts with its part and is either exactly it or continues
+    /// with '&'; '\'' is the byte after '&', so the range covers exactly
+    /// those keys. An IPv6-only key is held only by itself.
+    fn holders(&self, key: &SubnetKey) -> (String, String) {
+        match key.ipv4_part() {
+            Some(part) => {
+                let start = self.full(&format!("{}{}", super::subnets_prefix(), part));
+                let end = format!("{start}'");
+                (start, end)
+            }
+            None => {
+                let full = self.subnet_full(key);
+                let mut end = full.clone().into_bytes();
+                end.push(0);
+                (full, String::from_utf8(end).unwrap_or_default())
+            }
+        }
+    }
+
     fn rel<'a>(&self, full: &'a [u8]) -> Option<&'a str> {
         let s = std::str::from_utf8(full).ok()?;
         s.strip_prefix(&self.prefix)?.strip_prefix('/')
@@ -671,17 +692,8 @@ impl LeaseStore for EtcdStore {
     ) -> StoreResult<Lease> {
         bump(&self.counts.txn);
         let full = self.subnet_full(key);
-        let guard = match key.ipv4_part() {
-            Some(part) => {
-                // Every key holding this IPv4 subnet starts with its part and
-                // is either exactly it or continues with '&'; '\'' is the byte
-                // after '&', so this range covers exactly those keys.
-                let start = self.full(&format!("{}{}", super::subnets_prefix(), part));
-                let end = format!("{start}'");
-                Compare::create_revision(start, CompareOp::Equal, 0).with_range(end)
-            }
-            None => Compare::create_revision(full.clone(), CompareOp::Equal, 0),
-        };
+        let (start, end) = self.holders(key);
+        let guard = Compare::create_revision(start, CompareOp::Equal, 0).with_range(end);
         let put = PutOptions::new().with_lease(lease.map_or(0, |l| l.0));
         let txn = Txn::new().when([guard]).and_then([TxnOp::put(
             full.clone(),
@@ -699,6 +711,78 @@ impl LeaseStore for EtcdStore {
             etcd_lease: lease,
             create_revision: rev,
             mod_revision: rev,
+        })
+    }
+
+    async fn claim(&self, claim: &Claim<'_>) -> StoreResult<Lease> {
+        bump(&self.counts.txn);
+        let full = self.subnet_full(claim.key);
+        let config = self.full(super::config_key());
+        let node = self.full(&super::node_key(claim.node));
+        let (start, end) = self.holders(claim.key);
+        let node_cmp = match claim.guard {
+            NodeGuard::Absent => Compare::version(node.clone(), CompareOp::Equal, 0),
+            NodeGuard::At(rev) => Compare::mod_revision(node.clone(), CompareOp::Equal, rev),
+        };
+        let put = || Some(PutOptions::new().with_lease(claim.lease.0));
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(config.clone(), CompareOp::Equal, claim.config_revision),
+                Compare::create_revision(start.clone(), CompareOp::Equal, 0)
+                    .with_range(end.clone()),
+                node_cmp,
+            ])
+            .and_then([
+                TxnOp::put(full.clone(), claim.attrs.to_json(), put()),
+                TxnOp::put(node.clone(), claim.key.to_string(), put()),
+            ])
+            .or_else([
+                TxnOp::get(config, Some(GetOptions::new().with_keys_only())),
+                TxnOp::get(
+                    start,
+                    Some(GetOptions::new().with_range(end).with_count_only()),
+                ),
+                TxnOp::get(node, None),
+            ]);
+        let resp = self.kv().await?.txn(txn).await.map_err(map_err)?;
+        if resp.succeeded() {
+            let rev = header_rev(resp.header());
+            return Ok(Lease {
+                key: *claim.key,
+                attrs: claim.attrs.clone(),
+                etcd_lease: Some(claim.lease),
+                create_revision: rev,
+                mod_revision: rev,
+            });
+        }
+        let gets: Vec<_> = resp
+            .op_responses()
+            .into_iter()
+            .filter_map(|r| match r {
+                TxnOpResponse::Get(g) => Some(g),
+                _ => None,
+            })
+            .collect();
+        let [config, holders, node] = gets.as_slice() else {
+            return Err(StoreError::Other(format!(
+                "claiming {}: etcd answered a failed transaction with {} reads, not 3",
+                claim.key,
+                gets.len()
+            )));
+        };
+        let config_rev = config.kvs().first().map_or(0, |kv| kv.mod_revision());
+        if config_rev != claim.config_revision {
+            return Err(StoreError::ConfigChanged {
+                revision: config_rev,
+            });
+        }
+        if holders.count() > 0 {
+            return Err(StoreError::AlreadyExists(*claim.key));
+        }
+        let guard = node.kvs().first();
+        Err(StoreError::NodeClaimed {
+            subnet: guard.map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+            revision: guard.map_or(0, |kv| kv.mod_revision()),
         })
     }
 

@@ -8,7 +8,8 @@
 
 use super::decode::{add_to_snapshot, decode_delete, decode_entry, decode_put};
 use super::{
-    LeaseStore, RequestCounts, Snapshot, StoreError, StoreResult, WatchBatch, WatchStream,
+    Claim, LeaseStore, NodeGuard, RequestCounts, Snapshot, StoreError, StoreResult, WatchBatch,
+    WatchStream,
 };
 use crate::attrs::LeaseAttrs;
 use crate::key::SubnetKey;
@@ -449,6 +450,55 @@ impl LeaseStore for MemoryStore {
             &mut st,
             &self.inner.changes,
             vec![Change::Put(rel.clone(), kv.clone())],
+        );
+        Ok(lease_of(&rel, &kv))
+    }
+
+    async fn claim(&self, claim: &Claim<'_>) -> StoreResult<Lease> {
+        let mut st = self.op(|c| c.txn += 1)?;
+        if !st.leases.contains_key(&claim.lease.0) {
+            return Err(StoreError::NotFound(format!("etcd lease {}", claim.lease)));
+        }
+        let config = st.kv.get(super::config_key()).map_or(0, |kv| kv.modified);
+        if config != claim.config_revision {
+            return Err(StoreError::ConfigChanged { revision: config });
+        }
+        if holder_exists(&st, claim.key) {
+            return Err(StoreError::AlreadyExists(*claim.key));
+        }
+        let guard_key = super::node_key(claim.node);
+        let guard = st.kv.get(&guard_key);
+        let expected = match claim.guard {
+            NodeGuard::Absent => guard.is_none(),
+            NodeGuard::At(rev) => guard.is_some_and(|kv| kv.modified == rev),
+        };
+        if !expected {
+            return Err(StoreError::NodeClaimed {
+                subnet: guard.map(|kv| String::from_utf8_lossy(&kv.value).into_owned()),
+                revision: guard.map_or(0, |kv| kv.modified),
+            });
+        }
+        let rel = subnet_key(claim.key);
+        let rev = st.revision + 1;
+        let kv = Kv {
+            value: claim.attrs.to_json().into_bytes(),
+            create: rev,
+            modified: rev,
+            lease: claim.lease.0,
+        };
+        let guard_kv = Kv {
+            value: claim.key.to_string().into_bytes(),
+            create: guard.map_or(rev, |g| g.create),
+            modified: rev,
+            lease: claim.lease.0,
+        };
+        commit(
+            &mut st,
+            &self.inner.changes,
+            vec![
+                Change::Put(rel.clone(), kv.clone()),
+                Change::Put(guard_key, guard_kv),
+            ],
         );
         Ok(lease_of(&rel, &kv))
     }

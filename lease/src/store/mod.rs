@@ -12,7 +12,7 @@ mod etcd;
 mod memory;
 
 pub(crate) use decode::Entry;
-pub use decode::{config_key, subnets_prefix};
+pub use decode::{config_key, node_key, subnets_prefix};
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
 pub use memory::MemoryStore;
@@ -43,6 +43,19 @@ pub enum StoreError {
     /// The requested revision is older than the store's history.
     #[error("revision {requested} is compacted (oldest available is {compacted})")]
     Compacted { requested: i64, compacted: i64 },
+    /// A claim was made under a network config that is no longer the
+    /// store's (its config key is now at `revision`, 0 when deleted).
+    #[error("the network config changed (now at revision {revision})")]
+    ConfigChanged { revision: i64 },
+    /// A claim found the node's guard key (`nodes/<name>`) other than it
+    /// expected: another writer claimed a subnet for the node.
+    #[error("the node's claim changed: it records subnet {subnet:?} since revision {revision}")]
+    NodeClaimed {
+        /// The subnet key the guard names, `None` when there is no guard.
+        subnet: Option<String>,
+        /// The guard's revision (0 when there is none).
+        revision: i64,
+    },
     /// Any other failure reported by the store.
     #[error("store error: {0}")]
     Other(String),
@@ -76,6 +89,34 @@ pub struct Snapshot {
     pub leases: Vec<Lease>,
     /// Unreadable entries under `subnets/`.
     pub corrupt: Vec<CorruptEntry>,
+}
+
+/// What a claim expects of its node's guard key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeGuard {
+    /// There is none: the node holds no lease (or one from before guards).
+    Absent,
+    /// It is unchanged since this revision.
+    At(i64),
+}
+
+/// A new lease for a node, written in one transaction only if the subnet is
+/// free, the network config is still the one the subnet was chosen under,
+/// and the node's guard is as expected. The guard is set to the new subnet.
+#[derive(Debug, Clone, Copy)]
+pub struct Claim<'a> {
+    /// The subnet.
+    pub key: &'a SubnetKey,
+    /// The lease's attributes.
+    pub attrs: &'a LeaseAttrs,
+    /// The node the lease is for.
+    pub node: &'a str,
+    /// The etcd lease the subnet and the guard are attached to.
+    pub lease: LeaseId,
+    /// The revision of the config key the subnet was chosen under.
+    pub config_revision: i64,
+    /// What the node's guard must be.
+    pub guard: NodeGuard,
 }
 
 /// One change seen by a watch.
@@ -203,6 +244,11 @@ pub trait LeaseStore: Send + Sync + std::fmt::Debug + 'static {
         attrs: &LeaseAttrs,
         lease: Option<LeaseId>,
     ) -> StoreResult<Lease>;
+
+    /// Creates a node's lease as [`Claim`] says. Checked in this order:
+    /// `ConfigChanged`, `AlreadyExists`, `NodeClaimed`; `NotFound` when the
+    /// etcd lease is gone.
+    async fn claim(&self, claim: &Claim<'_>) -> StoreResult<Lease>;
 
     /// Rewrites an existing lease if it is unchanged since `current` was read
     /// (`Conflict` otherwise), attaching it to `lease`.
