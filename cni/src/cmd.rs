@@ -1,7 +1,9 @@
 //! The CNI commands.
 
 use crate::ipam::{IpamError, Range, Store};
-use crate::net::{host_veth_name, NetError, Netlink};
+use crate::net::{
+    describe, host_veth_name, legacy_host_veth_name, owned, veth_alias, NetError, Netlink, Removal,
+};
 use crate::spec::{Attachment, CniError, CniResult, Code, Interface, IpConfig, NetConf, Route};
 use ipnet::Ipv4Net;
 use std::fs::File;
@@ -153,7 +155,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, CniError> {
 /// ADD: attach the container.
 pub fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
     let (senv, subnet) = held_lease(&conf.subnet_file)?;
-    let range = Range::of(subnet);
+    let range = Range::new(subnet).map_err(|e| {
+        CniError::new(
+            Code::InvalidConfig,
+            format!("subnet file {}: {e}", conf.subnet_file.display()),
+        )
+    })?;
     let mtu = conf
         .mtu
         .filter(|m| *m > 0)
@@ -178,15 +185,37 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
             &env.ifname,
         )?;
         let hv = host_veth_name(&env.container_id, &env.ifname);
+        let alias = veth_alias(&env.container_id, &env.ifname);
+        let mut bridge_index = None;
         let made = async {
             let gateway = Ipv4Net::new(range.gateway, subnet.prefix_len()).map_err(io)?;
             let bridge = host
                 .ensure_bridge(&conf.bridge, gateway, senv.network, mtu)
                 .await?;
-            // A leftover of an ADD that crashed halfway.
-            host.delete(&hv).await?;
+            bridge_index = Some(bridge.index);
+            // A leftover of an ADD of this attachment that stopped halfway
+            // goes; anything else with the name is someone else's.
+            if let Removal::NotOurs(what) =
+                host.delete_veth(&hv, &alias, Some(bridge.index)).await?
+            {
+                return Err(CniError::new(
+                    Code::InterfaceExists,
+                    format!(
+                        "host interface {hv} (this attachment's name) is already {what}; \
+                         it is left alone"
+                    ),
+                ));
+            }
             let hl = host
-                .add_veth(&hv, &env.ifname, &ns, mtu, bridge.index, conf.hairpin_mode)
+                .add_veth(
+                    &hv,
+                    &env.ifname,
+                    &ns,
+                    mtu,
+                    bridge.index,
+                    conf.hairpin_mode,
+                    &alias,
+                )
                 .await?;
             let routes: Vec<(Ipv4Net, Ipv4Addr)> = if conf.is_default_gateway {
                 vec![(Ipv4Net::default(), range.gateway)]
@@ -204,8 +233,8 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
         let (bridge, hl, cl, addr, routes) = match made {
             Ok(m) => m,
             Err(e) => {
-                // Leave nothing half-made behind.
-                let _ = host.delete(&hv).await;
+                // Leave nothing half-made behind (only what is ours).
+                let _ = host.delete_veth(&hv, &alias, bridge_index).await;
                 if let Ok(store) = Store::open(&conf.data_dir, &conf.name) {
                     let _ = store.release(&env.container_id, &env.ifname);
                 }
@@ -247,10 +276,33 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     Store::open(&conf.data_dir, &conf.name)?.release(&env.container_id, &env.ifname)?;
     runtime()?.block_on(async {
         let host = Netlink::here()?;
-        host.delete(&host_veth_name(&env.container_id, &env.ifname))
-            .await?;
-        Ok(())
+        remove_host_veth(&host, conf, &env.container_id, &env.ifname).await
     })
+}
+
+/// Deletes an attachment's host veth if it is the attachment's; a link of
+/// someone else's with its name is left alone and reported on stderr (the
+/// runtime's log), as DEL must still succeed.
+async fn remove_host_veth(
+    host: &Netlink,
+    conf: &NetConf,
+    container_id: &str,
+    ifname: &str,
+) -> Result<(), CniError> {
+    let alias = veth_alias(container_id, ifname);
+    let bridge = host.link(&conf.bridge).await?.map(|b| b.index);
+    for name in [
+        host_veth_name(container_id, ifname),
+        legacy_host_veth_name(container_id, ifname),
+    ] {
+        if let Removal::NotOurs(what) = host.delete_veth(&name, &alias, bridge).await? {
+            eprintln!(
+                "weft-cni: {name} is {what}, not the host side of {ifname} of container \
+                 {container_id}; left alone"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// CHECK: is the attachment still what ADD made (and prevResult says)?
@@ -328,10 +380,15 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
             }
         }
         let hv = host_veth_name(&env.container_id, &env.ifname);
+        let alias = veth_alias(&env.container_id, &env.ifname);
         let bridge = host.link(&conf.bridge).await?;
         match (host.link(&hv).await?, bridge) {
             (None, _) => problems.push(format!("host side {hv} is missing")),
             (Some(_), None) => problems.push(format!("bridge {} is missing", conf.bridge)),
+            (Some(h), Some(b)) if !owned(&h, &alias, Some(b.index)) => problems.push(format!(
+                "{hv} is {}, not this attachment's host side",
+                describe(&h)
+            )),
             (Some(h), Some(b)) if h.master != Some(b.index) => {
                 problems.push(format!("{hv} is not attached to {}", conf.bridge))
             }
@@ -361,9 +418,14 @@ pub fn status(conf: &NetConf) -> Result<(), CniError> {
             format!("STATUS is not part of CNI {}", conf.cni_version),
         ));
     }
-    held_lease(&conf.subnet_file)
-        .map(|_| ())
-        .map_err(|e| CniError::new(Code::NotAvailable, e.msg))
+    let (_, subnet) =
+        held_lease(&conf.subnet_file).map_err(|e| CniError::new(Code::NotAvailable, e.msg))?;
+    Range::new(subnet).map(|_| ()).map_err(|e| {
+        CniError::new(
+            Code::NotAvailable,
+            format!("subnet file {}: {e}", conf.subnet_file.display()),
+        )
+    })
 }
 
 /// GC: release what no valid attachment holds.
@@ -383,8 +445,7 @@ pub fn gc(conf: &NetConf) -> Result<(), CniError> {
     runtime()?.block_on(async {
         let host = Netlink::here()?;
         for e in &freed {
-            host.delete(&host_veth_name(&e.container_id, &e.ifname))
-                .await?;
+            remove_host_veth(&host, conf, &e.container_id, &e.ifname).await?;
         }
         Ok(())
     })

@@ -27,8 +27,21 @@ impl Range {
         let subnet = subnet.trunc();
         Range {
             subnet,
-            gateway: Ipv4Addr::from(u32::from(subnet.network()) + 1),
+            gateway: Ipv4Addr::from(u32::from(subnet.network()).wrapping_add(1)),
         }
+    }
+
+    /// The range of a node subnet, which must hold a gateway and at least
+    /// one container besides its network and broadcast addresses.
+    pub fn new(subnet: Ipv4Net) -> Result<Self, String> {
+        if subnet.prefix_len() > 30 {
+            return Err(format!(
+                "the node subnet {subnet} is too small for containers: a /{} holds no \
+                 address besides the gateway (a /30 holds one; use SubnetLen 30 or less)",
+                subnet.prefix_len()
+            ));
+        }
+        Ok(Range::of(subnet))
     }
 
     /// Whether `ip` may be handed to a container.
@@ -205,6 +218,17 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subnets_too_small_for_a_container_are_refused() {
+        for small in ["10.244.1.0/31", "10.244.1.7/32"] {
+            let e = Range::new(small.parse().unwrap()).unwrap_err();
+            assert!(e.contains("too small"), "{e}");
+        }
+        let r = Range::new("10.244.1.4/30".parse().unwrap()).unwrap();
+        assert_eq!(r.size(), 1);
+        assert!(r.usable("10.244.1.6".parse().unwrap()));
+    }
 
     fn range(s: &str) -> Range {
         Range::of(s.parse().unwrap())

@@ -5,7 +5,7 @@ use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkMessage,
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader};
 use rtnetlink::{
@@ -51,6 +51,10 @@ pub struct Link {
     pub mtu: u32,
     pub up: bool,
     pub master: Option<u32>,
+    /// The link kind (`bridge`, `veth`, ...), if it has one.
+    pub kind: Option<String>,
+    /// The interface alias (`ip link set X alias ...`).
+    pub alias: Option<String>,
 }
 
 fn link_of(m: &LinkMessage) -> Link {
@@ -61,10 +65,19 @@ fn link_of(m: &LinkMessage) -> Link {
         mtu: 0,
         up: m.header.flags.contains(LinkFlags::Up),
         master: None,
+        kind: None,
+        alias: None,
     };
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => l.name = n.clone(),
+            LinkAttribute::IfAlias(a) if !a.is_empty() => l.alias = Some(a.clone()),
+            LinkAttribute::LinkInfo(infos) => {
+                l.kind = infos.iter().find_map(|i| match i {
+                    LinkInfo::Kind(k) => Some(k.to_string()),
+                    _ => None,
+                })
+            }
             LinkAttribute::Mtu(v) => l.mtu = *v,
             LinkAttribute::Controller(i) => l.master = Some(*i),
             LinkAttribute::Address(b) => {
@@ -220,7 +233,17 @@ impl Netlink {
         mtu: u32,
     ) -> Result<Link, NetError> {
         let bridge = match self.link(name).await? {
-            Some(l) => l,
+            Some(l) if l.kind.as_deref() == Some("bridge") => l,
+            Some(l) => {
+                return Err(NetError {
+                    what: format!("node bridge {name}"),
+                    reason: format!(
+                        "a {} named {name} exists and is not a bridge: remove it \
+                         (ip link del {name}) or name another bridge in the CNI config (\"bridge\")",
+                        l.kind.as_deref().unwrap_or("link without a kind")
+                    ),
+                })
+            }
             None => {
                 let o = gateway.addr().octets();
                 let mac = vec![0x02, 0x77, o[0], o[1], o[2], o[3]];
@@ -283,8 +306,9 @@ impl Netlink {
     }
 
     /// Creates a veth pair in one request: `host` stays here, up and on
-    /// `bridge`; the peer is made directly inside `ns` as `ifname` (down: a
-    /// veth cannot be opened before the kernel has paired it).
+    /// `bridge`, marked with `alias` (the attachment it belongs to); the peer
+    /// is made directly inside `ns` as `ifname` (down: a veth cannot be
+    /// opened before the kernel has paired it).
     /// Creating the peer in its namespace, instead of moving it there
     /// afterwards, spares the kernel's namespace move (tens of ms: it waits
     /// for RCU grace periods). Returns the host link.
@@ -297,6 +321,7 @@ impl Netlink {
         mtu: u32,
         bridge: u32,
         hairpin: bool,
+        alias: &str,
     ) -> Result<Link, NetError> {
         let peer = LinkUnspec::new_with_name(ifname)
             .mtu(mtu)
@@ -313,6 +338,13 @@ impl Netlink {
             "creating veth {host} with peer {ifname} in the container"
         )))?;
         let h = self.must(host).await?;
+        // The kernel takes an alias only on a link that exists.
+        self.h
+            .link()
+            .set(LinkUnspec::new_with_index(h.index).alias(alias).build())
+            .execute()
+            .await
+            .map_err(nl(format!("marking {host} as {alias:?}")))?;
         if hairpin {
             self.h
                 .link()
@@ -361,16 +393,60 @@ impl Netlink {
         Ok(l)
     }
 
-    /// Deletes a link if it exists (a veth takes its peer along).
-    pub async fn delete(&self, name: &str) -> Result<(), NetError> {
+    /// Deletes the host veth `name` of an attachment if it is the one
+    /// marked `alias` (a veth takes its peer along). A veth without an
+    /// alias counts as the attachment's only when it is on `bridge` (made
+    /// by an older weft-cni, or by an ADD that stopped before marking it).
+    /// Anything else with that name belongs to someone else and stays.
+    pub async fn delete_veth(
+        &self,
+        name: &str,
+        alias: &str,
+        bridge: Option<u32>,
+    ) -> Result<Removal, NetError> {
         let Some(l) = self.link(name).await? else {
-            return Ok(());
+            return Ok(Removal::Absent);
         };
+        if !owned(&l, alias, bridge) {
+            return Ok(Removal::NotOurs(describe(&l)));
+        }
         match self.h.link().del(l.index).execute().await {
-            Err(e) if is_errno(&e, 19) => Ok(()),
-            r => r.map_err(nl(format!("deleting {name}"))),
+            Err(e) if is_errno(&e, 19) => Ok(Removal::Absent),
+            r => r
+                .map(|_| Removal::Removed)
+                .map_err(nl(format!("deleting {name}"))),
         }
     }
+}
+
+/// What [`Netlink::delete_veth`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Removal {
+    Removed,
+    Absent,
+    /// A link with that name is not the attachment's: what it is.
+    NotOurs(String),
+}
+
+/// Whether `l` is the host veth of the attachment marked `alias`.
+pub fn owned(l: &Link, alias: &str, bridge: Option<u32>) -> bool {
+    l.kind.as_deref() == Some("veth")
+        && match &l.alias {
+            Some(a) => a == alias,
+            None => bridge.is_some() && l.master == bridge,
+        }
+}
+
+/// A link, for messages.
+pub fn describe(l: &Link) -> String {
+    format!(
+        "a {} {}",
+        l.kind.as_deref().unwrap_or("link"),
+        match &l.alias {
+            Some(a) => format!("marked {a:?}"),
+            None => "without a weft mark".to_string(),
+        }
+    )
 }
 
 fn address_message(index: u32, a: Ipv4Net) -> netlink_packet_route::address::AddressMessage {
@@ -385,15 +461,53 @@ fn address_message(index: u32, a: Ipv4Net) -> netlink_packet_route::address::Add
     m
 }
 
+fn fnv64(container_id: &str, ifname: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in container_id.bytes().chain([0]).chain(ifname.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // splitmix64's finalizer, so every output bit depends on every input bit.
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
 /// The host-side veth name of an attachment: stable, so DEL finds it even
-/// when the container's namespace is gone.
+/// when the container's namespace is gone. `veth` and 11 base-32 digits of
+/// a 64-bit hash: 55 bits, the most the 15 bytes of a name hold. A name
+/// that collides all the same is caught by the alias check, never deleted.
 pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
+    const DIGITS: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut h = fnv64(container_id, ifname);
+    let mut name = String::from("veth");
+    for _ in 0..11 {
+        name.push(char::from(DIGITS[(h & 31) as usize]));
+        h >>= 5;
+    }
+    name
+}
+
+/// The host veth name weft-cni 0.1 used (32-bit FNV-1a): DEL and GC still
+/// remove such veths of containers attached before an upgrade.
+pub fn legacy_host_veth_name(container_id: &str, ifname: &str) -> String {
     let mut h: u32 = 0x811c_9dc5;
     for b in container_id.bytes().chain([0]).chain(ifname.bytes()) {
         h ^= u32::from(b);
         h = h.wrapping_mul(0x0100_0193);
     }
     format!("veth{h:08x}")
+}
+
+/// The alias that marks an attachment's host veth (at most 255 bytes, the
+/// kernel's limit; a longer container id is stood for by its hash).
+pub fn veth_alias(container_id: &str, ifname: &str) -> String {
+    let full = format!("weft:{ifname}:{container_id}");
+    if full.len() <= 255 {
+        full
+    } else {
+        format!("weft:{ifname}:#{:016x}", fnv64(container_id, ifname))
+    }
 }
 
 #[cfg(test)]
@@ -406,6 +520,57 @@ mod tests {
         assert_eq!(a, host_veth_name("abc", "eth0"));
         assert_ne!(a, host_veth_name("abc", "eth1"));
         assert_ne!(a, host_veth_name("abd", "eth0"));
-        assert_eq!(a.len(), 12);
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with("veth"));
+        // Two ids that collide in 32-bit FNV-1a ("costarring"/"liquid" is
+        // the classic pair) get different names now.
+        assert_eq!(
+            legacy_host_veth_name("costarring", ""),
+            legacy_host_veth_name("liquid", "")
+        );
+        assert_ne!(
+            host_veth_name("costarring", ""),
+            host_veth_name("liquid", "")
+        );
+        // 100,000 containers: no two names alike.
+        let names: std::collections::HashSet<String> = (0..100_000)
+            .map(|i| host_veth_name(&format!("{i:064x}"), "eth0"))
+            .collect();
+        assert_eq!(names.len(), 100_000);
+    }
+
+    #[test]
+    fn aliases_fit_the_kernel_and_ownership_needs_them() {
+        let short = veth_alias("abc", "eth0");
+        assert_eq!(short, "weft:eth0:abc");
+        let long = veth_alias(&"x".repeat(300), "eth0");
+        assert!(
+            long.len() <= 255 && long.starts_with("weft:eth0:#"),
+            "{long}"
+        );
+        assert_ne!(long, veth_alias(&"y".repeat(300), "eth0"));
+        let veth = |alias: Option<&str>, master| Link {
+            index: 9,
+            name: host_veth_name("abc", "eth0"),
+            mac: String::new(),
+            mtu: 1500,
+            up: true,
+            master,
+            kind: Some("veth".into()),
+            alias: alias.map(String::from),
+        };
+        assert!(owned(&veth(Some(&short), None), &short, Some(3)));
+        assert!(!owned(
+            &veth(Some("weft:eth0:other"), Some(3)),
+            &short,
+            Some(3)
+        ));
+        // Unmarked: only on our bridge.
+        assert!(owned(&veth(None, Some(3)), &short, Some(3)));
+        assert!(!owned(&veth(None, Some(4)), &short, Some(3)));
+        assert!(!owned(&veth(None, Some(3)), &short, None));
+        let mut dummy = veth(Some(&short), None);
+        dummy.kind = Some("dummy".into());
+        assert!(!owned(&dummy, &short, Some(3)));
     }
 }

@@ -22,7 +22,8 @@ pub enum Code {
     InvalidConfig = 7,
     TryAgainLater = 11,
     NotAvailable = 50,
-    /// The interface name is taken in the container.
+    /// The interface name is taken in the container, or the host side's
+    /// name by a link that is not this attachment's.
     InterfaceExists = 100,
     /// The node's subnet has no free address.
     NoFreeAddress = 101,

@@ -440,3 +440,131 @@ fn status_and_gc_from_cni_1_1() {
         Some(1)
     );
 }
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn a_host_veth_is_removed_only_when_it_is_the_containers() {
+    let n = node("10.244.5.1/24", 1450);
+    let c = Netns::new("own").unwrap();
+    // The host side's name of attachment "probe", as weft-cni chose it.
+    let first = n.add(&c, "probe");
+    assert!(first.ok, "{first:?}");
+    let name = first.out["interfaces"][1]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(name.len(), 15, "{name}");
+    let alias = n.ns.ip(&["-o", "link", "show", &name]).unwrap();
+    assert!(alias.contains("alias weft:eth0:probe"), "{alias}");
+    assert!(n.del(&c, "probe").ok);
+    assert_eq!(n.host_veths(), 0);
+
+    let exists = |link: &str| n.ns.ip(&["link", "show", link]).is_ok();
+    // Something else holds the name: ADD refuses and DEL leaves it.
+    // (This kernel has no dummy links; a VXLAN device will do.)
+    n.ns.ip(&[
+        "link", "add", &name, "type", "vxlan", "id", "42", "dstport", "4789",
+    ])
+    .unwrap();
+    let r = n.add(&c, "probe");
+    assert_eq!(r.code(), Some(100), "{r:?}");
+    assert!(
+        r.msg().contains("left alone") && r.msg().contains("vxlan"),
+        "{r:?}"
+    );
+    assert!(n.ips_in_store().is_empty());
+    let d = n.del(&c, "probe");
+    assert!(d.ok, "{d:?}");
+    assert!(d.stderr.contains("left alone"), "{d:?}");
+    assert!(exists(&name), "the VXLAN device must stay");
+    n.ns.ip(&["link", "del", &name]).unwrap();
+
+    // Another attachment's veth (marked for it) stays too, even on weft0.
+    let other = n.add(&Netns::new("other").unwrap(), "other");
+    assert!(other.ok, "{other:?}");
+    n.ns.ip(&[
+        "link", "add", &name, "type", "veth", "peer", "name", "p-probe",
+    ])
+    .unwrap();
+    n.ns.ip(&[
+        "link",
+        "set",
+        &name,
+        "alias",
+        "weft:eth0:someone-else",
+        "master",
+        "weft0",
+    ])
+    .unwrap();
+    assert!(n.del(&c, "probe").ok);
+    assert!(exists(&name), "another container's veth must stay");
+    // Unmarked on weft0 (an older weft-cni's, or an ADD that stopped before
+    // marking it): the attachment's, removed.
+    n.ns.ip(&["link", "set", &name, "alias", ""]).unwrap();
+    assert!(n.del(&c, "probe").ok);
+    assert!(
+        !exists(&name),
+        "an unmarked veth on weft0 with the name is ours"
+    );
+
+    // CHECK notices a host side that is not the attachment's.
+    let other_veth = other.out["interfaces"][1]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    n.ns.ip(&["link", "set", &other_veth, "alias", "weft:eth0:intruder"])
+        .unwrap();
+    let mut conf = n.conf("1.0.0");
+    conf["prevResult"] = other.out.clone();
+    let checked = n.run(
+        "CHECK",
+        &conf,
+        &Netns::new("other2").unwrap(),
+        "other",
+        "eth0",
+    );
+    assert_eq!(checked.code(), Some(102), "{checked:?}");
+    assert!(
+        checked.msg().contains("not this attachment's"),
+        "{checked:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn tiny_subnets_and_a_weft0_that_is_not_a_bridge_are_clear_errors() {
+    let plugin = weft_cni().unwrap();
+    for tiny in ["10.244.5.0/31", "10.244.5.7/32"] {
+        let n = node(tiny, 1450);
+        let c = Netns::new("tiny").unwrap();
+        let r = n.add(&c, "t");
+        assert_eq!(r.code(), Some(7), "{tiny}: {r:?}");
+        assert!(r.msg().contains("too small"), "{tiny}: {r:?}");
+        let s = call(&plugin, n.ns.name(), "STATUS", &n.conf("1.1.0"), None).unwrap();
+        assert_eq!(s.code(), Some(50), "{tiny}: {s:?}");
+        assert!(n.ips_in_store().is_empty() && n.host_veths() == 0);
+    }
+    let n = node("10.244.5.1/24", 1450);
+    n.ns.ip(&[
+        "link",
+        "add",
+        "weft0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "weft0-peer",
+    ])
+    .unwrap();
+    let c = Netns::new("nobr").unwrap();
+    let r = n.add(&c, "b");
+    assert!(!r.ok, "{r:?}");
+    assert!(
+        r.msg().contains("not a bridge") && r.msg().contains("veth"),
+        "{r:?}"
+    );
+    assert!(n.ips_in_store().is_empty(), "nothing half-made");
+    assert_eq!(n.host_veths(), 2, "only weft0 and its peer");
+    let kind = n.ns.ip(&["-d", "link", "show", "weft0"]).unwrap();
+    assert!(kind.contains("veth"), "weft0 left as it was: {kind}");
+}
