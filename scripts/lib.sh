@@ -27,6 +27,8 @@ PKGS_BENCH=(iperf3 containernetworking-plugins iptables)
 # busybox-static for `ctr run --cni` with a locally built image; nsenter
 # and unshare (util-linux); openssl (certificates not made by weft).
 PKGS_TEST=(containerd runc busybox-static util-linux openssl)
+# Fuzzing: libFuzzer is C++.
+PKGS_FUZZ=(g++)
 
 # ensure_packages PKG...: installs the ones that are missing, then checks
 # that all are there (naming any that are not).

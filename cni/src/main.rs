@@ -2,15 +2,11 @@
 //! configurations too). Attaches containers to the node bridge with an
 //! address from the node's subnet, as weft-node wrote it in subnet.env.
 
-mod cmd;
-mod ipam;
-mod net;
-mod spec;
-
 use serde_json::json;
-use spec::{CniError, Code, NetConf, SUPPORTED};
 use std::io::Read;
 use std::process::ExitCode;
+use weft_cni::cmd;
+use weft_cni::spec::{CniError, Code, NetConf, SUPPORTED};
 
 fn run(command: &str, stdin: &[u8]) -> Result<Option<serde_json::Value>, (CniError, String)> {
     // The version to answer in, as far as the input tells it.

@@ -4,7 +4,7 @@ use crate::error::ControllerError;
 use crate::tls::{Caller, Role};
 use crate::{watch, Shared};
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -68,7 +68,12 @@ pub(crate) fn health_router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-fn node_name(raw: String) -> Result<NodeName, ControllerError> {
+/// The node name in the path; one that is not valid UTF-8 once
+/// percent-decoded gets the API's JSON error like any other bad name.
+fn node_name(raw: Result<Path<String>, PathRejection>) -> Result<NodeName, ControllerError> {
+    let Path(raw) = raw.map_err(|e| {
+        ControllerError::bad("invalid_node_name", format!("node name: {}", e.body_text()))
+    })?;
     NodeName::new(raw).map_err(|e| ControllerError::bad("invalid_node_name", e.to_string()))
 }
 
@@ -101,7 +106,7 @@ fn text_body(body: Result<Bytes, BytesRejection>) -> Result<String, ControllerEr
 
 async fn acquire(
     State(s): AppState,
-    Path(node): Path<String>,
+    node: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ControllerError> {
     let node = node_name(node)?;
@@ -113,7 +118,7 @@ async fn acquire_watch_named(
     state: AppState,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ControllerError> {
-    acquire(state, Path("watch".to_string()), body).await
+    acquire(state, Ok(Path("watch".to_string())), body).await
 }
 
 async fn empty_name() -> ControllerError {
@@ -125,19 +130,19 @@ async fn empty_name() -> ControllerError {
 
 async fn release(
     State(s): AppState,
-    Path(node): Path<String>,
+    node: Result<Path<String>, PathRejection>,
 ) -> Result<impl IntoResponse, ControllerError> {
     let node = node_name(node)?;
     Ok(Json(s.release(&node).await?))
 }
 
 async fn release_watch_named(state: AppState) -> Result<impl IntoResponse, ControllerError> {
-    release(state, Path("watch".to_string())).await
+    release(state, Ok(Path("watch".to_string()))).await
 }
 
 async fn renew(
     State(s): AppState,
-    Path(node): Path<String>,
+    node: Result<Path<String>, PathRejection>,
 ) -> Result<impl IntoResponse, ControllerError> {
     let node = node_name(node)?;
     Ok(Json(s.renew(&node).await?))
@@ -148,7 +153,7 @@ async fn reserve(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ControllerError> {
     let req: ReserveRequest = json_body(body)?;
-    let node = node_name(req.node_name)?;
+    let node = node_name(Ok(Path(req.node_name)))?;
     let view = s.reserve(&req.subnet, &node).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }

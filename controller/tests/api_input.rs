@@ -207,3 +207,19 @@ async fn exhausted_network_is_409_with_counts() {
         "{text}"
     );
 }
+
+/// Found by fuzzing (fuzz/regressions/api_request): a percent-encoded
+/// node name that is not UTF-8 got axum's plain-text rejection.
+#[tokio::test]
+async fn a_node_name_that_is_not_utf8_gets_a_json_error() {
+    let api = Api::new(Some(VXLAN_NET)).await;
+    for (method, uri) in [
+        (Method::DELETE, "/v1/leases/%FFnode"),
+        (Method::PUT, "/v1/leases/%C3%28"),
+        (Method::POST, "/v1/leases/%80/renew"),
+    ] {
+        let (status, body) = api.call(method.clone(), uri, None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {uri}: {body}");
+        assert_eq!(body["error"], "invalid_node_name", "{method} {uri}: {body}");
+    }
+}

@@ -245,6 +245,20 @@ impl LeaseAttrs {
 mod tests {
     use super::*;
 
+    /// Found by fuzzing (fuzz/regressions/lease): a number in backend data
+    /// that another writer put there changed when weft wrote the lease back.
+    #[test]
+    fn backend_data_numbers_pass_through_unchanged() {
+        let big = "1".to_string() + &"2".repeat(123);
+        let text = format!(
+            r#"{{"PublicIP":"198.18.0.5","BackendType":"vxlan","BackendData":{{"VNI":{big},"Other":0.1000000000000000055511151231257827}}}}"#
+        );
+        let a = LeaseAttrs::from_json(text.as_bytes()).unwrap();
+        let again = LeaseAttrs::from_json(a.to_json().as_bytes()).unwrap();
+        assert_eq!(again, a);
+        assert!(a.backend().is_err(), "a VNI of 1.2e123 is no VNI");
+    }
+
     #[test]
     fn reads_flannel_written_leases() {
         let flannel = br#"{"PublicIP":"198.18.0.5","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}"#;

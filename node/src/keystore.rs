@@ -105,30 +105,34 @@ pub fn load(p: &Path) -> Result<Option<NodeKey>, KeyStoreError> {
         fs::set_permissions(p, fs::Permissions::from_mode(0o600)).map_err(io(p))?;
     }
     let text = Zeroizing::new(fs::read_to_string(p).map_err(io(p))?);
-    let invalid = |reason: String| KeyStoreError::Invalid {
-        path: p.to_path_buf(),
-        reason,
-    };
-    let s: Stored = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    parse_key(&text)
+        .map(Some)
+        .map_err(|reason| KeyStoreError::Invalid {
+            path: p.to_path_buf(),
+            reason,
+        })
+}
+
+/// Reads the key file's text: the key, or why it is not one.
+pub fn parse_key(text: &str) -> Result<NodeKey, String> {
+    let s: Stored = serde_json::from_str(text).map_err(|e| e.to_string())?;
     let raw = Zeroizing::new(
         base64::engine::general_purpose::STANDARD
             .decode(s.private_key.as_bytes())
-            .map_err(|e| invalid(format!("private_key is not base64: {e}")))?,
+            .map_err(|e| format!("private_key is not base64: {e}"))?,
     );
     let secret: [u8; 32] = raw
         .as_slice()
         .try_into()
-        .map_err(|_| invalid(format!("private_key is {} bytes, not 32", raw.len())))?;
+        .map_err(|_| format!("private_key is {} bytes, not 32", raw.len()))?;
     if s.epoch == 0 {
-        return Err(invalid("epoch must be at least 1".into()));
+        return Err("epoch must be at least 1".into());
     }
     let k = NodeKey::from_secret(secret, s.epoch);
     if public_b64(&k) != s.public_key {
-        return Err(invalid(
-            "public_key does not belong to private_key (edited by hand?)".into(),
-        ));
+        return Err("public_key does not belong to private_key (edited by hand?)".into());
     }
-    Ok(Some(k))
+    Ok(k)
 }
 
 /// Writes the key atomically with mode 0600.
@@ -213,11 +217,23 @@ pub fn read_psk(file: &Path) -> Result<Zeroizing<Vec<u8>>, KeyStoreError> {
     if raw.len() as u64 > MAX_PSK {
         return Err(invalid("it grew while being read".into()));
     }
+    psk_from_bytes(raw).map_err(invalid)
+}
+
+/// The PSK in a PSK file's bytes: without trailing newlines, not empty, at
+/// most [`MAX_PSK`] bytes.
+pub fn psk_from_bytes(mut raw: Zeroizing<Vec<u8>>) -> Result<Zeroizing<Vec<u8>>, String> {
+    if raw.len() as u64 > MAX_PSK {
+        return Err(format!(
+            "{} bytes; a PSK file holds at most {MAX_PSK}",
+            raw.len()
+        ));
+    }
     while raw.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
         raw.pop();
     }
     if raw.is_empty() {
-        return Err(invalid("the PSK file is empty".into()));
+        return Err("the PSK file is empty".into());
     }
     Ok(raw)
 }

@@ -1,0 +1,20 @@
+//! The node's IPsec key file and the PSK file: nothing panics; a key that
+//! is accepted is the one its file names.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use weft_node::keystore;
+use zeroize::Zeroizing;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok(k) = keystore::parse_key(text) {
+            assert!(k.epoch() >= 1);
+            assert!(text.contains(&keystore::public_b64(&k)));
+        }
+    }
+    if let Ok(psk) = keystore::psk_from_bytes(Zeroizing::new(data.to_vec())) {
+        assert!(!psk.is_empty() && data.starts_with(&psk));
+        assert!(!psk.ends_with(b"\n"));
+    }
+});
