@@ -273,28 +273,40 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
 
 /// DEL: detach the container; succeeds when there is nothing left to do.
 pub fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
-    Store::open(&conf.data_dir, &conf.name)?.release(&env.container_id, &env.ifname)?;
+    let store = Store::open(&conf.data_dir, &conf.name)?;
+    store.release(&env.container_id, &env.ifname)?;
+    let others = store.entries()?;
+    drop(store);
     runtime()?.block_on(async {
         let host = Netlink::here()?;
-        remove_host_veth(&host, conf, &env.container_id, &env.ifname).await
+        remove_host_veth(&host, conf, &env.container_id, &env.ifname, &others).await
     })
 }
 
 /// Deletes an attachment's host veth if it is the attachment's; a link of
 /// someone else's with its name is left alone and reported on stderr (the
-/// runtime's log), as DEL must still succeed.
+/// runtime's log), as DEL must still succeed. The 32-bit name of weft-cni
+/// 0.1 is tried too, unless an attachment still in the store (`others`)
+/// has the same one: an unmarked veth with it might be theirs.
 async fn remove_host_veth(
     host: &Netlink,
     conf: &NetConf,
     container_id: &str,
     ifname: &str,
+    others: &[crate::ipam::Entry],
 ) -> Result<(), CniError> {
     let alias = veth_alias(container_id, ifname);
     let bridge = host.link(&conf.bridge).await?.map(|b| b.index);
-    for name in [
-        host_veth_name(container_id, ifname),
-        legacy_host_veth_name(container_id, ifname),
-    ] {
+    let legacy = legacy_host_veth_name(container_id, ifname);
+    let shared = others.iter().any(|e| {
+        (e.container_id != container_id || e.ifname != ifname)
+            && legacy_host_veth_name(&e.container_id, &e.ifname) == legacy
+    });
+    let names = [
+        Some(host_veth_name(container_id, ifname)),
+        (!shared).then_some(legacy),
+    ];
+    for name in names.into_iter().flatten() {
         if let Removal::NotOurs(what) = host.delete_veth(&name, &alias, bridge).await? {
             eprintln!(
                 "weft-cni: {name} is {what}, not the host side of {ifname} of container \
@@ -379,19 +391,27 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
                 }
             }
         }
-        let hv = host_veth_name(&env.container_id, &env.ifname);
         let alias = veth_alias(&env.container_id, &env.ifname);
+        let mut hv = host_veth_name(&env.container_id, &env.ifname);
+        let mut host_side = host.link(&hv).await?;
+        if host_side.is_none() {
+            // Attached by weft-cni 0.1, before names got longer.
+            let legacy = legacy_host_veth_name(&env.container_id, &env.ifname);
+            if let Some(l) = host.link(&legacy).await? {
+                (hv, host_side) = (legacy, Some(l));
+            }
+        }
         let bridge = host.link(&conf.bridge).await?;
-        match (host.link(&hv).await?, bridge) {
+        match (host_side, bridge) {
             (None, _) => problems.push(format!("host side {hv} is missing")),
             (Some(_), None) => problems.push(format!("bridge {} is missing", conf.bridge)),
+            (Some(h), Some(b)) if h.master != Some(b.index) => {
+                problems.push(format!("{hv} is not attached to {}", conf.bridge))
+            }
             (Some(h), Some(b)) if !owned(&h, &alias, Some(b.index)) => problems.push(format!(
                 "{hv} is {}, not this attachment's host side",
                 describe(&h)
             )),
-            (Some(h), Some(b)) if h.master != Some(b.index) => {
-                problems.push(format!("{hv} is not attached to {}", conf.bridge))
-            }
             _ => {}
         }
         Ok::<_, CniError>(())
@@ -442,12 +462,25 @@ pub fn gc(conf: &NetConf) -> Result<(), CniError> {
             .iter()
             .any(|a| a.container_id == e.container_id && a.ifname == e.ifname)
     })?;
+    let kept = Store::open(&conf.data_dir, &conf.name)?.entries()?;
     runtime()?.block_on(async {
         let host = Netlink::here()?;
+        // Every attachment gets its turn; the failures are told together.
+        let mut failed = Vec::new();
         for e in &freed {
-            remove_host_veth(&host, conf, &e.container_id, &e.ifname).await?;
+            if let Err(err) = remove_host_veth(&host, conf, &e.container_id, &e.ifname, &kept).await
+            {
+                failed.push(format!("{} of {}: {}", e.ifname, e.container_id, err.msg));
+            }
         }
-        Ok(())
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(CniError::new(
+                Code::Io,
+                format!("removing host veths: {}", failed.join("; ")),
+            ))
+        }
     })
 }
 

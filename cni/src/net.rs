@@ -500,13 +500,14 @@ pub fn legacy_host_veth_name(container_id: &str, ifname: &str) -> String {
 }
 
 /// The alias that marks an attachment's host veth (at most 255 bytes, the
-/// kernel's limit; a longer container id is stood for by its hash).
+/// kernel's limit; a longer container id is stood for by its hash, after a
+/// '/', which no container id has).
 pub fn veth_alias(container_id: &str, ifname: &str) -> String {
     let full = format!("weft:{ifname}:{container_id}");
     if full.len() <= 255 {
         full
     } else {
-        format!("weft:{ifname}:#{:016x}", fnv64(container_id, ifname))
+        format!("weft:{ifname}:/{:016x}", fnv64(container_id, ifname))
     }
 }
 
@@ -545,7 +546,7 @@ mod tests {
         assert_eq!(short, "weft:eth0:abc");
         let long = veth_alias(&"x".repeat(300), "eth0");
         assert!(
-            long.len() <= 255 && long.starts_with("weft:eth0:#"),
+            long.len() <= 255 && long.starts_with("weft:eth0:/"),
             "{long}"
         );
         assert_ne!(long, veth_alias(&"y".repeat(300), "eth0"));

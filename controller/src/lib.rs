@@ -189,19 +189,21 @@ impl Shared {
     }
 
     /// Waits (bounded) until the cache has applied `revision`, so a client
-    /// that wrote and then reads sees its write.
-    pub(crate) async fn wait_applied(&self, revision: i64) {
+    /// that wrote and then reads sees its write. Whether it has.
+    pub(crate) async fn wait_applied(&self, revision: i64) -> bool {
         let mut rx = self.applied.subscribe();
         let wait = rx.wait_for(|r| *r >= revision);
-        if tokio::time::timeout(self.opts.write_wait, wait)
-            .await
-            .is_err()
-        {
+        if !matches!(
+            tokio::time::timeout(self.opts.write_wait, wait).await,
+            Ok(Ok(_))
+        ) {
             tracing::debug!(
                 revision,
                 "write not yet visible in the watch; answering anyway"
             );
+            return false;
         }
+        true
     }
 }
 

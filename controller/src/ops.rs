@@ -392,8 +392,13 @@ impl Shared {
                 Ok(Step::SameKey)
             }
             Err(StoreError::ConfigChanged { revision }) => {
-                tracing::info!(%node, revision, "the network config changed while allocating; starting over with the new one");
                 let _ = self.store.revoke(*id).await;
+                if revision == 0 {
+                    return Err(ControllerError::NotReady(
+                        "the network config was deleted from the store while allocating".into(),
+                    ));
+                }
+                tracing::info!(%node, revision, "the network config changed while allocating; starting over with the new one");
                 self.wait_applied(revision).await;
                 Ok(Step::Again)
             }
@@ -403,11 +408,20 @@ impl Shared {
                     *guard = NodeGuard::Absent;
                     return Ok(Step::SameKey);
                 }
-                self.wait_applied(revision).await;
+                let caught_up = self.wait_applied(revision).await;
                 let named = subnet.as_deref().and_then(|s| s.parse::<SubnetKey>().ok());
+                let replacing = named.is_some_and(|k| claim.replacing.iter().any(|l| l.key == k));
+                if !replacing && !caught_up {
+                    // The cache has not seen the claim yet: it cannot tell
+                    // whether that subnet is still the node's. Start over.
+                    tracing::info!(%node, ?subnet, revision, "another writer claimed for this node and the cache lags; starting over");
+                    let _ = self.store.revoke(*id).await;
+                    return Ok(Step::Again);
+                }
+                // Written with the guard, so the cache (at or past the
+                // guard's revision) shows it unless it is gone since.
                 let live = named.filter(|k| {
-                    !claim.replacing.iter().any(|l| l.key == *k)
-                        && self.read().leases_of(node).iter().any(|l| l.key == *k)
+                    !replacing && self.read().leases_of(node).iter().any(|l| l.key == *k)
                 });
                 if let Some(k) = live {
                     // Another replica gave this node a subnet meanwhile:
@@ -554,6 +568,34 @@ impl Shared {
                         || (key.ipv6().is_some() && l.key.ipv6() == key.ipv6())
                 })
                 .cloned();
+            // A lease of another length (from before a SubnetLen change)
+            // that overlaps the subnet, unless it is the node's own.
+            let own = Occupancy::from_keys(
+                &config,
+                cache
+                    .leases_of(node.as_str())
+                    .iter()
+                    .map(|l| &l.key)
+                    .collect::<Vec<_>>(),
+            );
+            let none = Occupancy::default();
+            let overlapped = holder.is_none()
+                && (InUse {
+                    base: cache.occupancy(),
+                    extra: &none,
+                    exclude: &own,
+                })
+                .subnet_taken(&key);
+            if overlapped {
+                return Err(ControllerError::conflict(
+                    "subnet_taken",
+                    format!(
+                        "subnet {} overlaps a lease of another node (of another subnet length); \
+                         it is free once that node has moved",
+                        key.to_cidrs()
+                    ),
+                ));
+            }
             let corrupt = cache.corrupt.values().any(|c| c.subnet == Some(key));
             if corrupt {
                 return Err(ControllerError::conflict(

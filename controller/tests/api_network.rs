@@ -213,6 +213,16 @@ async fn a_longer_subnet_len_never_hands_out_a_subnet_overlapping_live_leases() 
     let (status, body) = api.acquire("e", "198.18.0.5").await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"], "network_exhausted", "{body}");
+    // Nor may an admin reserve a subnet inside another node's old /28.
+    let (status, body) = api
+        .call(
+            Method::POST,
+            "/v1/reservations",
+            Some(json!({"subnet": "10.244.0.16/29", "node_name": "z"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"], "subnet_taken", "{body}");
     // a's old /28 goes once a has a new subnet: a /29 inside it.
     let (status, body) = api.call(Method::DELETE, "/v1/leases/d", None).await;
     assert_eq!(status, StatusCode::OK, "{body}");

@@ -12,12 +12,20 @@ use tower::ServiceExt;
 use weft_controller::{Controller, Options};
 use weft_lease::{LeaseStore, MemoryStore};
 
+const CONFIG: &str = r#"{"Network":"10.244.0.0/16","SubnetLen":24}"#;
+
 struct World {
     rt: tokio::runtime::Runtime,
+    store: MemoryStore,
     router: axum::Router,
     _controller: Controller,
 }
 
+/// One controller for every input (a new one per input would run at a
+/// few inputs a second). After each input the network config is put back
+/// and, past 64 leases, the leases are cleared, so inputs do not drift into
+/// a full or changed network. What an answer must be (JSON, no 500) does
+/// not depend on that state.
 fn world() -> &'static World {
     static WORLD: OnceLock<World> = OnceLock::new();
     WORLD.get_or_init(|| {
@@ -25,23 +33,38 @@ fn world() -> &'static World {
             .enable_all()
             .build()
             .expect("runtime");
+        let store = {
+            let _inside = rt.enter();
+            MemoryStore::new()
+        };
         let (controller, router) = rt.block_on(async {
-            let store = MemoryStore::new();
-            store
-                .put_config(r#"{"Network":"10.244.0.0/16","SubnetLen":24}"#)
-                .await
-                .expect("config");
-            let c = Controller::start(Arc::new(store), Options::default());
+            store.put_config(CONFIG).await.expect("config");
+            let c = Controller::start(Arc::new(store.clone()), Options::default());
             c.synced().await;
             let r = c.router();
             (c, r)
         });
         World {
             rt,
+            store,
             router,
             _controller: controller,
         }
     })
+}
+
+async fn reset(store: &MemoryStore) {
+    let Ok(snap) = store.snapshot().await else {
+        return;
+    };
+    if snap.config.as_ref().map(|(t, _)| t.as_str()) != Some(CONFIG) {
+        let _ = store.put_config(CONFIG).await;
+    }
+    if snap.leases.len() > 64 {
+        for l in &snap.leases {
+            let _ = store.delete(&l.key, l.mod_revision).await;
+        }
+    }
 }
 
 const ROUTES: &[(&str, &str)] = &[
@@ -88,6 +111,7 @@ fuzz_target!(|data: &[u8]| {
         let resp = w.router.clone().oneshot(req).await.expect("infallible");
         let status = resp.status();
         let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        reset(&w.store).await;
         (status, bytes)
     });
     assert!(

@@ -480,7 +480,8 @@ fn a_host_veth_is_removed_only_when_it_is_the_containers() {
     n.ns.ip(&["link", "del", &name]).unwrap();
 
     // Another attachment's veth (marked for it) stays too, even on weft0.
-    let other = n.add(&Netns::new("other").unwrap(), "other");
+    let other_ns = Netns::new("other").unwrap();
+    let other = n.add(&other_ns, "other");
     assert!(other.ok, "{other:?}");
     n.ns.ip(&[
         "link", "add", &name, "type", "veth", "peer", "name", "p-probe",
@@ -516,13 +517,7 @@ fn a_host_veth_is_removed_only_when_it_is_the_containers() {
         .unwrap();
     let mut conf = n.conf("1.0.0");
     conf["prevResult"] = other.out.clone();
-    let checked = n.run(
-        "CHECK",
-        &conf,
-        &Netns::new("other2").unwrap(),
-        "other",
-        "eth0",
-    );
+    let checked = n.run("CHECK", &conf, &other_ns, "other", "eth0");
     assert_eq!(checked.code(), Some(102), "{checked:?}");
     assert!(
         checked.msg().contains("not this attachment's"),

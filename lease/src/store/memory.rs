@@ -456,9 +456,6 @@ impl LeaseStore for MemoryStore {
 
     async fn claim(&self, claim: &Claim<'_>) -> StoreResult<Lease> {
         let mut st = self.op(|c| c.txn += 1)?;
-        if !st.leases.contains_key(&claim.lease.0) {
-            return Err(StoreError::NotFound(format!("etcd lease {}", claim.lease)));
-        }
         let config = st.kv.get(super::config_key()).map_or(0, |kv| kv.modified);
         if config != claim.config_revision {
             return Err(StoreError::ConfigChanged { revision: config });
@@ -470,13 +467,18 @@ impl LeaseStore for MemoryStore {
         let guard = st.kv.get(&guard_key);
         let expected = match claim.guard {
             NodeGuard::Absent => guard.is_none(),
-            NodeGuard::At(rev) => guard.is_some_and(|kv| kv.modified == rev),
+            // As etcd compares: a missing key has mod_revision 0.
+            NodeGuard::At(rev) => guard.map_or(0, |kv| kv.modified) == rev,
         };
         if !expected {
             return Err(StoreError::NodeClaimed {
                 subnet: guard.map(|kv| String::from_utf8_lossy(&kv.value).into_owned()),
                 revision: guard.map_or(0, |kv| kv.modified),
             });
+        }
+        // etcd checks the lease only for the puts it makes: after the compares.
+        if !st.leases.contains_key(&claim.lease.0) {
+            return Err(StoreError::NotFound(format!("etcd lease {}", claim.lease)));
         }
         let rel = subnet_key(claim.key);
         let rev = st.revision + 1;
