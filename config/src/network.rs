@@ -303,7 +303,8 @@ fn build_pool<N: Family>(
         Some(a) => a,
     };
     let max = match raw.max {
-        None => N::from_bits(net_last + 1 - size),
+        // (Not net_last + 1 - size: the last IPv6 network ends at 2^128 - 1.)
+        None => N::from_bits(net_last - (size - 1)),
         Some(a) if !inside(a) => {
             return Err(ConfigError::field(
                 names.max,

@@ -119,7 +119,7 @@ impl<N: Family> SubnetPool<N> {
 
     /// How many subnets the pool holds.
     pub fn len(&self) -> u128 {
-        (N::to_bits(self.max) - N::to_bits(self.min)) / self.step() + 1
+        ((N::to_bits(self.max) - N::to_bits(self.min)) / self.step()).saturating_add(1)
     }
 
     /// Always false: a valid pool holds at least one subnet.

@@ -297,3 +297,24 @@ fn cidr_text_is_read_as_flannel_reads_it() {
     assert_eq!(v4.network().to_string(), "10.244.0.0/16");
     assert!(v4.contains(&"10.244.1.0/24".parse().unwrap()));
 }
+
+/// Found by fuzzing (fuzz/regressions/network_config): an IPv6 network at
+/// the end of the address space overflowed computing its last subnet.
+#[test]
+fn a_network_at_the_end_of_the_address_space() {
+    let c = NetworkConfig::parse(
+        r#"{"EnableIPv6":true,"Network":"20.244.0.0/6","IPv6Network":"fd10:7::7/4","IPv6SubnetLen":99}"#,
+    )
+    .unwrap();
+    let p = c.ipv6.as_ref().unwrap();
+    assert_eq!(p.network().to_string(), "f000::/4");
+    assert_eq!(
+        p.subnet_max().to_string(),
+        "ffff:ffff:ffff:ffff:ffff:ffff:e000:0"
+    );
+    let c = NetworkConfig::parse(r#"{"Network":"255.0.0.0/8","SubnetLen":24}"#).unwrap();
+    assert_eq!(
+        c.ipv4.as_ref().unwrap().subnet_max().to_string(),
+        "255.255.255.0"
+    );
+}
