@@ -45,6 +45,12 @@ struct Claiming<'a> {
     node: &'a NodeName,
     /// The node's leases the acquire looked at and is replacing.
     replacing: &'a [Lease],
+    /// Subnets to try first (its previous and its own held ones).
+    preferred: &'a [SubnetKey],
+    /// Its own expired leases' subnets: free again for it.
+    exclude: &'a Occupancy,
+    /// Subnets held after other nodes' leases ran out: not given out.
+    held: &'a [SubnetKey],
 }
 
 /// A subnet this controller is claiming; forgotten on drop.
@@ -202,18 +208,18 @@ impl Shared {
                 preferred.extend(own.iter().copied());
                 preferred.extend(expired.iter().copied());
                 let exclude = Occupancy::from_keys(&config, &expired);
+                // Held even when a node names one as its previous subnet.
                 let claim = Claiming {
                     config: &config,
                     config_revision,
                     attrs: &attrs,
                     node,
                     replacing: &mine,
+                    preferred: &preferred,
+                    exclude: &exclude,
+                    held: &held,
                 };
-                // Held even when a node names one as its previous subnet.
-                let Some(lease) = self
-                    .allocate(&claim, &preferred, &exclude, &held, &mut flights)
-                    .await?
-                else {
+                let Some(lease) = self.allocate(&claim, &mut flights).await? else {
                     return Ok(None);
                 };
                 tracing::info!(%node, subnet = %lease.key, "subnet allocated");
@@ -258,9 +264,6 @@ impl Shared {
     async fn allocate<'a>(
         &'a self,
         claim: &Claiming<'_>,
-        preferred: &[SubnetKey],
-        exclude: &Occupancy,
-        held: &[SubnetKey],
         flights: &mut Vec<InFlight<'a>>,
     ) -> Result<Option<Lease>, ControllerError> {
         let config = claim.config;
@@ -285,10 +288,7 @@ impl Shared {
                 // Only the guard or the etcd lease was wrong: the same
                 // subnet, still held in flight.
                 Some(key) => key,
-                None => {
-                    self.pick(claim, preferred, exclude, held, flights, id)
-                        .await?
-                }
+                None => self.pick(claim, flights, id).await?,
             };
             match self.claim_one(claim, &key, &mut id, &mut guard).await? {
                 Step::Done(lease) => return Ok(Some(lease)),
@@ -309,13 +309,10 @@ impl Shared {
     async fn pick<'a>(
         &'a self,
         claim: &Claiming<'_>,
-        preferred: &[SubnetKey],
-        exclude: &Occupancy,
-        held: &[SubnetKey],
         flights: &mut Vec<InFlight<'a>>,
         id: LeaseId,
     ) -> Result<SubnetKey, ControllerError> {
-        let config = claim.config;
+        let (config, held) = (claim.config, claim.held);
         let picked = {
             let cache = self.read();
             let mut in_flight = crate::lock(&self.in_flight);
@@ -333,10 +330,10 @@ impl Shared {
             let in_use = InUse {
                 base: cache.occupancy(),
                 extra,
-                exclude,
+                exclude: claim.exclude,
             };
             let mut rng = crate::lock(&self.rng);
-            let picked = alloc::pick(config, &in_use, preferred, &mut *rng);
+            let picked = alloc::pick(config, &in_use, claim.preferred, &mut *rng);
             if let Ok(key) = &picked {
                 in_flight.insert(config, key);
             }

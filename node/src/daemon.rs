@@ -16,7 +16,7 @@ use crate::{health, masq, system};
 use anyhow::{anyhow, bail, Context, Result};
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -393,7 +393,11 @@ async fn make_backend(
     opts: &Options,
     dp: &NetlinkDataplane,
 ) -> Result<(Arc<dyn Backend>, Option<Arc<Ipsec>>)> {
-    check_backend_change(network.backend.backend_type(), opts)?;
+    check_backend_change(
+        network.backend.backend_type(),
+        &opts.state_dir,
+        opts.allow_backend_change,
+    )?;
     match &network.backend {
         BackendConfig::Ipsec(cfg) => {
             dp.probe_ipsec().await.map_err(|e| {
@@ -445,24 +449,24 @@ async fn make_backend(
 
 /// Refuses to go from an encrypting backend to one that is not, unless
 /// told to; remembers the backend that runs.
-fn check_backend_change(wanted: BackendType, opts: &Options) -> Result<()> {
-    let before = keystore::remembered_backend(&opts.state_dir)?;
+fn check_backend_change(wanted: BackendType, state_dir: &Path, allow: bool) -> Result<()> {
+    let before = keystore::remembered_backend(state_dir)?;
     let encrypts = |b: &str| b == BackendType::Ipsec.as_str();
     if let Some(b) = &before {
         if encrypts(b) && !encrypts(wanted.as_str()) {
-            if !opts.allow_backend_change {
+            if !allow {
                 bail!(
                     "refusing to start the {wanted} backend: this node ran {b} (remembered in \
                      {}), and {wanted} sends pod traffic between nodes unencrypted. If the \
                      network's backend was changed on purpose, give --allow-backend-change",
-                    opts.state_dir.display()
+                    state_dir.display()
                 );
             }
             tracing::warn!("switching from {b} to {wanted} (--allow-backend-change): pod traffic between nodes is no longer encrypted");
         }
     }
     if before.as_deref() != Some(wanted.as_str()) {
-        keystore::remember_backend(&opts.state_dir, wanted.as_str())?;
+        keystore::remember_backend(state_dir, wanted.as_str())?;
     }
     Ok(())
 }
@@ -657,5 +661,46 @@ async fn start(
     match tasks.join_next().await {
         Some(Err(e)) if e.is_panic() => Err(anyhow!("a task panicked: {e}")),
         _ => Err(anyhow!("a daemon task stopped unexpectedly")),
+    }
+}
+
+#[cfg(test)]
+mod backend_change_tests {
+    use super::*;
+
+    #[test]
+    fn a_node_that_ran_ipsec_refuses_a_weaker_backend_unless_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("weft");
+        // Nothing remembered: anything starts, and is remembered.
+        check_backend_change(BackendType::Ipsec, &state, false).unwrap();
+        assert_eq!(
+            keystore::remembered_backend(&state).unwrap().as_deref(),
+            Some("ipsec")
+        );
+        for weaker in [BackendType::Vxlan, BackendType::HostGw] {
+            let e = check_backend_change(weaker, &state, false).unwrap_err();
+            assert!(e.to_string().contains("--allow-backend-change"), "{e}");
+            assert_eq!(
+                keystore::remembered_backend(&state).unwrap().as_deref(),
+                Some("ipsec"),
+                "a refusal changes nothing"
+            );
+        }
+        check_backend_change(BackendType::Ipsec, &state, false).unwrap();
+        // Allowed: it switches and remembers, and the way back is free.
+        check_backend_change(BackendType::Vxlan, &state, true).unwrap();
+        assert_eq!(
+            keystore::remembered_backend(&state).unwrap().as_deref(),
+            Some("vxlan")
+        );
+        check_backend_change(BackendType::HostGw, &state, false).unwrap();
+        check_backend_change(BackendType::Ipsec, &state, false).unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(state.join("backend"))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

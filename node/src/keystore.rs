@@ -139,7 +139,6 @@ pub fn parse_key(text: &str) -> Result<NodeKey, String> {
 pub fn store(state_dir: &Path, k: &NodeKey) -> Result<(), KeyStoreError> {
     ensure_dir(state_dir)?;
     let p = path(state_dir);
-    let tmp = state_dir.join(format!(".{KEY_FILE}.tmp"));
     let body = Zeroizing::new(
         serde_json::to_string_pretty(&Stored {
             epoch: k.epoch(),
@@ -148,6 +147,19 @@ pub fn store(state_dir: &Path, k: &NodeKey) -> Result<(), KeyStoreError> {
         })
         .expect("a struct of strings serializes"),
     );
+    let mut text = Zeroizing::new(body.as_bytes().to_vec());
+    text.push(b'\n');
+    write_private(state_dir, &p, &text)
+}
+
+/// Writes `path` in `state_dir` atomically with mode 0600: a fresh temporary
+/// file, synced, renamed over it, and the directory synced.
+fn write_private(state_dir: &Path, path: &Path, body: &[u8]) -> Result<(), KeyStoreError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = state_dir.join(format!(".{name}.tmp"));
     let _ = fs::remove_file(&tmp);
     let mut f = OpenOptions::new()
         .write(true)
@@ -155,19 +167,16 @@ pub fn store(state_dir: &Path, k: &NodeKey) -> Result<(), KeyStoreError> {
         .mode(0o600)
         .open(&tmp)
         .map_err(io(&tmp))?;
-    f.write_all(body.as_bytes()).map_err(io(&tmp))?;
-    f.write_all(b"\n").map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
+    f.write_all(body)
+        .and_then(|()| f.sync_all())
+        .map_err(io(&tmp))?;
     drop(f);
-    fs::rename(&tmp, &p).map_err(io(&p))?;
+    fs::rename(&tmp, path).map_err(io(path))?;
     File::open(state_dir)
         .and_then(|d| d.sync_all())
-        .map_err(io(state_dir))?;
-    Ok(())
+        .map_err(io(state_dir))
 }
 
-/// The cluster PSK from the file the network config names: its bytes,
-/// without a trailing newline. Empty or unreadable is an error.
 /// The largest PSK file read.
 pub const MAX_PSK: u64 = 4096;
 
@@ -256,19 +265,11 @@ pub fn remembered_backend(state_dir: &Path) -> Result<Option<String>, KeyStoreEr
 /// Remembers `backend` as the one this node runs (atomically, 0600).
 pub fn remember_backend(state_dir: &Path, backend: &str) -> Result<(), KeyStoreError> {
     ensure_dir(state_dir)?;
-    let p = backend_path(state_dir);
-    let tmp = state_dir.join(".backend.tmp");
-    let _ = fs::remove_file(&tmp);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(format!("{backend}\n").as_bytes())
-        .and_then(|()| f.sync_all())
-        .map_err(io(&tmp))?;
-    fs::rename(&tmp, &p).map_err(io(&p))
+    write_private(
+        state_dir,
+        &backend_path(state_dir),
+        format!("{backend}\n").as_bytes(),
+    )
 }
 
 #[cfg(test)]

@@ -69,28 +69,30 @@ async fn wait_ready(client: &ControllerClient, within: Duration) {
     }
 }
 
+/// `n` controllers on one etcd under `/weft/network`, with `network` set
+/// and every one ready.
+async fn replicas(url: &str, n: usize, network: &str) -> Vec<RunningController> {
+    let mut replicas = Vec::new();
+    for _ in 0..n {
+        replicas.push(
+            RunningController::on_etcd(url, "/weft/network", test_options())
+                .await
+                .unwrap(),
+        );
+    }
+    replicas[0].client.set_network(network).await.unwrap();
+    for r in &replicas {
+        wait_ready(&r.client, Duration::from_secs(10)).await;
+    }
+    replicas
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs etcd; run by scripts/test"]
 async fn three_replicas_and_500_concurrent_acquires_give_500_distinct_subnets() {
     let server = own_etcd().await;
     let url = server.url();
-    let prefix = "/weft/network";
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        replicas.push(
-            RunningController::on_etcd(&url, prefix, test_options())
-                .await
-                .unwrap(),
-        );
-    }
-    replicas[0]
-        .client
-        .set_network(r#"{"Network":"10.244.0.0/16","SubnetLen":26}"#)
-        .await
-        .unwrap();
-    for r in &replicas {
-        wait_ready(&r.client, Duration::from_secs(10)).await;
-    }
+    let replicas = replicas(&url, 3, r#"{"Network":"10.244.0.0/16","SubnetLen":26}"#).await;
     let clients: Vec<ControllerClient> = replicas.iter().map(|r| r.client.clone()).collect();
     let mut tasks = Vec::new();
     for i in 0..500u32 {
@@ -135,22 +137,7 @@ async fn three_replicas_and_500_concurrent_acquires_give_500_distinct_subnets() 
 async fn one_node_acquiring_on_three_replicas_at_once_holds_one_subnet() {
     let server = own_etcd().await;
     let url = server.url();
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        replicas.push(
-            RunningController::on_etcd(&url, "/weft/network", test_options())
-                .await
-                .unwrap(),
-        );
-    }
-    replicas[0]
-        .client
-        .set_network(r#"{"Network":"10.244.0.0/16","SubnetLen":24}"#)
-        .await
-        .unwrap();
-    for r in &replicas {
-        wait_ready(&r.client, Duration::from_secs(10)).await;
-    }
+    let replicas = replicas(&url, 3, r#"{"Network":"10.244.0.0/16","SubnetLen":24}"#).await;
     for i in 0..30u32 {
         let node = format!("twin-{i}");
         let tasks: Vec<_> = replicas
