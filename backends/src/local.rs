@@ -27,6 +27,27 @@ pub struct LocalNode {
     pub network: Arc<NetworkConfig>,
 }
 
+impl LocalNode {
+    /// The local node; its VTEP MAC follows from its name ([`vtep_mac`]).
+    pub fn new(
+        name: impl Into<String>,
+        subnet: SubnetKey,
+        public_ip: Ipv4Addr,
+        ext: ExternalIface,
+        network: Arc<NetworkConfig>,
+    ) -> Self {
+        let name = name.into();
+        LocalNode {
+            vtep_mac: vtep_mac(&name),
+            name,
+            subnet,
+            public_ip,
+            ext,
+            network,
+        }
+    }
+}
+
 /// The VTEP MAC of a node: derived from its name, so a restarted node keeps
 /// it and peers need not be told. Locally administered, unicast.
 pub fn vtep_mac(node_name: &str) -> MacAddr {

@@ -15,22 +15,26 @@ use weft_lease::api::LeaseView;
 use weft_lease::{BackendData, Lease, LeaseAttrs};
 
 fn local(network: &str) -> LocalNode {
-    LocalNode {
-        name: "host-1".into(),
-        subnet: "10.244.1.0-24".parse().unwrap(),
-        public_ip: "198.18.0.11".parse().unwrap(),
-        ext: ExternalIface {
+    LocalNode::new(
+        "host-1",
+        "10.244.1.0-24".parse().unwrap(),
+        "198.18.0.11".parse().unwrap(),
+        ExternalIface {
             name: "eth0".into(),
             index: 2,
             mtu: 1500,
             addr: "198.18.0.11/16".parse().unwrap(),
         },
-        vtep_mac: vtep_mac("host-1"),
-        network: Arc::new(NetworkConfig::parse(network).unwrap()),
-    }
+        Arc::new(NetworkConfig::parse(network).unwrap()),
+    )
 }
 
 const NET: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
+
+/// A host-gw lease (see [`lease`]).
+fn hostgw(key: &str, node: &str, ip: &str, rev: i64) -> LeaseView {
+    lease(key, node, ip, &BackendData::HostGw, rev)
+}
 
 /// A lease as etcd would hold it; `rev` orders them (older wins).
 fn lease(key: &str, node: &str, ip: &str, backend: &BackendData, rev: i64) -> LeaseView {
@@ -64,43 +68,13 @@ fn reasons(leases: &[LeaseView], l: &LocalNode, b: BackendType, h: &HostView) ->
 fn leases_outside_the_network_or_of_another_length_are_not_programmed() {
     // The two keys of the issue: half the internet, and the underlay.
     let leases = [
-        lease(
-            "128.0.0.0-1",
-            "evil-1",
-            "198.18.0.99",
-            &BackendData::HostGw,
-            5,
-        ),
-        lease(
-            "198.18.0.0-16",
-            "evil-2",
-            "198.18.0.98",
-            &BackendData::HostGw,
-            6,
-        ),
+        hostgw("128.0.0.0-1", "evil-1", "198.18.0.99", 5),
+        hostgw("198.18.0.0-16", "evil-2", "198.18.0.98", 6),
         // Inside the network, but not a /24 of it.
-        lease(
-            "10.244.4.0-23",
-            "evil-3",
-            "198.18.0.97",
-            &BackendData::HostGw,
-            7,
-        ),
-        lease(
-            "10.244.9.128-25",
-            "evil-4",
-            "198.18.0.96",
-            &BackendData::HostGw,
-            8,
-        ),
+        hostgw("10.244.4.0-23", "evil-3", "198.18.0.97", 7),
+        hostgw("10.244.9.128-25", "evil-4", "198.18.0.96", 8),
         // A good one.
-        lease(
-            "10.244.2.0-24",
-            "host-2",
-            "198.18.0.12",
-            &BackendData::HostGw,
-            2,
-        ),
+        hostgw("10.244.2.0-24", "host-2", "198.18.0.12", 2),
     ];
     let l = local(NET);
     let (peers, _) = select_leases(&leases, &l, BackendType::HostGw, &host());
@@ -130,8 +104,8 @@ fn a_network_that_reaches_into_the_underlay_does_not_take_it() {
     let mut l = l;
     l.subnet = "198.16.1.0-24".parse().unwrap();
     let leases = [
-        lease("198.18.5.0-24", "a", "198.18.0.12", &BackendData::HostGw, 2),
-        lease("198.16.7.0-24", "b", "198.18.0.13", &BackendData::HostGw, 3),
+        hostgw("198.18.5.0-24", "a", "198.18.0.12", 2),
+        hostgw("198.16.7.0-24", "b", "198.18.0.13", 3),
     ];
     let (peers, skipped) = select_leases(&leases, &l, BackendType::HostGw, &host());
     assert_eq!(peers.len(), 1);
@@ -149,20 +123,8 @@ fn a_foreign_route_to_a_peers_subnet_stays_and_the_peer_is_skipped() {
     let mut h = host();
     h.foreign_routes.insert("10.244.9.0/24".parse().unwrap());
     let leases = [
-        lease(
-            "10.244.9.0-24",
-            "host-9",
-            "198.18.0.19",
-            &BackendData::HostGw,
-            2,
-        ),
-        lease(
-            "10.244.2.0-24",
-            "host-2",
-            "198.18.0.12",
-            &BackendData::HostGw,
-            3,
-        ),
+        hostgw("10.244.9.0-24", "host-9", "198.18.0.19", 2),
+        hostgw("10.244.2.0-24", "host-2", "198.18.0.12", 3),
     ];
     let l = local(NET);
     let (peers, skipped) = select_leases(&leases, &l, BackendType::HostGw, &h);
@@ -178,20 +140,8 @@ fn between_two_leases_the_older_keeps_a_public_ip_or_a_subnet_for_every_backend(
     let l = local(NET);
     // The newer lease (revision 9) claims host-2's public IP.
     let leases = [
-        lease(
-            "10.244.3.0-24",
-            "thief",
-            "198.18.0.12",
-            &BackendData::HostGw,
-            9,
-        ),
-        lease(
-            "10.244.2.0-24",
-            "host-2",
-            "198.18.0.12",
-            &BackendData::HostGw,
-            2,
-        ),
+        hostgw("10.244.3.0-24", "thief", "198.18.0.12", 9),
+        hostgw("10.244.2.0-24", "host-2", "198.18.0.12", 2),
     ];
     let (peers, skipped) = select_leases(&leases, &l, BackendType::HostGw, &host());
     assert_eq!(peers.len(), 1);
@@ -215,23 +165,8 @@ fn between_two_leases_the_older_keeps_a_public_ip_or_a_subnet_for_every_backend(
     assert_eq!(peers.len(), 1);
     assert_eq!(peers[0].node.as_deref(), Some("host-2"));
     // Two keys for one IPv4 subnet (one of them dual stack): the older.
-    let dual = lease(
-        "10.244.2.0-24&fd77::-64",
-        "copy",
-        "198.18.0.14",
-        &BackendData::HostGw,
-        8,
-    );
-    let leases = [
-        dual,
-        lease(
-            "10.244.2.0-24",
-            "host-2",
-            "198.18.0.12",
-            &BackendData::HostGw,
-            2,
-        ),
-    ];
+    let dual = hostgw("10.244.2.0-24&fd77::-64", "copy", "198.18.0.14", 8);
+    let leases = [dual, hostgw("10.244.2.0-24", "host-2", "198.18.0.12", 2)];
     let (peers, skipped) = select_leases(&leases, &l, BackendType::HostGw, &host());
     assert_eq!(peers.len(), 1);
     assert_eq!(peers[0].node.as_deref(), Some("host-2"));

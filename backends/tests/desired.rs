@@ -24,19 +24,18 @@ fn net() -> Arc<NetworkConfig> {
 }
 
 fn local() -> LocalNode {
-    LocalNode {
-        name: "host-1".into(),
-        subnet: "10.244.1.0-24".parse().unwrap(),
-        public_ip: "198.18.0.11".parse().unwrap(),
-        ext: ExternalIface {
+    LocalNode::new(
+        "host-1",
+        "10.244.1.0-24".parse().unwrap(),
+        "198.18.0.11".parse().unwrap(),
+        ExternalIface {
             name: "eth0".into(),
             index: 2,
             mtu: 1500,
             addr: "198.18.0.11/16".parse().unwrap(),
         },
-        vtep_mac: vtep_mac("host-1"),
-        network: net(),
-    }
+        net(),
+    )
 }
 
 fn lease(key: &str, node: &str, ip: &str, backend: &BackendData) -> LeaseView {

@@ -12,8 +12,8 @@ use weft_backends::ipsec::keys::NodeKey;
 use weft_backends::ipsec::{drop_inbound_spi_collisions, pod_mtu, RekeyCause, Timing};
 use weft_backends::peer::{select_leases, HostView};
 use weft_backends::{
-    diff, vtep_mac, Backend, Change, ExternalIface, Ipsec, LocalNode, NetState, XfrmDir,
-    XfrmPolicyId, WEFT_XFRM_REQID,
+    diff, Backend, Change, ExternalIface, Ipsec, LocalNode, NetState, XfrmDir, XfrmPolicyId,
+    WEFT_XFRM_REQID,
 };
 use weft_config::{BackendType, NetworkConfig};
 use weft_lease::api::LeaseView;
@@ -48,22 +48,21 @@ impl Node {
     }
 
     fn local(&self) -> LocalNode {
-        LocalNode {
-            name: self.name.clone(),
-            subnet: self.subnet.parse().unwrap(),
-            public_ip: self.ip,
-            ext: ExternalIface {
+        LocalNode::new(
+            self.name.clone(),
+            self.subnet.parse().unwrap(),
+            self.ip,
+            ExternalIface {
                 name: "eth0".into(),
                 index: 2,
                 mtu: 1500,
                 addr: format!("{}/16", self.ip).parse().unwrap(),
             },
-            vtep_mac: vtep_mac(&self.name),
-            network: Arc::new(
+            Arc::new(
                 NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"ipsec"}}"#)
                     .unwrap(),
             ),
-        }
+        )
     }
 
     /// This node's lease as the others see it.

@@ -90,19 +90,18 @@ fn local(ns: &Netns) -> Result<LocalNode> {
     let idx = ns.ip_json(&["link", "show", "eth0"])?[0]["ifindex"]
         .as_u64()
         .context("ifindex")? as u32;
-    Ok(LocalNode {
-        name: "bench-local".into(),
-        subnet: "10.244.0.0-29".parse()?,
-        public_ip: "198.18.0.1".parse()?,
-        ext: ExternalIface {
+    Ok(LocalNode::new(
+        "bench-local",
+        "10.244.0.0-29".parse()?,
+        "198.18.0.1".parse()?,
+        ExternalIface {
             name: "eth0".into(),
             index: idx,
             mtu: 1500,
             addr: "198.18.0.1/16".parse()?,
         },
-        vtep_mac: vtep_mac("bench-local"),
-        network: Arc::new(NetworkConfig::parse(NETWORK)?),
-    })
+        Arc::new(NetworkConfig::parse(NETWORK)?),
+    ))
 }
 
 fn table(range: impl Iterator<Item = u32>) -> PeerTable {

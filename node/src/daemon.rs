@@ -23,9 +23,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use weft_backends::ipsec::Timing;
-use weft_backends::{
-    for_config, vtep_mac, Backend, ExternalIface, Ipsec, LocalNode, NetlinkDataplane,
-};
+use weft_backends::{for_config, Backend, ExternalIface, Ipsec, LocalNode, NetlinkDataplane};
 use weft_config::{BackendConfig, BackendType, NetworkConfig};
 use weft_lease::api::{AcquireRequest, LeaseResponse};
 use weft_lease::client::{ClientError, ControllerClient};
@@ -124,14 +122,13 @@ impl Keeper {
                 .await
                 .map_err(|e| anyhow!("installing masquerade rules: {e}"))?;
         }
-        let local = LocalNode {
-            name: self.opts.node_name.to_string(),
-            subnet: key,
-            public_ip: self.public_ip,
-            ext: self.ext.clone(),
-            vtep_mac: vtep_mac(self.opts.node_name.as_str()),
+        let local = LocalNode::new(
+            self.opts.node_name.as_str(),
+            key,
+            self.public_ip,
+            self.ext.clone(),
             network,
-        };
+        );
         self.status.update(|s| s.subnet = Some(key.to_cidrs()));
         self.local.send_replace(Some(Arc::new(local)));
         Ok(())

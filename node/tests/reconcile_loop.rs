@@ -15,19 +15,18 @@ use weft_node::reconcile::{Kicker, Reconciler};
 use weft_node::status::Status;
 
 fn local(subnet: &str) -> Arc<LocalNode> {
-    Arc::new(LocalNode {
-        name: "host-1".into(),
-        subnet: subnet.parse().unwrap(),
-        public_ip: "198.18.0.11".parse().unwrap(),
-        ext: ExternalIface {
+    Arc::new(LocalNode::new(
+        "host-1",
+        subnet.parse().unwrap(),
+        "198.18.0.11".parse().unwrap(),
+        ExternalIface {
             name: "eth0".into(),
             index: 2,
             mtu: 1500,
             addr: "198.18.0.11/16".parse().unwrap(),
         },
-        vtep_mac: vtep_mac("host-1"),
-        network: Arc::new(NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap()),
-    })
+        Arc::new(NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap()),
+    ))
 }
 
 fn lease(i: u32) -> LeaseView {

@@ -32,19 +32,18 @@ fn local(ns: &Netns) -> LocalNode {
     let idx = ns.ip_json(&["link", "show", "eth0"]).unwrap()[0]["ifindex"]
         .as_u64()
         .unwrap() as u32;
-    LocalNode {
-        name: "host-1".into(),
-        subnet: "10.244.1.0-24".parse().unwrap(),
-        public_ip: "198.18.0.11".parse().unwrap(),
-        ext: ExternalIface {
+    LocalNode::new(
+        "host-1",
+        "10.244.1.0-24".parse().unwrap(),
+        "198.18.0.11".parse().unwrap(),
+        ExternalIface {
             name: "eth0".into(),
             index: idx,
             mtu: 1500,
             addr: "198.18.0.11/16".parse().unwrap(),
         },
-        vtep_mac: vtep_mac("host-1"),
-        network: Arc::new(NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap()),
-    }
+        Arc::new(NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap()),
+    )
 }
 
 fn leases(n: u32, backend: impl Fn(&str) -> BackendData) -> Vec<LeaseView> {
