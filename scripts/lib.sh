@@ -85,3 +85,61 @@ ensure_cargo_tool() {
         cargo install -q --locked "$crate" --version "$version" || die "cargo install $crate failed"
     fi
 }
+
+# Fresh Debian roots (scripts/fresh-check, scripts/vagrant-image).
+#
+# The host's CA bundle: this machine's egress re-signs TLS, and a user's
+# machine has its own CA certificates; a new root gets the host's bundle
+# as /etc/ssl/host-ca.crt.
+host_ca=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}
+
+# The Debian mirror the host's apt uses.
+mirror() {
+    local uri
+    uri=$(grep -hsE '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' | grep -m1 '/debian$' || true)
+    [ -n "$uri" ] || uri=$(grep -hsE '^deb ' /etc/apt/sources.list | awk '{print $2}' | grep -m1 '/debian$' || true)
+    echo "${uri:-http://deb.debian.org/debian}"
+}
+
+# minbase_tarball FILE: `debootstrap --variant=minbase bookworm`, packed as
+# FILE (a .tar.gz), unless FILE exists already.
+minbase_tarball() {
+    local base=$1 tmp
+    [ -s "$base" ] && return 0
+    ensure_packages debootstrap
+    log "debootstrap --variant=minbase bookworm (cached as $base)"
+    mkdir -p "$(dirname "$base")"
+    tmp=$base.bootstrap.$$
+    rm -rf "$tmp"
+    # In a private mount namespace: whatever debootstrap mounts in the new
+    # root is gone before the root is removed.
+    unshare --mount --propagation private -- \
+        debootstrap --variant=minbase bookworm "$tmp" "$(mirror)" > "$base.log" 2>&1 \
+        || { tail -20 "$base.log" >&2; rm -rf "$tmp"; die "debootstrap failed (log: $base.log)"; }
+    tar -C "$tmp" -czf "$base.tmp" . && mv "$base.tmp" "$base"
+    rm -rf "$tmp"
+}
+
+# root_apt_config ROOT: the host's CA bundle (/etc/ssl/host-ca.crt), name
+# resolution, and the host's Debian sources and proxy settings in ROOT.
+root_apt_config() {
+    local root=$1 f keyring copied=
+    mkdir -p "$root/etc/ssl"
+    cp "$host_ca" "$root/etc/ssl/host-ca.crt"
+    cp /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
+    # The host's Debian sources (deb822), those whose keyring the new root
+    # has: a third-party repository would fail apt-get update there.
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -e "$f" ] || continue
+        keyring=$(awk '/^Signed-By:/ {print $2; exit}' "$f")
+        if [ -n "$keyring" ] && [ -e "$root$keyring" ]; then
+            cp "$f" "$root/etc/apt/sources.list.d/"
+            copied=1
+        fi
+    done
+    [ -n "$copied" ] && rm -f "$root/etc/apt/sources.list"
+    for f in /etc/apt/apt.conf.d/*; do
+        grep -q '^Acquire::' "$f" 2>/dev/null && cp "$f" "$root/etc/apt/apt.conf.d/"
+    done
+    return 0
+}

@@ -10,7 +10,7 @@ use crate::peers::{self, PeerTable};
 use crate::reconcile::Reconciler;
 use crate::rekey::{RekeyRequest, Rekeyer};
 use crate::retry::{until_ok, Backoff};
-use crate::status::Status;
+use crate::status::{self, Status};
 use crate::subnet_env::{self, SubnetEnv};
 use crate::{health, masq, system};
 use anyhow::{anyhow, bail, Context, Result};
@@ -631,11 +631,18 @@ async fn start(
         }
         let s = ready_status.snapshot();
         tracing::info!(peers = s.peers, "ready");
-        system::sd_notify(&format!(
-            "READY=1\nSTATUS=subnet {} with {} peers",
-            s.subnet.unwrap_or_default(),
-            s.peers
-        ));
+        let mut shown = systemd_status(&s);
+        system::sd_notify(&format!("READY=1\nSTATUS={shown}"));
+        // `systemctl status weft-node` follows the node: peers come and
+        // go, a lease runs out, a reconcile fails.
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let now = systemd_status(&ready_status.snapshot());
+            if now != shown {
+                system::sd_notify(&format!("STATUS={now}"));
+                shown = now;
+            }
+        }
     });
     if let Some(every) = system::watchdog_interval() {
         // Pet the watchdog only while the reconcile loop makes progress.
@@ -658,6 +665,63 @@ async fn start(
     match tasks.join_next().await {
         Some(Err(e)) if e.is_panic() => Err(anyhow!("a task panicked: {e}")),
         _ => Err(anyhow!("a daemon task stopped unexpectedly")),
+    }
+}
+
+/// The one-line state `systemctl status` shows (sd_notify's STATUS=).
+fn systemd_status(s: &status::Snapshot) -> String {
+    let subnet = s.subnet.as_deref().unwrap_or("no subnet");
+    let peers = match s.peers {
+        1 => "1 peer".to_string(),
+        n => format!("{n} peers"),
+    };
+    let mut line = format!("subnet {subnet}, {peers}");
+    if let Some(expired) = &s.lease_expired {
+        line.push_str(&format!("; lease expired: {expired}"));
+    } else if !s.ready {
+        line.push_str(&format!("; not ready: {}", s.phase));
+    }
+    if !s.errors.is_empty() {
+        line.push_str(&format!("; {} changes failed", s.errors.len()));
+    }
+    if !s.skipped.is_empty() {
+        line.push_str(&format!("; {} leases skipped", s.skipped.len()));
+    }
+    line
+}
+
+#[cfg(test)]
+mod status_line_tests {
+    use super::*;
+
+    #[test]
+    fn the_systemd_status_line_names_what_is_wrong() {
+        let mut s = status::Snapshot {
+            ready: true,
+            subnet: Some("10.244.3.0/24".into()),
+            peers: 1,
+            ..Default::default()
+        };
+        assert_eq!(systemd_status(&s), "subnet 10.244.3.0/24, 1 peer");
+        s.peers = 4;
+        s.errors = vec!["route 10.244.4.0/24: EEXIST".into()];
+        assert_eq!(
+            systemd_status(&s),
+            "subnet 10.244.3.0/24, 4 peers; 1 changes failed"
+        );
+        s.errors.clear();
+        s.ready = false;
+        s.phase = "waiting for the controller".into();
+        s.lease_expired = Some("no renewal since 12:00:00".into());
+        assert_eq!(
+            systemd_status(&s),
+            "subnet 10.244.3.0/24, 4 peers; lease expired: no renewal since 12:00:00"
+        );
+        s.lease_expired = None;
+        assert_eq!(
+            systemd_status(&s),
+            "subnet 10.244.3.0/24, 4 peers; not ready: waiting for the controller"
+        );
     }
 }
 
