@@ -23,7 +23,8 @@ use weft_lease::tls::ClientTlsFiles;
 #[derive(Debug, Parser)]
 #[command(version = env!("WEFT_VERSION"), about)]
 struct Cli {
-    /// Controller URL.
+    /// Controller URL; several replicas separated by commas (the next is
+    /// tried when one cannot be reached or cannot serve).
     #[arg(
         long,
         env = "WEFT_CONTROLLER",

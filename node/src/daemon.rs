@@ -513,7 +513,9 @@ async fn start(
     rekey_rx: mpsc::Receiver<RekeyRequest>,
 ) -> Result<()> {
     let dp = Arc::new(NetlinkDataplane::new().context("netlink")?);
-    let client = ControllerClient::with_tls(&opts.controller, opts.tls.clone())?;
+    // With replicas, nodes start on different ones (by name).
+    let client = ControllerClient::with_tls(&opts.controller, opts.tls.clone())?
+        .spread(opts.node_name.as_str());
 
     status.phase("choosing the external interface");
     let ifaces = dp.interfaces().await?;

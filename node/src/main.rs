@@ -15,7 +15,10 @@ use weft_node::iface::IfaceChoice;
 #[command(version = env!("WEFT_VERSION"), about)]
 struct Args {
     /// Controller URL: https://HOST:PORT (with the TLS files below), or
-    /// http:// for a controller without TLS.
+    /// http:// for a controller without TLS. Several replicas: URLs
+    /// separated by commas; the node starts on one its name picks (nodes
+    /// spread over them) and moves to the next when one cannot be reached,
+    /// does not answer within 10 s, or answers 502/503/504.
     #[arg(long, env = "WEFT_NODE_CONTROLLER")]
     controller: String,
     /// CA certificate (PEM) that signed the controller's certificate.
