@@ -624,7 +624,8 @@ async fn start(
     tasks.spawn(keeper.keep(lease, peers_rx));
 
     status.phase("programming the data plane");
-    // One-shot tasks live in their own set: their ending is not a failure.
+    // Tasks whose ending is not a failure (READY and the status line)
+    // live in their own set.
     let mut once = JoinSet::new();
     let ready_status = status.clone();
     once.spawn(async move {
@@ -683,11 +684,19 @@ fn systemd_status(s: &status::Snapshot) -> String {
     } else if !s.ready {
         line.push_str(&format!("; not ready: {}", s.phase));
     }
+    let count =
+        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     if !s.errors.is_empty() {
-        line.push_str(&format!("; {} changes failed", s.errors.len()));
+        line.push_str(&format!(
+            "; {} failed",
+            count(s.errors.len(), "change", "changes")
+        ));
     }
     if !s.skipped.is_empty() {
-        line.push_str(&format!("; {} leases skipped", s.skipped.len()));
+        line.push_str(&format!(
+            "; {} skipped",
+            count(s.skipped.len(), "lease", "leases")
+        ));
     }
     line
 }
@@ -709,7 +718,7 @@ mod status_line_tests {
         s.errors = vec!["route 10.244.4.0/24: EEXIST".into()];
         assert_eq!(
             systemd_status(&s),
-            "subnet 10.244.3.0/24, 4 peers; 1 changes failed"
+            "subnet 10.244.3.0/24, 4 peers; 1 change failed"
         );
         s.errors.clear();
         s.ready = false;
