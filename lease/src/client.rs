@@ -352,45 +352,25 @@ impl ControllerClient {
         }
     }
 
-    /// Sends a request for `path` to one replica after another, from the
-    /// one that answered last, until one answers with something other than
-    /// "cannot serve" (see [`ControllerClient`]); that one is tried first
-    /// next time. The status and body of the answer, or the last failure.
-    async fn exchange(
-        &self,
-        path: &str,
-        make: impl Fn(reqwest::Client, String) -> reqwest::RequestBuilder,
-    ) -> Result<(reqwest::StatusCode, bytes::Bytes), ClientError> {
+    /// Runs `attempt` against one replica after another, from the one that
+    /// answered last, until one answers with something other than "cannot
+    /// serve" (see [`ControllerClient`]); that one is tried first next time.
+    /// `attempt` returns its result and, when another replica should be
+    /// asked, why. The last replica's result is returned as it is.
+    async fn over_replicas<T, F, Fut>(&self, attempt: F) -> Result<T, ClientError>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = (Result<T, ClientError>, Option<String>)>,
+    {
         let n = self.bases.len();
         let first = self.first();
-        let timeout = self.attempt_timeout(REQUEST_TIMEOUT);
         let mut tried = 0;
         loop {
             let i = (first + tried) % n;
             let base = &self.bases[i];
             tried += 1;
-            let answer = async {
-                let resp = make(self.http(), format!("{base}{path}"))
-                    .timeout(timeout)
-                    .send()
-                    .await
-                    .map_err(|e| Self::connect_err(base, e))?;
-                let status = resp.status();
-                let bytes = capped_body(resp, MAX_BODY)
-                    .await
-                    .map_err(|e| Self::body_err(base, e))?;
-                Ok((status, bytes))
-            }
-            .await;
-            // Why another replica should be asked, if it should.
-            let failed = match &answer {
-                Ok((status, bytes)) if (502..=504).contains(&status.as_u16()) => {
-                    Some(api_error(*status, bytes).to_string())
-                }
-                Err(e) if try_another(e) => Some(e.to_string()),
-                Ok(_) | Err(_) => None,
-            };
-            match failed {
+            let (result, retry) = attempt(base.clone()).await;
+            match retry {
                 Some(why) if tried < n => {
                     tracing::warn!(
                         controller = %base,
@@ -399,14 +379,47 @@ impl ControllerClient {
                     );
                 }
                 _ => {
-                    if failed.is_none() && answer.is_ok() && i != first {
+                    if retry.is_none() && result.is_ok() && i != first {
                         self.current.store(i, Ordering::Relaxed);
                         tracing::info!(controller = %base, "using this controller replica");
                     }
-                    return answer;
+                    return result;
                 }
             }
         }
+    }
+
+    /// Sends a request for `path` over the replicas ([`Self::over_replicas`]):
+    /// the status and body of the answer, or the last failure.
+    async fn exchange(
+        &self,
+        path: &str,
+        make: impl Fn(reqwest::Client, String) -> reqwest::RequestBuilder,
+    ) -> Result<(reqwest::StatusCode, bytes::Bytes), ClientError> {
+        let timeout = self.attempt_timeout(REQUEST_TIMEOUT);
+        self.over_replicas(|base| {
+            let req = make(self.http(), format!("{base}{path}")).timeout(timeout);
+            async move {
+                let answer = async {
+                    let resp = req.send().await.map_err(|e| Self::connect_err(&base, e))?;
+                    let status = resp.status();
+                    let bytes = capped_body(resp, MAX_BODY)
+                        .await
+                        .map_err(|e| Self::body_err(&base, e))?;
+                    Ok((status, bytes))
+                }
+                .await;
+                let retry = match &answer {
+                    Ok((status, bytes)) if (502..=504).contains(&status.as_u16()) => {
+                        Some(api_error(*status, bytes).to_string())
+                    }
+                    Err(e) if try_another(e) => Some(e.to_string()),
+                    Ok(_) | Err(_) => None,
+                };
+                (answer, retry)
+            }
+        })
+        .await
     }
 
     async fn send<T: DeserializeOwned>(
@@ -496,55 +509,39 @@ impl ControllerClient {
     /// The stream comes from one replica (tried in turn, as requests are);
     /// when it ends the caller watches again, maybe from another.
     pub async fn watch(&self, from_revision: i64) -> Result<WatchLines, ClientError> {
-        let n = self.bases.len();
-        let first = self.first();
         let timeout = self.attempt_timeout(WATCH_START_TIMEOUT);
-        let mut tried = 0;
-        let (base, resp) = loop {
-            let i = (first + tried) % n;
-            let base = self.bases[i].clone();
-            tried += 1;
-            let url = format!("{base}/v1/leases/watch?from_revision={from_revision}");
-            let started = tokio::time::timeout(timeout, self.http().get(url).send())
-                .await
-                .map_err(|_| ClientError::Connect {
-                    url: base.clone(),
-                    reason: format!("no answer to the watch within {timeout:?}"),
-                })
-                .and_then(|r| r.map_err(|e| Self::connect_err(&base, e)));
-            let failure = match started {
-                Ok(resp) if (502..=504).contains(&resp.status().as_u16()) => {
+        let (base, resp) = self
+            .over_replicas(|base| {
+                let url = format!("{base}/v1/leases/watch?from_revision={from_revision}");
+                let send = self.http().get(url).send();
+                async move {
+                    let started = match tokio::time::timeout(timeout, send).await {
+                        Err(_) => Err(ClientError::Connect {
+                            url: base.clone(),
+                            reason: format!("no answer to the watch within {timeout:?}"),
+                        }),
+                        Ok(r) => r.map_err(|e| Self::connect_err(&base, e)),
+                    };
+                    let resp = match started {
+                        Ok(resp) => resp,
+                        Err(e) => {
+                            let why = try_another(&e).then(|| e.to_string());
+                            return (Err(e), why);
+                        }
+                    };
                     let status = resp.status();
-                    let bytes = capped_body(resp, 64 << 10)
-                        .await
-                        .map_err(|e| Self::body_err(&base, e))?;
-                    api_error(status, &bytes)
-                }
-                Ok(resp) => {
-                    if i != first && resp.status().is_success() {
-                        self.current.store(i, Ordering::Relaxed);
-                        tracing::info!(controller = %base, "using this controller replica");
+                    if status.is_success() {
+                        return (Ok((base, resp)), None);
                     }
-                    break (base, resp);
+                    let e = match capped_body(resp, 64 << 10).await {
+                        Ok(bytes) => api_error(status, &bytes),
+                        Err(e) => Self::body_err(&base, e),
+                    };
+                    let why = try_another(&e).then(|| e.to_string());
+                    (Err(e), why)
                 }
-                Err(e) => e,
-            };
-            if tried >= n {
-                return Err(failure);
-            }
-            tracing::warn!(
-                controller = %base,
-                next = %self.bases[(first + tried) % n],
-                "controller replica failed ({failure}); trying the next one"
-            );
-        };
-        let status = resp.status();
-        if !status.is_success() {
-            let bytes = capped_body(resp, 64 << 10)
-                .await
-                .map_err(|e| Self::body_err(&base, e))?;
-            return Err(api_error(status, &bytes));
-        }
+            })
+            .await?;
         let bytes = resp.bytes_stream().boxed();
         let lines = futures::stream::unfold(
             (bytes, BytesMut::new(), base),

@@ -87,6 +87,16 @@ impl Drop for RunningController {
     }
 }
 
+/// A host-gw node's acquire request, its public address `198.18.0.<last>`.
+pub fn host_gw_request(last: u8) -> weft_lease::api::AcquireRequest {
+    weft_lease::api::AcquireRequest::new(
+        Some(format!("198.18.0.{last}").parse().expect("an IPv4 address")),
+        None,
+        &weft_lease::BackendData::HostGw,
+        None,
+    )
+}
+
 /// Options for tests: fast heartbeats and health checks.
 pub fn test_options() -> Options {
     Options {

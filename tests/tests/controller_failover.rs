@@ -5,10 +5,10 @@
 
 use futures::StreamExt;
 use std::sync::Arc;
-use weft_lease::api::{AcquireRequest, WatchKind};
+use weft_lease::api::WatchKind;
 use weft_lease::client::{ClientError, ControllerClient};
-use weft_lease::{BackendData, LeaseStore, MemoryStore};
-use weft_tests::controller::{test_options, RunningController};
+use weft_lease::{LeaseStore, MemoryStore};
+use weft_tests::controller::{host_gw_request as req, test_options, RunningController};
 
 const NETWORK: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
 
@@ -25,15 +25,6 @@ async fn replicas(n: usize) -> Vec<RunningController> {
         );
     }
     out
-}
-
-fn req(last: u8) -> AcquireRequest {
-    AcquireRequest::new(
-        Some(format!("198.18.0.{last}").parse().unwrap()),
-        None,
-        &BackendData::HostGw,
-        None,
-    )
 }
 
 fn node_client(cs: &[RunningController], name: &str) -> ControllerClient {

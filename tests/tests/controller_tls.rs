@@ -8,11 +8,10 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
-use weft_lease::api::AcquireRequest;
 use weft_lease::client::{ClientError, ControllerClient};
 use weft_lease::tls::ClientTlsFiles;
-use weft_lease::{BackendData, LeaseStore, MemoryStore};
-use weft_tests::controller::{test_options, RunningController};
+use weft_lease::{LeaseStore, MemoryStore};
+use weft_tests::controller::{host_gw_request as req, test_options, RunningController};
 use weft_tests::pki::{TestPki, Validity};
 
 const NETWORK: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
@@ -23,15 +22,6 @@ async fn controller() -> RunningController {
     RunningController::start(Arc::new(store), test_options())
         .await
         .unwrap()
-}
-
-fn req(last: u8) -> AcquireRequest {
-    AcquireRequest::new(
-        Some(format!("198.18.0.{last}").parse().unwrap()),
-        None,
-        &BackendData::HostGw,
-        None,
-    )
 }
 
 fn pki(c: &RunningController) -> Arc<TestPki> {
