@@ -6,6 +6,7 @@ mod control_plane;
 mod convergence;
 mod dataplane;
 mod reconcile;
+mod soak;
 mod stats;
 
 use clap::{Parser, Subcommand};
@@ -34,6 +35,10 @@ enum Command {
     /// weft-cni ADD and DEL latency against the reference bridge +
     /// host-local plugins, N containers on one host. Needs root.
     Cni(cni::Args),
+    /// Hosts joining, leaving and restarting for M minutes with short
+    /// lease TTLs: memory of the controller and a node, and the lease
+    /// history checked at the end. Needs root.
+    Soak(soak::Args),
     /// (Used by `reconcile`: writes leases into the lab's etcd.)
     #[command(hide = true)]
     InjectLeases {
@@ -55,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Dataplane(args) => {
             tokio::task::spawn_blocking(move || dataplane::run_bench(args)).await?
         }
+        Command::Soak(args) => tokio::task::spawn_blocking(move || soak::run_bench(args)).await?,
         Command::Cni(args) => tokio::task::spawn_blocking(move || cni::run_bench(args)).await?,
         Command::InjectLeases { count, skip } => reconcile::inject(count, skip).await,
     }

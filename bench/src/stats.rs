@@ -22,6 +22,17 @@ pub fn summary(samples: &mut [Duration]) -> String {
     )
 }
 
+/// The median of unsorted values (NaN when there are none).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 /// Milliseconds with sensible precision.
 pub fn ms(d: Duration) -> String {
     let v = d.as_secs_f64() * 1000.0;
@@ -37,6 +48,13 @@ pub fn ms(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_no_values() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
 
     #[test]
     fn nearest_rank() {

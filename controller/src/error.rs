@@ -114,7 +114,9 @@ impl ControllerError {
             ControllerError::Store(e) => match e {
                 StoreError::Unavailable(m) => (
                     "etcd_unavailable",
-                    format!("etcd is unreachable ({m}); nodes keep their data plane, retry later"),
+                    format!(
+                        "etcd cannot serve this: {m}; nodes keep their data plane, retry later"
+                    ),
                 ),
                 StoreError::Conflict(_)
                 | StoreError::AlreadyExists(_)

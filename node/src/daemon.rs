@@ -347,7 +347,15 @@ impl Keeper {
                 );
             }
             match self.install(&resp, network).await {
-                Ok(()) => return resp,
+                Ok(()) => {
+                    tracing::info!(
+                        subnet = %resp.lease.key.to_cidrs(),
+                        revision = resp.lease.revision,
+                        previous = ?previous.map(|p| p.to_cidrs()),
+                        "lease acquired"
+                    );
+                    return resp;
+                }
                 Err(e) => {
                     tracing::error!("{e:#}; retrying");
                     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -570,6 +578,7 @@ async fn start(
     };
     tracing::info!(
         subnet = %lease.lease.key.to_cidrs(),
+        revision = lease.lease.revision,
         backend = %backend.backend_type(),
         previous = ?previous.map(|p| p.to_cidrs()),
         "lease acquired"

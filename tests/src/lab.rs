@@ -45,6 +45,16 @@ pub const HEALTHZ: &str = "127.0.0.1:7071";
 /// The name in the lab's admin certificate (`pki/admin-lab.pem`).
 pub const ADMIN: &str = "lab";
 
+/// etcd member `k`'s address on the fabric (labs with several).
+pub fn etcd_ip(k: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 1, k as u8)
+}
+
+/// Controller `k`'s address on the fabric (labs with several).
+pub fn controller_ip(k: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 2, k as u8)
+}
+
 /// How to build a lab.
 #[derive(Debug, Clone)]
 pub struct LabConfig {
@@ -60,6 +70,13 @@ pub struct LabConfig {
     pub resync: u32,
     /// The network config; default `10.244.0.0/16` with the backend.
     pub network: Option<String>,
+    /// etcd members and controllers. With one of each they run inside the
+    /// fabric namespace; with more, each runs in a namespace of its own on
+    /// the fabric (see [`Lab::cut`]).
+    pub etcd_members: u32,
+    pub controllers: u32,
+    /// etcd's `--quota-backend-bytes` (its default when `None`).
+    pub etcd_quota_bytes: Option<u64>,
 }
 
 impl LabConfig {
@@ -80,6 +97,19 @@ impl LabConfig {
             detached: false,
             resync: 2,
             network: None,
+            etcd_members: 1,
+            controllers: 1,
+            etcd_quota_bytes: None,
+        }
+    }
+
+    /// A test lab with `members` etcd members and `controllers`
+    /// controllers, each in its own namespace.
+    pub fn cluster_for_test(hosts: u32, backend: &str, members: u32, controllers: u32) -> Self {
+        LabConfig {
+            etcd_members: members,
+            controllers,
+            ..Self::for_test(hosts, backend)
         }
     }
 }
@@ -131,6 +161,14 @@ pub struct LabState {
     pub outside: String,
     pub hosts: Vec<HostState>,
     pub procs: Vec<ProcState>,
+    /// 0 (a state file from before) means 1.
+    #[serde(default)]
+    pub etcd_members: u32,
+    #[serde(default)]
+    pub controllers: u32,
+    /// Namespaces of etcd members and controllers of their own.
+    #[serde(default)]
+    pub service_ns: Vec<String>,
 }
 
 /// A running lab. Dropping a test lab tears it down.
@@ -208,6 +246,9 @@ impl Lab {
         ] {
             system_tool(tool, pkg)?;
         }
+        if !(1..=9).contains(&cfg.etcd_members) || !(1..=9).contains(&cfg.controllers) {
+            bail!("a lab has 1 to 9 etcd members and 1 to 9 controllers");
+        }
         if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_err() {
             bail!("no /proc/sys/net: this is not Linux with network namespaces");
         }
@@ -233,13 +274,16 @@ impl Lab {
                 outside: n("out"),
                 hosts: Vec::new(),
                 procs: Vec::new(),
+                etcd_members: cfg.etcd_members.max(1),
+                controllers: cfg.controllers.max(1),
+                service_ns: Vec::new(),
             },
             dir,
             detached: cfg.detached,
             children: HashMap::new(),
         };
         let built = (|| {
-            lab.build_fabric()?;
+            lab.build_fabric(cfg.etcd_quota_bytes)?;
             for _ in 0..cfg.hosts {
                 lab.add_host_no_wait()?;
             }
@@ -261,7 +305,7 @@ impl Lab {
         Ok(())
     }
 
-    fn build_fabric(&mut self) -> Result<()> {
+    fn build_fabric(&mut self, etcd_quota: Option<u64>) -> Result<()> {
         let fab = self.state.fabric.clone();
         self.add_ns(&fab)?;
         self.save()?;
@@ -289,70 +333,35 @@ impl Lab {
         veth(&fab, "out", &out, "eth0")?;
         ns_run(&fab, &["link", "set", "out", "master", "br0", "up"])?;
         addr_up(&out, "eth0", &format!("{OUTSIDE_IP}/16"))?;
-        let data = self.dir.join("etcd-data");
-        let etcd = system_tool("etcd", "etcd-server")?;
-        self.spawn(
-            "etcd",
-            &fab,
-            vec![
-                etcd.display().to_string(),
-                "--name".into(),
-                "lab".into(),
-                "--data-dir".into(),
-                data.display().to_string(),
-                "--listen-client-urls".into(),
-                "http://127.0.0.1:2379".into(),
-                "--advertise-client-urls".into(),
-                "http://127.0.0.1:2379".into(),
-                "--listen-peer-urls".into(),
-                "http://127.0.0.1:2380".into(),
-                "--initial-advertise-peer-urls".into(),
-                "http://127.0.0.1:2380".into(),
-                "--initial-cluster".into(),
-                "lab=http://127.0.0.1:2380".into(),
-            ],
-        )?;
+        self.start_etcd(etcd_quota)?;
         // The lab's PKI, made as an operator makes one.
         let pki = self.pki_dir();
         let pki_s = pki.display().to_string();
         self.weftctl_pki(&["init", "--dir", &pki_s])?;
-        self.weftctl_pki(&[
-            "server",
-            "--dir",
-            &pki_s,
-            "--host",
-            "198.18.0.1",
-            "--host",
-            "127.0.0.1",
-            "--host",
-            "localhost",
-        ])?;
+        let mut server = vec!["server", "--dir", &pki_s];
+        let hosts: Vec<String> = [
+            FABRIC_IP.to_string(),
+            "127.0.0.1".into(),
+            "localhost".into(),
+        ]
+        .into_iter()
+        .chain((1..=self.state.controllers).map(|k| controller_ip(k).to_string()))
+        .collect();
+        for h in &hosts {
+            server.extend(["--host", h.as_str()]);
+        }
+        self.weftctl_pki(&server)?;
         self.weftctl_pki(&["admin", ADMIN, "--dir", &pki_s])?;
-        let file = |f: &str| pki.join(f).display().to_string();
-        self.spawn(
-            "controller",
-            &fab,
-            vec![
-                workspace_bin("weft-controller")?.display().to_string(),
-                "--etcd-endpoints".into(),
-                "http://127.0.0.1:2379".into(),
-                "--listen".into(),
-                "0.0.0.0:7070".into(),
-                "--tls-cert-file".into(),
-                file("server.pem"),
-                "--tls-key-file".into(),
-                file("server-key.pem"),
-                "--client-ca-file".into(),
-                file("ca.pem"),
-                "--healthz-listen".into(),
-                HEALTHZ.into(),
-                "--watch-heartbeat".into(),
-                "2".into(),
-            ],
-        )?;
-        self.wait_for(Duration::from_secs(30), "the controller to answer", || {
-            self.still_running(&["etcd", "controller"])?;
-            Ok(http_get(&fab, HEALTHZ, "/healthz").is_ok())
+        for c in self.controller_names() {
+            self.start_controller(&c)?;
+        }
+        let names = self.controller_names();
+        let mut all = self.etcd_names();
+        all.extend(names.iter().cloned());
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        self.wait_for(Duration::from_secs(30), "the controllers to answer", || {
+            self.still_running(&all)?;
+            Ok(names.iter().all(|c| self.controller_healthy(c)))
         })?;
         let config = self.state.network.clone().unwrap_or_else(|| {
             format!(
@@ -364,7 +373,7 @@ impl Lab {
             Duration::from_secs(30),
             "the controller to take the network config",
             || {
-                self.still_running(&["etcd", "controller"])?;
+                self.still_running(&all)?;
                 match self.weftctl_stdin(&["network", "set", "--file", "-"], &config) {
                     Ok(_) => Ok(true),
                     Err(e) if is_unretryable(&e) => Err(e),
@@ -373,6 +382,277 @@ impl Lab {
             },
         )?;
         Ok(())
+    }
+
+    /// Whether etcd members and controllers run in namespaces of their own.
+    fn own_namespaces(&self) -> bool {
+        self.state.etcd_members.max(1) > 1 || self.state.controllers.max(1) > 1
+    }
+
+    /// The lab's etcd processes: `etcd`, or `etcd-1`..`etcd-N`.
+    pub fn etcd_names(&self) -> Vec<String> {
+        match self.own_namespaces() {
+            false => vec!["etcd".into()],
+            true => (1..=self.state.etcd_members)
+                .map(|k| format!("etcd-{k}"))
+                .collect(),
+        }
+    }
+
+    /// The lab's controllers: `controller`, or `controller-1`..`controller-N`.
+    pub fn controller_names(&self) -> Vec<String> {
+        match self.own_namespaces() {
+            false => vec!["controller".into()],
+            true => (1..=self.state.controllers)
+                .map(|k| format!("controller-{k}"))
+                .collect(),
+        }
+    }
+
+    /// etcd's client URLs, as seen from the fabric namespace and the
+    /// controllers.
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        match self.own_namespaces() {
+            false => vec!["http://127.0.0.1:2379".into()],
+            true => (1..=self.state.etcd_members)
+                .map(|k| format!("http://{}:2379", etcd_ip(k)))
+                .collect(),
+        }
+    }
+
+    /// The controllers' URLs as the hosts reach them.
+    pub fn controller_urls(&self) -> Vec<String> {
+        match self.own_namespaces() {
+            false => vec![format!("https://{FABRIC_IP}:7070")],
+            true => (1..=self.state.controllers)
+                .map(|k| format!("https://{}:7070", controller_ip(k)))
+                .collect(),
+        }
+    }
+
+    /// A namespace of its own on the fabric for a member or controller:
+    /// `port` on br0, `eth0` with `ip` inside.
+    fn service_namespace(&mut self, short: &str, ip: Ipv4Addr) -> Result<String> {
+        let ns = format!("{NS_PREFIX}{}-{short}", self.state.name);
+        self.add_ns(&ns)?;
+        self.state.service_ns.push(ns.clone());
+        self.save()?;
+        let fab = self.state.fabric.clone();
+        veth(&fab, short, &ns, "eth0")?;
+        ns_run(&fab, &["link", "set", short, "master", "br0", "up"])?;
+        addr_up(&ns, "eth0", &format!("{ip}/16"))?;
+        Ok(ns)
+    }
+
+    fn start_etcd(&mut self, quota: Option<u64>) -> Result<()> {
+        let etcd = system_tool("etcd", "etcd-server")?.display().to_string();
+        let quota: Vec<String> = quota
+            .map(|q| vec!["--quota-backend-bytes".into(), q.to_string()])
+            .unwrap_or_default();
+        if !self.own_namespaces() {
+            let fab = self.state.fabric.clone();
+            let data = self.dir.join("etcd-data").display().to_string();
+            let mut argv: Vec<String> = [
+                etcd.as_str(),
+                "--name",
+                "lab",
+                "--data-dir",
+                &data,
+                "--listen-client-urls",
+                "http://127.0.0.1:2379",
+                "--advertise-client-urls",
+                "http://127.0.0.1:2379",
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "lab=http://127.0.0.1:2380",
+            ]
+            .map(String::from)
+            .to_vec();
+            argv.extend(quota);
+            return self.spawn("etcd", &fab, argv);
+        }
+        let members = self.state.etcd_members;
+        let cluster: Vec<String> = (1..=members)
+            .map(|k| format!("e{k}=http://{}:2380", etcd_ip(k)))
+            .collect();
+        let cluster = cluster.join(",");
+        for k in 1..=members {
+            let ip = etcd_ip(k);
+            let ns = self.service_namespace(&format!("e{k}"), ip)?;
+            let data = self
+                .dir
+                .join(format!("etcd-{k}-data"))
+                .display()
+                .to_string();
+            let client = format!("http://{ip}:2379");
+            let peer = format!("http://{ip}:2380");
+            let listen = format!("{client},http://127.0.0.1:2379");
+            let token = format!("wl-{}", self.state.name);
+            let name = format!("e{k}");
+            let mut argv: Vec<String> = [
+                etcd.as_str(),
+                "--name",
+                &name,
+                "--data-dir",
+                &data,
+                "--listen-client-urls",
+                &listen,
+                "--advertise-client-urls",
+                &client,
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &cluster,
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                &token,
+            ]
+            .map(String::from)
+            .to_vec();
+            argv.extend(quota.iter().cloned());
+            self.spawn(&format!("etcd-{k}"), &ns, argv)?;
+        }
+        Ok(())
+    }
+
+    fn start_controller(&mut self, what: &str) -> Result<()> {
+        let ns = match what.strip_prefix("controller-") {
+            None => self.state.fabric.clone(),
+            Some(k) => {
+                let k: u32 = k.parse()?;
+                self.service_namespace(&format!("c{k}"), controller_ip(k))?
+            }
+        };
+        let file = |f: &str| self.pki_dir().join(f).display().to_string();
+        let argv = vec![
+            workspace_bin("weft-controller")?.display().to_string(),
+            "--etcd-endpoints".into(),
+            self.etcd_endpoints().join(","),
+            "--listen".into(),
+            "0.0.0.0:7070".into(),
+            "--tls-cert-file".into(),
+            file("server.pem"),
+            "--tls-key-file".into(),
+            file("server-key.pem"),
+            "--client-ca-file".into(),
+            file("ca.pem"),
+            "--healthz-listen".into(),
+            HEALTHZ.into(),
+            "--watch-heartbeat".into(),
+            "2".into(),
+        ];
+        self.spawn(what, &ns, argv)
+    }
+
+    /// Whether controller `what` answers its health check.
+    pub fn controller_healthy(&self, what: &str) -> bool {
+        self.proc(what)
+            .is_ok_and(|p| http_get(&p.ns, HEALTHZ, "/healthz").is_ok())
+    }
+
+    /// The fabric port of a lab process (`etcd-2`, `controller-1`,
+    /// `node-3`).
+    fn port_of(&self, what: &str) -> Result<String> {
+        if let Some(k) = what.strip_prefix("etcd-") {
+            return Ok(format!("e{k}"));
+        }
+        if let Some(k) = what.strip_prefix("controller-") {
+            return Ok(format!("c{k}"));
+        }
+        if let Some(i) = what.strip_prefix("node-") {
+            let i: u32 = i.parse()?;
+            if self.host(i)?.router.is_none() {
+                return Ok(format!("h{i}"));
+            }
+            return Ok(format!("r{i}"));
+        }
+        bail!("{what} has no fabric port of its own (only etcd-K, controller-K and node-I have)")
+    }
+
+    /// Cuts `what` off the fabric (its bridge port down): a partition. Its
+    /// process keeps running.
+    pub fn cut(&self, what: &str) -> Result<()> {
+        let port = self.port_of(what)?;
+        ns_run(&self.state.fabric, &["link", "set", &port, "down"])?;
+        Ok(())
+    }
+
+    /// Undoes [`Lab::cut`].
+    pub fn heal(&self, what: &str) -> Result<()> {
+        let port = self.port_of(what)?;
+        ns_run(&self.state.fabric, &["link", "set", &port, "up"])?;
+        Ok(())
+    }
+
+    /// Sends a signal to a lab process (checked to be the one started):
+    /// `libc::SIGKILL` kills it without a chance to clean up, `SIGSTOP`
+    /// freezes it, `SIGCONT` thaws it. After SIGKILL the process is reaped
+    /// and [`Lab::start`] starts it again.
+    pub fn signal(&mut self, what: &str, signal: libc::c_int) -> Result<()> {
+        let p = self.proc(what)?.clone();
+        if !crate::process::signal_pid(p.pid, &p.argv[0], signal) {
+            bail!("{what} (pid {}) is not running", p.pid);
+        }
+        if signal == libc::SIGKILL {
+            if let Some(mut c) = self.children.remove(what) {
+                let _ = c.wait();
+            } else {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !has_exited(p.pid) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// etcd's members as `etcdctl endpoint status` sees them: (process
+    /// name, is leader, raft index) for those that answer.
+    pub fn etcd_status(&self) -> Result<Vec<(String, bool, u64)>> {
+        let names = self.etcd_names();
+        let mut out = Vec::new();
+        for (name, url) in names.iter().zip(self.etcd_endpoints()) {
+            let Ok(text) = self.etcdctl_at(
+                &url,
+                &[
+                    "endpoint",
+                    "status",
+                    "-w",
+                    "json",
+                    "--command-timeout",
+                    "2s",
+                ],
+            ) else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::from_str(&text)?;
+            let s = &v[0]["Status"];
+            let id = s["header"]["member_id"].as_u64();
+            let leader = s["leader"].as_u64();
+            out.push((
+                name.clone(),
+                id.is_some() && id == leader,
+                s["raftIndex"].as_u64().unwrap_or(0),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The etcd member that is leader now.
+    pub fn etcd_leader(&self) -> Result<String> {
+        self.wait_for_value(Duration::from_secs(30), "an etcd leader", || {
+            Ok(self
+                .etcd_status()?
+                .into_iter()
+                .find(|(_, leader, _)| *leader)
+                .map(|(n, _, _)| n))
+        })
     }
 
     /// Runs `weftctl` against the lab's controller (inside the fabric).
@@ -397,9 +677,13 @@ impl Lab {
     /// The flags that make weftctl (inside the fabric) an admin of the lab.
     pub fn admin_flags(&self) -> Vec<String> {
         let file = |f: &str| self.pki_dir().join(f).display().to_string();
+        let urls = match self.own_namespaces() {
+            false => "https://127.0.0.1:7070".to_string(),
+            true => self.controller_urls().join(","),
+        };
         vec![
             "--controller".into(),
-            "https://127.0.0.1:7070".into(),
+            urls,
             "--ca-file".into(),
             file("ca.pem"),
             "--cert-file".into(),
@@ -409,7 +693,8 @@ impl Lab {
         ]
     }
 
-    fn weftctl_stdin(&self, args: &[&str], stdin: &str) -> Result<String> {
+    /// Runs `weftctl` as the lab's admin with `stdin` as its input.
+    pub fn weftctl_stdin(&self, args: &[&str], stdin: &str) -> Result<String> {
         use std::io::Write;
         let bin = workspace_bin("weftctl")?;
         let mut child = Command::new("ip")
@@ -586,8 +871,35 @@ impl Lab {
         Ok(i)
     }
 
+    /// The lowest index no host has (a removed host's index is reused,
+    /// as a machine that comes back keeps its name).
     fn next_index(&self) -> u32 {
-        self.state.hosts.iter().map(|h| h.index).max().unwrap_or(0) + 1
+        (1..)
+            .find(|i| !self.state.hosts.iter().any(|h| h.index == *i))
+            .unwrap_or(1)
+    }
+
+    /// Takes host `i` out of the cluster as an operator decommissions a
+    /// machine: stops its node, releases its lease (`weftctl lease
+    /// release`), and removes its pods, namespaces and files.
+    pub fn remove_host(&mut self, i: u32) -> Result<()> {
+        let h = self.host(i)?.clone();
+        let node = format!("node-{i}");
+        self.stop(&node)?;
+        self.weftctl(&["lease", "release", &h.name])?;
+        let namespaces = h.pods.iter().map(|p| p.ns.clone());
+        for ns in namespaces.chain(h.router.clone()).chain([h.ns.clone()]) {
+            run("ip", &["netns", "del", &ns])?;
+        }
+        for dir in [self.state_dir(i), self.dir.join(format!("h{i}-cni"))] {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        for file in [self.subnet_file(i), self.control_socket(i)] {
+            let _ = std::fs::remove_file(file);
+        }
+        self.state.hosts.retain(|x| x.index != i);
+        self.state.procs.retain(|p| p.what != node);
+        self.save()
     }
 
     /// Records host `i` (saved at once, so teardown finds it even if the
@@ -714,7 +1026,7 @@ impl Lab {
         let mut argv = vec![
             workspace_bin("weft-node")?.display().to_string(),
             "--controller".into(),
-            format!("https://{FABRIC_IP}:7070"),
+            self.controller_urls().join(","),
             "--ca-file".into(),
             self.pki_dir().join("ca.pem").display().to_string(),
             "--cert-file".into(),
@@ -985,13 +1297,18 @@ impl Lab {
     /// Runs `etcdctl` against the lab's etcd (inside the fabric), e.g. to
     /// write what the controller would refuse.
     pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
+        self.etcdctl_at(&self.etcd_endpoints().join(","), args)
+    }
+
+    /// Runs `etcdctl` inside the fabric against `endpoints` only.
+    pub fn etcdctl_at(&self, endpoints: &str, args: &[&str]) -> Result<String> {
         let mut all = vec![
             "netns",
             "exec",
             self.state.fabric.as_str(),
             "etcdctl",
             "--endpoints",
-            "http://127.0.0.1:2379",
+            endpoints,
         ];
         all.extend_from_slice(args);
         run("ip", &all)
@@ -1096,6 +1413,7 @@ impl Lab {
             .collect();
         namespaces.extend(self.state.hosts.iter().map(|h| h.ns.clone()));
         namespaces.extend(self.state.hosts.iter().filter_map(|h| h.router.clone()));
+        namespaces.extend(self.state.service_ns.iter().cloned());
         namespaces.push(self.state.outside.clone());
         namespaces.push(self.state.fabric.clone());
         for ns in namespaces {

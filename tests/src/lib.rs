@@ -9,7 +9,10 @@
 //! - [`bins`]: paths of workspace binaries and system tools.
 //! - [`wait`]: errors that end a wait at once (retrying cannot fix them).
 //! - [`netns`]: throwaway network namespaces, `ip -j` as the oracle.
-//! - [`lab`]: a weft cluster in namespaces (also the `weft-lab` command).
+//! - [`lab`]: a weft cluster in namespaces (also the `weft-lab` command);
+//!   [`traffic`]: pods pinging each other while a test breaks things;
+//!   [`history`]: every lease change recorded, and a checker of what weft
+//!   promises about them.
 //! - [`cni`]: calling CNI plugins as a runtime does.
 //! - [`containerd`], [`oci`]: a private containerd and a locally built
 //!   busybox image for `ctr run --cni`.
@@ -24,9 +27,11 @@ pub mod containerd;
 pub mod controller;
 pub mod etcd;
 pub mod etcdctl;
+pub mod history;
 pub mod lab;
 pub mod netns;
 pub mod oci;
 pub mod pki;
 pub mod process;
+pub mod traffic;
 pub mod wait;

@@ -140,3 +140,15 @@ pub fn stop_pid(pid: u32, needle: &str, grace: std::time::Duration) {
         }
     }
 }
+
+/// Sends `signal` (e.g. `libc::SIGKILL`, `SIGSTOP`, `SIGCONT`) to process
+/// `pid` if it is still the process we started (its command line contains
+/// `needle`). Returns whether it was sent.
+pub fn signal_pid(pid: u32, needle: &str, signal: libc::c_int) -> bool {
+    if !alive_as(pid, needle) {
+        return false;
+    }
+    // SAFETY: kill(2) has no memory-safety preconditions; alive_as checked
+    // that this PID is still the process we recorded.
+    unsafe { libc::kill(pid as libc::pid_t, signal) == 0 }
+}

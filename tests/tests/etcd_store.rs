@@ -111,3 +111,57 @@ async fn a_watch_catching_up_over_more_than_4_mib_of_changes_reads_them_all() {
     assert_eq!(seen, 500);
     drop(server);
 }
+
+/// With several endpoints, a dead one costs one failed connection attempt:
+/// requests (reads, writes that were never sent, watches) move on to the
+/// next endpoint and stay there. etcd-client's own balancing would send a
+/// share of all requests to the dead one for as long as it is down.
+#[tokio::test]
+#[ignore = "needs etcd; run by scripts/test"]
+async fn a_dead_endpoint_in_the_list_fails_no_request() {
+    use futures::StreamExt;
+    use weft_lease::LeaseStore;
+    let server = tokio::task::spawn_blocking(EtcdServer::start)
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    // Ports nobody listens on: bound, then released.
+    let dead = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let endpoints = vec![dead(), server.url(), dead()];
+    for _ in 0..3 {
+        // Each store starts at a different endpoint (spread); whichever it
+        // is, nothing fails.
+        let store = EtcdStore::connect(EtcdOptions::new(endpoints.clone(), "/weft/network"))
+            .await
+            .expect("connect");
+        for i in 0..20 {
+            let rev = store
+                .put_config(&format!(r#"{{"Network":"10.244.0.0/16","N":{i}}}"#))
+                .await
+                .unwrap_or_else(|e| panic!("write {i}: {e}"));
+            let snap = store
+                .snapshot()
+                .await
+                .unwrap_or_else(|e| panic!("read {i}: {e}"));
+            assert!(snap.revision >= rev);
+            store
+                .ping()
+                .await
+                .unwrap_or_else(|e| panic!("ping {i}: {e}"));
+        }
+        let mut w = store.watch(0).await.expect("watch");
+        let rev = store
+            .put_config(r#"{"Network":"10.244.0.0/16"}"#)
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), w.next())
+            .await
+            .expect("a watch event within 10 s")
+            .expect("stream open")
+            .expect("no watch error");
+        assert!(got.revision >= rev, "{got:?}");
+    }
+}

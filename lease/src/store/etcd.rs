@@ -19,7 +19,7 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KvClient, PutOptions, Txn,
     TxnOp, TxnOpResponse, WatchOptions,
 };
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -151,17 +151,67 @@ fn chain(first: String, mut source: Option<&dyn std::error::Error>) -> String {
     s
 }
 
-/// The client, made on first use: with a user, making it authenticates,
-/// which needs etcd up and the password right; until then every request
-/// fails with the reason (readiness and the log show it) and the next one
-/// tries again.
+/// One client per etcd endpoint, each made on first use: with a user,
+/// making it authenticates, which needs etcd up and the password right;
+/// until then every request fails with the reason (readiness and the log
+/// show it) and the next one tries again.
+///
+/// Requests go to one endpoint, the one in use, and move to the next when
+/// it cannot be reached (see [`EtcdStore::on_endpoint`]). etcd-client's own
+/// balancing over several endpoints sends every request to a random one,
+/// and a member that is down fails its share of them.
 struct Conn {
-    endpoints: Vec<String>,
     options: ConnectOptions,
+    endpoints: Vec<Endpoint>,
+    /// Index of the endpoint in use.
+    current: AtomicUsize,
+}
+
+struct Endpoint {
+    url: String,
+    /// Whether its last request got an answer: failures and recoveries are
+    /// logged when this changes, not per request.
+    answering: std::sync::atomic::AtomicBool,
     client: tokio::sync::OnceCell<Client>,
     /// The last failure to make the client: requests fail fast with it for
     /// [`CONNECT_RETRY`] instead of each trying (and waiting) in turn.
     failed: std::sync::Mutex<Option<(std::time::Instant, StoreError)>>,
+}
+
+/// Where a new store starts among `n` endpoints: varies between processes
+/// (and over time), so controllers started together spread over the
+/// members.
+fn spread_start(n: usize) -> usize {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as usize);
+    (nanos ^ std::process::id() as usize) % n
+}
+
+/// Whether another endpoint may answer what this one could not.
+fn moves_on(e: &StoreError) -> bool {
+    matches!(e, StoreError::Unavailable(_))
+}
+
+/// Whether a failed request surely never took effect, so sending it again
+/// (to another endpoint) cannot apply it twice: it was never sent (no
+/// connection), or the member refused it for want of a leader.
+fn never_applied(e: &StoreError) -> bool {
+    match e {
+        StoreError::Unavailable(m) => {
+            let m = m.to_ascii_lowercase();
+            [
+                "tcp connect error",
+                "error trying to connect",
+                "connection refused",
+                "no route to host",
+                "etcdserver: no leader",
+            ]
+            .iter()
+            .any(|s| m.contains(s))
+        }
+        _ => false,
+    }
 }
 
 /// How long a failure to connect (or authenticate) is answered from memory.
@@ -226,6 +276,17 @@ fn map_err(e: etcd_client::Error) -> StoreError {
                 )))
             }
             Code::NotFound => StoreError::NotFound(s.message().to_string()),
+            // Nothing can be written until an operator acts; readers and
+            // renewals still work, and a node retries later.
+            Code::ResourceExhausted if s.message().contains("space exceeded") => {
+                StoreError::Unavailable(format!(
+                    "etcd is out of space (its NOSPACE alarm is raised, nothing can be written): \
+                     compact its history, defragment every member and disarm the alarm \
+                     (etcdctl compact, etcdctl defrag, etcdctl alarm disarm), or raise \
+                     --quota-backend-bytes ({})",
+                    s.message()
+                ))
+            }
             // Wrong password, no user, no permission: etcd is there, but
             // nothing works until the credentials are fixed.
             Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated
@@ -326,51 +387,127 @@ impl EtcdStore {
                 .with_user(user.clone(), password.clone())
                 .with_auto_token_refresh(true);
         }
+        let count = opts.endpoints.len();
         let store = EtcdStore {
             conn: Arc::new(Conn {
-                endpoints: opts.endpoints.clone(),
                 options: connect,
-                client: tokio::sync::OnceCell::new(),
-                failed: std::sync::Mutex::new(None),
+                endpoints: opts
+                    .endpoints
+                    .iter()
+                    .map(|url| Endpoint {
+                        url: url.clone(),
+                        answering: std::sync::atomic::AtomicBool::new(true),
+                        client: tokio::sync::OnceCell::new(),
+                        failed: std::sync::Mutex::new(None),
+                    })
+                    .collect(),
+                // Controllers started together spread over the members.
+                current: AtomicUsize::new(spread_start(count)),
             }),
             prefix,
             endpoints: opts.endpoints,
             counts: Arc::default(),
         };
-        // Without a user, making the client does no I/O: a bad setting shows
+        // Without a user, making a client does no I/O: a bad setting shows
         // here. With one it authenticates, which waits for etcd: the first
         // request does that.
         if !authenticated {
-            store.client().await?;
+            for i in 0..count {
+                store.client_at(i).await?;
+            }
         }
         Ok(store)
     }
 
-    /// The client; made (and authenticated) on first use.
-    async fn client(&self) -> StoreResult<Client> {
-        let conn = &self.conn;
-        if let Some(c) = conn.client.get() {
+    /// Endpoint `i`'s client; made (and authenticated) on first use.
+    async fn client_at(&self, i: usize) -> StoreResult<Client> {
+        let ep = &self.conn.endpoints[i];
+        if let Some(c) = ep.client.get() {
             return Ok(c.clone());
         }
-        if let Some((at, e)) = &*conn.failed.lock().expect("etcd connect lock") {
+        if let Some((at, e)) = &*ep.failed.lock().expect("etcd connect lock") {
             if at.elapsed() < CONNECT_RETRY {
                 return Err(e.clone());
             }
         }
-        let made = conn
+        let made = ep
             .client
             .get_or_try_init(|| async {
-                Client::connect(&conn.endpoints, Some(conn.options.clone()))
+                Client::connect([&ep.url], Some(self.conn.options.clone()))
                     .await
                     .map_err(map_err)
             })
             .await
             .cloned();
         if let Err(e) = &made {
-            *conn.failed.lock().expect("etcd connect lock") =
+            *ep.failed.lock().expect("etcd connect lock") =
                 Some((std::time::Instant::now(), e.clone()));
         }
         made
+    }
+
+    /// Endpoint `i` failed: the next request goes to the one after it
+    /// (unless another request has moved on already).
+    fn endpoint_failed(&self, i: usize, e: &StoreError) {
+        let n = self.conn.endpoints.len();
+        let ep = &self.conn.endpoints[i];
+        let was_answering = ep.answering.swap(false, Ordering::Relaxed);
+        let moved = n > 1
+            && self
+                .conn
+                .current
+                .compare_exchange(i, (i + 1) % n, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        if was_answering && moved {
+            tracing::warn!(
+                "etcd endpoint {} failed ({e}); using {} from now on",
+                ep.url,
+                self.conn.endpoints[(i + 1) % n].url
+            );
+        }
+    }
+
+    /// Endpoint `i` answered.
+    fn endpoint_answered(&self, i: usize) {
+        let ep = &self.conn.endpoints[i];
+        if !ep.answering.swap(true, Ordering::Relaxed) && self.conn.endpoints.len() > 1 {
+            tracing::info!("etcd endpoint {} answers again", ep.url);
+        }
+    }
+
+    /// Runs `op` with the client of the endpoint in use. When that endpoint
+    /// cannot be reached, the store moves to the next one for good, and
+    /// `op` is tried there too if that is safe: `repeatable` (a read, a
+    /// keep-alive: doing it twice changes nothing) or the failed attempt
+    /// surely never took effect. Every endpoint is tried at most once.
+    async fn on_endpoint<T, F, Fut>(&self, repeatable: bool, op: F) -> StoreResult<T>
+    where
+        F: Fn(usize, Client) -> Fut,
+        Fut: std::future::Future<Output = StoreResult<T>>,
+    {
+        let n = self.conn.endpoints.len();
+        let first = self.conn.current.load(Ordering::Relaxed) % n;
+        let mut tried = 0;
+        loop {
+            let i = (first + tried) % n;
+            tried += 1;
+            let result = match self.client_at(i).await {
+                Ok(c) => op(i, c).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e) if moves_on(&e) => {
+                    self.endpoint_failed(i, &e);
+                    if tried >= n || !(repeatable || never_applied(&e)) {
+                        return Err(e);
+                    }
+                }
+                other => {
+                    self.endpoint_answered(i);
+                    return other;
+                }
+            }
+        }
     }
 
     /// The key prefix in use (no trailing slash).
@@ -411,15 +548,6 @@ impl EtcdStore {
         s.strip_prefix(&self.prefix)?.strip_prefix('/')
     }
 
-    async fn kv(&self) -> StoreResult<KvClient> {
-        // Large clusters list many leases in one response.
-        Ok(self
-            .client()
-            .await?
-            .kv_client()
-            .max_decoding_message_size(MAX_MESSAGE))
-    }
-
     async fn read(&self, revision: Option<i64>) -> StoreResult<Snapshot> {
         if let Some(r) = revision.filter(|r| *r < 1) {
             // etcd reads revision 0 as "latest"; we mean "before anything",
@@ -430,12 +558,13 @@ impl EtcdStore {
                 .with_revision(1)
                 .with_limit(1)
                 .with_keys_only();
+            let key = self.full("");
             return match self
-                .kv()
-                .await?
-                .get(self.full(""), Some(probe))
+                .on_endpoint(true, |_, c| {
+                    let (key, probe) = (key.clone(), probe.clone());
+                    async move { kv(c).get(key, Some(probe)).await.map_err(map_err) }
+                })
                 .await
-                .map_err(map_err)
             {
                 Ok(_) => Ok(Snapshot::default()),
                 Err(e) if compacted_in(&e) => Err(StoreError::Compacted {
@@ -450,12 +579,13 @@ impl EtcdStore {
         if let Some(r) = revision {
             opts = opts.with_revision(r);
         }
+        let key = self.full("");
         let resp = self
-            .kv()
-            .await?
-            .get(self.full(""), Some(opts))
+            .on_endpoint(true, |_, c| {
+                let (key, opts) = (key.clone(), opts.clone());
+                async move { kv(c).get(key, Some(opts)).await.map_err(map_err) }
+            })
             .await
-            .map_err(map_err)
             .map_err(|e| match (revision, compacted_in(&e)) {
                 // etcd does not say how far it compacted; 0 means unknown.
                 (Some(requested), true) => StoreError::Compacted {
@@ -484,6 +614,17 @@ impl EtcdStore {
         Ok(snap)
     }
 
+    /// Sends a transaction: once, unless it surely never took effect (a
+    /// compare-and-set sent twice could report its own first write as a
+    /// conflict).
+    async fn txn(&self, txn: Txn) -> StoreResult<etcd_client::TxnResponse> {
+        self.on_endpoint(false, |_, c| {
+            let txn = txn.clone();
+            async move { kv(c).txn(txn).await.map_err(map_err) }
+        })
+        .await
+    }
+
     /// After a failed compare-and-set, tells "gone" from "changed".
     fn cas_failure(resp: &etcd_client::TxnResponse, what: String) -> StoreError {
         let gone = resp
@@ -496,6 +637,12 @@ impl EtcdStore {
             StoreError::Conflict(what)
         }
     }
+}
+
+/// The KV API of a client.
+fn kv(c: Client) -> KvClient {
+    // Large clusters list many leases in one response.
+    c.kv_client().max_decoding_message_size(MAX_MESSAGE)
 }
 
 fn header_rev(h: Option<&etcd_client::ResponseHeader>) -> i64 {
@@ -518,16 +665,23 @@ impl LeaseStore for EtcdStore {
         if from_revision > 0 {
             opts = opts.with_start_revision(from_revision);
         }
-        let mut ws = self
-            .client()
-            .await?
-            .watch_client()
-            // One watch response carries a whole transaction's events (a
-            // list's worth after a restore): the same limit as reads.
-            .max_decoding_message_size(MAX_MESSAGE)
-            .watch(self.full(""), Some(opts))
-            .await
-            .map_err(map_err)?;
+        let key = self.full("");
+        let (at, mut ws) = self
+            .on_endpoint(true, |i, c| {
+                let (key, opts) = (key.clone(), opts.clone());
+                async move {
+                    c.watch_client()
+                        // One watch response carries a whole transaction's
+                        // events (a list's worth after a restore): the same
+                        // limit as reads.
+                        .max_decoding_message_size(MAX_MESSAGE)
+                        .watch(key, Some(opts))
+                        .await
+                        .map(|stream| (i, stream))
+                        .map_err(map_err)
+                }
+            })
+            .await?;
         let store = self.clone();
         Ok(super::task_stream(move |tx| async move {
             loop {
@@ -538,13 +692,17 @@ impl LeaseStore for EtcdStore {
                 let resp = match msg {
                     Ok(Some(r)) => r,
                     Ok(None) => {
-                        let _ = tx
-                            .send(Err(StoreError::Unavailable("etcd closed the watch".into())))
-                            .await;
+                        let e = StoreError::Unavailable("etcd closed the watch".into());
+                        store.endpoint_failed(at, &e);
+                        let _ = tx.send(Err(e)).await;
                         return;
                     }
                     Err(e) => {
-                        let _ = tx.send(Err(map_err(e))).await;
+                        let e = map_err(e);
+                        if moves_on(&e) {
+                            store.endpoint_failed(at, &e);
+                        }
+                        let _ = tx.send(Err(e)).await;
                         return;
                     }
                 };
@@ -555,10 +713,13 @@ impl LeaseStore for EtcdStore {
                             compacted: resp.compact_revision(),
                         }
                     } else {
-                        StoreError::Unavailable(format!(
+                        // e.g. "no leader": this member is cut off.
+                        let e = StoreError::Unavailable(format!(
                             "etcd cancelled the watch: {}",
                             resp.cancel_reason()
-                        ))
+                        ));
+                        store.endpoint_failed(at, &e);
+                        e
                     };
                     let _ = tx.send(Err(err)).await;
                     return;
@@ -603,12 +764,14 @@ impl LeaseStore for EtcdStore {
 
     async fn put_config(&self, text: &str) -> StoreResult<i64> {
         bump(&self.counts.put);
+        let key = self.full(super::config_key());
+        // Putting the same text twice leaves the same config.
         let resp = self
-            .kv()
-            .await?
-            .put(self.full(super::config_key()), text, None)
-            .await
-            .map_err(map_err)?;
+            .on_endpoint(true, |_, c| {
+                let key = key.clone();
+                async move { kv(c).put(key, text, None).await.map_err(map_err) }
+            })
+            .await?;
         Ok(header_rev(resp.header()))
     }
 
@@ -616,12 +779,10 @@ impl LeaseStore for EtcdStore {
         bump(&self.counts.grant);
         let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         let resp = self
-            .client()
-            .await?
-            .lease_client()
-            .grant(secs, None)
-            .await
-            .map_err(map_err)?;
+            .on_endpoint(false, |_, c| async move {
+                c.lease_client().grant(secs, None).await.map_err(map_err)
+            })
+            .await?;
         if !resp.error().is_empty() {
             return Err(StoreError::Other(format!(
                 "etcd refused the lease: {}",
@@ -635,49 +796,50 @@ impl LeaseStore for EtcdStore {
         // etcd-client's keep-alive consumes the first answer; a second
         // message on the same stream reports the TTL it was reset to.
         bump(&self.counts.keep_alive);
-        let (mut keeper, mut stream) = self
-            .client()
-            .await?
-            .lease_client()
-            .keep_alive(id.0)
-            .await
-            .map_err(map_err)
-            .map_err(|e| match e {
-                StoreError::NotFound(_) => StoreError::NotFound(format!("etcd lease {id}")),
-                other => other,
-            })?;
-        bump(&self.counts.keep_alive);
-        keeper.keep_alive().await.map_err(map_err)?;
-        match stream.message().await.map_err(map_err)? {
-            Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl() as u64)),
-            Some(_) => Err(StoreError::NotFound(format!("etcd lease {id}"))),
-            None => Err(StoreError::Unavailable(
-                "etcd closed the keep-alive stream".into(),
-            )),
-        }
+        self.on_endpoint(true, |_, c| async move {
+            let (mut keeper, mut stream) = c
+                .lease_client()
+                .keep_alive(id.0)
+                .await
+                .map_err(map_err)
+                .map_err(|e| match e {
+                    StoreError::NotFound(_) => StoreError::NotFound(format!("etcd lease {id}")),
+                    other => other,
+                })?;
+            bump(&self.counts.keep_alive);
+            keeper.keep_alive().await.map_err(map_err)?;
+            match stream.message().await.map_err(map_err)? {
+                Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl() as u64)),
+                Some(_) => Err(StoreError::NotFound(format!("etcd lease {id}"))),
+                None => Err(StoreError::Unavailable(
+                    "etcd closed the keep-alive stream".into(),
+                )),
+            }
+        })
+        .await
     }
 
     async fn time_to_live(&self, id: LeaseId) -> StoreResult<Option<Duration>> {
         bump(&self.counts.time_to_live);
         let resp = self
-            .client()
-            .await?
-            .lease_client()
-            .time_to_live(id.0, None)
-            .await
-            .map_err(map_err)?;
+            .on_endpoint(true, |_, c| async move {
+                c.lease_client()
+                    .time_to_live(id.0, None)
+                    .await
+                    .map_err(map_err)
+            })
+            .await?;
         Ok((resp.ttl() >= 0).then(|| Duration::from_secs(resp.ttl() as u64)))
     }
 
     async fn revoke(&self, id: LeaseId) -> StoreResult<()> {
         bump(&self.counts.revoke);
+        // Revoking twice: the second finds it gone, which is success.
         match self
-            .client()
-            .await?
-            .lease_client()
-            .revoke(id.0)
+            .on_endpoint(true, |_, c| async move {
+                c.lease_client().revoke(id.0).await.map_err(map_err)
+            })
             .await
-            .map_err(map_err)
         {
             Ok(_) | Err(StoreError::NotFound(_)) => Ok(()),
             Err(e) => Err(e),
@@ -700,7 +862,7 @@ impl LeaseStore for EtcdStore {
             attrs.to_json(),
             Some(put),
         )]);
-        let resp = self.kv().await?.txn(txn).await.map_err(map_err)?;
+        let resp = self.txn(txn).await?;
         if !resp.succeeded() {
             return Err(StoreError::AlreadyExists(*key));
         }
@@ -744,7 +906,7 @@ impl LeaseStore for EtcdStore {
                 ),
                 TxnOp::get(node, None),
             ]);
-        let resp = self.kv().await?.txn(txn).await.map_err(map_err)?;
+        let resp = self.txn(txn).await?;
         if resp.succeeded() {
             let rev = header_rev(resp.header());
             return Ok(Lease {
@@ -803,7 +965,7 @@ impl LeaseStore for EtcdStore {
             )])
             .and_then([TxnOp::put(full.clone(), attrs.to_json(), Some(put))])
             .or_else([TxnOp::get(full, None)]);
-        let resp = self.kv().await?.txn(txn).await.map_err(map_err)?;
+        let resp = self.txn(txn).await?;
         if !resp.succeeded() {
             return Err(Self::cas_failure(&resp, format!("lease {}", current.key)));
         }
@@ -827,7 +989,7 @@ impl LeaseStore for EtcdStore {
             )])
             .and_then([TxnOp::delete(full.clone(), None)])
             .or_else([TxnOp::get(full, None)]);
-        let resp = self.kv().await?.txn(txn).await.map_err(map_err)?;
+        let resp = self.txn(txn).await?;
         if !resp.succeeded() {
             return Err(Self::cas_failure(&resp, format!("lease {key}")));
         }
@@ -837,23 +999,24 @@ impl LeaseStore for EtcdStore {
     async fn put_raw(&self, key: &str, value: &str, lease: Option<LeaseId>) -> StoreResult<i64> {
         bump(&self.counts.put);
         let opts = PutOptions::new().with_lease(lease.map_or(0, |l| l.0));
+        let key = self.full(key);
         let resp = self
-            .kv()
-            .await?
-            .put(self.full(key), value, Some(opts))
-            .await
-            .map_err(map_err)?;
+            .on_endpoint(false, |_, c| {
+                let (key, opts) = (key.clone(), opts.clone());
+                async move { kv(c).put(key, value, Some(opts)).await.map_err(map_err) }
+            })
+            .await?;
         Ok(header_rev(resp.header()))
     }
 
     async fn compact(&self, revision: i64) -> StoreResult<()> {
         bump(&self.counts.other);
+        // Compacting again to the same revision reports it compacted.
         match self
-            .kv()
-            .await?
-            .compact(revision, None)
+            .on_endpoint(true, |_, c| async move {
+                kv(c).compact(revision, None).await.map_err(map_err)
+            })
             .await
-            .map_err(map_err)
         {
             Ok(_) => Ok(()),
             Err(e) if compacted_in(&e) => Err(StoreError::Compacted {
@@ -866,13 +1029,14 @@ impl LeaseStore for EtcdStore {
 
     async fn ping(&self) -> StoreResult<()> {
         bump(&self.counts.other);
-        self.client()
-            .await?
-            .maintenance_client()
-            .status()
-            .await
-            .map(|_| ())
-            .map_err(map_err)
+        self.on_endpoint(true, |_, c| async move {
+            c.maintenance_client()
+                .status()
+                .await
+                .map(|_| ())
+                .map_err(map_err)
+        })
+        .await
     }
 
     fn requests(&self) -> RequestCounts {
@@ -920,6 +1084,43 @@ mod tests {
                 .contains("--etcd-password")
         );
         assert!(hint("connection refused").is_none());
+    }
+
+    #[test]
+    fn only_requests_that_never_took_effect_are_sent_again() {
+        let u = |m: &str| StoreError::Unavailable(m.into());
+        for m in [
+            "The service is currently unavailable: tcp connect error: transport error: Connection refused (os error 111)",
+            "The service is currently unavailable: tcp connect error: transport error: deadline has elapsed",
+            "The service is currently unavailable: etcdserver: no leader",
+        ] {
+            assert!(moves_on(&u(m)) && never_applied(&u(m)), "{m}");
+        }
+        // Sent, answer lost: it may have been applied.
+        for m in [
+            "Unknown error: h2 protocol error: error reading a body from connection: stream closed because of a broken pipe",
+            "The operation was cancelled: Timeout expired: transport error",
+            "connection reset by peer",
+            "etcdserver: leader changed",
+        ] {
+            assert!(moves_on(&u(m)) && !never_applied(&u(m)), "{m}");
+        }
+        let other = StoreError::Conflict("lease".into());
+        assert!(!moves_on(&other) && !never_applied(&other));
+    }
+
+    #[test]
+    fn out_of_space_says_what_to_do() {
+        let e = map_err(etcd_client::Error::GRpcStatus(
+            tonic::Status::resource_exhausted("etcdserver: mvcc: database space exceeded"),
+        ));
+        let StoreError::Unavailable(m) = e else {
+            panic!("{e:?}")
+        };
+        assert!(
+            m.contains("NOSPACE") && m.contains("etcdctl alarm disarm"),
+            "{m}"
+        );
     }
 
     #[tokio::test]

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! weft-lab up [HOSTS] [--backend vxlan|host-gw] [--ip-masq] [--pods N] [--name NAME]
+//!              [--etcd-members N] [--controllers N]
 //! weft-lab status [--name NAME]
 //! weft-lab ping [--name NAME]
 //! weft-lab down [--name NAME | --all]
@@ -39,6 +40,14 @@ enum Cmd {
         /// Pods per host.
         #[arg(long, default_value_t = 1)]
         pods: u32,
+        /// etcd members; with more than one (or several controllers) each
+        /// member and controller runs in a namespace of its own on the
+        /// fabric (198.18.1.K and 198.18.2.K).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
+        etcd_members: u32,
+        /// Controller replicas; the nodes get all of them in --controller.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
+        controllers: u32,
         #[arg(long, default_value = "lab")]
         name: String,
     },
@@ -88,22 +97,30 @@ fn status(lab: &Lab) -> String {
         lab.state.backend,
         if lab.state.ip_masq { ", ip-masq" } else { "" }
     );
+    let leader = lab
+        .etcd_status()
+        .ok()
+        .and_then(|s| s.into_iter().find(|m| m.1).map(|m| m.0));
+    for c in lab.controller_names() {
+        let state = match (lab.running(&c), lab.controller_healthy(&c)) {
+            (false, _) => "STOPPED",
+            (true, true) => "running",
+            (true, false) => "running, not answering",
+        };
+        out.push_str(&format!("{c:<13} {state}\n"));
+    }
+    for e in lab.etcd_names() {
+        let state = match (lab.running(&e), leader.as_deref() == Some(e.as_str())) {
+            (false, _) => "STOPPED",
+            (true, true) => "running, leader",
+            (true, false) => "running",
+        };
+        out.push_str(&format!("{e:<13} {state}\n"));
+    }
     out.push_str(&format!(
-        "controller: {} (HTTPS with client certificates, PKI in {})\n",
-        if lab.running("controller") {
-            "running"
-        } else {
-            "STOPPED"
-        },
+        "controllers:  {} (HTTPS with client certificates, PKI in {})\n\n",
+        lab.controller_urls().join(","),
         lab.pki_dir().display()
-    ));
-    out.push_str(&format!(
-        "etcd:       {}\n\n",
-        if lab.running("etcd") {
-            "running"
-        } else {
-            "STOPPED"
-        }
     ));
     out.push_str(&format!(
         "{:<8} {:<14} {:<16} {:<8} {:<6} {}\n",
@@ -184,6 +201,8 @@ fn run(cli: Cli) -> Result<bool> {
             backend,
             ip_masq,
             pods,
+            etcd_members,
+            controllers,
             name,
         } => {
             if !(1..=200).contains(&hosts) {
@@ -198,6 +217,9 @@ fn run(cli: Cli) -> Result<bool> {
                 detached: true,
                 resync: 5,
                 network: None,
+                etcd_members,
+                controllers,
+                etcd_quota_bytes: None,
             };
             let lab = Lab::up(cfg)?;
             print!("{}", status(&lab));

@@ -1,0 +1,207 @@
+//! The soak: a lab whose hosts join, leave and restart without pause, with
+//! short lease TTLs, for M minutes. The controller's and one node's memory
+//! (VmRSS) are sampled; after a warm-up, neither may grow by more than 5%
+//! between the first and the last window. At the end the lease history is
+//! checked (weft_tests::history) and every node must route exactly etcd's
+//! other leases. Exits non-zero when anything fails.
+
+use crate::stats::median;
+use anyhow::{bail, Context, Result};
+use std::time::{Duration, Instant};
+use weft_tests::history::{acquires_in_logs, check_views, Recorder};
+use weft_tests::lab::{Lab, LabConfig};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// How long to run.
+    #[arg(long, default_value_t = 2.0)]
+    minutes: f64,
+    /// Hosts that stay up throughout (host-1's node is the one sampled).
+    #[arg(long, default_value_t = 3)]
+    stable: u32,
+    /// Further hosts that join, leave and restart.
+    #[arg(long, default_value_t = 4)]
+    churn: u32,
+    /// Lease TTL of the network (renewals every third of it).
+    #[arg(long, default_value = "6s")]
+    ttl: String,
+    /// Seed of the sequence of joins, leaves and restarts.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Allowed growth of each process's memory, in percent.
+    #[arg(long, default_value_t = 5.0)]
+    max_growth: f64,
+}
+
+/// xorshift64: a reproducible sequence from --seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+/// VmRSS of a process, in KiB.
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    joins: u32,
+    leaves: u32,
+    restarts: u32,
+}
+
+pub fn run_bench(args: Args) -> Result<()> {
+    weft_tests::netns::require_root();
+    if args.minutes <= 0.0 || args.stable == 0 {
+        bail!("--minutes must be positive and --stable at least 1");
+    }
+    let run = Duration::from_secs_f64(args.minutes * 60.0);
+    // Windows of a quarter of the run (at most a minute) after a warm-up
+    // of a quarter (at most 5 minutes).
+    let warm = (run / 4).min(Duration::from_secs(300));
+    let window = (run / 4).min(Duration::from_secs(60));
+    let mut cfg = LabConfig::for_test(args.stable, "vxlan");
+    cfg.detached = false;
+    cfg.network = Some(format!(
+        r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"vxlan"}},"LeaseTTL":"{}"}}"#,
+        args.ttl
+    ));
+    let mut lab = Lab::up(cfg)?;
+    let rec = Recorder::start(&lab)?;
+    let controller = lab.pid("controller")?;
+    let node = lab.pid("node-1")?;
+    let stable: Vec<u32> = (1..=args.stable).collect();
+    let mut rng = Rng(args.seed.max(1));
+    let mut counts = Counts::default();
+    let mut samples: Vec<(Duration, u64, u64)> = Vec::new();
+    let start = Instant::now();
+    let mut next_sample = Duration::ZERO;
+    println!(
+        "soak: {} stable hosts, up to {} more joining, leaving and restarting; LeaseTTL {}; {:.1} min",
+        args.stable, args.churn, args.ttl, args.minutes
+    );
+    while start.elapsed() < run {
+        let churning: Vec<u32> = lab
+            .state
+            .hosts
+            .iter()
+            .map(|h| h.index)
+            .filter(|i| !stable.contains(i))
+            .collect();
+        let action = match rng.next(3) {
+            0 if churning.len() < args.churn as usize => 0,
+            _ if churning.is_empty() => 0,
+            a => a.max(1),
+        };
+        match action {
+            0 => {
+                let i = lab.start_host()?;
+                lab.finish_host(i)?;
+                counts.joins += 1;
+            }
+            1 => {
+                lab.remove_host(churning[rng.next(churning.len())])?;
+                counts.leaves += 1;
+            }
+            _ => {
+                let what = format!("node-{}", churning[rng.next(churning.len())]);
+                lab.stop(&what)?;
+                lab.start(&what)?;
+                counts.restarts += 1;
+            }
+        }
+        if start.elapsed() >= next_sample {
+            samples.push((start.elapsed(), rss_kib(controller)?, rss_kib(node)?));
+            next_sample += Duration::from_secs(5);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    samples.push((start.elapsed(), rss_kib(controller)?, rss_kib(node)?));
+    // Every host that is still there converges, and the history holds.
+    let history = rec.finish(&lab)?;
+    history.check_exclusive()?;
+    let kept: Vec<String> = stable.iter().map(|i| format!("host-{i}")).collect();
+    history.check_kept(&kept)?;
+    let acquires = acquires_in_logs(&lab)?;
+    history.check_acquires(&acquires)?;
+    let live = history.live_at_end()?;
+    lab.wait_for(
+        Duration::from_secs(60),
+        "every node's routes to match etcd's leases",
+        || check_views(&lab, &live).map(|()| true),
+    )?;
+    let in_window = |from: Duration, to: Duration, pick: fn(&(Duration, u64, u64)) -> u64| {
+        let v: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.0 >= from && s.0 <= to)
+            .map(|s| pick(s) as f64)
+            .collect();
+        median(&v)
+    };
+    let end = samples.last().map_or(run, |s| s.0);
+    let mut failed = Vec::new();
+    println!(
+        "{} joins, {} leaves, {} restarts; {} lease changes in etcd, {} acquire answers checked; \
+         no overlap, no node with two subnets, stable hosts kept their leases, every node's \
+         routes match etcd",
+        counts.joins,
+        counts.leaves,
+        counts.restarts,
+        history.changes.len(),
+        acquires.len()
+    );
+    println!(
+        "{:<22} {:>12} {:>14} {:>14} {:>8}",
+        "memory (VmRSS, MiB)", "at start", "after warm-up", "at the end", "growth"
+    );
+    for (name, pick) in [
+        (
+            "weft-controller",
+            (|s: &(Duration, u64, u64)| s.1) as fn(&(Duration, u64, u64)) -> u64,
+        ),
+        ("weft-node (host-1)", |s| s.2),
+    ] {
+        let first = samples.first().map_or(0.0, |s| pick(s) as f64);
+        let base = in_window(warm, warm + window, pick);
+        let last = in_window(end.saturating_sub(window), end, pick);
+        let growth = (last / base - 1.0) * 100.0;
+        println!(
+            "{name:<22} {:>12.1} {:>14.1} {:>14.1} {:>7.1}%",
+            first / 1024.0,
+            base / 1024.0,
+            last / 1024.0,
+            growth
+        );
+        if !growth.is_finite() || growth > args.max_growth {
+            failed.push(format!("{name} grew by {growth:.1}%"));
+        }
+    }
+    println!(
+        "(medians of the samples, one per 5 s, in the window after a warm-up of {} s and in the \
+         last {} s)",
+        warm.as_secs(),
+        window.as_secs()
+    );
+    drop(lab);
+    if !failed.is_empty() {
+        bail!(
+            "memory grew by more than {}%: {}",
+            args.max_growth,
+            failed.join("; ")
+        );
+    }
+    Ok(())
+}
