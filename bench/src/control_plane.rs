@@ -46,6 +46,25 @@ pub struct Args {
     /// flannel-pattern acquires to time (each costs one TimeToLive per lease).
     #[arg(long, default_value_t = 10)]
     flannel_samples: u32,
+    /// Acquires in flight at once during a join storm. Each is a connection
+    /// of its own, on one machine: the port range and the open-file limit
+    /// (both sides) bound it.
+    #[arg(long, default_value_t = 8000)]
+    concurrency: u32,
+}
+
+/// The network for `total` nodes: 10.244.0.0/16 in /29s (8,190 subnets)
+/// while that holds them, else /24s (flannel's default) in the smallest
+/// 10.0.0.0/P that does.
+fn network_for(total: u32) -> String {
+    if total <= 8000 {
+        return r#"{"Network":"10.244.0.0/16","SubnetLen":29}"#.into();
+    }
+    // SubnetMin and SubnetMax leave out the first and the last subnet.
+    let bits = (1..=16)
+        .find(|b| (1u64 << b) >= u64::from(total) + 2)
+        .unwrap_or(16);
+    format!(r#"{{"Network":"10.0.0.0/{}","SubnetLen":24}}"#, 24 - bits)
 }
 
 fn request(i: u32) -> AcquireRequest {
@@ -119,6 +138,7 @@ async fn start_controller(
     etcd_url: &str,
     prefix: &str,
     tls: Option<(Arc<TestPki>, Arc<Vec<ClientTlsFiles>>)>,
+    network: &str,
 ) -> Result<Controller> {
     let addr = free_addr();
     let mut cmd = Command::new(workspace_bin("weft-controller")?);
@@ -163,10 +183,7 @@ async fn start_controller(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // /29 per node: 8191 subnets, room for 5000 nodes and the fan-out joins.
-    ctl.client
-        .set_network(r#"{"Network":"10.244.0.0/16","SubnetLen":29}"#)
-        .await?;
+    ctl.client.set_network(network).await?;
     Ok(ctl)
 }
 
@@ -196,24 +213,27 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-/// `n` nodes acquire at once, each through its own client.
-async fn join_storm(ctl: &Controller, n: u32) -> Result<Joins> {
-    let clients = (0..n).map(|i| ctl.node(i)).collect::<Result<Vec<_>>>()?;
+/// `n` nodes acquire, each through its own client, `concurrency` at a
+/// time (all at once when `n` is smaller).
+async fn join_storm(ctl: &Controller, n: u32, concurrency: u32) -> Result<Joins> {
     let before = etcd_requests(&ctl.client).await?;
     let cpu_before = (cpu_seconds(ctl.child.id()), cpu_seconds(std::process::id()));
+    let slots = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1) as usize));
     let start = Instant::now();
-    let tasks: Vec<_> = clients
-        .into_iter()
-        .enumerate()
-        .map(|(i, client)| {
-            tokio::spawn(async move {
-                let i = i as u32;
-                let t0 = Instant::now();
-                let r = client.acquire(&format!("node-{i}"), &request(i)).await;
-                (t0.elapsed(), r)
-            })
-        })
-        .collect();
+    let mut tasks = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let permit = slots.clone().acquire_owned().await?;
+        // Made when its turn comes: 50,000 clients at once would hold
+        // 50,000 connection pools.
+        let client = ctl.node(i)?;
+        tasks.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            let r = client.acquire(&format!("node-{i}"), &request(i)).await;
+            drop(client);
+            drop(permit);
+            (t0.elapsed(), r)
+        }));
+    }
     let mut latencies = Vec::with_capacity(tasks.len());
     let mut subnets = HashSet::new();
     for t in tasks {
@@ -266,9 +286,11 @@ pub async fn run(args: Args) -> Result<()> {
     let etcd = tokio::task::spawn_blocking(EtcdServer::start).await??;
     let url = etcd.url();
     let pki = Arc::new(tokio::task::spawn_blocking(TestPki::new).await??);
+    let network = network_for(args.nodes + args.changes);
     println!(
-        "weft control-plane benchmark: {} nodes, {} watchers, {} CPUs, etcd from {}",
+        "weft control-plane benchmark: {} nodes ({} at once), {} watchers, {} CPUs, network {network}, etcd from {}",
         args.nodes,
+        args.concurrency.min(args.nodes),
         args.watchers,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         etcd.log_path().display()
@@ -290,13 +312,24 @@ pub async fn run(args: Args) -> Result<()> {
 
     // Joins, all at once: over plain HTTP, then over HTTPS with a client
     // certificate per node, each on a prefix and controller of its own.
-    let plain_ctl = start_controller(&url, "/weft-bench-plain/network", None).await?;
-    let mut plain = join_storm(&plain_ctl, args.nodes).await?;
+    let plain_ctl = start_controller(&url, "/weft-bench-plain/network", None, &network).await?;
+    let mut plain = join_storm(&plain_ctl, args.nodes, args.concurrency).await?;
     drop(plain_ctl);
     print_joins("plain HTTP", args.nodes, &mut plain);
-    let ctl = start_controller(&url, "/weft/network", Some((pki, Arc::new(nodes)))).await?;
-    let mut tls = join_storm(&ctl, args.nodes).await?;
+    let ctl = start_controller(
+        &url,
+        "/weft/network",
+        Some((pki, Arc::new(nodes))),
+        &network,
+    )
+    .await?;
+    let mut tls = join_storm(&ctl, args.nodes, args.concurrency).await?;
     print_joins("HTTPS + client certs", args.nodes, &mut tls);
+    let (rss, peak) = rss_mib(ctl.child.id())?;
+    println!(
+        "memory   controller with {} leases: RSS {rss:.1} MiB (peak {peak:.1} MiB)",
+        args.nodes
+    );
     println!(
         "tls      joins take {:.2}x the plain time; the controller's CPU {:.2}x",
         tls.total.as_secs_f64() / plain.total.as_secs_f64(),
@@ -313,6 +346,11 @@ pub async fn run(args: Args) -> Result<()> {
     );
     let per_acquire = tls.per_acquire;
     let client = ctl.client.clone();
+    let (relist, listed) = relist_after_compaction(&ctl, &url).await?;
+    println!(
+        "relist   a node whose revision was compacted away: 410, list of {listed} leases, watching again: {}",
+        ms(relist)
+    );
 
     // Fan-out, over HTTPS: each watcher a node with its own certificate.
     let (fanout, single) = fan_out(&ctl, &args).await?;
@@ -354,6 +392,45 @@ pub async fn run(args: Args) -> Result<()> {
     drop(ctl);
     drop(etcd);
     Ok(())
+}
+
+/// VmRSS and VmHWM (peak) of a process, in MiB.
+fn rss_mib(pid: u32) -> Result<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Result<f64> {
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
+        Ok(kib / 1024.0)
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// etcd's history is compacted; a node that watches from a revision before
+/// that (revision 1) is answered 410, lists every lease and watches again
+/// from the list's revision. Returns the time for all of it and the leases
+/// listed.
+async fn relist_after_compaction(ctl: &Controller, etcd_url: &str) -> Result<(Duration, usize)> {
+    let mut etcd = etcd_client::Client::connect([etcd_url], None).await?;
+    let rev = etcd
+        .status()
+        .await?
+        .header()
+        .context("no header")?
+        .revision();
+    etcd.compact(rev, None).await?;
+    let node = ctl.node(0)?;
+    let t0 = Instant::now();
+    match node.watch(1).await {
+        Err(weft_lease::client::ClientError::Api { status: 410, .. }) => {}
+        Err(e) => bail!("a watch from revision 1 after compaction: {e}"),
+        Ok(_) => bail!("a watch from revision 1 after compaction was not refused with 410"),
+    }
+    let list = node.list(false).await?;
+    let _stream = node.watch(list.revision + 1).await?;
+    Ok((t0.elapsed(), list.leases.len()))
 }
 
 type FanOut = ((Vec<Duration>, Vec<Duration>), Vec<Duration>);

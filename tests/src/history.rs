@@ -481,6 +481,19 @@ mod tests {
     }
 
     #[test]
+    fn a_half_written_last_line_is_left_out_and_one_in_the_middle_is_an_error() {
+        let b = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let full = format!(
+            "{{\"Events\":[{{\"kv\":{{\"key\":\"{}\",\"mod_revision\":2,\"value\":\"{}\"}}}}]}}",
+            b("/weft/network/subnets/10.244.1.0-24"),
+            b(&lease("a").unwrap()),
+        );
+        let h = History::parse(&format!("{full}\n{{\"Events\":[{{\"kv\"")).unwrap();
+        assert_eq!(h.changes.len(), 1);
+        assert!(History::parse(&format!("{{\"Events\":[\n{full}\n")).is_err());
+    }
+
+    #[test]
     fn overlapping_leases_are_found() {
         let ok = history(vec![
             change(2, "10.244.1.0-24", lease("a")),

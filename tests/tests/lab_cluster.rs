@@ -269,6 +269,9 @@ fn etcd_out_of_space_refuses_writes_clearly_and_recovers() {
     weft_tests::netns::require_root();
     let mut cfg = LabConfig::for_test(2, "vxlan");
     cfg.etcd_quota_bytes = Some(8 << 20);
+    // Renewals every 2 s: they must go on while etcd is full.
+    cfg.network =
+        Some(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"},"LeaseTTL":"6s"}"#.into());
     let mut lab = ok(Lab::up(cfg));
     let rec = ok(Recorder::start(&lab));
     let traffic = Traffic::start(&lab, &hosts(&lab));
@@ -301,7 +304,7 @@ fn etcd_out_of_space_refuses_writes_clearly_and_recovers() {
                 .contains("etcd is out of space"))
         },
     ));
-    let config = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+    let config = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"},"LeaseTTL":"6s"}"#;
     let err = format!(
         "{:#}",
         lab.weftctl_stdin(&["network", "set", "--file", "-"], config)
@@ -317,7 +320,9 @@ fn etcd_out_of_space_refuses_writes_clearly_and_recovers() {
         .rfind(|l| l.contains("out of space"))
         .unwrap_or_default();
     eprintln!("weftctl network set: {err}\nthe joining node: {line}");
-    // The leases are all there, and renewals and reads still work.
+    // Longer than the TTL: the leases are renewed while etcd is full.
+    std::thread::sleep(Duration::from_secs(10));
+    // The leases are all there, and reads still work.
     let leases = ok(lab.etcdctl(&["get", "--prefix", "--keys-only", "/weft/network/subnets/"]));
     assert_eq!(
         leases.lines().filter(|l| !l.is_empty()).count(),
