@@ -56,15 +56,18 @@ pub struct Args {
 /// The network for `total` nodes: 10.244.0.0/16 in /29s (8,190 subnets)
 /// while that holds them, else /24s (flannel's default) in the smallest
 /// 10.0.0.0/P that does.
-fn network_for(total: u32) -> String {
+fn network_for(total: u32) -> Result<String> {
     if total <= 8000 {
-        return r#"{"Network":"10.244.0.0/16","SubnetLen":29}"#.into();
+        return Ok(r#"{"Network":"10.244.0.0/16","SubnetLen":29}"#.into());
     }
     // SubnetMin and SubnetMax leave out the first and the last subnet.
     let bits = (1..=16)
         .find(|b| (1u64 << b) >= u64::from(total) + 2)
-        .unwrap_or(16);
-    format!(r#"{{"Network":"10.0.0.0/{}","SubnetLen":24}}"#, 24 - bits)
+        .context("at most 65,534 nodes fit 10.0.0.0/8 in /24s")?;
+    Ok(format!(
+        r#"{{"Network":"10.0.0.0/{}","SubnetLen":24}}"#,
+        24 - bits
+    ))
 }
 
 fn request(i: u32) -> AcquireRequest {
@@ -286,7 +289,7 @@ pub async fn run(args: Args) -> Result<()> {
     let etcd = tokio::task::spawn_blocking(EtcdServer::start).await??;
     let url = etcd.url();
     let pki = Arc::new(tokio::task::spawn_blocking(TestPki::new).await??);
-    let network = network_for(args.nodes + args.changes);
+    let network = network_for(args.nodes + args.changes)?;
     println!(
         "weft control-plane benchmark: {} nodes ({} at once), {} watchers, {} CPUs, network {network}, etcd from {}",
         args.nodes,
@@ -529,4 +532,23 @@ async fn flannel_pattern(url: &str, samples: u32) -> Result<(f64, Vec<Duration>)
         times.push(t0.elapsed());
     }
     Ok((requests as f64 / f64::from(samples.max(1)), times))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::network_for;
+    use weft_config::NetworkConfig;
+
+    #[test]
+    fn the_network_holds_every_node_and_is_the_smallest_that_does() {
+        for total in [200, 5050, 8000, 8001, 20_000, 50_050, 65_534] {
+            let net = NetworkConfig::parse(&network_for(total).unwrap()).unwrap();
+            assert!(net.subnet_count() >= u128::from(total), "{total}: {net:?}");
+            if total > 8000 {
+                // Half the size would not do.
+                assert!(net.subnet_count() / 2 < u128::from(total), "{total}");
+            }
+        }
+        assert!(network_for(65_535).is_err());
+    }
 }

@@ -106,7 +106,13 @@ fn record(fabric: String, endpoints: String, file: PathBuf, stop: Arc<AtomicBool
             }
             crate::process::stop(&mut child, Duration::from_secs(5));
         }
-        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let mut text = std::fs::read_to_string(&file).unwrap_or_default();
+        // A watch stopped mid-line: drop the half line, so the next
+        // watch's output starts on a line of its own.
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.truncate(text.rfind('\n').map_or(0, |p| p + 1));
+            let _ = std::fs::write(&file, &text);
+        }
         if let Some(last) = History::parse(&text)
             .ok()
             .and_then(|h| h.changes.last().cloned())
@@ -185,7 +191,9 @@ impl Drop for Recorder {
 /// `10.244.5.0-24` → 10.244.5.0/24 (IPv4 keys only; the lab is IPv4).
 fn subnet_of(rel: &str) -> Option<Ipv4Net> {
     let (ip, len) = rel.strip_prefix("subnets/")?.split_once('-')?;
-    Ipv4Net::new(ip.parse().ok()?, len.parse().ok()?).ok()
+    Ipv4Net::new(ip.parse().ok()?, len.parse().ok()?)
+        .ok()
+        .map(|n| n.trunc())
 }
 
 /// Every change, in revision order.
@@ -285,8 +293,34 @@ impl History {
         Ok(last)
     }
 
-    /// At no revision did two live leases overlap, or one node hold two.
+    /// At no revision did two live leases overlap, one node hold two, or a
+    /// live lease pass to another node without being deleted first.
     pub fn check_exclusive(&self) -> Result<()> {
+        let mut holder: BTreeMap<Ipv4Net, String> = BTreeMap::new();
+        for c in &self.changes {
+            let Some(subnet) = subnet_of(&c.key) else {
+                continue;
+            };
+            match &c.value {
+                None => {
+                    holder.remove(&subnet);
+                }
+                Some(v) => {
+                    let node = serde_json::from_str::<serde_json::Value>(v)
+                        .ok()
+                        .and_then(|a| a["NodeName"].as_str().map(String::from))
+                        .unwrap_or_default();
+                    if let Some(was) = holder.insert(subnet, node.clone()) {
+                        if was != node {
+                            bail!(
+                                "at revision {} lease {subnet} of {was} was taken over by {node}",
+                                c.revision
+                            );
+                        }
+                    }
+                }
+            }
+        }
         self.replay(|rev, live| {
             let nets: Vec<&Ipv4Net> = live.keys().collect();
             for (a, b) in nets.iter().zip(nets.iter().skip(1)) {
@@ -372,7 +406,8 @@ impl History {
 
 /// The acquire answers the lab's nodes logged (`lease acquired`, with the
 /// lease's revision), from every node log in the lab's directory: also
-/// those of hosts that have left (`node-<i>.log` is host-<i>'s).
+/// those of hosts that have left (`node-<i>.log` and `node-<i>.<n>.log`
+/// are host-<i>'s).
 pub fn acquires_in_logs(lab: &Lab) -> Result<Vec<Acquire>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(lab.dir())?.flatten() {
@@ -380,6 +415,7 @@ pub fn acquires_in_logs(lab: &Lab) -> Result<Vec<Acquire>> {
         let Some(i) = name
             .strip_prefix("node-")
             .and_then(|n| n.strip_suffix(".log"))
+            .and_then(|n| n.split('.').next())
         else {
             continue;
         };
@@ -506,6 +542,23 @@ mod tests {
         ]);
         let e = bad.check_exclusive().unwrap_err().to_string();
         assert!(e.contains("revision 3") && e.contains("overlap"), "{e}");
+    }
+
+    #[test]
+    fn a_lease_taken_over_without_a_delete_is_found() {
+        let bad = history(vec![
+            change(2, "10.244.1.0-24", lease("a")),
+            change(3, "10.244.1.0-24", lease("b")),
+        ]);
+        let e = bad.check_exclusive().unwrap_err().to_string();
+        assert!(e.contains("taken over by b"), "{e}");
+        // Renewed or updated by its holder: fine.
+        history(vec![
+            change(2, "10.244.1.0-24", lease("a")),
+            change(3, "10.244.1.0-24", lease("a")),
+        ])
+        .check_exclusive()
+        .unwrap();
     }
 
     #[test]

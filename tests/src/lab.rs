@@ -434,9 +434,10 @@ impl Lab {
     /// `port` on br0, `eth0` with `ip` inside.
     fn service_namespace(&mut self, short: &str, ip: Ipv4Addr) -> Result<String> {
         let ns = format!("{NS_PREFIX}{}-{short}", self.state.name);
-        self.add_ns(&ns)?;
+        // Recorded first: teardown finds it whatever fails next.
         self.state.service_ns.push(ns.clone());
         self.save()?;
+        self.add_ns(&ns)?;
         let fab = self.state.fabric.clone();
         veth(&fab, short, &ns, "eth0")?;
         ns_run(&fab, &["link", "set", short, "master", "br0", "up"])?;
@@ -642,6 +643,128 @@ impl Lab {
             ));
         }
         Ok(out)
+    }
+
+    /// The etcd member controller `what` is connected to now (its
+    /// established connection to a member's client port), if any.
+    pub fn etcd_member_of(&self, what: &str) -> Result<Option<String>> {
+        let ns = self.proc(what)?.ns.clone();
+        let out = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns,
+                "ss",
+                "-Htn",
+                "state",
+                "established",
+                "( dport = :2379 )",
+            ],
+        )?;
+        Ok(out.lines().find_map(|l| {
+            let peer = l.split_whitespace().nth(3)?;
+            let ip: Ipv4Addr = peer.rsplit_once(':')?.0.parse().ok()?;
+            let o = ip.octets();
+            (o[..3] == [198, 18, 1]).then(|| format!("etcd-{}", o[3]))
+        }))
+    }
+
+    /// Makes member `to` the leader (`etcdctl move-leader`, sent to the
+    /// leader now) and waits until it is.
+    pub fn etcd_move_leader(&self, to: &str) -> Result<()> {
+        let leader = self.etcd_leader()?;
+        if leader == to {
+            return Ok(());
+        }
+        let url = |name: &str| -> Result<String> {
+            let k: u32 = name
+                .strip_prefix("etcd-")
+                .context("not a member")?
+                .parse()?;
+            Ok(format!("http://{}:2379", etcd_ip(k)))
+        };
+        let status = self.etcdctl_at(&url(to)?, &["endpoint", "status", "-w", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&status)?;
+        let id = v[0]["Status"]["header"]["member_id"]
+            .as_u64()
+            .context("no member_id")?;
+        self.etcdctl_at(&url(&leader)?, &["move-leader", &format!("{id:x}")])?;
+        self.wait_for_value(Duration::from_secs(30), &format!("{to} to lead"), || {
+            Ok((self.etcd_leader()? == to).then_some(()))
+        })
+    }
+
+    /// Cuts etcd member `what` off from the other members only (its peer
+    /// port, both ways); clients still reach it, and it answers them "no
+    /// leader" once it notices. [`Lab::heal_peers`] undoes it.
+    pub fn cut_peers(&self, what: &str) -> Result<()> {
+        let ns = self.proc(what)?.ns.clone();
+        let nft = |args: &[&str]| -> Result<()> {
+            let mut all = vec!["netns", "exec", ns.as_str(), "nft"];
+            all.extend_from_slice(args);
+            run("ip", &all).map(|_| ())
+        };
+        nft(&["add", "table", "inet", "weft-lab-cut"])?;
+        for (chain, hook) in [("in", "input"), ("out", "output")] {
+            nft(&[
+                "add",
+                "chain",
+                "inet",
+                "weft-lab-cut",
+                chain,
+                "{",
+                "type",
+                "filter",
+                "hook",
+                hook,
+                "priority",
+                "0",
+                ";",
+                "}",
+            ])?;
+        }
+        nft(&[
+            "add",
+            "rule",
+            "inet",
+            "weft-lab-cut",
+            "in",
+            "tcp",
+            "dport",
+            "2380",
+            "drop",
+        ])?;
+        nft(&[
+            "add",
+            "rule",
+            "inet",
+            "weft-lab-cut",
+            "out",
+            "tcp",
+            "dport",
+            "2380",
+            "drop",
+        ])
+    }
+
+    /// Undoes [`Lab::cut_peers`].
+    pub fn heal_peers(&self, what: &str) -> Result<()> {
+        let ns = self.proc(what)?.ns.clone();
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns,
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "weft-lab-cut",
+            ],
+        )
+        .map(|_| ())
     }
 
     /// The etcd member that is leader now.
@@ -897,6 +1020,13 @@ impl Lab {
         for file in [self.subnet_file(i), self.control_socket(i)] {
             let _ = std::fs::remove_file(file);
         }
+        // A later host-<i> starts a log of its own.
+        let log = self.dir.join(format!("{node}.log"));
+        let kept = (1..)
+            .map(|n| self.dir.join(format!("{node}.{n}.log")))
+            .find(|p| !p.exists())
+            .unwrap_or_default();
+        let _ = std::fs::rename(log, kept);
         self.state.hosts.retain(|x| x.index != i);
         self.state.procs.retain(|p| p.what != node);
         self.save()
@@ -1345,7 +1475,8 @@ impl Lab {
         self.wait_for_value(within, what, || Ok(check()?.then_some(())))
     }
 
-    fn wait_for_value<T>(
+    /// Polls `check` until it gives a value; the error names what was awaited.
+    pub fn wait_for_value<T>(
         &self,
         within: Duration,
         what: &str,

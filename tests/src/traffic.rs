@@ -13,6 +13,9 @@ use std::thread::JoinHandle;
 pub struct Loss {
     pub sent: u32,
     pub received: u32,
+    /// `ping` runs that could not be started or said nothing readable
+    /// (not counted as sent).
+    pub failed_runs: u32,
     /// (from, to, sent, received) for pairs that lost any.
     pub lossy: Vec<(Ipv4Addr, Ipv4Addr, u32, u32)>,
 }
@@ -26,6 +29,9 @@ impl Loss {
 impl std::fmt::Display for Loss {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} of {} pings answered", self.received, self.sent)?;
+        if self.failed_runs > 0 {
+            write!(f, " ({} ping runs failed to start)", self.failed_runs)?;
+        }
         for (a, b, s, r) in &self.lossy {
             write!(f, "; {a} -> {b} lost {} of {s}", s - r)?;
         }
@@ -33,8 +39,9 @@ impl std::fmt::Display for Loss {
     }
 }
 
-/// A pinging pair: (from, to, its thread answering (sent, received)).
-type Pair = (Ipv4Addr, Ipv4Addr, JoinHandle<(u32, u32)>);
+/// A pinging pair: (from, to, its thread answering (sent, received,
+/// failed runs)).
+type Pair = (Ipv4Addr, Ipv4Addr, JoinHandle<(u32, u32, u32)>);
 
 /// Pings running in the background.
 #[derive(Debug)]
@@ -43,29 +50,26 @@ pub struct Traffic {
     threads: Vec<Pair>,
 }
 
-/// One `ping` run of `count` packets, 0.2 s apart: (sent, received).
-fn ping_chunk(ns: &str, to: Ipv4Addr, count: u32) -> (u32, u32) {
+/// One `ping` run of `count` packets, 0.2 s apart: (sent, received), or
+/// `None` when ping could not run or said nothing readable. A reply has
+/// 2 s to come (a loaded machine is slow, not lossy).
+fn ping_chunk(ns: &str, to: Ipv4Addr, count: u32) -> Option<(u32, u32)> {
     let out = Command::new("ip")
         .args([
-            "netns", "exec", ns, "ping", "-q", "-n", "-W", "1", "-i", "0.2", "-c",
+            "netns", "exec", ns, "ping", "-q", "-n", "-W", "2", "-i", "0.2", "-c",
         ])
         .arg(count.to_string())
         .arg(to.to_string())
         .stderr(Stdio::null())
-        .output();
-    let Ok(out) = out else { return (count, 0) };
+        .output()
+        .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let Some(line) = text.lines().find(|l| l.contains("packets transmitted")) else {
-        return (count, 0);
-    };
+    let line = text.lines().find(|l| l.contains("packets transmitted"))?;
     let nums: Vec<u32> = line
         .split(',')
         .filter_map(|p| p.split_whitespace().next()?.parse().ok())
         .collect();
-    (
-        nums.first().copied().unwrap_or(count),
-        nums.get(1).copied().unwrap_or(0),
-    )
+    Some((*nums.first()?, *nums.get(1)?))
 }
 
 impl Traffic {
@@ -86,13 +90,20 @@ impl Traffic {
             let (ns, src, dst) = (a.ns.clone(), a.ip, b.ip);
             let stop = stop.clone();
             let t = std::thread::spawn(move || {
-                let (mut sent, mut received) = (0, 0);
+                let (mut sent, mut received, mut failed) = (0, 0, 0);
                 while !stop.load(Ordering::Relaxed) {
-                    let (s, r) = ping_chunk(&ns, dst, 10);
-                    sent += s;
-                    received += r;
+                    match ping_chunk(&ns, dst, 10) {
+                        Some((s, r)) => {
+                            sent += s;
+                            received += r;
+                        }
+                        None => {
+                            failed += 1;
+                            std::thread::sleep(std::time::Duration::from_millis(200));
+                        }
+                    }
                 }
-                (sent, received)
+                (sent, received, failed)
             });
             threads.push((src, dst, t));
         }
@@ -104,9 +115,10 @@ impl Traffic {
         self.stop.store(true, Ordering::Relaxed);
         let mut loss = Loss::default();
         for (a, b, t) in self.threads {
-            let (s, r) = t.join().unwrap_or((0, 0));
+            let (s, r, f) = t.join().unwrap_or((0, 0, 1));
             loss.sent += s;
             loss.received += r;
+            loss.failed_runs += f;
             if r < s {
                 loss.lossy.push((a, b, s, r));
             }

@@ -113,14 +113,15 @@ async fn a_watch_catching_up_over_more_than_4_mib_of_changes_reads_them_all() {
 }
 
 /// With several endpoints, a dead one costs one failed connection attempt:
-/// requests (reads, writes that were never sent, watches) move on to the
-/// next endpoint and stay there. etcd-client's own balancing would send a
-/// share of all requests to the dead one for as long as it is down.
+/// requests (reads, compare-and-set transactions that were never sent,
+/// watches) move on to the next endpoint and stay there. etcd-client's own
+/// balancing would send a share of all requests to the dead one for as
+/// long as it is down.
 #[tokio::test]
 #[ignore = "needs etcd; run by scripts/test"]
 async fn a_dead_endpoint_in_the_list_fails_no_request() {
     use futures::StreamExt;
-    use weft_lease::LeaseStore;
+    use weft_lease::{BackendData, LeaseAttrs, LeaseStore, SubnetKey};
     let server = tokio::task::spawn_blocking(EtcdServer::start)
         .await
         .unwrap()
@@ -130,23 +131,34 @@ async fn a_dead_endpoint_in_the_list_fails_no_request() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}", l.local_addr().unwrap())
     };
-    let endpoints = vec![dead(), server.url(), dead()];
-    for _ in 0..3 {
-        // Each store starts at a different endpoint (spread); whichever it
-        // is, nothing fails.
+    let endpoints = vec![dead(), dead(), server.url()];
+    let attrs = LeaseAttrs::new(
+        "node-a",
+        Some("198.18.0.11".parse().unwrap()),
+        None,
+        &BackendData::Vxlan {
+            vni: 1,
+            vtep_mac: "0e:00:00:00:00:01".parse().unwrap(),
+        },
+    );
+    // Each store starts at an endpoint of its own choosing (two in three
+    // are dead); over ten stores, nearly surely some start on a dead one.
+    for s in 0..10u32 {
         let store = EtcdStore::connect(EtcdOptions::new(endpoints.clone(), "/weft/network"))
             .await
             .expect("connect");
-        for i in 0..20 {
-            let rev = store
-                .put_config(&format!(r#"{{"Network":"10.244.0.0/16","N":{i}}}"#))
+        for i in 0..5u32 {
+            // A transaction: sent once, unless it never reached etcd.
+            let key: SubnetKey = format!("10.244.{}.0-24", s * 5 + i).parse().unwrap();
+            let lease = store
+                .create(&key, &attrs, None)
                 .await
-                .unwrap_or_else(|e| panic!("write {i}: {e}"));
+                .unwrap_or_else(|e| panic!("store {s} create {i}: {e}"));
             let snap = store
                 .snapshot()
                 .await
                 .unwrap_or_else(|e| panic!("read {i}: {e}"));
-            assert!(snap.revision >= rev);
+            assert!(snap.revision >= lease.mod_revision);
             store
                 .ping()
                 .await

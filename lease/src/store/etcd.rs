@@ -162,6 +162,8 @@ fn chain(first: String, mut source: Option<&dyn std::error::Error>) -> String {
 /// and a member that is down fails its share of them.
 struct Conn {
     options: ConnectOptions,
+    /// No new attempt on another endpoint starts after this.
+    request_timeout: Duration,
     endpoints: Vec<Endpoint>,
     /// Index of the endpoint in use.
     current: AtomicUsize,
@@ -169,6 +171,9 @@ struct Conn {
 
 struct Endpoint {
     url: String,
+    /// When a request to it last failed: for a second after, requests try
+    /// the others first.
+    failed_at: std::sync::Mutex<Option<std::time::Instant>>,
     /// Whether its last request got an answer: failures and recoveries are
     /// logged when this changes, not per request.
     answering: std::sync::atomic::AtomicBool,
@@ -188,9 +193,24 @@ fn spread_start(n: usize) -> usize {
     (nanos ^ std::process::id() as usize) % n
 }
 
-/// Whether another endpoint may answer what this one could not.
+/// What the out-of-space error starts with (see [`map_err`]).
+const NOSPACE: &str = "etcd is out of space";
+
+/// Whether another endpoint may answer what this one could not: not when
+/// the whole cluster says no (it is out of space, or our credentials are
+/// wrong), only when this member cannot be reached or has no leader.
 fn moves_on(e: &StoreError) -> bool {
-    matches!(e, StoreError::Unavailable(_))
+    match e {
+        StoreError::Unavailable(m) => {
+            let d = m.to_ascii_lowercase();
+            !(m.starts_with(NOSPACE)
+                || d.contains("authentication failed")
+                || d.contains("permission denied")
+                || d.contains("user name is empty")
+                || d.contains("token is not provided"))
+        }
+        _ => false,
+    }
 }
 
 /// Whether a failed request surely never took effect, so sending it again
@@ -200,15 +220,12 @@ fn never_applied(e: &StoreError) -> bool {
     match e {
         StoreError::Unavailable(m) => {
             let m = m.to_ascii_lowercase();
-            [
-                "tcp connect error",
-                "error trying to connect",
-                "connection refused",
-                "no route to host",
-                "etcdserver: no leader",
-            ]
-            .iter()
-            .any(|s| m.contains(s))
+            // tonic's wording for a connection that was never made, and
+            // etcd's refusal before it looks at a request.
+            ["tcp connect error", "error trying to connect"]
+                .iter()
+                .any(|s| m.contains(s))
+                || m.contains("unavailable: etcdserver: no leader")
         }
         _ => false,
     }
@@ -280,7 +297,7 @@ fn map_err(e: etcd_client::Error) -> StoreError {
             // renewals still work, and a node retries later.
             Code::ResourceExhausted if s.message().contains("space exceeded") => {
                 StoreError::Unavailable(format!(
-                    "etcd is out of space (its NOSPACE alarm is raised, nothing can be written): \
+                    "{NOSPACE} (its NOSPACE alarm is raised, nothing can be written): \
                      compact its history, defragment every member and disarm the alarm \
                      (etcdctl compact, etcdctl defrag, etcdctl alarm disarm), or raise \
                      --quota-backend-bytes ({})",
@@ -391,11 +408,13 @@ impl EtcdStore {
         let store = EtcdStore {
             conn: Arc::new(Conn {
                 options: connect,
+                request_timeout: opts.request_timeout,
                 endpoints: opts
                     .endpoints
                     .iter()
                     .map(|url| Endpoint {
                         url: url.clone(),
+                        failed_at: std::sync::Mutex::new(None),
                         answering: std::sync::atomic::AtomicBool::new(true),
                         client: tokio::sync::OnceCell::new(),
                         failed: std::sync::Mutex::new(None),
@@ -433,6 +452,13 @@ impl EtcdStore {
         let made = ep
             .client
             .get_or_try_init(|| async {
+                // Requests queued behind a failed attempt fail with its
+                // error instead of each trying (and waiting) again.
+                if let Some((at, e)) = &*ep.failed.lock().expect("etcd connect lock") {
+                    if at.elapsed() < CONNECT_RETRY {
+                        return Err(e.clone());
+                    }
+                }
                 Client::connect([&ep.url], Some(self.conn.options.clone()))
                     .await
                     .map_err(map_err)
@@ -451,6 +477,7 @@ impl EtcdStore {
     fn endpoint_failed(&self, i: usize, e: &StoreError) {
         let n = self.conn.endpoints.len();
         let ep = &self.conn.endpoints[i];
+        *ep.failed_at.lock().expect("endpoint lock") = Some(std::time::Instant::now());
         let was_answering = ep.answering.swap(false, Ordering::Relaxed);
         let moved = n > 1
             && self
@@ -475,11 +502,22 @@ impl EtcdStore {
         }
     }
 
+    /// Whether endpoint `i` failed less than [`CONNECT_RETRY`] ago.
+    fn failed_lately(&self, i: usize) -> bool {
+        self.conn.endpoints[i]
+            .failed_at
+            .lock()
+            .expect("endpoint lock")
+            .is_some_and(|at| at.elapsed() < CONNECT_RETRY)
+    }
+
     /// Runs `op` with the client of the endpoint in use. When that endpoint
     /// cannot be reached, the store moves to the next one for good, and
     /// `op` is tried there too if that is safe: `repeatable` (a read, a
     /// keep-alive: doing it twice changes nothing) or the failed attempt
-    /// surely never took effect. Every endpoint is tried at most once.
+    /// surely never took effect. Every endpoint is tried at most once,
+    /// those that failed within the last second only when no other is
+    /// left, and no new attempt starts after the request timeout.
     async fn on_endpoint<T, F, Fut>(&self, repeatable: bool, op: F) -> StoreResult<T>
     where
         F: Fn(usize, Client) -> Fut,
@@ -487,10 +525,15 @@ impl EtcdStore {
     {
         let n = self.conn.endpoints.len();
         let first = self.conn.current.load(Ordering::Relaxed) % n;
-        let mut tried = 0;
-        loop {
-            let i = (first + tried) % n;
-            tried += 1;
+        let started = std::time::Instant::now();
+        // Those that failed lately go last.
+        let mut order: Vec<usize> = (0..n).map(|k| (first + k) % n).collect();
+        order.sort_by_key(|i| self.failed_lately(*i));
+        let mut last = None;
+        for (tried, i) in order.into_iter().enumerate() {
+            if tried > 0 && started.elapsed() >= self.conn.request_timeout {
+                break;
+            }
             let result = match self.client_at(i).await {
                 Ok(c) => op(i, c).await,
                 Err(e) => Err(e),
@@ -498,8 +541,10 @@ impl EtcdStore {
             match result {
                 Err(e) if moves_on(&e) => {
                     self.endpoint_failed(i, &e);
-                    if tried >= n || !(repeatable || never_applied(&e)) {
-                        return Err(e);
+                    let again = repeatable || never_applied(&e);
+                    last = Some(e);
+                    if !again {
+                        break;
                     }
                 }
                 other => {
@@ -508,6 +553,7 @@ impl EtcdStore {
                 }
             }
         }
+        Err(last.unwrap_or_else(|| StoreError::Unavailable("no etcd endpoint answered".into())))
     }
 
     /// The key prefix in use (no trailing slash).
@@ -765,9 +811,10 @@ impl LeaseStore for EtcdStore {
     async fn put_config(&self, text: &str) -> StoreResult<i64> {
         bump(&self.counts.put);
         let key = self.full(super::config_key());
-        // Putting the same text twice leaves the same config.
+        // Not sent twice: a newer config written in between would be
+        // overwritten.
         let resp = self
-            .on_endpoint(true, |_, c| {
+            .on_endpoint(false, |_, c| {
                 let key = key.clone();
                 async move { kv(c).put(key, text, None).await.map_err(map_err) }
             })
@@ -1107,6 +1154,14 @@ mod tests {
         }
         let other = StoreError::Conflict("lease".into());
         assert!(!moves_on(&other) && !never_applied(&other));
+        // The whole cluster says no: another member would say the same.
+        let full = map_err(etcd_client::Error::GRpcStatus(
+            tonic::Status::resource_exhausted("etcdserver: mvcc: database space exceeded"),
+        ));
+        assert!(!moves_on(&full));
+        assert!(!moves_on(&u(
+            "etcd authentication failed: check --etcd-username and --etcd-password (InvalidArgument: etcdserver: authentication failed, invalid user ID or password)"
+        )));
     }
 
     #[test]
