@@ -28,6 +28,12 @@ pub struct Args {
     /// Seed of the sequence of joins, leaves and restarts.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The controller's `--watch-history` (lease changes it keeps for
+    /// resuming watches). Small, so the history is full before the
+    /// warm-up ends and what grows after it is not the history filling up
+    /// to its bound (16,384 changes by default, about 5 MiB here).
+    #[arg(long, default_value_t = 50)]
+    watch_history: usize,
     /// Allowed growth of each process's memory, in percent.
     #[arg(long, default_value_t = 5.0)]
     max_growth: f64,
@@ -75,6 +81,7 @@ pub fn run_bench(args: Args) -> Result<()> {
     let window = (run / 4).min(Duration::from_secs(60));
     let mut cfg = LabConfig::for_test(args.stable, "vxlan");
     cfg.detached = false;
+    cfg.controller_args = vec!["--watch-history".into(), args.watch_history.to_string()];
     cfg.network = Some(format!(
         r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"vxlan"}},"LeaseTTL":"{}"}}"#,
         args.ttl
@@ -90,8 +97,9 @@ pub fn run_bench(args: Args) -> Result<()> {
     let start = Instant::now();
     let mut next_sample = Duration::ZERO;
     println!(
-        "soak: {} stable hosts, up to {} more joining, leaving and restarting; LeaseTTL {}; {:.1} min",
-        args.stable, args.churn, args.ttl, args.minutes
+        "soak: {} stable hosts, up to {} more joining, leaving and restarting; LeaseTTL {}; \
+         controller --watch-history {}; {:.1} min",
+        args.stable, args.churn, args.ttl, args.watch_history, args.minutes
     );
     while start.elapsed() < run {
         let churning: Vec<u32> = lab

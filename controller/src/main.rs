@@ -83,6 +83,11 @@ struct Args {
     /// Seconds between heartbeat lines on idle watch streams.
     #[arg(long, env = "WEFT_CONTROLLER_WATCH_HEARTBEAT", default_value_t = 10)]
     watch_heartbeat: u64,
+    /// Lease changes kept in memory for watch streams that resume (at most
+    /// 64 MiB of them); a node that resumes from further back is served
+    /// from etcd, or lists again.
+    #[arg(long, env = "WEFT_CONTROLLER_WATCH_HISTORY", default_value_t = 16_384)]
+    watch_history: usize,
     /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `weft=debug`.
     #[arg(long, env = "WEFT_CONTROLLER_LOG", default_value = "info")]
     log: String,
@@ -99,6 +104,9 @@ async fn main() -> anyhow::Result<()> {
         .init();
     if args.max_watchers == 0 {
         anyhow::bail!("--max-watchers must be at least 1");
+    }
+    if args.watch_history == 0 {
+        anyhow::bail!("--watch-history must be at least 1");
     }
     if args.watch_heartbeat == 0 {
         anyhow::bail!("--watch-heartbeat must be at least 1 second");
@@ -122,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
         heartbeat: Duration::from_secs(args.watch_heartbeat),
         expired_quarantine,
         max_watchers: args.max_watchers,
+        history: args.watch_history,
         ..Options::default()
     };
     match (

@@ -77,6 +77,8 @@ pub struct LabConfig {
     pub controllers: u32,
     /// etcd's `--quota-backend-bytes` (its default when `None`).
     pub etcd_quota_bytes: Option<u64>,
+    /// More arguments for every controller.
+    pub controller_args: Vec<String>,
 }
 
 impl LabConfig {
@@ -100,6 +102,7 @@ impl LabConfig {
             etcd_members: 1,
             controllers: 1,
             etcd_quota_bytes: None,
+            controller_args: Vec::new(),
         }
     }
 
@@ -169,6 +172,8 @@ pub struct LabState {
     /// Namespaces of etcd members and controllers of their own.
     #[serde(default)]
     pub service_ns: Vec<String>,
+    #[serde(default)]
+    pub controller_args: Vec<String>,
 }
 
 /// A running lab. Dropping a test lab tears it down.
@@ -277,6 +282,7 @@ impl Lab {
                 etcd_members: cfg.etcd_members.max(1),
                 controllers: cfg.controllers.max(1),
                 service_ns: Vec::new(),
+                controller_args: cfg.controller_args.clone(),
             },
             dir,
             detached: cfg.detached,
@@ -531,7 +537,7 @@ impl Lab {
             }
         };
         let file = |f: &str| self.pki_dir().join(f).display().to_string();
-        let argv = vec![
+        let mut argv = vec![
             workspace_bin("weft-controller")?.display().to_string(),
             "--etcd-endpoints".into(),
             self.etcd_endpoints().join(","),
@@ -548,6 +554,7 @@ impl Lab {
             "--watch-heartbeat".into(),
             "2".into(),
         ];
+        argv.extend(self.state.controller_args.iter().cloned());
         self.spawn(what, &ns, argv)
     }
 

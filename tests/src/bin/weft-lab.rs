@@ -220,6 +220,7 @@ fn run(cli: Cli) -> Result<bool> {
                 etcd_members,
                 controllers,
                 etcd_quota_bytes: None,
+                controller_args: Vec::new(),
             };
             let lab = Lab::up(cfg)?;
             print!("{}", status(&lab));
