@@ -93,3 +93,21 @@ fn every_binary_answers_help() {
         assert!(out.contains("--version"), "{bin} --help: {out}");
     }
 }
+
+#[test]
+fn the_controller_refuses_settings_that_cannot_work() {
+    for (flag, value) in [
+        ("--watch-history", "0"),
+        ("--max-watchers", "0"),
+        ("--watch-heartbeat", "0"),
+    ] {
+        let out = Command::new(workspace_bin("weft-controller").unwrap())
+            .args([flag, value, "--etcd-endpoints", "http://127.0.0.1:1"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {value} was accepted");
+        assert!(err.contains(&format!("{flag} must be at least 1")), "{err}");
+    }
+}
