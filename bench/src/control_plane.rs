@@ -435,16 +435,8 @@ pub async fn run(args: Args) -> Result<()> {
 
 /// VmRSS and VmHWM (peak) of a process, in MiB.
 fn rss_mib(pid: u32) -> Result<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> Result<f64> {
-        let kib: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
-        Ok(kib / 1024.0)
-    };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
+    let mib = |field| Ok::<_, anyhow::Error>(crate::stats::status_kib(pid, field)? as f64 / 1024.0);
+    Ok((mib("VmRSS:")?, mib("VmHWM:")?))
 }
 
 /// etcd's history is compacted; a node that watches from a revision before

@@ -6,7 +6,7 @@
 //! other leases. Exits non-zero when anything fails.
 
 use crate::stats::median;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::time::{Duration, Instant};
 use weft_tests::history::{acquires_in_logs, check_views, Recorder};
 use weft_tests::lab::{Lab, LabConfig};
@@ -53,13 +53,7 @@ impl Rng {
 
 /// VmRSS of a process, in KiB.
 fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("process {pid} is gone"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")
+    crate::stats::status_kib(pid, "VmRSS:")
 }
 
 #[derive(Debug, Default)]

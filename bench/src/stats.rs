@@ -33,6 +33,18 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// A size field of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`), in KiB.
+pub fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    use anyhow::Context;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
 /// Milliseconds with sensible precision.
 pub fn ms(d: Duration) -> String {
     let v = d.as_secs_f64() * 1000.0;

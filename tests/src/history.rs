@@ -247,6 +247,8 @@ impl History {
 
     /// Replays the history, calling `at` with the leases live after each
     /// revision (subnet → holder).
+    /// A live lease put again by another node (taken over without a delete
+    /// first) is an error.
     fn replay(
         &self,
         mut at: impl FnMut(i64, &BTreeMap<Ipv4Net, Held>) -> Result<()>,
@@ -266,13 +268,18 @@ impl History {
                             let attrs: serde_json::Value = serde_json::from_str(v)
                                 .with_context(|| format!("lease {} at {rev}: {v:?}", c.key))?;
                             let node = attrs["NodeName"].as_str().unwrap_or_default().to_string();
-                            live.insert(
-                                subnet,
-                                Held {
-                                    node,
-                                    revision: rev,
-                                },
-                            );
+                            let held = Held {
+                                node: node.clone(),
+                                revision: rev,
+                            };
+                            if let Some(was) = live.insert(subnet, held) {
+                                if was.node != node {
+                                    bail!(
+                                        "at revision {rev} lease {subnet} of {} was taken over by {node}",
+                                        was.node
+                                    );
+                                }
+                            }
                         }
                     }
                 }
@@ -296,31 +303,6 @@ impl History {
     /// At no revision did two live leases overlap, one node hold two, or a
     /// live lease pass to another node without being deleted first.
     pub fn check_exclusive(&self) -> Result<()> {
-        let mut holder: BTreeMap<Ipv4Net, String> = BTreeMap::new();
-        for c in &self.changes {
-            let Some(subnet) = subnet_of(&c.key) else {
-                continue;
-            };
-            match &c.value {
-                None => {
-                    holder.remove(&subnet);
-                }
-                Some(v) => {
-                    let node = serde_json::from_str::<serde_json::Value>(v)
-                        .ok()
-                        .and_then(|a| a["NodeName"].as_str().map(String::from))
-                        .unwrap_or_default();
-                    if let Some(was) = holder.insert(subnet, node.clone()) {
-                        if was != node {
-                            bail!(
-                                "at revision {} lease {subnet} of {was} was taken over by {node}",
-                                c.revision
-                            );
-                        }
-                    }
-                }
-            }
-        }
         self.replay(|rev, live| {
             let nets: Vec<&Ipv4Net> = live.keys().collect();
             for (a, b) in nets.iter().zip(nets.iter().skip(1)) {

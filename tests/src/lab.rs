@@ -395,45 +395,52 @@ impl Lab {
         self.state.etcd_members.max(1) > 1 || self.state.controllers.max(1) > 1
     }
 
+    /// `single` in the classic layout, else `each(k)` for k in 1..=`count`.
+    fn per_service(&self, count: u32, single: String, each: impl Fn(u32) -> String) -> Vec<String> {
+        match self.own_namespaces() {
+            false => vec![single],
+            true => (1..=count).map(each).collect(),
+        }
+    }
+
     /// The lab's etcd processes: `etcd`, or `etcd-1`..`etcd-N`.
     pub fn etcd_names(&self) -> Vec<String> {
-        match self.own_namespaces() {
-            false => vec!["etcd".into()],
-            true => (1..=self.state.etcd_members)
-                .map(|k| format!("etcd-{k}"))
-                .collect(),
-        }
+        self.per_service(self.state.etcd_members, "etcd".into(), |k| {
+            format!("etcd-{k}")
+        })
     }
 
     /// The lab's controllers: `controller`, or `controller-1`..`controller-N`.
     pub fn controller_names(&self) -> Vec<String> {
-        match self.own_namespaces() {
-            false => vec!["controller".into()],
-            true => (1..=self.state.controllers)
-                .map(|k| format!("controller-{k}"))
-                .collect(),
-        }
+        self.per_service(self.state.controllers, "controller".into(), |k| {
+            format!("controller-{k}")
+        })
     }
 
     /// etcd's client URLs, as seen from the fabric namespace and the
     /// controllers.
     pub fn etcd_endpoints(&self) -> Vec<String> {
-        match self.own_namespaces() {
-            false => vec!["http://127.0.0.1:2379".into()],
-            true => (1..=self.state.etcd_members)
-                .map(|k| format!("http://{}:2379", etcd_ip(k)))
-                .collect(),
-        }
+        self.per_service(
+            self.state.etcd_members,
+            "http://127.0.0.1:2379".into(),
+            |k| format!("http://{}:2379", etcd_ip(k)),
+        )
     }
 
     /// The controllers' URLs as the hosts reach them.
     pub fn controller_urls(&self) -> Vec<String> {
-        match self.own_namespaces() {
-            false => vec![format!("https://{FABRIC_IP}:7070")],
-            true => (1..=self.state.controllers)
-                .map(|k| format!("https://{}:7070", controller_ip(k)))
-                .collect(),
-        }
+        self.per_service(
+            self.state.controllers,
+            format!("https://{FABRIC_IP}:7070"),
+            |k| format!("https://{}:7070", controller_ip(k)),
+        )
+    }
+
+    /// Runs `nft <args>` inside namespace `ns`.
+    pub fn nft_in(ns: &str, args: &[&str]) -> Result<()> {
+        let mut all = vec!["netns", "exec", ns, "nft"];
+        all.extend_from_slice(args);
+        run("ip", &all).map(|_| ())
     }
 
     /// A namespace of its own on the fabric for a member or controller:
@@ -707,11 +714,7 @@ impl Lab {
     /// leader" once it notices. [`Lab::heal_peers`] undoes it.
     pub fn cut_peers(&self, what: &str) -> Result<()> {
         let ns = self.proc(what)?.ns.clone();
-        let nft = |args: &[&str]| -> Result<()> {
-            let mut all = vec!["netns", "exec", ns.as_str(), "nft"];
-            all.extend_from_slice(args);
-            run("ip", &all).map(|_| ())
-        };
+        let nft = |args: &[&str]| Self::nft_in(&ns, args);
         nft(&["add", "table", "inet", "weft-lab-cut"])?;
         for (chain, hook) in [("in", "input"), ("out", "output")] {
             nft(&[
@@ -758,20 +761,7 @@ impl Lab {
     /// Undoes [`Lab::cut_peers`].
     pub fn heal_peers(&self, what: &str) -> Result<()> {
         let ns = self.proc(what)?.ns.clone();
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &ns,
-                "nft",
-                "delete",
-                "table",
-                "inet",
-                "weft-lab-cut",
-            ],
-        )
-        .map(|_| ())
+        Self::nft_in(&ns, &["delete", "table", "inet", "weft-lab-cut"])
     }
 
     /// The etcd member that is leader now.
@@ -1351,18 +1341,7 @@ impl Lab {
             .arg(to.to_string())
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let line = text
-            .lines()
-            .find(|l| l.contains("packets transmitted"))
-            .with_context(|| format!("ping said: {text}"))?;
-        let nums: Vec<u32> = line
-            .split(',')
-            .filter_map(|p| p.split_whitespace().next()?.parse().ok())
-            .collect();
-        Ok((
-            nums.first().copied().unwrap_or(0),
-            nums.get(1).copied().unwrap_or(0),
-        ))
+        crate::traffic::ping_summary(&text).with_context(|| format!("ping said: {text}"))
     }
 
     /// Whether `from` reaches `to` (one ping, a second chance).

@@ -63,7 +63,11 @@ fn ping_chunk(ns: &str, to: Ipv4Addr, count: u32) -> Option<(u32, u32)> {
         .stderr(Stdio::null())
         .output()
         .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    ping_summary(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// (transmitted, received) from ping's summary line.
+pub fn ping_summary(text: &str) -> Option<(u32, u32)> {
     let line = text.lines().find(|l| l.contains("packets transmitted"))?;
     let nums: Vec<u32> = line
         .split(',')

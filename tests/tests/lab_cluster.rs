@@ -130,15 +130,27 @@ fn the_etcd_leader_killed_during_a_join_storm() {
     no_loss(&format!("{leader} killed during 6 joins"), &loss);
 }
 
-#[test]
-#[ignore = "needs root; run by scripts/test"]
-fn an_etcd_leader_partitioned_and_healed() {
+/// How a test cuts the leader off.
+#[derive(Clone, Copy, PartialEq)]
+enum Partition {
+    /// Its link down: nobody reaches it.
+    Link,
+    /// Its peer port only: clients reach it and are answered "no leader".
+    Peers,
+}
+
+/// The leader (the member controller-1 uses) cut off for longer than the
+/// lease TTL while nodes renew and one joins, then healed.
+fn partition_the_leader(how: Partition) {
     // Renewals every 4 s: they go on through the partition.
     let mut lab = cluster(2, 3, 2, Some("12s"));
     let rec = ok(Recorder::start(&lab));
     let traffic = Traffic::start(&lab, &hosts(&lab));
     let leader = lead_with_controllers_member(&lab);
-    ok(lab.cut(&leader));
+    match how {
+        Partition::Link => ok(lab.cut(&leader)),
+        Partition::Peers => ok(lab.cut_peers(&leader)),
+    }
     ok(lab.wait_for(
         Duration::from_secs(30),
         "the majority to elect another leader",
@@ -148,11 +160,28 @@ fn an_etcd_leader_partitioned_and_healed() {
     std::thread::sleep(Duration::from_secs(15));
     ok(lab.add_host());
     moved_off(&lab, &leader);
-    ok(lab.heal(&leader));
+    match how {
+        Partition::Link => ok(lab.heal(&leader)),
+        Partition::Peers => {
+            let log = lab.log_tail("controller-1", 400);
+            assert!(log.contains("no leader"), "{log}");
+            ok(lab.heal_peers(&leader));
+        }
+    }
     members_in_step(&lab);
     let loss = traffic.finish();
     check_history(&lab, rec, &hosts(&lab));
-    no_loss(&format!("{leader} partitioned"), &loss);
+    let what = match how {
+        Partition::Link => "partitioned",
+        Partition::Peers => "cut off from its peers",
+    };
+    no_loss(&format!("{leader} {what}"), &loss);
+}
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn an_etcd_leader_partitioned_and_healed() {
+    partition_the_leader(Partition::Link);
 }
 
 #[test]
@@ -161,26 +190,7 @@ fn an_etcd_leader_cut_off_from_its_peers_only() {
     // Clients still reach the member; it answers them "no leader" (the
     // controller asks for a leader on every request): a refusal that
     // cannot have been applied, so the controller sends it elsewhere.
-    let mut lab = cluster(2, 3, 2, Some("12s"));
-    let rec = ok(Recorder::start(&lab));
-    let traffic = Traffic::start(&lab, &hosts(&lab));
-    let leader = lead_with_controllers_member(&lab);
-    ok(lab.cut_peers(&leader));
-    ok(lab.wait_for(
-        Duration::from_secs(30),
-        "the majority to elect another leader",
-        || Ok(lab.etcd_leader().is_ok_and(|l| l != leader)),
-    ));
-    std::thread::sleep(Duration::from_secs(15));
-    ok(lab.add_host());
-    moved_off(&lab, &leader);
-    let log = lab.log_tail("controller-1", 400);
-    assert!(log.contains("no leader"), "{log}");
-    ok(lab.heal_peers(&leader));
-    members_in_step(&lab);
-    let loss = traffic.finish();
-    check_history(&lab, rec, &hosts(&lab));
-    no_loss(&format!("{leader} cut off from its peers"), &loss);
+    partition_the_leader(Partition::Peers);
 }
 
 #[test]
@@ -284,10 +294,7 @@ fn every_controller_down_for_two_minutes() {
 
 /// `nft` inside host `i`'s namespace.
 fn host_nft(lab: &Lab, i: u32, args: &[&str]) {
-    let ns = lab.host(i).unwrap().ns.clone();
-    let mut all = vec!["netns", "exec", ns.as_str(), "nft"];
-    all.extend_from_slice(args);
-    ok(weft_tests::netns::run("ip", &all));
+    ok(Lab::nft_in(&lab.host(i).unwrap().ns, args));
 }
 
 #[test]
