@@ -3,8 +3,8 @@
 
 use crate::hostgw::HostGw;
 use crate::local::LocalNode;
-use crate::peer::{Peer, Skipped};
-use crate::state::NetState;
+use crate::peer::{resolve, Claim, Peer, Skipped};
+use crate::state::{Dev, NetState};
 use crate::vxlan::Vxlan;
 use thiserror::Error;
 use weft_config::{BackendConfig, BackendType};
@@ -35,7 +35,61 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// previous pass left it) and after a pass applied every change. Lets
     /// a backend notice state it cannot simply put back (ipsec: an
     /// outbound SA whose sequence numbers the peer has already seen).
+    /// A backend that is [`PerPeer`] is told on full passes only.
     fn observed(&self, _have: &NetState) {}
+
+    /// The backend's state as a sum of per-peer parts, if it is one: then
+    /// a pass woken by a lease change computes only the changed peers'
+    /// part ([`crate::Plan`]). `None`: `desired` is computed as a whole on
+    /// every pass (ipsec, whose state also changes with time and keys).
+    fn per_peer(&self) -> Option<&dyn PerPeer> {
+        None
+    }
+}
+
+/// A backend whose desired state is a base (its device) plus one part per
+/// peer, each a function of that peer and the local node alone. Two
+/// programmed peers never write the same object: every object's key must
+/// follow from one of the peer's claims (its subnets, its public IP, or
+/// one of [`PerPeer::claims`]), which no other programmed peer holds.
+pub trait PerPeer: Send + Sync {
+    /// What the node has whatever its peers (a device and its address).
+    fn base(&self, local: &LocalNode) -> NetState;
+
+    /// Why this backend cannot program `p`, judging `p` alone.
+    fn refuse(&self, local: &LocalNode, p: &Peer) -> Option<String>;
+
+    /// What only one peer may hold besides its subnets and public IP (the
+    /// older lease keeps it). Never a subnet or public IP claim.
+    fn claims(&self, p: &Peer) -> Option<Claim>;
+
+    /// Adds `p`'s objects to `st`. `ext` is the external interface's name,
+    /// shared by every object that names it.
+    fn add(&self, local: &LocalNode, ext: &Dev, p: &Peer, st: &mut NetState);
+}
+
+/// The whole desired state of a [`PerPeer`] backend for `peers` (already
+/// [`crate::peer::select`]ed): the base, then every peer this backend can
+/// program, the older lease keeping what two of them claim.
+pub fn per_peer_desired(
+    b: &dyn PerPeer,
+    local: &LocalNode,
+    peers: &[&Peer],
+) -> (NetState, Vec<Skipped>) {
+    let mut st = b.base(local);
+    let mut skipped = Vec::new();
+    let mut fit = Vec::with_capacity(peers.len());
+    for p in peers {
+        match b.refuse(local, p) {
+            Some(reason) => skipped.push(Skipped::of(p, reason)),
+            None => fit.push(*p),
+        }
+    }
+    let ext = local.ext.name.clone();
+    for p in resolve(fit, |p| b.claims(p), &mut skipped) {
+        b.add(local, &ext, p, &mut st);
+    }
+    (st, skipped)
 }
 
 /// Why a backend cannot be used.

@@ -177,6 +177,9 @@ impl FakeDataplane {
             Change::DelRoute { dst, .. } => {
                 st.routes.remove(dst);
             }
+            Change::DelStrayRoute { dst, metric, .. } => {
+                st.stray_routes.remove(&(*dst, *metric));
+            }
             Change::AddXfrmState { id, sa } => {
                 if st.xfrm_states.contains_key(id) {
                     return Err("File exists".into());

@@ -10,7 +10,7 @@ use weft_config::NetworkConfig;
 /// route elsewhere (made by hand, or by another tool that picked the
 /// number) is not weft's to remove, so the diff never sees it.
 pub fn in_scope(have: &mut NetState, network: &NetworkConfig) {
-    have.routes.retain(|dst, target| {
+    let weft_may_delete = |dst: &IpNet, target: &crate::state::RouteTarget| {
         let inside = match dst {
             IpNet::V4(d) => network
                 .ipv4
@@ -22,7 +22,11 @@ pub fn in_scope(have: &mut NetState, network: &NetworkConfig) {
                 .is_some_and(|p| p.network().contains(d)),
         };
         inside || target.dev.starts_with("weft")
-    });
+    };
+    have.routes
+        .retain(|dst, target| weft_may_delete(dst, target));
+    have.stray_routes
+        .retain(|(dst, _), target| weft_may_delete(dst, target));
 }
 use std::collections::BTreeSet;
 
@@ -139,6 +143,15 @@ pub fn diff(desired: &NetState, observed: &NetState) -> Vec<Change> {
         if !desired.routes.contains_key(dst) && !doomed(&target.dev) && !gone(&target.dev) {
             out.push(Change::DelRoute {
                 dst: *dst,
+                target: target.clone(),
+            });
+        }
+    }
+    for ((dst, metric), target) in &observed.stray_routes {
+        if !doomed(&target.dev) && !gone(&target.dev) {
+            out.push(Change::DelStrayRoute {
+                dst: *dst,
+                metric: *metric,
                 target: target.clone(),
             });
         }

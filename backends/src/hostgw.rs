@@ -1,10 +1,10 @@
 //! The host-gw backend: per peer a route to its subnet via its public IP on
 //! the external interface. Every node must be on the same L2.
 
-use crate::backend::Backend;
+use crate::backend::{per_peer_desired, Backend, PerPeer};
 use crate::local::LocalNode;
-use crate::peer::{Peer, Skipped};
-use crate::state::{dev, NetState, RouteTarget};
+use crate::peer::{Claim, Peer, Skipped};
+use crate::state::{Dev, NetState, RouteTarget};
 use ipnet::IpNet;
 use std::net::IpAddr;
 use weft_config::BackendType;
@@ -28,39 +28,50 @@ impl Backend for HostGw {
     }
 
     fn desired(&self, local: &LocalNode, peers: &[&Peer]) -> (NetState, Vec<Skipped>) {
-        let mut st = NetState::default();
-        let mut skipped = Vec::new();
-        let ext = dev(&local.ext.name);
-        for p in peers {
-            if !local.ext.addr.contains(&p.public_ip) {
-                skipped.push(Skipped::of(
-                    p,
-                    format!(
-                        "public IP {} is not directly reachable from {} ({}); host-gw needs every node on one L2 (use vxlan otherwise)",
-                        p.public_ip, local.ext.name, local.ext.addr
-                    ),
-                ));
-                continue;
-            }
+        per_peer_desired(self, local, peers)
+    }
+
+    fn per_peer(&self) -> Option<&dyn PerPeer> {
+        Some(self)
+    }
+}
+
+impl PerPeer for HostGw {
+    fn base(&self, _local: &LocalNode) -> NetState {
+        NetState::default()
+    }
+
+    fn refuse(&self, local: &LocalNode, p: &Peer) -> Option<String> {
+        (!local.ext.addr.contains(&p.public_ip)).then(|| {
+            format!(
+                "public IP {} is not directly reachable from {} ({}); host-gw needs every node on one L2 (use vxlan otherwise)",
+                p.public_ip, local.ext.name, local.ext.addr
+            )
+        })
+    }
+
+    fn claims(&self, _p: &Peer) -> Option<Claim> {
+        None
+    }
+
+    fn add(&self, _local: &LocalNode, ext: &Dev, p: &Peer, st: &mut NetState) {
+        st.routes.insert(
+            IpNet::V4(p.subnet),
+            RouteTarget {
+                via: IpAddr::V4(p.public_ip),
+                dev: ext.clone(),
+                onlink: false,
+            },
+        );
+        if let (Some(s6), Some(ip6)) = (p.subnet6, p.public_ipv6) {
             st.routes.insert(
-                IpNet::V4(p.subnet),
+                IpNet::V6(s6),
                 RouteTarget {
-                    via: IpAddr::V4(p.public_ip),
+                    via: IpAddr::V6(ip6),
                     dev: ext.clone(),
                     onlink: false,
                 },
             );
-            if let (Some(s6), Some(ip6)) = (p.subnet6, p.public_ipv6) {
-                st.routes.insert(
-                    IpNet::V6(s6),
-                    RouteTarget {
-                        via: IpAddr::V6(ip6),
-                        dev: ext.clone(),
-                        onlink: false,
-                    },
-                );
-            }
         }
-        (st, skipped)
     }
 }

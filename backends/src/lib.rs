@@ -18,20 +18,22 @@ pub mod ipsec;
 mod local;
 pub mod netlink;
 pub mod peer;
+pub mod plan;
 pub mod state;
 mod vxlan;
 pub mod xfrm;
 
-pub use backend::{for_config, Backend, BackendError};
+pub use backend::{for_config, per_peer_desired, Backend, BackendError, PerPeer};
 pub use dataplane::{ApplyError, Dataplane, DataplaneError, FakeDataplane};
 pub use diff::{diff, in_scope};
 pub use hostgw::HostGw;
 pub use ipsec::Ipsec;
 pub use local::{vtep_mac, ExternalIface, LocalNode};
 pub use netlink::{Interface, NetlinkDataplane};
-pub use peer::{Peer, Skipped};
+pub use peer::{Claim, Peer, Skipped};
+pub use plan::{Delta, Plan, PlanInputs};
 pub use state::{
-    dev, AeadKey, Change, Dev, NetState, RouteTarget, VxlanLink, XfrmDir, XfrmPolicyId, XfrmSa,
-    XfrmSaId, XfrmTmpl, WEFT_ROUTE_PROTOCOL, WEFT_XFRM_REQID,
+    dev, route_metric, AeadKey, Change, Dev, NetState, RouteTarget, VxlanLink, XfrmDir,
+    XfrmPolicyId, XfrmSa, XfrmSaId, XfrmTmpl, WEFT_ROUTE_PROTOCOL, WEFT_XFRM_REQID,
 };
 pub use vxlan::{Vxlan, VXLAN_OVERHEAD};

@@ -1,5 +1,6 @@
 //! The local node as the backends see it.
 
+use crate::state::Dev;
 use ipnet::Ipv4Net;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -9,7 +10,8 @@ use weft_lease::{MacAddr, SubnetKey};
 /// The external (underlay) interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExternalIface {
-    pub name: String,
+    /// Its name (shared: thousands of routes name it).
+    pub name: Dev,
     pub index: u32,
     pub mtu: u32,
     /// Its IPv4 address with prefix: peers inside are on the same L2.

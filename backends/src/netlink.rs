@@ -10,7 +10,8 @@
 use crate::dataplane::{ApplyError, Dataplane, DataplaneError};
 use crate::peer::HostView;
 use crate::state::{
-    dev, Change, Dev, NetState, RouteTarget, VxlanLink, VXLAN_PREFIX, WEFT_ROUTE_PROTOCOL,
+    dev, route_metric, Change, Dev, NetState, RouteTarget, VxlanLink, VXLAN_PREFIX,
+    WEFT_ROUTE_PROTOCOL,
 };
 use async_trait::async_trait;
 use futures::stream::{self, StreamExt, TryStreamExt};
@@ -418,7 +419,7 @@ impl NetlinkDataplane {
                 target,
                 replace,
             } => {
-                let msg = route_message(dst, target, index(&target.dev)?)?;
+                let msg = route_message(dst, target, index(&target.dev)?, route_metric(dst))?;
                 let req = h.route().add(msg);
                 let req = if *replace { req.replace() } else { req };
                 req.execute().await.map_err(|e| {
@@ -431,7 +432,16 @@ impl NetlinkDataplane {
             }
             Change::DelRoute { dst, target } => {
                 let i = idx.get(&*target.dev).copied().unwrap_or(0);
-                let msg = route_message(dst, target, i)?;
+                let msg = route_message(dst, target, i, route_metric(dst))?;
+                ignore_gone(h.route().del(msg).execute().await)
+            }
+            Change::DelStrayRoute {
+                dst,
+                metric,
+                target,
+            } => {
+                let i = idx.get(&*target.dev).copied().unwrap_or(0);
+                let msg = route_message(dst, target, i, *metric)?;
                 ignore_gone(h.route().del(msg).execute().await)
             }
             Change::AddXfrmState { .. }
@@ -473,8 +483,15 @@ fn neigh_addr(ip: IpAddr) -> NeighbourAddress {
 }
 
 /// The options every weft route carries, whatever its family.
-fn finish_route<T>(b: RouteMessageBuilder<T>, target: &RouteTarget, oif: u32) -> RouteMessage {
-    let mut b = b.protocol(RouteProtocol::Other(WEFT_ROUTE_PROTOCOL));
+fn finish_route<T>(
+    b: RouteMessageBuilder<T>,
+    target: &RouteTarget,
+    oif: u32,
+    metric: u32,
+) -> RouteMessage {
+    let mut b = b
+        .protocol(RouteProtocol::Other(WEFT_ROUTE_PROTOCOL))
+        .priority(metric);
     if oif != 0 {
         b = b.output_interface(oif);
     }
@@ -484,7 +501,12 @@ fn finish_route<T>(b: RouteMessageBuilder<T>, target: &RouteTarget, oif: u32) ->
     b.build()
 }
 
-fn route_message(dst: &IpNet, target: &RouteTarget, oif: u32) -> Result<RouteMessage, String> {
+fn route_message(
+    dst: &IpNet,
+    target: &RouteTarget,
+    oif: u32,
+    metric: u32,
+) -> Result<RouteMessage, String> {
     Ok(match (dst, target.via) {
         (IpNet::V4(d), IpAddr::V4(via)) => finish_route(
             RouteMessageBuilder::<Ipv4Addr>::new()
@@ -492,6 +514,7 @@ fn route_message(dst: &IpNet, target: &RouteTarget, oif: u32) -> Result<RouteMes
                 .gateway(via),
             target,
             oif,
+            metric,
         ),
         (IpNet::V6(d), IpAddr::V6(via)) => finish_route(
             RouteMessageBuilder::<Ipv6Addr>::new()
@@ -499,6 +522,7 @@ fn route_message(dst: &IpNet, target: &RouteTarget, oif: u32) -> Result<RouteMes
                 .gateway(via),
             target,
             oif,
+            metric,
         ),
         _ => {
             return Err(format!(
@@ -630,7 +654,7 @@ fn group(c: &Change) -> u8 {
         Change::SetNeighbour { .. } => 2,
         Change::SetFdb { .. } => 3,
         Change::SetRoute { .. } => 4,
-        Change::DelRoute { .. } => 5,
+        Change::DelRoute { .. } | Change::DelStrayRoute { .. } => 5,
         Change::DelFdb { .. } => 6,
         Change::DelNeighbour { .. } => 7,
         Change::DelAddress { .. } => 8,
@@ -721,24 +745,29 @@ impl Dataplane for NetlinkDataplane {
             let mut dst = None;
             let mut via = None;
             let mut dev = None;
+            // The kernel leaves out a metric of 0.
+            let mut metric = 0;
             for a in &r.attributes {
                 match a {
                     RouteAttribute::Destination(d) => dst = route_ip(d),
                     RouteAttribute::Gateway(g) => via = route_ip(g),
                     RouteAttribute::Oif(i) => dev = names.get(i).cloned(),
+                    RouteAttribute::Priority(p) => metric = *p,
                     _ => {}
                 }
             }
             if let (Some(dst), Some(via), Some(dev)) = (dst, via, dev) {
                 if let Ok(net) = IpNet::new(dst, r.header.destination_prefix_length) {
-                    st.routes.insert(
-                        net,
-                        RouteTarget {
-                            via,
-                            dev,
-                            onlink: r.header.flags.contains(RouteFlags::Onlink),
-                        },
-                    );
+                    let target = RouteTarget {
+                        via,
+                        dev,
+                        onlink: r.header.flags.contains(RouteFlags::Onlink),
+                    };
+                    if metric == route_metric(&net) {
+                        st.routes.insert(net, target);
+                    } else {
+                        st.stray_routes.insert((net, metric), target);
+                    }
                 }
             }
         })

@@ -3,11 +3,12 @@
 
 use crate::local::LocalNode;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use std::collections::{BTreeSet, HashMap};
+use rustc_hash::FxHashMap as HashMap;
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use weft_config::{BackendType, NetworkConfig};
 use weft_lease::api::LeaseView;
-use weft_lease::{BackendData, SubnetKey};
+use weft_lease::{BackendData, MacAddr, SubnetKey};
 
 /// A remote node to program.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,16 +138,146 @@ fn is_ours(key: &SubnetKey, node: Option<&str>, local: &LocalNode) -> bool {
     *key == local.subnet || node == Some(local.name.as_str())
 }
 
+/// Something only one peer may hold. Between two leases that claim the
+/// same, the older one keeps it ([`resolve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Claim {
+    Subnet(Ipv4Net),
+    Subnet6(Ipv6Net),
+    PublicIp(Ipv4Addr),
+    /// A VXLAN VTEP MAC: FDB entries are keyed by it, so a second lease
+    /// claiming one (a cloned VM, say) would take the first node's traffic.
+    VtepMac(MacAddr),
+}
+
+impl Claim {
+    /// Why a peer that also claims this does not get it.
+    fn taken_by(&self, holder: &str) -> String {
+        match self {
+            Claim::Subnet(s) => format!("subnet {s} is already {holder}'s"),
+            Claim::Subnet6(s) => format!("IPv6 subnet {s} is already {holder}'s"),
+            Claim::PublicIp(ip) => {
+                format!("public IP {ip} is already {holder}'s (the older lease keeps it)")
+            }
+            Claim::VtepMac(m) => format!("VTEP MAC {m} is already used by {holder}"),
+        }
+    }
+}
+
+/// What every peer holds alone: its subnets and its public IP.
+pub fn claims(p: &Peer) -> impl Iterator<Item = Claim> + Clone {
+    [
+        Some(Claim::Subnet(p.subnet)),
+        p.subnet6.map(Claim::Subnet6),
+        Some(Claim::PublicIp(p.public_ip)),
+    ]
+    .into_iter()
+    .flatten()
+}
+
+/// A lease judged on its own, before it meets the others.
+#[derive(Debug)]
+pub enum Judged<'a> {
+    /// The local node's own lease: neither programmed nor skipped.
+    Ours,
+    Refused(Skipped),
+    Fits(&'a Peer),
+}
+
+/// Judges one lease by everything that does not depend on the other
+/// leases: its subnet must be one of the network's (inside it, of its
+/// subnet length) and collide with nothing this node has (its own subnet
+/// and public IP, the host's networks and foreign routes in `host`), and
+/// its backend must be ours.
+pub fn judge<'a>(
+    c: &'a Candidate,
+    local: &LocalNode,
+    backend: BackendType,
+    host: &HostView,
+) -> Judged<'a> {
+    let p = match c {
+        Err(s) if is_ours(&s.key, s.node.as_deref(), local) => return Judged::Ours,
+        Err(s) => return Judged::Refused(s.clone()),
+        Ok(p) if is_ours(&p.key, p.node.as_deref(), local) => return Judged::Ours,
+        Ok(p) => p,
+    };
+    let nets = || std::iter::once(IpNet::V4(p.subnet)).chain(p.subnet6.map(IpNet::V6));
+    let ours = if let Some(ours) = local.subnet.ipv4().filter(|o| overlaps4(&p.subnet, o)) {
+        Some(format!("subnet {} overlaps ours ({ours})", p.subnet))
+    } else if let (Some(theirs), Some(ours)) = (p.subnet6, local.subnet.ipv6()) {
+        overlaps6(&theirs, &ours).then(|| format!("IPv6 subnet {theirs} overlaps ours ({ours})"))
+    } else {
+        None
+    };
+    let reason = ours
+        .or_else(|| misfit(p, &local.network))
+        .or_else(|| {
+            nets().find_map(|n| {
+                host.networks.iter().find(|h| overlaps(&n, h)).map(|h| {
+                    format!("subnet {n} overlaps {h}, a network of this host (its addresses or connected routes)")
+                })
+            })
+        })
+        .or_else(|| {
+            nets().find(|n| host.foreign_routes.contains(n)).map(|n| {
+                format!("a route to {n} that weft does not own exists on this host; it is left alone")
+            })
+        })
+        .or_else(|| {
+            (p.public_ip == local.public_ip).then(|| format!("public IP {} is ours", p.public_ip))
+        })
+        .or_else(|| {
+            (p.backend.backend_type() != backend).then(|| {
+                format!(
+                    "backend {:?} differs from ours ({backend})",
+                    p.backend.backend_type().as_str()
+                )
+            })
+        });
+    match reason {
+        Some(reason) => Judged::Refused(Skipped::of(p, reason)),
+        None => Judged::Fits(p),
+    }
+}
+
+/// The name a skip reason gives a peer: its node, or its subnet.
+fn name(p: &Peer) -> String {
+    p.node.clone().unwrap_or_else(|| p.key.to_cidrs())
+}
+
+/// Among `peers`, the older lease (by revision, then key) keeps what two
+/// of them claim; a peer that loses any claim is skipped and holds none.
+pub fn resolve<'a, C>(
+    mut peers: Vec<&'a Peer>,
+    claims: impl Fn(&Peer) -> C,
+    skipped: &mut Vec<Skipped>,
+) -> Vec<&'a Peer>
+where
+    C: IntoIterator<Item = Claim>,
+{
+    peers.sort_by_key(|p| (p.revision, p.key));
+    let mut held: HashMap<Claim, &Peer> =
+        HashMap::with_capacity_and_hasher(peers.len() * 3, Default::default());
+    let mut kept = Vec::with_capacity(peers.len());
+    for p in peers {
+        let mut mine: Vec<Claim> = claims(p).into_iter().collect();
+        if let Some((c, first)) = mine.iter().find_map(|c| held.get(c).map(|f| (c, f))) {
+            skipped.push(Skipped::of(p, c.taken_by(&name(first))));
+            continue;
+        }
+        for c in mine.drain(..) {
+            held.insert(c, p);
+        }
+        kept.push(p);
+    }
+    kept
+}
+
 /// The peers to program, and the leases skipped with the reason (the local
-/// node's own lease is neither).
-///
-/// A peer is programmed only if its subnet is one of the network's (inside
-/// it, of its subnet length) and collides with nothing this node has: its
-/// own subnet and public IP, the host's networks and foreign routes
-/// (`host`), and, between peers, an older lease's subnet or public IP (the
-/// older lease keeps it, as flannel's VTEP MACs are kept). A lease written
-/// into etcd by hand can therefore not divert traffic that is not the
-/// cluster's.
+/// node's own lease is neither): each lease [`judge`]d, then, between
+/// peers, the older lease keeps a subnet or public IP two of them claim
+/// ([`resolve`]). A lease written into etcd by hand can therefore not
+/// divert traffic that is not the cluster's.
 pub fn select<'a>(
     candidates: impl IntoIterator<Item = &'a Candidate>,
     local: &LocalNode,
@@ -156,92 +287,13 @@ pub fn select<'a>(
     let mut fitting = Vec::new();
     let mut skipped = Vec::new();
     for c in candidates {
-        let p = match c {
-            Err(s) => {
-                if !is_ours(&s.key, s.node.as_deref(), local) {
-                    skipped.push(s.clone());
-                }
-                continue;
-            }
-            Ok(p) => p,
-        };
-        if is_ours(&p.key, p.node.as_deref(), local) {
-            continue;
-        }
-        let nets = || std::iter::once(IpNet::V4(p.subnet)).chain(p.subnet6.map(IpNet::V6));
-        let ours = if let Some(ours) = local.subnet.ipv4().filter(|o| overlaps4(&p.subnet, o)) {
-            Some(format!("subnet {} overlaps ours ({ours})", p.subnet))
-        } else if let (Some(theirs), Some(ours)) = (p.subnet6, local.subnet.ipv6()) {
-            overlaps6(&theirs, &ours)
-                .then(|| format!("IPv6 subnet {theirs} overlaps ours ({ours})"))
-        } else {
-            None
-        };
-        let reason = ours
-            .or_else(|| misfit(p, &local.network))
-            .or_else(|| {
-                nets().find_map(|n| {
-                    host.networks.iter().find(|h| overlaps(&n, h)).map(|h| {
-                        format!("subnet {n} overlaps {h}, a network of this host (its addresses or connected routes)")
-                    })
-                })
-            })
-            .or_else(|| {
-                nets().find(|n| host.foreign_routes.contains(n)).map(|n| {
-                    format!("a route to {n} that weft does not own exists on this host; it is left alone")
-                })
-            })
-            .or_else(|| {
-                (p.public_ip == local.public_ip)
-                    .then(|| format!("public IP {} is ours", p.public_ip))
-            })
-            .or_else(|| {
-                (p.backend.backend_type() != backend).then(|| {
-                    format!(
-                        "backend {:?} differs from ours ({backend})",
-                        p.backend.backend_type().as_str()
-                    )
-                })
-            });
-        match reason {
-            Some(reason) => skipped.push(Skipped::of(p, reason)),
-            None => fitting.push(p),
+        match judge(c, local, backend, host) {
+            Judged::Ours => {}
+            Judged::Refused(s) => skipped.push(s),
+            Judged::Fits(p) => fitting.push(p),
         }
     }
-    // Between peers, the older lease keeps what two of them claim.
-    fitting.sort_by_key(|p| (p.revision, p.key));
-    let mut peers: Vec<&Peer> = Vec::with_capacity(fitting.len());
-    let mut by_ip: HashMap<Ipv4Addr, &Peer> = HashMap::new();
-    let mut by_subnet: HashMap<Ipv4Net, &Peer> = HashMap::new();
-    let mut by_subnet6: HashMap<Ipv6Net, &Peer> = HashMap::new();
-    let name = |p: &Peer| p.node.clone().unwrap_or_else(|| p.key.to_cidrs());
-    for p in fitting {
-        // Subnets all have the network's length here: overlapping is equal.
-        let reason = if let Some(first) = by_subnet.get(&p.subnet) {
-            Some(format!("subnet {} is already {}'s", p.subnet, name(first)))
-        } else if let Some(first) = p.subnet6.and_then(|s| by_subnet6.get(&s)) {
-            Some(format!("IPv6 subnet is already {}'s", name(first)))
-        } else {
-            by_ip.get(&p.public_ip).map(|first| {
-                format!(
-                    "public IP {} is already {}'s (the older lease keeps it)",
-                    p.public_ip,
-                    name(first)
-                )
-            })
-        };
-        match reason {
-            Some(reason) => skipped.push(Skipped::of(p, reason)),
-            None => {
-                by_subnet.insert(p.subnet, p);
-                if let Some(s6) = p.subnet6 {
-                    by_subnet6.insert(s6, p);
-                }
-                by_ip.insert(p.public_ip, p);
-                peers.push(p);
-            }
-        }
-    }
+    let peers = resolve(fitting, claims, &mut skipped);
     (peers, skipped)
 }
 

@@ -3,9 +3,9 @@
 //! peer public IP) and an onlink route via the peer's subnet address, in
 //! flannel's order. With `DirectRouting`, peers on our L2 get a plain route.
 
-use crate::backend::Backend;
+use crate::backend::{per_peer_desired, Backend, PerPeer};
 use crate::local::{vtep_mac, LocalNode};
-use crate::peer::{Peer, Skipped};
+use crate::peer::{Claim, Peer, Skipped};
 use crate::state::{vxlan_name, Dev, NetState, RouteTarget, VxlanLink};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::net::IpAddr;
@@ -19,16 +19,21 @@ pub const VXLAN_OVERHEAD: u32 = 50;
 #[derive(Debug, Clone)]
 pub struct Vxlan {
     cfg: VxlanConfig,
+    /// `weft.<VNI>`, shared by every object on the device.
+    device: Dev,
 }
 
 impl Vxlan {
     pub fn new(cfg: VxlanConfig) -> Self {
-        Vxlan { cfg }
+        Vxlan {
+            device: vxlan_name(cfg.vni),
+            cfg,
+        }
     }
 
     /// The device name, `weft.<VNI>`.
     pub fn device(&self) -> Dev {
-        vxlan_name(self.cfg.vni)
+        self.device.clone()
     }
 }
 
@@ -51,8 +56,17 @@ impl Backend for Vxlan {
     }
 
     fn desired(&self, local: &LocalNode, peers: &[&Peer]) -> (NetState, Vec<Skipped>) {
-        let dev = self.device();
-        let ext = crate::state::dev(&local.ext.name);
+        per_peer_desired(self, local, peers)
+    }
+
+    fn per_peer(&self) -> Option<&dyn PerPeer> {
+        Some(self)
+    }
+}
+
+impl PerPeer for Vxlan {
+    fn base(&self, local: &LocalNode) -> NetState {
+        let dev = self.device.clone();
         let mut st = NetState::default();
         st.links.insert(
             dev.clone(),
@@ -61,7 +75,7 @@ impl Backend for Vxlan {
                 port: self.cfg.port,
                 local: IpAddr::V4(local.public_ip),
                 mac: local.vtep_mac,
-                underlay: Some(ext.clone()),
+                underlay: Some(local.ext.name.clone()),
                 learning: false,
                 mtu: self.pod_mtu(local.ext.mtu),
                 up: true,
@@ -85,75 +99,65 @@ impl Backend for Vxlan {
                 (),
             );
         }
-        let mut skipped = Vec::new();
-        // A VTEP MAC belongs to one node: FDB entries are keyed by MAC, so a
-        // second lease claiming one (a cloned VM, say) would take the first
-        // node's traffic. The older lease keeps it.
-        let mut ordered: Vec<&Peer> = peers.to_vec();
-        ordered.sort_by_key(|p| (p.revision, p.key));
-        let mut macs: std::collections::HashMap<weft_lease::MacAddr, String> =
-            std::collections::HashMap::new();
-        for p in ordered {
-            let BackendData::Vxlan { vni, vtep_mac } = &p.backend else {
-                skipped.push(Skipped::of(p, "not a vxlan lease".into()));
-                continue;
-            };
-            if *vni != self.cfg.vni {
-                skipped.push(Skipped::of(
-                    p,
-                    format!("VNI {vni} differs from ours ({})", self.cfg.vni),
-                ));
-                continue;
-            }
-            if *vtep_mac == local.vtep_mac {
-                skipped.push(Skipped::of(p, format!("VTEP MAC {vtep_mac} is ours")));
-                continue;
-            }
-            let owner = p.node.clone().unwrap_or_else(|| p.key.to_cidrs());
-            if let Some(first) = macs.get(vtep_mac) {
-                skipped.push(Skipped::of(
-                    p,
-                    format!("VTEP MAC {vtep_mac} is already used by {first}"),
-                ));
-                continue;
-            }
-            macs.insert(*vtep_mac, owner);
-            if self.cfg.direct_routing && local.ext.addr.contains(&p.public_ip) {
-                st.routes.insert(
-                    IpNet::V4(p.subnet),
-                    RouteTarget {
-                        via: IpAddr::V4(p.public_ip),
-                        dev: ext.clone(),
-                        onlink: false,
-                    },
-                );
-                continue;
-            }
-            let gw = IpAddr::V4(p.subnet.network());
-            st.neighbours.insert((dev.clone(), gw), *vtep_mac);
-            st.fdb
-                .insert((dev.clone(), *vtep_mac), IpAddr::V4(p.public_ip));
+        st
+    }
+
+    fn refuse(&self, local: &LocalNode, p: &Peer) -> Option<String> {
+        let BackendData::Vxlan { vni, vtep_mac } = &p.backend else {
+            return Some("not a vxlan lease".into());
+        };
+        if *vni != self.cfg.vni {
+            return Some(format!("VNI {vni} differs from ours ({})", self.cfg.vni));
+        }
+        (*vtep_mac == local.vtep_mac).then(|| format!("VTEP MAC {vtep_mac} is ours"))
+    }
+
+    fn claims(&self, p: &Peer) -> Option<Claim> {
+        match &p.backend {
+            BackendData::Vxlan { vtep_mac, .. } => Some(Claim::VtepMac(*vtep_mac)),
+            _ => None,
+        }
+    }
+
+    fn add(&self, local: &LocalNode, ext: &Dev, p: &Peer, st: &mut NetState) {
+        let BackendData::Vxlan { vtep_mac, .. } = &p.backend else {
+            return;
+        };
+        let dev = &self.device;
+        if self.cfg.direct_routing && local.ext.addr.contains(&p.public_ip) {
             st.routes.insert(
                 IpNet::V4(p.subnet),
                 RouteTarget {
-                    via: gw,
+                    via: IpAddr::V4(p.public_ip),
+                    dev: ext.clone(),
+                    onlink: false,
+                },
+            );
+            return;
+        }
+        let gw = IpAddr::V4(p.subnet.network());
+        st.neighbours.insert((dev.clone(), gw), *vtep_mac);
+        st.fdb
+            .insert((dev.clone(), *vtep_mac), IpAddr::V4(p.public_ip));
+        st.routes.insert(
+            IpNet::V4(p.subnet),
+            RouteTarget {
+                via: gw,
+                dev: dev.clone(),
+                onlink: true,
+            },
+        );
+        if let (Some(s6), Some(_)) = (p.subnet6, local.subnet.ipv6()) {
+            let gw6 = IpAddr::V6(s6.network());
+            st.neighbours.insert((dev.clone(), gw6), *vtep_mac);
+            st.routes.insert(
+                IpNet::V6(s6),
+                RouteTarget {
+                    via: gw6,
                     dev: dev.clone(),
                     onlink: true,
                 },
             );
-            if let (Some(s6), Some(_)) = (p.subnet6, local.subnet.ipv6()) {
-                let gw6 = IpAddr::V6(s6.network());
-                st.neighbours.insert((dev.clone(), gw6), *vtep_mac);
-                st.routes.insert(
-                    IpNet::V6(s6),
-                    RouteTarget {
-                        via: gw6,
-                        dev: dev.clone(),
-                        onlink: true,
-                    },
-                );
-            }
         }
-        (st, skipped)
     }
 }

@@ -10,14 +10,16 @@
 //!    the lab's etcd; the time until it has programmed them all and its
 //!    resident memory then.
 
-use crate::stats::{ms, summary};
+use crate::stats::{ms, status_kib, summary};
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_backends::peer::read;
-use weft_backends::{vtep_mac, Dataplane, ExternalIface, LocalNode, NetlinkDataplane, Vxlan};
+use weft_backends::{
+    route_metric, vtep_mac, Dataplane, ExternalIface, LocalNode, NetlinkDataplane, Vxlan,
+};
 use weft_config::{NetworkConfig, VxlanConfig};
 use weft_lease::api::LeaseView;
 use weft_lease::{BackendData, Lease, LeaseAttrs, SubnetKey};
@@ -40,7 +42,20 @@ pub struct Args {
     no_daemon: bool,
 }
 
-const NETWORK: &str = r#"{"Network":"10.244.0.0/16","SubnetLen":29}"#;
+/// The network for `total` peers (and the local node): 10.244.0.0/16 in
+/// /29s while that holds them, else 10.240.0.0/12 in /29s (131,070
+/// subnets). Peer subnets count up from 10.244.0.8 either way.
+pub fn network_for(total: u32) -> Result<&'static str> {
+    ensure!(
+        total <= 90_000,
+        "at most 90,000 peers fit the benchmark's network"
+    );
+    Ok(if total < 8_190 {
+        r#"{"Network":"10.244.0.0/16","SubnetLen":29}"#
+    } else {
+        r#"{"Network":"10.240.0.0/12","SubnetLen":29}"#
+    })
+}
 
 /// Peer `i`'s subnet (a /29 of 10.244.0.0/16, skipping the first) and addresses.
 pub fn peer(i: u32) -> (SubnetKey, String, BackendData) {
@@ -86,7 +101,7 @@ fn host_ns() -> Result<Netns> {
     Ok(ns)
 }
 
-fn local(ns: &Netns) -> Result<LocalNode> {
+fn local(ns: &Netns, network: &str) -> Result<LocalNode> {
     let idx = ns.ip_json(&["link", "show", "eth0"])?[0]["ifindex"]
         .as_u64()
         .context("ifindex")? as u32;
@@ -100,19 +115,18 @@ fn local(ns: &Netns) -> Result<LocalNode> {
             mtu: 1500,
             addr: "198.18.0.1/16".parse()?,
         },
-        Arc::new(NetworkConfig::parse(NETWORK)?),
+        Arc::new(NetworkConfig::parse(network)?),
     ))
 }
 
 fn table(range: impl Iterator<Item = u32>) -> PeerTable {
-    PeerTable {
-        synced: true,
-        revision: 1,
-        leases: range
+    PeerTable::new(
+        1,
+        range
             .map(lease)
             .map(|l| (l.key, read(&l)))
             .collect::<BTreeMap<_, _>>(),
-    }
+    )
 }
 
 /// weft's reconcile: from empty, single changes, and a pass with nothing to do.
@@ -121,7 +135,7 @@ async fn weft(
     changes: u32,
 ) -> Result<(Duration, Vec<Duration>, Vec<Duration>, Duration, usize)> {
     let ns = host_ns()?;
-    let local = local(&ns)?;
+    let local = local(&ns, network_for(n + changes)?)?;
     let dp = Arc::new(NetlinkDataplane::in_netns(&ns.path())?);
     let status = Arc::new(Status::new("bench"));
     let mut r = Reconciler::new(
@@ -148,7 +162,7 @@ async fn weft(
     let mut removes = Vec::new();
     for k in 0..changes {
         let extra = lease(n + k);
-        t.leases.insert(extra.key, read(&extra));
+        t.insert(extra.key, read(&extra));
         // As the daemon does when a lease arrives.
         let s = Instant::now();
         let o = r.reconcile(&local, &t, Pass::Event).await;
@@ -159,7 +173,7 @@ async fn weft(
             o.changes,
             o.errors
         );
-        t.leases.remove(&extra.key);
+        t.remove(&extra.key);
         let s = Instant::now();
         let o = r.reconcile(&local, &t, Pass::Event).await;
         removes.push(s.elapsed());
@@ -180,8 +194,9 @@ async fn weft(
     Ok((full, adds, removes, idle, objects))
 }
 
-/// iproute2 making the same objects from batch files.
-fn floor(n: u32) -> Result<Duration> {
+/// iproute2 making the same objects from batch files; with `metrics`
+/// false, routes as flannel makes them (all with metric 0).
+fn floor(n: u32, metrics: bool) -> Result<Duration> {
     let ns = host_ns()?;
     let dir = tempfile_dir()?;
     let own = vtep_mac("bench-local");
@@ -206,10 +221,15 @@ fn floor(n: u32) -> Result<Duration> {
             fdb,
             "fdb replace {vtep_mac} dev weft.1 dst {ip} self permanent"
         )?;
+        let metric = if metrics {
+            route_metric(&ipnet::IpNet::V4(net))
+        } else {
+            0
+        };
         writeln!(
             routes,
-            "route replace {net} via {} dev weft.1 onlink proto 87",
-            net.network()
+            "route replace {net} via {} dev weft.1 onlink proto 87 metric {metric}",
+            net.network(),
         )?;
     }
     let files = [("links", links), ("fdb", fdb), ("routes", routes)];
@@ -237,23 +257,15 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
     Ok(d)
 }
 
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmRSS")
-}
-
 /// The daemon following N leases written to the lab's etcd.
-fn daemon(n: u32) -> Result<(Duration, u64, u64)> {
+fn daemon(n: u32) -> Result<(Duration, u64, u64, u64)> {
+    let network = network_for(n + 1)?;
     let mut cfg = LabConfig::for_test(1, "vxlan");
     cfg.name = format!("b{}", std::process::id());
     cfg.pods_per_host = 0;
-    cfg.network = Some(NETWORK.to_string());
+    cfg.network = Some(network.to_string());
     let lab = Lab::up(cfg)?;
-    let before = rss_kib(lab.pid("node-1")?)?;
+    let before = status_kib(lab.pid("node-1")?, "VmRSS:")?;
     let own = lab.host(1)?.subnet;
     let exe = std::env::current_exe()?;
     let start = Instant::now();
@@ -283,9 +295,10 @@ fn daemon(n: u32) -> Result<(Duration, u64, u64)> {
     let took = start.elapsed();
     // One more resync with everything in place before reading the memory.
     std::thread::sleep(Duration::from_secs(3));
-    let after = rss_kib(lab.pid("node-1")?)?;
+    let pid = lab.pid("node-1")?;
+    let (after, peak) = (status_kib(pid, "VmRSS:")?, status_kib(pid, "VmHWM:")?);
     lab.down()?;
-    Ok((took, before, after))
+    Ok((took, before, after, peak))
 }
 
 pub async fn run_bench(args: Args) -> Result<()> {
@@ -300,7 +313,10 @@ pub async fn run_bench(args: Args) -> Result<()> {
                 .block_on(weft(n, changes))
         })
         .await??;
-        let floor = tokio::task::spawn_blocking(move || floor(n)).await??;
+        let (floor, flannel) = tokio::task::spawn_blocking(move || {
+            Ok::<_, anyhow::Error>((floor(n, true)?, floor(n, false)?))
+        })
+        .await??;
         println!("reconcile {n} vxlan peers ({objects} kernel objects) from empty:");
         println!(
             "  weft      {:.3} s ({:.0} objects/s)",
@@ -315,6 +331,11 @@ pub async fn run_bench(args: Args) -> Result<()> {
             "  ratio     {:.2}x the floor",
             full.as_secs_f64() / floor.as_secs_f64()
         );
+        println!(
+            "  iproute2, every route with metric 0 (as flannel makes them): {:.3} s ({:.1}x weft)",
+            flannel.as_secs_f64(),
+            flannel.as_secs_f64() / full.as_secs_f64()
+        );
         println!("  one peer added:   {}", summary(&mut adds));
         println!("  one peer removed: {}", summary(&mut removes));
         println!(
@@ -322,12 +343,14 @@ pub async fn run_bench(args: Args) -> Result<()> {
             ms(idle)
         );
         if !args.no_daemon {
-            let (took, before, after) = tokio::task::spawn_blocking(move || daemon(n)).await??;
+            let (took, before, after, peak) =
+                tokio::task::spawn_blocking(move || daemon(n)).await??;
             println!(
-                "  daemon: {n} leases followed and programmed in {:.2} s; RSS {:.1} MiB (idle before: {:.1} MiB)",
+                "  daemon: {n} leases followed and programmed in {:.2} s; RSS {:.1} MiB (idle before: {:.1} MiB, peak {:.1} MiB)",
                 took.as_secs_f64(),
                 after as f64 / 1024.0,
-                before as f64 / 1024.0
+                before as f64 / 1024.0,
+                peak as f64 / 1024.0
             );
         }
     }
@@ -361,4 +384,27 @@ pub async fn inject(count: u32, skip: Option<String>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_network_holds_every_peer_and_the_local_node() {
+        for total in [1, 8_189, 8_190, 50_020, 90_000] {
+            let cfg = NetworkConfig::parse(network_for(total).unwrap()).unwrap();
+            let pool = cfg.ipv4.as_ref().unwrap();
+            let local: SubnetKey = "10.244.0.0-29".parse().unwrap();
+            assert!(pool.network().contains(&local.ipv4().unwrap()));
+            let last = peer(total - 1).0.ipv4().unwrap();
+            assert!(
+                pool.network().contains(&last),
+                "{last} outside {} for {total} peers",
+                pool.network()
+            );
+            assert_eq!(last.prefix_len(), pool.subnet_len());
+        }
+        assert!(network_for(90_001).is_err());
+    }
 }

@@ -208,7 +208,7 @@ impl Keeper {
         }
         let key = current.lease.key.to_cidrs();
         let name = self.opts.node_name.as_str();
-        let changed = match table.leases.get(&current.lease.key) {
+        let changed = match table.leases().get(&current.lease.key) {
             None => {
                 return Some(format!(
                     "our lease is gone from the store: {key} (released, or deleted by someone; \
@@ -241,7 +241,7 @@ impl Keeper {
     /// Renews the lease for ever; re-acquires when it is gone or no longer
     /// fits the network, and at once when the store shows it gone or
     /// changed by someone else (a renewal may be an hour away).
-    async fn keep(self, mut current: LeaseResponse, mut table: watch::Receiver<Arc<PeerTable>>) {
+    async fn keep(self, mut current: LeaseResponse, mut table: watch::Receiver<PeerTable>) {
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         let mut delay = renew_interval(&current);
         let mut following = true;
@@ -256,8 +256,8 @@ impl Keeper {
                             following = false;
                             continue;
                         }
-                        let t = table.borrow_and_update().clone();
-                        if let Some(why) = self.tampered(&current, &t) {
+                        let tampered = self.tampered(&current, &table.borrow_and_update());
+                        if let Some(why) = tampered {
                             break Some(why);
                         }
                     }
@@ -604,7 +604,7 @@ async fn start(
     let network = Arc::new(network);
     keeper.install(&lease, network).await?;
 
-    let (peers_tx, peers_rx) = watch::channel(Arc::new(PeerTable::default()));
+    let (peers_tx, peers_rx) = watch::channel(PeerTable::default());
     tasks.spawn(peers::follow(
         client.clone(),
         peers_tx,

@@ -33,7 +33,7 @@ fn first_v4(i: &Interface) -> Option<Ipv4Net> {
 
 fn to_ext(i: &Interface, addr: Ipv4Net) -> ExternalIface {
     ExternalIface {
-        name: i.name.clone(),
+        name: i.name.as_str().into(),
         index: i.index,
         mtu: i.mtu,
         addr,
@@ -139,7 +139,7 @@ mod tests {
         let all = ifaces();
         let c = choose(&all, None, &IfaceChoice::Name("eth0".into()), None).unwrap();
         assert_eq!(
-            (c.ext.name.as_str(), c.public_ip.to_string()),
+            (&*c.ext.name, c.public_ip.to_string()),
             ("eth0", "198.18.0.11".into())
         );
         assert_eq!(c.ext.addr.to_string(), "198.18.0.11/16");
@@ -150,7 +150,7 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(c.ext.name, "eth1");
+        assert_eq!(&*c.ext.name, "eth1");
         let c = choose(
             &all,
             None,
@@ -158,9 +158,9 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(c.ext.name, "eth1");
+        assert_eq!(&*c.ext.name, "eth1");
         let c = choose(&all, Some(2), &IfaceChoice::DefaultRoute, None).unwrap();
-        assert_eq!(c.ext.name, "eth0");
+        assert_eq!(&*c.ext.name, "eth0");
         // Behind NAT: the interface is eth0, the published address another.
         let c = choose(
             &all,
@@ -170,7 +170,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            (c.ext.name.as_str(), c.public_ip.to_string()),
+            (&*c.ext.name, c.public_ip.to_string()),
             ("eth0", "192.88.99.9".into())
         );
     }

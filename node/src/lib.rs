@@ -12,6 +12,7 @@ pub mod health;
 pub mod iface;
 pub mod keystore;
 pub mod masq;
+pub mod memory;
 pub mod peers;
 pub mod reconcile;
 pub mod rekey;

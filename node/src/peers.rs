@@ -1,12 +1,15 @@
 //! Following the leases: list, then the controller's watch stream; re-list
 //! when told to (410, an error line), reconnect when the stream ends or
 //! goes silent. The result is one table of leases, shared through a
-//! `watch` channel: bursts of changes collapse into the latest table.
+//! `watch` channel: bursts of changes collapse into the latest table, and
+//! the table's change log tells a reader which leases changed since it
+//! last looked (so a reconcile pass can work on those alone).
 
 use crate::retry::{until_ok, Backoff};
 use crate::status::Status;
 use futures::StreamExt;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -15,20 +18,134 @@ use weft_lease::api::WatchKind;
 use weft_lease::client::ControllerClient;
 use weft_lease::SubnetKey;
 
-/// All leases as last seen, each read and checked once on arrival.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// All leases as last seen, each read and checked once on arrival, and
+/// the latest changes to them.
+#[derive(Debug)]
 pub struct PeerTable {
     /// Whether a full list has been loaded; until then nothing is
     /// reconciled (a restart must not remove routes it has not seen yet).
     pub synced: bool,
     pub revision: i64,
-    pub leases: BTreeMap<SubnetKey, Candidate>,
+    leases: BTreeMap<SubnetKey, Candidate>,
+    /// This table's number among tables: a new list starts a new one.
+    id: u64,
+    /// The number of the first change in `log`.
+    first: u64,
+    /// The latest changes: the key, and what it held before.
+    log: VecDeque<(SubnetKey, Option<Candidate>)>,
+}
+
+/// Changes kept for readers that look later. A reader further behind
+/// reads the whole table instead; at most this many old leases are kept.
+const LOG_LEN: usize = 1024;
+
+/// Where a reader of a table got to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    table: u64,
+    seq: u64,
+}
+
+/// A key that changed: what it held then, and what it holds now.
+pub type Changed<'a> = (SubnetKey, Option<&'a Candidate>, Option<&'a Candidate>);
+
+fn next_id() -> u64 {
+    static TABLES: AtomicU64 = AtomicU64::new(1);
+    TABLES.fetch_add(1, Ordering::Relaxed)
+}
+
+impl Default for PeerTable {
+    fn default() -> Self {
+        PeerTable {
+            synced: false,
+            revision: 0,
+            leases: BTreeMap::new(),
+            id: next_id(),
+            first: 0,
+            log: VecDeque::new(),
+        }
+    }
+}
+
+impl PeerTable {
+    /// A loaded table (`synced`) of these leases.
+    pub fn new(revision: i64, leases: BTreeMap<SubnetKey, Candidate>) -> Self {
+        PeerTable {
+            synced: true,
+            revision,
+            leases,
+            ..PeerTable::default()
+        }
+    }
+
+    /// Every lease.
+    pub fn leases(&self) -> &BTreeMap<SubnetKey, Candidate> {
+        &self.leases
+    }
+
+    /// Puts in or replaces the lease at `key`.
+    pub fn insert(&mut self, key: SubnetKey, lease: Candidate) {
+        let before = self.leases.insert(key, lease);
+        self.logged(key, before);
+    }
+
+    /// Takes out the lease at `key`, if there is one.
+    pub fn remove(&mut self, key: &SubnetKey) {
+        if let Some(before) = self.leases.remove(key) {
+            self.logged(*key, Some(before));
+        }
+    }
+
+    /// Loads a full list: a new table as far as readers can tell.
+    pub fn load(&mut self, revision: i64, leases: BTreeMap<SubnetKey, Candidate>) {
+        *self = PeerTable::new(revision, leases);
+    }
+
+    fn logged(&mut self, key: SubnetKey, before: Option<Candidate>) {
+        self.log.push_back((key, before));
+        if self.log.len() > LOG_LEN {
+            self.log.pop_front();
+            self.first += 1;
+        }
+    }
+
+    /// Where a reader that has seen the table as it is now got to.
+    pub fn mark(&self) -> Mark {
+        Mark {
+            table: self.id,
+            seq: self.first + self.log.len() as u64,
+        }
+    }
+
+    /// The keys that changed since `mark`, each once, with what it held
+    /// at `mark` and holds now (keys that changed back are left out);
+    /// `None` when the log does not reach back that far or this is
+    /// another table.
+    pub fn changes_since(&self, mark: Mark) -> Option<Vec<Changed<'_>>> {
+        if mark.table != self.id || mark.seq < self.first {
+            return None;
+        }
+        let from = usize::try_from(mark.seq - self.first).ok()?;
+        let mut then: Vec<(SubnetKey, Option<&Candidate>)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (key, before) in self.log.iter().skip(from) {
+            if seen.insert(*key) {
+                then.push((*key, before.as_ref()));
+            }
+        }
+        Some(
+            then.into_iter()
+                .map(|(key, before)| (key, before, self.leases.get(&key)))
+                .filter(|(_, before, now)| before != now)
+                .collect(),
+        )
+    }
 }
 
 /// Follows the controller's leases into `tx`, forever.
 pub async fn follow(
     client: ControllerClient,
-    tx: watch::Sender<Arc<PeerTable>>,
+    tx: watch::Sender<PeerTable>,
     silence: Duration,
     status: Arc<Status>,
 ) {
@@ -36,12 +153,9 @@ pub async fn follow(
     loop {
         let list = until_ok("listing leases from the controller", || client.list(false)).await;
         let n = list.leases.len();
-        tx.send_modify(|t| {
-            let t = Arc::make_mut(t);
-            t.synced = true;
-            t.revision = list.revision;
-            t.leases = list.leases.iter().map(|l| (l.key, read(l))).collect();
-        });
+        let leases = list.leases.iter().map(|l| (l.key, read(l))).collect();
+        drop(list.leases);
+        tx.send_modify(|t| t.load(list.revision, leases));
         tracing::info!(leases = n, revision = list.revision, "lease list loaded");
         let mut from = list.revision + 1;
         // Watch until a re-list is needed.
@@ -84,12 +198,11 @@ pub async fn follow(
                         let put = line.kind == WatchKind::Put;
                         tracing::debug!(subnet = %lease.key, node = ?lease.node_name, put, "lease changed");
                         tx.send_modify(|t| {
-                            let t = Arc::make_mut(t);
                             t.revision = t.revision.max(line.revision);
                             if put {
-                                t.leases.insert(lease.key, read(&lease));
+                                t.insert(lease.key, read(&lease));
                             } else {
-                                t.leases.remove(&lease.key);
+                                t.remove(&lease.key);
                             }
                         });
                     }

@@ -54,6 +54,8 @@ pub struct Status {
     pub skipped: Gauge,
     pub reconcile_seconds: Histogram,
     pub reconciles: Counter,
+    /// Passes that planned and compared only the leases that changed.
+    pub reconciles_changed_only: Counter,
     pub reconcile_errors: Counter,
     pub changes: Counter,
     pub last_success: Gauge,
@@ -87,6 +89,12 @@ impl Status {
         );
         let reconciles = Counter::default();
         registry.register("reconciles", "Reconcile passes", reconciles.clone());
+        let reconciles_changed_only = Counter::default();
+        registry.register(
+            "reconciles_changed_only",
+            "Reconcile passes that computed and compared only the leases that changed",
+            reconciles_changed_only.clone(),
+        );
         let reconcile_errors = Counter::default();
         registry.register(
             "reconcile_errors",
@@ -138,6 +146,7 @@ impl Status {
             skipped,
             reconcile_seconds,
             reconciles,
+            reconciles_changed_only,
             reconcile_errors,
             changes,
             last_success,

@@ -56,30 +56,28 @@ fn lease_with(i: u32, backend: BackendData) -> LeaseView {
     LeaseView::new(&l, true, None)
 }
 
-fn table(ids: &[u32]) -> Arc<PeerTable> {
-    Arc::new(PeerTable {
-        synced: true,
-        revision: 1,
-        leases: ids
-            .iter()
+fn table(ids: &[u32]) -> PeerTable {
+    PeerTable::new(
+        1,
+        ids.iter()
             .map(|i| lease(*i))
             .map(|l| (l.key, read(&l)))
             .collect(),
-    })
+    )
 }
 
 struct Setup {
     fake: Arc<FakeDataplane>,
     status: Arc<Status>,
     local: watch::Sender<Option<Arc<LocalNode>>>,
-    peers: watch::Sender<Arc<PeerTable>>,
+    peers: watch::Sender<PeerTable>,
 }
 
 fn start(resync: Duration) -> Setup {
     let fake = Arc::new(FakeDataplane::with_devices(&["eth0"]));
     let status = Arc::new(Status::new("host-1"));
     let (local_tx, local_rx) = watch::channel(None);
-    let (peers_tx, peers_rx) = watch::channel(Arc::new(PeerTable::default()));
+    let (peers_tx, peers_rx) = watch::channel(PeerTable::default());
     let r = Reconciler::new(
         fake.clone(),
         Arc::new(Vxlan::new(VxlanConfig::default())),
@@ -199,10 +197,10 @@ async fn bad_leases_are_skipped_and_listed() {
     let s = start(Duration::from_secs(10));
     let mut bad = lease(5);
     bad.backend_data = Some(serde_json::json!({"garbage": true}));
-    let mut t = (*table(&[2])).clone();
-    t.leases.insert(bad.key, read(&bad));
+    let mut t = table(&[2]);
+    t.insert(bad.key, read(&bad));
     s.local.send_replace(Some(local("10.244.1.0-24")));
-    s.peers.send_replace(Arc::new(t));
+    s.peers.send_replace(t);
     settle().await;
     let snap = s.status.snapshot();
     assert_eq!(snap.peers, 1);
@@ -304,7 +302,7 @@ struct IpsecLoop {
     fake: Arc<FakeDataplane>,
     ipsec: Arc<Ipsec>,
     kicker: Kicker,
-    peers: watch::Sender<Arc<PeerTable>>,
+    peers: watch::Sender<PeerTable>,
     /// Kept: the loop stops when its senders go away.
     _local: watch::Sender<Option<Arc<LocalNode>>>,
 }
@@ -315,7 +313,7 @@ fn ipsec_loop(timing: Timing) -> IpsecLoop {
     let ipsec = Arc::new(Ipsec::new(NodeKey::generate(1).unwrap(), None, timing));
     ipsec.published(1);
     let (local_tx, local_rx) = watch::channel(None);
-    let (peers, peers_rx) = watch::channel(Arc::new(PeerTable::default()));
+    let (peers, peers_rx) = watch::channel(PeerTable::default());
     let r = Reconciler::new(fake.clone(), ipsec.clone(), status);
     let kicker = r.kicker();
     tokio::spawn(r.run(local_rx, peers_rx, Duration::from_secs(3600)));
@@ -334,13 +332,9 @@ fn ipsec_loop(timing: Timing) -> IpsecLoop {
 }
 
 /// A peer table holding host 2 with key `k`.
-fn ipsec_peer(k: &NodeKey) -> Arc<PeerTable> {
+fn ipsec_peer(k: &NodeKey) -> PeerTable {
     let l = ipsec_lease(2, k);
-    Arc::new(PeerTable {
-        synced: true,
-        revision: 1,
-        leases: [(l.key, read(&l))].into_iter().collect(),
-    })
+    PeerTable::new(1, [(l.key, read(&l))].into_iter().collect())
 }
 
 #[tokio::test(start_paused = true)]
@@ -464,4 +458,59 @@ async fn ipsec_switches_happen_on_time_without_waiting_for_the_resync_and_kicks_
             "198.18.0.12".parse().unwrap()
         ]))
     );
+}
+
+/// What a pass that plans every lease makes of `t`.
+fn desired_for(t: &PeerTable, l: &LocalNode) -> weft_backends::NetState {
+    use weft_backends::peer::{select, HostView};
+    use weft_backends::Backend;
+    let vx = Vxlan::new(VxlanConfig::default());
+    let (peers, _) = select(
+        t.leases().values(),
+        l,
+        weft_config::BackendType::Vxlan,
+        &HostView::default(),
+    );
+    vx.desired(l, &peers).0
+}
+
+#[tokio::test(start_paused = true)]
+async fn single_lease_changes_are_planned_alone_and_end_where_a_full_pass_would() {
+    let s = start(Duration::from_secs(3600));
+    let l = local("10.244.1.0-24");
+    s.local.send_replace(Some(l.clone()));
+    s.peers.send_replace(table(&[2, 3]));
+    settle().await;
+    let alone = || s.status.reconciles_changed_only.get();
+    assert_eq!(alone(), 0, "a new table is planned whole");
+    // Host 5 claims host 4's public IP; host 3 moves to another IP.
+    let mut clone = lease(5);
+    clone.public_ip = lease(4).public_ip;
+    let mut moved = lease(3);
+    moved.public_ip = Some("198.18.0.99".parse().unwrap());
+    let steps: Vec<(&str, LeaseView, bool, bool)> = vec![
+        ("host 4 joins", lease(4), true, true),
+        ("host 2 leaves", lease(2), false, true),
+        ("host 3 moves", moved, true, true),
+        ("host 5 claims host 4's IP", clone.clone(), true, false),
+        ("host 4 leaves, host 5 gets its IP", lease(4), false, false),
+        ("host 6 joins", lease(6), true, true),
+    ];
+    for (what, l2, put, planned_alone) in steps {
+        let before = alone();
+        s.peers.send_modify(|t| {
+            if put {
+                t.insert(l2.key, read(&l2));
+            } else {
+                t.remove(&l2.key);
+            }
+        });
+        settle().await;
+        assert_eq!(alone() - before, u64::from(planned_alone), "{what}");
+        let want = desired_for(&s.peers.borrow(), &l);
+        assert_eq!(s.fake.observe().await.unwrap(), want, "{what}");
+    }
+    let snap = s.status.snapshot();
+    assert_eq!(snap.peers, 3, "hosts 3, 5 and 6: {snap:?}");
+    assert!(snap.skipped.is_empty(), "{:?}", snap.skipped);
 }

@@ -5,7 +5,8 @@ use serde_json::Value;
 use std::sync::Arc;
 use weft_backends::peer::{select_leases as select, HostView};
 use weft_backends::{
-    diff, vtep_mac, Backend, Dataplane, ExternalIface, HostGw, LocalNode, NetlinkDataplane, Vxlan,
+    diff, route_metric, vtep_mac, Backend, Change, Dataplane, ExternalIface, HostGw, LocalNode,
+    NetlinkDataplane, Vxlan,
 };
 use weft_config::{NetworkConfig, VxlanConfig};
 use weft_lease::api::LeaseView;
@@ -235,6 +236,76 @@ async fn a_departed_peer_is_removed_and_hand_deletions_come_back() {
     assert!(routes(&ns).is_empty());
     assert_eq!(reconcile(&dp, &b, &local, &ls[..2]).await, 1 + 1 + 2 * 3);
     assert_eq!(routes(&ns).len(), 2);
+}
+
+/// Each of weft's routes with its metric, as `ip -j route` shows it.
+fn metrics(ns: &Netns) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = routes(ns)
+        .iter()
+        .map(|r| {
+            (
+                r["dst"].as_str().unwrap().to_string(),
+                r["metric"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root; run by scripts/test"]
+async fn routes_left_without_their_metric_are_replaced_without_a_gap() {
+    let ns = host();
+    let local = local(&ns);
+    let dp = NetlinkDataplane::in_netns(&ns.path()).unwrap();
+    let b = Vxlan::new(VxlanConfig::default());
+    let ls = leases(3, vx);
+    reconcile(&dp, &b, &local, &ls).await;
+    let want: Vec<(String, u64)> = (2..5)
+        .map(|i| {
+            let dst: ipnet::IpNet = format!("10.244.{i}.0/24").parse().unwrap();
+            (dst.to_string(), u64::from(route_metric(&dst)))
+        })
+        .collect();
+    assert_eq!(
+        metrics(&ns),
+        want,
+        "each route has its destination's metric"
+    );
+    // As a weft without metrics left them, and a second route to one
+    // destination.
+    ns.ip(&["route", "flush", "proto", "87"]).unwrap();
+    for i in 2..5 {
+        let (dst, via) = (format!("10.244.{i}.0/24"), format!("10.244.{i}.0"));
+        let add = [
+            "route", "add", &dst, "via", &via, "dev", "weft.1", "onlink", "proto", "87",
+        ];
+        ns.ip(&add).unwrap();
+    }
+    let mut second = vec!["route", "add", "10.244.3.0/24", "via", "10.244.3.0"];
+    second.extend(["dev", "weft.1", "onlink", "proto", "87", "metric", "7"]);
+    ns.ip(&second).unwrap();
+    let have = dp.observe().await.unwrap();
+    assert!(have.routes.is_empty(), "{:?}", have.routes);
+    assert_eq!(have.stray_routes.len(), 4, "{:?}", have.stray_routes);
+    let (peers, _) = select(&ls, &local, b.backend_type(), &HostView::default());
+    let (st, _) = b.desired(&local, &peers.iter().collect::<Vec<_>>());
+    let changes = diff(&st, &have);
+    // New routes first, then the old ones go: a destination never has
+    // no route.
+    let kinds: Vec<&str> = changes
+        .iter()
+        .map(|c| match c {
+            Change::SetRoute { replace: false, .. } => "add",
+            Change::DelStrayRoute { .. } => "del",
+            other => panic!("unexpected change {other}"),
+        })
+        .collect();
+    assert_eq!(kinds, ["add", "add", "add", "del", "del", "del", "del"]);
+    assert!(dp.apply(&changes).await.is_empty());
+    assert_eq!(metrics(&ns), want);
+    assert_eq!(dp.observe().await.unwrap(), st);
 }
 
 fn run_bridge(ns: &Netns, args: &[&str]) {

@@ -34,7 +34,7 @@ use crate::backend::Backend;
 use crate::local::LocalNode;
 use crate::peer::{Peer, Skipped};
 use crate::state::{
-    dev, NetState, RouteTarget, XfrmDir, XfrmPolicyId, XfrmSa, XfrmSaId, XfrmTmpl, WEFT_XFRM_REQID,
+    NetState, RouteTarget, XfrmDir, XfrmPolicyId, XfrmSa, XfrmSaId, XfrmTmpl, WEFT_XFRM_REQID,
 };
 use ipnet::IpNet;
 use keys::{derive_pair, End, NodeKey, PairSas};
@@ -326,7 +326,7 @@ impl Ipsec {
         let mut skipped = Vec::new();
         let mut ring = self.ring();
         let published = ring.published;
-        let ext = dev(&local.ext.name);
+        let ext = local.ext.name.clone();
         let Some(my_subnet) = local.subnet.ipv4() else {
             return (st, skipped);
         };
