@@ -68,6 +68,34 @@ pub trait PerPeer: Send + Sync {
     fn add(&self, local: &LocalNode, ext: &Dev, p: &Peer, st: &mut NetState);
 }
 
+/// The peers among `peers` that `b` does not refuse; the refused ones go
+/// to `skipped`.
+pub fn programmable<'a>(
+    b: &dyn PerPeer,
+    local: &LocalNode,
+    peers: impl IntoIterator<Item = &'a Peer>,
+    skipped: &mut Vec<Skipped>,
+) -> Vec<&'a Peer> {
+    let mut fit = Vec::new();
+    for p in peers {
+        match b.refuse(local, p) {
+            Some(reason) => skipped.push(Skipped::of(p, reason)),
+            None => fit.push(p),
+        }
+    }
+    fit
+}
+
+/// `b`'s base with the objects of `peers` added.
+pub fn with_peers(b: &dyn PerPeer, local: &LocalNode, peers: &[&Peer]) -> NetState {
+    let mut st = b.base(local);
+    let ext = local.ext.name.clone();
+    for p in peers {
+        b.add(local, &ext, p, &mut st);
+    }
+    st
+}
+
 /// The whole desired state of a [`PerPeer`] backend for `peers` (already
 /// [`crate::peer::select`]ed): the base, then every peer this backend can
 /// program, the older lease keeping what two of them claim.
@@ -76,20 +104,10 @@ pub fn per_peer_desired(
     local: &LocalNode,
     peers: &[&Peer],
 ) -> (NetState, Vec<Skipped>) {
-    let mut st = b.base(local);
     let mut skipped = Vec::new();
-    let mut fit = Vec::with_capacity(peers.len());
-    for p in peers {
-        match b.refuse(local, p) {
-            Some(reason) => skipped.push(Skipped::of(p, reason)),
-            None => fit.push(*p),
-        }
-    }
-    let ext = local.ext.name.clone();
-    for p in resolve(fit, |p| b.claims(p), &mut skipped) {
-        b.add(local, &ext, p, &mut st);
-    }
-    (st, skipped)
+    let fit = programmable(b, local, peers.iter().copied(), &mut skipped);
+    let peers = resolve(fit, |p| b.claims(p), &mut skipped);
+    (with_peers(b, local, &peers), skipped)
 }
 
 /// Why a backend cannot be used.

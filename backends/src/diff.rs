@@ -132,7 +132,11 @@ pub fn diff(desired: &NetState, observed: &NetState) -> Vec<Change> {
                 dst: *dst,
                 target: target.clone(),
                 // Only weft's own routes are observed: replace those; make
-                // new ones exclusively.
+                // new ones exclusively. Exclusive means only "no route to
+                // dst at weft's metric": a foreign route to the same dst
+                // at another metric does not stop it. Peers whose subnet
+                // has a foreign route are skipped by `peer::judge` (on the
+                // host view of the last full pass).
                 replace: have.is_some() && !gone(&have.expect("some").dev),
             });
         }

@@ -54,24 +54,13 @@ impl PerPeer for HostGw {
         None
     }
 
-    fn add(&self, _local: &LocalNode, ext: &Dev, p: &Peer, st: &mut NetState) {
-        st.routes.insert(
-            IpNet::V4(p.subnet),
-            RouteTarget {
-                via: IpAddr::V4(p.public_ip),
-                dev: ext.clone(),
-                onlink: false,
-            },
-        );
-        if let (Some(s6), Some(ip6)) = (p.subnet6, p.public_ipv6) {
-            st.routes.insert(
-                IpNet::V6(s6),
-                RouteTarget {
-                    via: IpAddr::V6(ip6),
-                    dev: ext.clone(),
-                    onlink: false,
-                },
-            );
+    fn add(&self, local: &LocalNode, ext: &Dev, p: &Peer, st: &mut NetState) {
+        let direct = |via| RouteTarget::direct(via, ext);
+        st.routes
+            .insert(IpNet::V4(p.subnet), direct(IpAddr::V4(p.public_ip)));
+        // IPv6 only in a network with IPv6, where the subnet was checked.
+        if let (Some(s6), Some(ip6), Some(_)) = (p.subnet6, p.public_ipv6, local.subnet.ipv6()) {
+            st.routes.insert(IpNet::V6(s6), direct(IpAddr::V6(ip6)));
         }
     }
 }

@@ -33,6 +33,19 @@ pub struct Skipped {
     pub reason: String,
 }
 
+impl std::fmt::Display for Skipped {
+    /// As the status and the logs show it: subnets, node, reason.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}): {}",
+            self.key.to_cidrs(),
+            self.node.as_deref().unwrap_or("flannel"),
+            self.reason
+        )
+    }
+}
+
 impl Skipped {
     /// `peer` skipped for `reason`.
     pub fn of(peer: &Peer, reason: String) -> Self {
@@ -164,11 +177,14 @@ impl Claim {
     }
 }
 
-/// What every peer holds alone: its subnets and its public IP.
-pub fn claims(p: &Peer) -> impl Iterator<Item = Claim> + Clone {
+/// What every peer holds alone: its subnets and its public IP. Its IPv6
+/// subnet only in a network with IPv6 (otherwise nothing is programmed for
+/// it, and a lease can be of any prefix length there).
+pub fn claims(p: &Peer, local: &LocalNode) -> impl Iterator<Item = Claim> + Clone {
+    let v6 = local.network.ipv6.is_some();
     [
         Some(Claim::Subnet(p.subnet)),
-        p.subnet6.map(Claim::Subnet6),
+        p.subnet6.filter(|_| v6).map(Claim::Subnet6),
         Some(Claim::PublicIp(p.public_ip)),
     ]
     .into_iter()
@@ -273,27 +289,40 @@ where
     kept
 }
 
+/// The leases that fit on their own ([`judge`]); the refused ones go to
+/// `skipped`.
+pub fn fitting<'a>(
+    candidates: impl IntoIterator<Item = &'a Candidate>,
+    local: &LocalNode,
+    backend: BackendType,
+    host: &HostView,
+    skipped: &mut Vec<Skipped>,
+) -> Vec<&'a Peer> {
+    let mut fit = Vec::new();
+    for c in candidates {
+        match judge(c, local, backend, host) {
+            Judged::Ours => {}
+            Judged::Refused(s) => skipped.push(s),
+            Judged::Fits(p) => fit.push(p),
+        }
+    }
+    fit
+}
+
 /// The peers to program, and the leases skipped with the reason (the local
-/// node's own lease is neither): each lease [`judge`]d, then, between
-/// peers, the older lease keeps a subnet or public IP two of them claim
-/// ([`resolve`]). A lease written into etcd by hand can therefore not
-/// divert traffic that is not the cluster's.
+/// node's own lease is neither): the leases that fit on their own
+/// ([`judge`]), then, between peers, the older lease keeps a subnet or
+/// public IP two of them claim ([`resolve`]). A lease written into etcd by
+/// hand can therefore not divert traffic that is not the cluster's.
 pub fn select<'a>(
     candidates: impl IntoIterator<Item = &'a Candidate>,
     local: &LocalNode,
     backend: BackendType,
     host: &HostView,
 ) -> (Vec<&'a Peer>, Vec<Skipped>) {
-    let mut fitting = Vec::new();
     let mut skipped = Vec::new();
-    for c in candidates {
-        match judge(c, local, backend, host) {
-            Judged::Ours => {}
-            Judged::Refused(s) => skipped.push(s),
-            Judged::Fits(p) => fitting.push(p),
-        }
-    }
-    let peers = resolve(fitting, claims, &mut skipped);
+    let fit = fitting(candidates, local, backend, host, &mut skipped);
+    let peers = resolve(fit, |p| claims(p, local), &mut skipped);
     (peers, skipped)
 }
 

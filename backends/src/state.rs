@@ -82,6 +82,26 @@ pub struct RouteTarget {
     pub onlink: bool,
 }
 
+impl RouteTarget {
+    /// Via `via`, a neighbour on `dev`'s network (a peer on our L2).
+    pub fn direct(via: IpAddr, dev: &Dev) -> Self {
+        RouteTarget {
+            via,
+            dev: dev.clone(),
+            onlink: false,
+        }
+    }
+
+    /// Via `via` on `dev`, whatever `dev`'s addresses (a tunnel's far end).
+    pub fn onlink(via: IpAddr, dev: &Dev) -> Self {
+        RouteTarget {
+            via,
+            dev: dev.clone(),
+            onlink: true,
+        }
+    }
+}
+
 /// weft's reqid on every XFRM state and policy template it owns ("weft"
 /// in ASCII); entries with any other reqid are never touched.
 pub const WEFT_XFRM_REQID: u32 = 0x7765_6674;

@@ -125,39 +125,21 @@ impl PerPeer for Vxlan {
         };
         let dev = &self.device;
         if self.cfg.direct_routing && local.ext.addr.contains(&p.public_ip) {
-            st.routes.insert(
-                IpNet::V4(p.subnet),
-                RouteTarget {
-                    via: IpAddr::V4(p.public_ip),
-                    dev: ext.clone(),
-                    onlink: false,
-                },
-            );
+            let to = RouteTarget::direct(IpAddr::V4(p.public_ip), ext);
+            st.routes.insert(IpNet::V4(p.subnet), to);
             return;
         }
         let gw = IpAddr::V4(p.subnet.network());
         st.neighbours.insert((dev.clone(), gw), *vtep_mac);
         st.fdb
             .insert((dev.clone(), *vtep_mac), IpAddr::V4(p.public_ip));
-        st.routes.insert(
-            IpNet::V4(p.subnet),
-            RouteTarget {
-                via: gw,
-                dev: dev.clone(),
-                onlink: true,
-            },
-        );
+        st.routes
+            .insert(IpNet::V4(p.subnet), RouteTarget::onlink(gw, dev));
         if let (Some(s6), Some(_)) = (p.subnet6, local.subnet.ipv6()) {
             let gw6 = IpAddr::V6(s6.network());
             st.neighbours.insert((dev.clone(), gw6), *vtep_mac);
-            st.routes.insert(
-                IpNet::V6(s6),
-                RouteTarget {
-                    via: gw6,
-                    dev: dev.clone(),
-                    onlink: true,
-                },
-            );
+            st.routes
+                .insert(IpNet::V6(s6), RouteTarget::onlink(gw6, dev));
         }
     }
 }

@@ -220,3 +220,77 @@ pub async fn follow(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_backends::Skipped;
+
+    fn key(k: u8) -> SubnetKey {
+        format!("10.244.{k}.0-24").parse().unwrap()
+    }
+
+    /// A lease at `k` told apart by `what` (its content does not matter).
+    fn lease(k: u8, what: &str) -> Candidate {
+        Err(Skipped {
+            key: key(k),
+            node: None,
+            reason: what.into(),
+        })
+    }
+
+    fn keys(changes: &[Changed<'_>]) -> Vec<SubnetKey> {
+        changes.iter().map(|c| c.0).collect()
+    }
+
+    #[test]
+    fn each_changed_key_comes_once_with_its_value_at_the_mark() {
+        let mut t = PeerTable::new(1, [(key(1), lease(1, "a"))].into_iter().collect());
+        let mark = t.mark();
+        assert_eq!(t.changes_since(mark).unwrap(), vec![]);
+        t.insert(key(2), lease(2, "a"));
+        t.insert(key(1), lease(1, "b"));
+        t.insert(key(1), lease(1, "c"));
+        t.insert(key(3), lease(3, "a"));
+        t.remove(&key(3));
+        t.remove(&key(9));
+        let changes = t.changes_since(mark).unwrap();
+        // Key 3 came and went: nothing changed for a reader at `mark`.
+        assert_eq!(keys(&changes), [key(2), key(1)]);
+        assert_eq!(changes[0].1, None);
+        assert_eq!(changes[0].2, Some(&lease(2, "a")));
+        assert_eq!(changes[1].1, Some(&lease(1, "a")), "the value at the mark");
+        assert_eq!(changes[1].2, Some(&lease(1, "c")), "the value now");
+        // A key set back to what it was is no change either.
+        let mark = t.mark();
+        t.insert(key(2), lease(2, "b"));
+        t.insert(key(2), lease(2, "a"));
+        assert_eq!(t.changes_since(mark).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_reader_too_far_behind_or_of_another_table_reads_everything() {
+        let mut t = PeerTable::new(1, BTreeMap::new());
+        let old = t.mark();
+        for i in 0..LOG_LEN {
+            t.insert(key((i % 200) as u8), lease(0, &i.to_string()));
+        }
+        assert!(t.changes_since(old).is_some(), "exactly the log's length");
+        let recent = t.mark();
+        t.insert(key(1), lease(1, "one more"));
+        assert!(
+            t.changes_since(old).is_none(),
+            "the log no longer reaches back"
+        );
+        assert_eq!(keys(&t.changes_since(recent).unwrap()), [key(1)]);
+        // A new list is a new table, even with the same leases.
+        let leases = t.leases().clone();
+        let mark = t.mark();
+        t.load(2, leases);
+        assert!(t.changes_since(mark).is_none());
+        assert!(t.changes_since(t.mark()).is_some());
+        let other = PeerTable::new(2, BTreeMap::new());
+        assert!(other.changes_since(mark).is_none());
+        assert!(t.synced && t.revision == 2);
+    }
+}

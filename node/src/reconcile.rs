@@ -18,7 +18,7 @@
 
 use crate::peers::{Mark, PeerTable};
 use crate::status::Status;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,7 +34,9 @@ use weft_backends::{
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Outcome {
     pub peers: usize,
-    pub skipped: Vec<String>,
+    /// The skipped leases; the same `Arc` from pass to pass while they
+    /// stay the same.
+    pub skipped: Arc<Vec<String>>,
     pub changes: usize,
     pub errors: Vec<String>,
 }
@@ -85,6 +87,28 @@ impl Have {
     }
 }
 
+/// What a pass planned while the lease table was lent to it.
+// One lives for part of a pass, so its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Planned {
+    /// The whole desired state, to compare with `have`.
+    All {
+        want: NetState,
+        have: Have,
+        tally: Tally,
+    },
+    /// The changed leases' parts, to compare with the known state's.
+    Changed { known: NetState, delta: Box<Delta> },
+}
+
+/// Where the counts of programmed and skipped leases are.
+enum Tally {
+    /// In the reconciler's plan.
+    Plan,
+    /// Here (a backend that is not [`PerPeer`]).
+    Whole { peers: usize, skipped: Vec<Skipped> },
+}
+
 /// What the kernel has once a pass's changes are applied.
 enum Then {
     /// The desired state.
@@ -93,22 +117,12 @@ enum Then {
     Patch(NetState, Box<Delta>),
 }
 
-/// A skipped lease as the status and the logs show it.
-fn skip_line(s: &Skipped) -> String {
-    format!(
-        "{} ({}): {}",
-        s.key.to_cidrs(),
-        s.node.as_deref().unwrap_or("flannel"),
-        s.reason
-    )
-}
-
 /// The reconcile loop's state.
 pub struct Reconciler {
     dataplane: Arc<dyn Dataplane>,
     backend: Arc<dyn Backend>,
     status: Arc<Status>,
-    last_skipped: BTreeSet<String>,
+    last_skipped: Arc<Vec<String>>,
     last_errors: BTreeSet<String>,
     /// The kernel's state as the last pass left it; `None` after a failure.
     known: Option<NetState>,
@@ -146,7 +160,7 @@ impl Reconciler {
             dataplane,
             backend,
             status,
-            last_skipped: BTreeSet::new(),
+            last_skipped: Arc::default(),
             last_errors: BTreeSet::new(),
             known: None,
             plan: None,
@@ -205,12 +219,30 @@ impl Reconciler {
                 }
             },
         };
+        let per_peer = self.backend.per_peer().is_some();
         let (planned, leases) = {
             let t = table();
-            (self.plan(local, &t, have, &mut outcome), t.leases().len())
+            (self.plan(local, &t, have), t.leases().len())
         };
-        let whole = !matches!(planned, Some((_, Then::Patch(..))));
-        if let Some((changes, then)) = planned {
+        // The table is free again: compare and tally without it.
+        let (changes, then, rebuilt) = match planned {
+            Planned::Changed { known, delta } => {
+                self.status.reconciles_changed_only.inc();
+                self.tally(Tally::Plan, &mut outcome);
+                // The changed objects, on the same links.
+                let mut want = delta.want.clone();
+                want.links = known.links.clone();
+                let before = known.restricted_to(&delta.gone, &delta.want);
+                let changes = diff(&want, &before);
+                (Some(changes), Then::Patch(known, delta), false)
+            }
+            Planned::All { want, have, tally } => {
+                self.tally(tally, &mut outcome);
+                let changes = have.state().map(|h| diff(&want, h));
+                (changes, Then::Is(want), per_peer)
+            }
+        };
+        if let Some(changes) = changes {
             outcome.changes = changes.len();
             for c in &changes {
                 tracing::debug!(change = %c, "applying");
@@ -218,7 +250,14 @@ impl Reconciler {
             let errors = self.dataplane.apply(&changes).await;
             outcome.changes -= errors.len();
             outcome.errors.extend(errors.iter().map(|e| e.to_string()));
-            if errors.is_empty() {
+            // Deleting a stray route at metric 0 deletes the first weft
+            // route via its gateway (the kernel takes 0 as any metric): if
+            // the stray went away meanwhile, that is the new one. The next
+            // pass reads the kernel back.
+            let strays = changes
+                .iter()
+                .any(|c| matches!(c, Change::DelStrayRoute { .. }));
+            if errors.is_empty() && !strays {
                 // The kernel has it all now, before any next pass.
                 self.known = Some(match then {
                     Then::Is(want) => {
@@ -230,29 +269,35 @@ impl Reconciler {
                         known
                     }
                 });
-            } else {
+            } else if !errors.is_empty() {
                 self.plan = None;
             }
         }
-        if whole && leases >= GIVE_BACK_FROM {
+        if (pass == Pass::Full || rebuilt) && leases >= GIVE_BACK_FROM {
             crate::memory::give_back();
         }
         self.report(&outcome, started.elapsed());
         outcome
     }
 
-    /// Desired state for `table`, and the changes that take the kernel
-    /// there from `have`.
-    fn plan(
-        &mut self,
-        local: &LocalNode,
-        table: &PeerTable,
-        have: Have,
-        outcome: &mut Outcome,
-    ) -> Option<(Vec<Change>, Then)> {
+    /// Plans the desired state for `table`: only the changed leases if the
+    /// kernel's state is known and the last plan still holds, everything
+    /// otherwise.
+    fn plan(&mut self, local: &LocalNode, table: &PeerTable, have: Have) -> Planned {
         let backend = self.backend.clone();
         let Some(pp) = backend.per_peer() else {
-            return self.plan_whole(local, table, have, outcome);
+            let (peers, mut skipped) = select(
+                table.leases().values(),
+                local,
+                backend.backend_type(),
+                &self.host,
+            );
+            let (want, more) = backend.desired(local, &peers);
+            // Peers the backend itself could not program are among `peers`.
+            let peers = peers.len().saturating_sub(more.len());
+            skipped.extend(more);
+            let tally = Tally::Whole { peers, skipped };
+            return Planned::All { want, have, tally };
         };
         let inputs = PlanInputs {
             local: local.clone(),
@@ -262,18 +307,10 @@ impl Reconciler {
         let mark = table.mark();
         let have = match have {
             Have::Known(known) => match self.changed_only(pp, &inputs, table) {
-                Some(delta) => {
-                    // The changed objects, on the same links.
-                    let mut want = delta.want.clone();
-                    want.links = known.links.clone();
-                    let before = known.restricted_to(&delta.gone, &delta.want);
-                    let changes = diff(&want, &before);
-                    if let Some((_, m)) = &mut self.plan {
-                        *m = mark;
-                    }
-                    self.status.reconciles_changed_only.inc();
-                    self.outcome_of_plan(outcome);
-                    return Some((changes, Then::Patch(known, Box::new(delta))));
+                Some((plan, delta)) => {
+                    self.plan = Some((plan, mark));
+                    let delta = Box::new(delta);
+                    return Planned::Changed { known, delta };
                 }
                 None => Have::Known(known),
             },
@@ -283,65 +320,51 @@ impl Reconciler {
         self.plan = None;
         let (plan, want) = Plan::build(pp, inputs, table.leases().values());
         self.plan = Some((plan, mark));
-        self.outcome_of_plan(outcome);
-        let changes = diff(&want, have.state()?);
-        Some((changes, Then::Is(want)))
+        Planned::All {
+            want,
+            have,
+            tally: Tally::Plan,
+        }
     }
 
-    /// The changes since the last plan applied to it, if it still holds
-    /// and they touch no contested claim; otherwise the plan is dropped.
+    /// The last plan with the changes since it, if it still holds and they
+    /// touch no contested claim. The last plan is gone either way.
     fn changed_only(
         &mut self,
         pp: &dyn PerPeer,
         inputs: &PlanInputs,
         table: &PeerTable,
-    ) -> Option<Delta> {
-        let (plan, mark) = self.plan.as_mut()?;
-        let delta = (plan.inputs() == inputs)
-            .then(|| table.changes_since(*mark))
-            .flatten()
-            .and_then(|changes| {
-                let n = changes.len();
-                let delta = plan.update(pp, changes);
-                if delta.is_none() {
-                    tracing::debug!(changes = n, "a change touches a subnet, IP or MAC another lease claims; planning every lease");
+    ) -> Option<(Plan, Delta)> {
+        let (plan, mark) = self.plan.take()?;
+        if plan.inputs() != inputs {
+            return None;
+        }
+        let changes = table.changes_since(mark)?;
+        let n = changes.len();
+        let updated = plan.update(pp, changes);
+        if updated.is_none() {
+            tracing::debug!(
+                changes = n,
+                "a change touches a subnet, IP or MAC another lease claims; planning every lease"
+            );
+        }
+        updated
+    }
+
+    /// Puts what the desired state programs and skips in `outcome`.
+    fn tally(&mut self, tally: Tally, outcome: &mut Outcome) {
+        match tally {
+            Tally::Plan => {
+                if let Some((plan, _)) = &mut self.plan {
+                    outcome.peers = plan.programmed();
+                    outcome.skipped = plan.skip_lines();
                 }
-                delta
-            });
-        if delta.is_none() {
-            self.plan = None;
+            }
+            Tally::Whole { peers, skipped } => {
+                outcome.peers = peers;
+                outcome.skipped = Arc::new(skipped.iter().map(|s| s.to_string()).collect());
+            }
         }
-        delta
-    }
-
-    fn outcome_of_plan(&self, outcome: &mut Outcome) {
-        if let Some((plan, _)) = &self.plan {
-            outcome.peers = plan.programmed();
-            outcome.skipped = plan.skipped().map(skip_line).collect();
-        }
-    }
-
-    /// A backend that is not [`PerPeer`]: everything, every pass.
-    fn plan_whole(
-        &mut self,
-        local: &LocalNode,
-        table: &PeerTable,
-        have: Have,
-        outcome: &mut Outcome,
-    ) -> Option<(Vec<Change>, Then)> {
-        let (peers, mut skipped) = select(
-            table.leases().values(),
-            local,
-            self.backend.backend_type(),
-            &self.host,
-        );
-        let (want, more) = self.backend.desired(local, &peers);
-        // Peers the backend itself could not program are among `peers`.
-        outcome.peers = peers.len().saturating_sub(more.len());
-        skipped.extend(more);
-        outcome.skipped = skipped.iter().map(skip_line).collect();
-        let changes = diff(&want, have.state()?);
-        Some((changes, Then::Is(want)))
     }
 
     fn report(&mut self, o: &Outcome, took: Duration) {
@@ -360,11 +383,16 @@ impl Reconciler {
                 "data plane updated"
             );
         }
-        let skipped: BTreeSet<String> = o.skipped.iter().cloned().collect();
-        for new in skipped.difference(&self.last_skipped) {
-            tracing::warn!("not programming the lease of {new}");
-        }
-        self.last_skipped = skipped;
+        // The same lines as last time (a pass that changed no skip) cost
+        // nothing here, however many there are.
+        let skipped = (!Arc::ptr_eq(&o.skipped, &self.last_skipped)).then(|| {
+            let before: HashSet<&String> = self.last_skipped.iter().collect();
+            for new in o.skipped.iter().filter(|l| !before.contains(l)) {
+                tracing::warn!("not programming the lease of {new}");
+            }
+            o.skipped.to_vec()
+        });
+        self.last_skipped = o.skipped.clone();
         let errors: BTreeSet<String> = o.errors.iter().cloned().collect();
         for new in errors.difference(&self.last_errors) {
             tracing::warn!("data plane change failed: {new}; retrying on the next pass");
@@ -376,12 +404,14 @@ impl Reconciler {
         if o.errors.is_empty() {
             s.succeeded_now();
         }
-        let (peers, skipped_list, error_list) = (o.peers, o.skipped.clone(), o.errors.clone());
+        let (peers, error_list) = (o.peers, o.errors.clone());
         s.update(|snap| {
             snap.ready = true;
             snap.phase = "running".into();
             snap.peers = peers;
-            snap.skipped = skipped_list;
+            if let Some(skipped) = skipped {
+                snap.skipped = skipped;
+            }
             snap.errors = error_list;
         });
         self.heartbeat

@@ -514,3 +514,41 @@ async fn single_lease_changes_are_planned_alone_and_end_where_a_full_pass_would(
     assert_eq!(snap.peers, 3, "hosts 3, 5 and 6: {snap:?}");
     assert!(snap.skipped.is_empty(), "{:?}", snap.skipped);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_change_that_fails_on_a_changed_only_pass_is_repaired_by_the_next_pass() {
+    let s = start(Duration::from_secs(3600));
+    s.local.send_replace(Some(local("10.244.1.0-24")));
+    s.peers.send_replace(table(&[2]));
+    settle().await;
+    let alone = s.status.reconciles_changed_only.get();
+    s.fake.fail_changes_containing("10.244.3.0/24");
+    let three = lease(3);
+    s.peers.send_modify(|t| t.insert(three.key, read(&three)));
+    settle().await;
+    assert_eq!(s.status.reconciles_changed_only.get(), alone + 1);
+    assert_eq!(s.status.snapshot().errors.len(), 1);
+    assert_eq!(s.fake.observe().await.unwrap().routes.len(), 1);
+    // (The test's own reads count too.)
+    let seen = s.fake.observations();
+    s.fake.heal();
+    let four = lease(4);
+    s.peers.send_modify(|t| t.insert(four.key, read(&four)));
+    settle().await;
+    assert_eq!(
+        s.fake.observations(),
+        seen + 1,
+        "after errors a pass reads the kernel back"
+    );
+    assert_eq!(
+        s.status.reconciles_changed_only.get(),
+        alone + 1,
+        "and plans every lease"
+    );
+    assert!(s.status.snapshot().errors.is_empty());
+    let l = local("10.244.1.0-24");
+    assert_eq!(
+        s.fake.observe().await.unwrap(),
+        desired_for(&s.peers.borrow(), &l)
+    );
+}

@@ -47,6 +47,15 @@ fn local(ns: &Netns) -> LocalNode {
     )
 }
 
+/// A host namespace, its local node, the dataplane in it and weft's
+/// vxlan backend.
+fn vxlan_host() -> (Netns, LocalNode, NetlinkDataplane, Vxlan) {
+    let ns = host();
+    let local = local(&ns);
+    let dp = NetlinkDataplane::in_netns(&ns.path()).unwrap();
+    (ns, local, dp, Vxlan::new(VxlanConfig::default()))
+}
+
 fn leases(n: u32, backend: impl Fn(&str) -> BackendData) -> Vec<LeaseView> {
     (2..2 + n)
         .map(|i| {
@@ -107,10 +116,7 @@ fn routes(ns: &Netns) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root; run by scripts/test"]
 async fn vxlan_programs_exactly_the_expected_objects_idempotently() {
-    let ns = host();
-    let local = local(&ns);
-    let dp = NetlinkDataplane::in_netns(&ns.path()).unwrap();
-    let b = Vxlan::new(VxlanConfig::default());
+    let (ns, local, dp, b) = vxlan_host();
     let ls = leases(3, vx);
     assert_eq!(reconcile(&dp, &b, &local, &ls).await, 1 + 1 + 3 * 3);
 
@@ -198,10 +204,7 @@ async fn vxlan_programs_exactly_the_expected_objects_idempotently() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root; run by scripts/test"]
 async fn a_departed_peer_is_removed_and_hand_deletions_come_back() {
-    let ns = host();
-    let local = local(&ns);
-    let dp = NetlinkDataplane::in_netns(&ns.path()).unwrap();
-    let b = Vxlan::new(VxlanConfig::default());
+    let (ns, local, dp, b) = vxlan_host();
     let ls = leases(3, vx);
     reconcile(&dp, &b, &local, &ls).await;
     // host-4 leaves.
@@ -256,10 +259,7 @@ fn metrics(ns: &Netns) -> Vec<(String, u64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root; run by scripts/test"]
 async fn routes_left_without_their_metric_are_replaced_without_a_gap() {
-    let ns = host();
-    let local = local(&ns);
-    let dp = NetlinkDataplane::in_netns(&ns.path()).unwrap();
-    let b = Vxlan::new(VxlanConfig::default());
+    let (ns, local, dp, b) = vxlan_host();
     let ls = leases(3, vx);
     reconcile(&dp, &b, &local, &ls).await;
     let want: Vec<(String, u64)> = (2..5)
