@@ -3,7 +3,9 @@
 //! A [`Backend`] turns the local node and its peers into the [`NetState`]
 //! the kernel should have (pure); [`diff`] compares it with what a
 //! [`Dataplane`] observes; the dataplane applies the changes. The node's
-//! reconcile loop does exactly that, every time, from scratch.
+//! reconcile loop does exactly that: from scratch on every full pass, and,
+//! for a [`PerPeer`] backend, for the changed leases alone on a pass woken
+//! by lease changes ([`Plan`], which ends where a full pass would).
 //!
 //! - [`Vxlan`], [`HostGw`] and [`Ipsec`] are the backends; [`for_config`]
 //!   picks the first two, the node builds `Ipsec` with its key pair.
