@@ -269,21 +269,23 @@ pub fn resolve<'a, C>(
     skipped: &mut Vec<Skipped>,
 ) -> Vec<&'a Peer>
 where
-    C: IntoIterator<Item = Claim>,
+    C: IntoIterator<Item = Claim> + Clone,
 {
     peers.sort_by_key(|p| (p.revision, p.key));
     let mut held: HashMap<Claim, &Peer> =
         HashMap::with_capacity_and_hasher(peers.len() * 3, Default::default());
     let mut kept = Vec::with_capacity(peers.len());
     for p in peers {
-        let mut mine: Vec<Claim> = claims(p).into_iter().collect();
-        if let Some((c, first)) = mine.iter().find_map(|c| held.get(c).map(|f| (c, f))) {
+        let mine = claims(p);
+        let taken = mine
+            .clone()
+            .into_iter()
+            .find_map(|c| Some((c, *held.get(&c)?)));
+        if let Some((c, first)) = taken {
             skipped.push(Skipped::of(p, c.taken_by(&name(first))));
             continue;
         }
-        for c in mine.drain(..) {
-            held.insert(c, p);
-        }
+        held.extend(mine.into_iter().map(|c| (c, p)));
         kept.push(p);
     }
     kept

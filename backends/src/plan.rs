@@ -98,9 +98,10 @@ impl Plan {
         (plan, st)
     }
 
-    /// What the plan was built for.
-    pub fn inputs(&self) -> &PlanInputs {
-        &self.inputs
+    /// Whether the plan was built for this local node, backend and host.
+    pub fn holds_for(&self, local: &LocalNode, backend: BackendType, host: &HostView) -> bool {
+        let i = &self.inputs;
+        i.backend == backend && i.local == *local && i.host == *host
     }
 
     /// Peers programmed.

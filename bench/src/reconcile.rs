@@ -57,7 +57,8 @@ pub fn network_for(total: u32) -> Result<&'static str> {
     })
 }
 
-/// Peer `i`'s subnet (a /29 of 10.244.0.0/16, skipping the first) and addresses.
+/// Peer `i`'s subnet (the `i + 1`th /29 from 10.244.0.0, inside
+/// [`network_for`]'s network) and addresses.
 pub fn peer(i: u32) -> (SubnetKey, String, BackendData) {
     let base = u32::from(std::net::Ipv4Addr::new(10, 244, 0, 0)) + 8 * (i + 1);
     let key = SubnetKey::v4(

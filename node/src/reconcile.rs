@@ -299,14 +299,9 @@ impl Reconciler {
             let tally = Tally::Whole { peers, skipped };
             return Planned::All { want, have, tally };
         };
-        let inputs = PlanInputs {
-            local: local.clone(),
-            backend: backend.backend_type(),
-            host: self.host.clone(),
-        };
         let mark = table.mark();
         let have = match have {
-            Have::Known(known) => match self.changed_only(pp, &inputs, table) {
+            Have::Known(known) => match self.changed_only(pp, local, table) {
                 Some((plan, delta)) => {
                     self.plan = Some((plan, mark));
                     let delta = Box::new(delta);
@@ -318,6 +313,11 @@ impl Reconciler {
         };
         // The old plan goes first: two of them at once are the peak.
         self.plan = None;
+        let inputs = PlanInputs {
+            local: local.clone(),
+            backend: backend.backend_type(),
+            host: self.host.clone(),
+        };
         let (plan, want) = Plan::build(pp, inputs, table.leases().values());
         self.plan = Some((plan, mark));
         Planned::All {
@@ -332,11 +332,11 @@ impl Reconciler {
     fn changed_only(
         &mut self,
         pp: &dyn PerPeer,
-        inputs: &PlanInputs,
+        local: &LocalNode,
         table: &PeerTable,
     ) -> Option<(Plan, Delta)> {
         let (plan, mark) = self.plan.take()?;
-        if plan.inputs() != inputs {
+        if !plan.holds_for(local, self.backend.backend_type(), &self.host) {
             return None;
         }
         let changes = table.changes_since(mark)?;
