@@ -87,7 +87,7 @@ pub fn read(lease: &LeaseView) -> Candidate {
             "public IP {public_ip} is not a unicast address"
         )));
     }
-    let backend = BackendData::parse(&lease.backend_type, lease.backend_data.as_ref())
+    let backend = BackendData::parse_text(&lease.backend_type, lease.backend_data.as_ref())
         .map_err(|e| skip(e.to_string()))?;
     Ok(Peer {
         key: lease.key,

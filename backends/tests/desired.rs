@@ -164,7 +164,7 @@ fn vxlan_skips_peers_it_cannot_program() {
 #[test]
 fn bad_leases_are_skipped_with_a_reason_and_the_rest_programmed() {
     let mut garbage = lease("10.244.2.0-24", "garbage", "198.18.0.12", &vx("garbage"));
-    garbage.backend_data = Some(json!({"VNI": "one", "VtepMAC": 5}));
+    garbage.backend_data = Some(json!({"VNI": "one", "VtepMAC": 5}).into());
     let mut unknown = lease("10.244.3.0-24", "wg", "198.18.0.13", &vx("wg"));
     unknown.backend_type = "wireguard".into();
     let same_ip = lease("10.244.4.0-24", "dup-ip", "198.18.0.11", &vx("dup-ip"));

@@ -218,7 +218,7 @@ fn a_peer_with_a_bad_key_is_skipped_and_the_others_still_work() {
         &BackendData::HostGw,
     );
     garbled.backend_type = "ipsec".into();
-    garbled.backend_data = Some(serde_json::json!({"PublicKey": "c2hvcnQ=", "KeyEpoch": 1}));
+    garbled.backend_data = Some(serde_json::json!({"PublicKey": "c2hvcnQ=", "KeyEpoch": 1}).into());
     let (st, skipped) = a.desired(&[b.lease(), bad_key, garbled], t0);
     assert_eq!(skipped.len(), 2, "{skipped:?}");
     assert!(
@@ -388,7 +388,8 @@ fn a_tampered_key_gives_sas_the_peer_cannot_match() {
         public_key: key(1).public(),
         key_epoch: 1,
     }
-    .to_value();
+    .to_value()
+    .map(Into::into);
     let t1 = t0 + SWITCH + Duration::from_secs(1);
     let (sa, _) = a.desired(&[forged], t1);
     let (sb, _) = b.desired(&[a.lease()], t1);

@@ -196,8 +196,10 @@ struct Joins {
     latencies: Vec<Duration>,
     per_acquire: f64,
     deltas: HashMap<String, f64>,
-    /// CPU seconds the controller spent, and this process (the nodes' side).
+    /// CPU seconds the controller, etcd and this process (the nodes'
+    /// side) spent.
     controller_cpu: f64,
+    etcd_cpu: f64,
     nodes_cpu: f64,
     /// Acquires sent again after a connection could not be made.
     retries: u32,
@@ -220,9 +222,13 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 /// `n` nodes acquire, each through its own client, `concurrency` at a
 /// time (all at once when `n` is smaller).
-async fn join_storm(ctl: &Controller, n: u32, concurrency: u32) -> Result<Joins> {
+async fn join_storm(ctl: &Controller, etcd: u32, n: u32, concurrency: u32) -> Result<Joins> {
     let before = etcd_requests(&ctl.client).await?;
-    let cpu_before = (cpu_seconds(ctl.child.id()), cpu_seconds(std::process::id()));
+    let cpu_before = (
+        cpu_seconds(ctl.child.id()),
+        cpu_seconds(etcd),
+        cpu_seconds(std::process::id()),
+    );
     let slots = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1) as usize));
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(n as usize);
@@ -270,7 +276,8 @@ async fn join_storm(ctl: &Controller, n: u32, concurrency: u32) -> Result<Joins>
     }
     let total = start.elapsed();
     let controller_cpu = cpu_seconds(ctl.child.id()) - cpu_before.0;
-    let nodes_cpu = cpu_seconds(std::process::id()) - cpu_before.1;
+    let etcd_cpu = cpu_seconds(etcd) - cpu_before.1;
+    let nodes_cpu = cpu_seconds(std::process::id()) - cpu_before.2;
     let after = etcd_requests(&ctl.client).await?;
     let deltas: HashMap<String, f64> = after
         .iter()
@@ -285,6 +292,7 @@ async fn join_storm(ctl: &Controller, n: u32, concurrency: u32) -> Result<Joins>
         per_acquire,
         deltas,
         controller_cpu,
+        etcd_cpu,
         nodes_cpu,
         retries,
     })
@@ -298,10 +306,14 @@ fn print_joins(what: &str, n: u32, j: &mut Joins) {
         summary(&mut j.latencies)
     );
     println!(
-        "         CPU: controller {:.2} s ({:.2} ms a join), the {n} nodes' side {:.2} s (this process, same machine)",
+        "         CPU: controller {:.2} s ({:.2} ms a join), etcd {:.2} s ({:.2} ms a join), the {n} nodes' side {:.2} s (this process); {:.2} cores busy of {}",
         j.controller_cpu,
         j.controller_cpu * 1000.0 / f64::from(n),
-        j.nodes_cpu
+        j.etcd_cpu,
+        j.etcd_cpu * 1000.0 / f64::from(n),
+        j.nodes_cpu,
+        (j.controller_cpu + j.etcd_cpu + j.nodes_cpu) / j.total.as_secs_f64(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     if j.retries > 0 {
         println!(
@@ -342,7 +354,8 @@ pub async fn run(args: Args) -> Result<()> {
     // Joins, all at once: over plain HTTP, then over HTTPS with a client
     // certificate per node, each on a prefix and controller of its own.
     let plain_ctl = start_controller(&url, "/weft-bench-plain/network", None, &network).await?;
-    let mut plain = join_storm(&plain_ctl, args.nodes, args.concurrency).await?;
+    let etcd_pid = etcd.pid().context("etcd is not running")?;
+    let mut plain = join_storm(&plain_ctl, etcd_pid, args.nodes, args.concurrency).await?;
     drop(plain_ctl);
     print_joins("plain HTTP", args.nodes, &mut plain);
     let ctl = start_controller(
@@ -352,11 +365,19 @@ pub async fn run(args: Args) -> Result<()> {
         &network,
     )
     .await?;
-    let mut tls = join_storm(&ctl, args.nodes, args.concurrency).await?;
+    let mut tls = join_storm(&ctl, etcd_pid, args.nodes, args.concurrency).await?;
     print_joins("HTTPS + client certs", args.nodes, &mut tls);
     let (rss, peak) = rss_mib(ctl.child.id())?;
     println!(
-        "memory   controller with {} leases: RSS {rss:.1} MiB (peak {peak:.1} MiB)",
+        "memory   controller with {} leases, right after the storm: RSS {rss:.1} MiB (peak {peak:.1} MiB)",
+        args.nodes
+    );
+    // It gives freed memory back at most every 10 s after a burst of
+    // connections.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let (settled, _) = rss_mib(ctl.child.id())?;
+    println!(
+        "memory   controller with {} leases, 12 s after the storm: RSS {settled:.1} MiB",
         args.nodes
     );
     println!(

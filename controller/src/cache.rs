@@ -3,7 +3,7 @@
 //! bounded history of watch lines that node streams are served from.
 
 use bytes::Bytes;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use weft_config::NetworkConfig;
 use weft_lease::alloc::{key_fits, Occupancy};
@@ -138,7 +138,9 @@ pub(crate) struct Cache {
     pub config: ConfigState,
     pub leases: BTreeMap<SubnetKey, Lease>,
     pub corrupt: BTreeMap<String, CorruptEntry>,
-    by_node: HashMap<String, BTreeSet<SubnetKey>>,
+    /// Each node's subnets: one, or a few while it moves to another, so
+    /// a short list (a set would allocate room for eleven per node).
+    by_node: HashMap<Box<str>, Vec<SubnetKey>>,
     occupancy: Occupancy,
     pub history: History,
     /// Subnets whose lease ran out (not released through the API): held for
@@ -180,7 +182,7 @@ impl Cache {
 
     /// A lease deleted without this controller asking: it ran out (or
     /// someone deleted it in etcd). Its subnet is held for its node.
-    fn expired(&mut self, lease: &Lease) {
+    fn expired(&mut self, lease: &Lease, now: tokio::time::Instant) {
         if self.releasing.remove(&lease.key) || lease.is_reservation() {
             return;
         }
@@ -196,10 +198,8 @@ impl Cache {
             return;
         }
         tracing::info!(subnet = %lease.key, node, hold = ?hold, "lease ran out; its subnet is held for its node");
-        self.quarantine.insert(
-            lease.key,
-            (node.to_string(), tokio::time::Instant::now() + hold),
-        );
+        self.quarantine
+            .insert(lease.key, (node.to_string(), now + hold));
     }
 
     /// Subnets held for nodes other than `node` now, and `node`'s own.
@@ -299,13 +299,24 @@ impl Cache {
         self.rebuild_occupancy();
     }
 
+    /// Records that `node` holds `key` (not yet recorded); a node's keys
+    /// stay in order.
+    fn node_has(&mut self, node: &str, key: SubnetKey) {
+        match self.by_node.get_mut(node) {
+            Some(keys) => keys.insert(keys.partition_point(|k| *k < key), key),
+            None => {
+                self.by_node.insert(node.into(), vec![key]);
+            }
+        }
+    }
+
     /// Removes a lease; returns it.
     fn remove_lease(&mut self, key: &SubnetKey) -> Option<Lease> {
         let old = self.leases.remove(key)?;
         if let Some(node) = old.node_name() {
-            if let Some(set) = self.by_node.get_mut(node) {
-                set.remove(key);
-                if set.is_empty() {
+            if let Some(keys) = self.by_node.get_mut(node) {
+                keys.retain(|k| k != key);
+                if keys.is_empty() {
                     self.by_node.remove(node);
                 }
             }
@@ -317,10 +328,7 @@ impl Cache {
     fn insert_lease(&mut self, lease: Lease) {
         self.remove_lease(&lease.key);
         if let Some(node) = lease.node_name() {
-            self.by_node
-                .entry(node.to_string())
-                .or_default()
-                .insert(lease.key);
+            self.node_has(node, lease.key);
         }
         self.occupy(&lease.key, true);
         self.leases.insert(lease.key, lease);
@@ -348,7 +356,7 @@ impl Cache {
     /// Replaces the state with a fresh snapshot. After the first load, the
     /// differences become watch lines (stamped with the snapshot revision),
     /// so streams that were following see every lease that changed.
-    pub(crate) fn reset(&mut self, snap: Snapshot) {
+    pub(crate) fn reset(&mut self, snap: Snapshot, now: tokio::time::Instant) {
         let first = !self.synced;
         let old = std::mem::take(&mut self.leases);
         self.by_node.clear();
@@ -363,10 +371,7 @@ impl Cache {
         }
         for l in snap.leases {
             if let Some(node) = l.node_name() {
-                self.by_node
-                    .entry(node.to_string())
-                    .or_default()
-                    .insert(l.key);
+                self.node_has(node, l.key);
             }
             self.leases.insert(l.key, l);
         }
@@ -390,7 +395,7 @@ impl Cache {
             }
             let gone: Vec<Lease> = gone.into_iter().cloned().collect();
             for l in &gone {
-                self.expired(l);
+                self.expired(l, now);
             }
             for l in &changed {
                 self.record(WatchKind::Put, rev, l);
@@ -401,20 +406,26 @@ impl Cache {
     }
 
     /// Applies one watch batch.
-    pub(crate) fn apply(&mut self, batch: &WatchBatch) {
-        for ev in &batch.events {
+    /// Applies `batch`; `now` is when (leases that ran out are held from
+    /// then).
+    pub(crate) fn apply(&mut self, batch: WatchBatch, now: tokio::time::Instant) {
+        for ev in batch.events {
             match ev {
                 StoreEvent::Put(l) => {
-                    self.remove_corrupt(&format!("subnets/{}", l.key));
-                    self.insert_lease(l.clone());
-                    self.record(WatchKind::Put, l.mod_revision, l);
+                    if !self.corrupt.is_empty() {
+                        self.remove_corrupt(&format!("subnets/{}", l.key));
+                    }
+                    self.record(WatchKind::Put, l.mod_revision, &l);
+                    self.insert_lease(l);
                 }
                 StoreEvent::Delete { key, revision } => {
-                    if let Some(old) = self.remove_lease(key) {
-                        self.record(WatchKind::Delete, *revision, &old);
-                        self.expired(&old);
+                    if let Some(old) = self.remove_lease(&key) {
+                        self.record(WatchKind::Delete, revision, &old);
+                        self.expired(&old, now);
                     }
-                    self.remove_corrupt(&format!("subnets/{key}"));
+                    if !self.corrupt.is_empty() {
+                        self.remove_corrupt(&format!("subnets/{key}"));
+                    }
                 }
                 StoreEvent::Corrupt(c) => {
                     tracing::warn!(key = %c.key, reason = %c.reason, "skipping unreadable entry written to the store");
@@ -427,11 +438,11 @@ impl Cache {
                     if let Some(s) = c.subnet {
                         self.occupy(&s, true);
                     }
-                    self.corrupt.insert(c.key.clone(), c.clone());
+                    self.corrupt.insert(c.key.clone(), c);
                 }
-                StoreEvent::CorruptDeleted { key, .. } => self.remove_corrupt(key),
+                StoreEvent::CorruptDeleted { key, .. } => self.remove_corrupt(&key),
                 StoreEvent::ConfigPut { text, revision } => {
-                    self.set_config(ConfigState::from_text(text.clone(), *revision))
+                    self.set_config(ConfigState::from_text(text, revision))
                 }
                 StoreEvent::ConfigDelete { .. } => self.set_config(ConfigState::Missing),
             }
@@ -443,6 +454,16 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Cache {
+        fn apply_now(&mut self, batch: WatchBatch) {
+            self.apply(batch, tokio::time::Instant::now());
+        }
+
+        fn reset_now(&mut self, snap: Snapshot) {
+            self.reset(snap, tokio::time::Instant::now());
+        }
+    }
     use weft_lease::{BackendData, LeaseAttrs, LeaseId};
 
     fn lease(key: &str, node: &str, rev: i64) -> Lease {
@@ -524,14 +545,14 @@ mod tests {
     #[test]
     fn indexes_follow_puts_and_deletes() {
         let mut c = Cache::new(100, usize::MAX);
-        c.reset(snapshot(5, vec![lease("10.244.1.0-24", "a", 3)]));
+        c.reset_now(snapshot(5, vec![lease("10.244.1.0-24", "a", 3)]));
         assert_eq!(c.occupancy().positions_used(), 1);
-        c.apply(&WatchBatch {
+        c.apply_now(WatchBatch {
             revision: 6,
             events: vec![StoreEvent::Put(lease("10.244.2.0-24", "a", 6))],
         });
         assert_eq!(c.leases_of("a").len(), 2);
-        c.apply(&WatchBatch {
+        c.apply_now(WatchBatch {
             revision: 7,
             events: vec![StoreEvent::Delete {
                 key: "10.244.1.0-24".parse().unwrap(),
@@ -553,8 +574,8 @@ mod tests {
     #[test]
     fn corrupt_overwrite_deletes_the_lease_but_keeps_the_subnet_taken() {
         let mut c = Cache::new(100, usize::MAX);
-        c.reset(snapshot(5, vec![lease("10.244.1.0-24", "a", 3)]));
-        c.apply(&WatchBatch {
+        c.reset_now(snapshot(5, vec![lease("10.244.1.0-24", "a", 3)]));
+        c.apply_now(WatchBatch {
             revision: 6,
             events: vec![StoreEvent::Corrupt(CorruptEntry {
                 key: "subnets/10.244.1.0-24".into(),
@@ -569,7 +590,7 @@ mod tests {
             kinds(&c.history.since(5).unwrap().0),
             vec![(WatchKind::Delete, "10.244.1.0-24".into())]
         );
-        c.apply(&WatchBatch {
+        c.apply_now(WatchBatch {
             revision: 7,
             events: vec![StoreEvent::CorruptDeleted {
                 key: "subnets/10.244.1.0-24".into(),
@@ -582,7 +603,7 @@ mod tests {
     #[test]
     fn relist_turns_differences_into_lines() {
         let mut c = Cache::new(100, usize::MAX);
-        c.reset(snapshot(
+        c.reset_now(snapshot(
             5,
             vec![
                 lease("10.244.1.0-24", "a", 3),
@@ -590,7 +611,7 @@ mod tests {
             ],
         ));
         assert!(c.history.since(5).unwrap().0.is_empty());
-        c.reset(snapshot(
+        c.reset_now(snapshot(
             9,
             vec![
                 lease("10.244.2.0-24", "b", 4),
@@ -611,8 +632,8 @@ mod tests {
     #[test]
     fn config_change_rebuilds_occupancy_and_reports_outsiders() {
         let mut c = Cache::new(10, usize::MAX);
-        c.reset(snapshot(5, vec![lease("10.244.1.0-24", "a", 3)]));
-        c.apply(&WatchBatch {
+        c.reset_now(snapshot(5, vec![lease("10.244.1.0-24", "a", 3)]));
+        c.apply_now(WatchBatch {
             revision: 6,
             events: vec![StoreEvent::ConfigPut {
                 text: r#"{"Network":"10.99.0.0/16"}"#.into(),
@@ -621,7 +642,7 @@ mod tests {
         });
         assert_eq!(c.outside_network().len(), 1);
         assert_eq!(c.occupancy().positions_used(), 0);
-        c.apply(&WatchBatch {
+        c.apply_now(WatchBatch {
             revision: 7,
             events: vec![StoreEvent::ConfigPut {
                 text: "{".into(),

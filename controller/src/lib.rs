@@ -40,7 +40,7 @@ use cache::Cache;
 use metrics::Metrics;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 use tokio::sync::watch as tokio_watch;
@@ -72,6 +72,11 @@ pub struct Options {
     /// How long the subnet of a lease that ran out is held for its node
     /// (`None`: one TTL, at most 10 minutes; zero: not at all).
     pub expired_quarantine: Option<Duration>,
+    /// Store changes are applied to the cache on a thread of its own (see
+    /// `sync::Applier`: it keeps the cache's memory apart from the
+    /// connections'). Off only for tests on tokio's paused clock, which
+    /// moves on when the runtime is idle and cannot see that thread's work.
+    pub cache_thread: bool,
 }
 
 impl Default for Options {
@@ -86,6 +91,7 @@ impl Default for Options {
             write_wait: Duration::from_secs(3),
             insecure: None,
             expired_quarantine: None,
+            cache_thread: true,
         }
     }
 }
@@ -118,6 +124,8 @@ pub(crate) struct Shared {
     pub damaged: AtomicBool,
     /// Wakes the sync task to reload after damage.
     pub reload: tokio::sync::Notify,
+    /// Connections closed since the start (see [`serve::give_back`]).
+    pub closed: AtomicU64,
 }
 
 /// Locks a mutex whose data stays valid whatever a panicking holder did
@@ -239,12 +247,14 @@ impl Controller {
             opts,
             closing,
             damaged: AtomicBool::new(false),
+            closed: AtomicU64::new(0),
             reload: tokio::sync::Notify::new(),
         });
         tracing::info!(store = %shared.store.describe(), "controller starting");
         let tasks = vec![
             tokio::spawn(sync::run(shared.clone())),
             tokio::spawn(sync::health(shared.clone())),
+            tokio::spawn(serve::give_back(shared.clone())),
         ];
         Controller { shared, tasks }
     }

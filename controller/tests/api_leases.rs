@@ -63,7 +63,7 @@ async fn previous_subnet_is_honoured_when_free() {
 
 #[tokio::test(start_paused = true)]
 async fn node_back_after_expiry_gets_its_subnet_again() {
-    let api = Api::new(Some(r#"{"Network":"10.244.0.0/16","LeaseTTL":"10s"}"#)).await;
+    let api = Api::paused(Some(r#"{"Network":"10.244.0.0/16","LeaseTTL":"10s"}"#)).await;
     let subnet = api.subnet_of("host-1", "198.18.0.11").await;
     tokio::time::sleep(std::time::Duration::from_secs(30)).await;
     let (_, list) = api.call(Method::GET, "/v1/leases", None).await;
@@ -281,7 +281,7 @@ async fn a_subnet_whose_lease_ran_out_is_held_for_its_node() {
     // Three subnets (.1, .2, .3; the first /24 is skipped), a 60 s TTL:
     // the hold is one TTL.
     let net = r#"{"Network":"10.244.0.0/22","SubnetLen":24,"LeaseTTL":"60s"}"#;
-    let api = Api::new(Some(net)).await;
+    let api = Api::paused(Some(net)).await;
     let a = api.subnet_of("host-a", "198.18.0.11").await;
     // host-a is cut off: its lease runs out.
     tokio::time::sleep(std::time::Duration::from_secs(61)).await;
@@ -317,7 +317,7 @@ async fn a_subnet_whose_lease_ran_out_is_held_for_its_node() {
 #[tokio::test(start_paused = true)]
 async fn the_hold_ends() {
     let net = r#"{"Network":"10.244.0.0/22","SubnetLen":24,"LeaseTTL":"60s"}"#;
-    let api = Api::new(Some(net)).await;
+    let api = Api::paused(Some(net)).await;
     let all = [
         api.subnet_of("host-a", "198.18.0.11").await,
         api.subnet_of("host-b", "198.18.0.12").await,

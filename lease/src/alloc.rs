@@ -241,8 +241,15 @@ impl InUse<'_> {
         })
     }
 
-    /// Pool positions in use (without walking the pool: exclude and extra
-    /// are small).
+    /// At least as many as [`InUse::used`], without walking `extra`:
+    /// thousands of allocations may be in flight during a join storm, and
+    /// this is asked on every pick.
+    fn used_at_most(&self) -> u128 {
+        (self.base.positions_used() + self.extra.positions.len()) as u128
+    }
+
+    /// Pool positions in use (without walking the pool; it walks `extra`
+    /// and `exclude`).
     pub fn used(&self) -> u128 {
         let freed = self
             .exclude
@@ -278,17 +285,20 @@ pub fn pick<R: Rng + ?Sized>(
         return Ok(*k);
     }
     let total = config.subnet_count();
-    let used = in_use.used();
-    if used >= total {
-        return Err(Exhausted {
-            used: used.min(total),
-            total,
-        });
+    let bound = in_use.used_at_most();
+    if bound >= total {
+        let used = in_use.used();
+        if used >= total {
+            return Err(Exhausted {
+                used: used.min(total),
+                total,
+            });
+        }
     }
     let start = rng.random_range(0..total);
     // Every probe that fails hits a used position or one a wide subnet
     // covers, so this many probes find a free one if there is one.
-    let probes = used
+    let probes = bound
         .saturating_add(in_use.base.wide_cover(config))
         .saturating_add(in_use.extra.wide_cover(config))
         .saturating_add(1)
@@ -303,7 +313,10 @@ pub fn pick<R: Rng + ?Sized>(
             }
         }
     }
-    Err(Exhausted { used, total })
+    Err(Exhausted {
+        used: in_use.used().min(total),
+        total,
+    })
 }
 
 #[cfg(test)]
@@ -369,6 +382,46 @@ mod tests {
                 key("10.244.77.0-24")
             );
         }
+    }
+
+    #[test]
+    fn claims_in_flight_that_the_store_already_shows_still_leave_the_hole() {
+        // Claims in flight are counted once they are in the store too (the
+        // cache has seen them, the claimer has not let go yet): the pick
+        // must still find the one free subnet, and say exactly how many are
+        // used when there is none.
+        let c = cfg(r#"{"Network":"10.244.0.0/16"}"#);
+        let all: Vec<SubnetKey> = (1..=255)
+            .map(|i| key(&format!("10.244.{i}.0-24")))
+            .collect();
+        let base_keys: Vec<SubnetKey> = all.iter().copied().filter(|k| *k != all[76]).collect();
+        let base = Occupancy::from_keys(&c, &base_keys);
+        let extra = Occupancy::from_keys(&c, &base_keys[..200]);
+        let none = Occupancy::default();
+        let in_use = InUse {
+            base: &base,
+            extra: &extra,
+            exclude: &none,
+        };
+        for seed in 0..20 {
+            let got = pick(&c, &in_use, &[], &mut StdRng::seed_from_u64(seed));
+            assert_eq!(got.unwrap(), all[76]);
+        }
+        // The hole claimed too: exhausted, and 255 used, not 455.
+        let mut extra = extra;
+        extra.insert(&c, &all[76]);
+        let in_use = InUse {
+            base: &base,
+            extra: &extra,
+            exclude: &none,
+        };
+        assert_eq!(
+            pick(&c, &in_use, &[], &mut StdRng::seed_from_u64(1)),
+            Err(Exhausted {
+                used: 255,
+                total: 255
+            })
+        );
     }
 
     #[test]

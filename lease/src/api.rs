@@ -1,7 +1,7 @@
 //! Types of the controller's HTTP API (`/v1`), shared by the controller,
 //! `weftctl`, `weft-node` and the benchmarks. Bodies are JSON.
 
-use crate::attrs::{BackendData, LeaseAttrs};
+use crate::attrs::{BackendData, JsonText, LeaseAttrs};
 use crate::key::SubnetKey;
 use crate::lease::Lease;
 use ipnet::{Ipv4Net, Ipv6Net};
@@ -69,7 +69,7 @@ pub struct LeaseView {
     pub public_ip: Option<Ipv4Addr>,
     pub public_ipv6: Option<Ipv6Addr>,
     pub backend_type: String,
-    pub backend_data: Option<Value>,
+    pub backend_data: Option<JsonText>,
     /// A reservation never expires.
     pub reserved: bool,
     /// The etcd lease id in hex, as `etcdctl lease list` prints it.

@@ -39,6 +39,7 @@ pub mod conformance;
 mod key;
 mod lease;
 mod mac;
+pub mod memory;
 mod name;
 #[cfg(feature = "client")]
 pub mod node_control;
@@ -46,7 +47,7 @@ pub mod store;
 #[cfg(feature = "tls")]
 pub mod tls;
 
-pub use attrs::{BackendData, BackendDataError, LeaseAttrs};
+pub use attrs::{BackendData, BackendDataError, JsonText, LeaseAttrs};
 pub use key::{KeyError, SubnetKey};
 pub use lease::{Lease, LeaseId};
 pub use mac::MacAddr;

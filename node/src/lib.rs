@@ -12,7 +12,6 @@ pub mod health;
 pub mod iface;
 pub mod keystore;
 pub mod masq;
-pub mod memory;
 pub mod peers;
 pub mod reconcile;
 pub mod rekey;

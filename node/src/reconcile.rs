@@ -274,7 +274,7 @@ impl Reconciler {
             }
         }
         if (pass == Pass::Full || rebuilt) && leases >= GIVE_BACK_FROM {
-            crate::memory::give_back();
+            weft_lease::memory::give_back();
         }
         self.report(&outcome, started.elapsed());
         outcome

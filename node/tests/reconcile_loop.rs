@@ -196,7 +196,7 @@ async fn failures_are_reported_and_retried_and_other_peers_still_programmed() {
 async fn bad_leases_are_skipped_and_listed() {
     let s = start(Duration::from_secs(10));
     let mut bad = lease(5);
-    bad.backend_data = Some(serde_json::json!({"garbage": true}));
+    bad.backend_data = Some(serde_json::json!({"garbage": true}).into());
     let mut t = table(&[2]);
     t.insert(bad.key, read(&bad));
     s.local.send_replace(Some(local("10.244.1.0-24")));

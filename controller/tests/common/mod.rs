@@ -32,6 +32,7 @@ pub fn opts() -> Options {
         write_wait: Duration::from_secs(3),
         insecure: None,
         expired_quarantine: None,
+        cache_thread: true,
     }
 }
 
@@ -43,6 +44,25 @@ impl Api {
             store.put_config(c).await.unwrap();
         }
         Api::over(store, opts()).await
+    }
+
+    /// As [`Api::new`], for a test on tokio's paused clock: the cache is
+    /// updated by the sync task itself (the clock cannot see the cache
+    /// thread working, and would jump ahead while it does).
+    #[allow(dead_code)]
+    pub async fn paused(config: Option<&str>) -> Api {
+        let store = MemoryStore::new();
+        if let Some(c) = config {
+            store.put_config(c).await.unwrap();
+        }
+        Api::over(
+            store,
+            Options {
+                cache_thread: false,
+                ..opts()
+            },
+        )
+        .await
     }
 
     pub async fn over(store: MemoryStore, opts: Options) -> Api {

@@ -439,10 +439,10 @@ impl EtcdStore {
     }
 
     /// Endpoint `i`'s client; made (and authenticated) on first use.
-    async fn client_at(&self, i: usize) -> StoreResult<Client> {
+    async fn client_at(&self, i: usize) -> StoreResult<&Client> {
         let ep = &self.conn.endpoints[i];
         if let Some(c) = ep.client.get() {
-            return Ok(c.clone());
+            return Ok(c);
         }
         if let Some((at, e)) = &*ep.failed.lock().expect("etcd connect lock") {
             if at.elapsed() < CONNECT_RETRY {
@@ -463,8 +463,7 @@ impl EtcdStore {
                     .await
                     .map_err(map_err)
             })
-            .await
-            .cloned();
+            .await;
         if let Err(e) = &made {
             *ep.failed.lock().expect("etcd connect lock") =
                 Some((std::time::Instant::now(), e.clone()));
@@ -520,7 +519,7 @@ impl EtcdStore {
     /// left, and no new attempt starts after the request timeout.
     async fn on_endpoint<T, F, Fut>(&self, repeatable: bool, op: F) -> StoreResult<T>
     where
-        F: Fn(usize, Client) -> Fut,
+        F: Fn(usize, &Client) -> Fut,
         Fut: std::future::Future<Output = StoreResult<T>>,
     {
         let n = self.conn.endpoints.len();
@@ -607,8 +606,8 @@ impl EtcdStore {
             let key = self.full("");
             return match self
                 .on_endpoint(true, |_, c| {
-                    let (key, probe) = (key.clone(), probe.clone());
-                    async move { kv(c).get(key, Some(probe)).await.map_err(map_err) }
+                    let (key, probe, mut kv) = (key.clone(), probe.clone(), kv(c));
+                    async move { kv.get(key, Some(probe)).await.map_err(map_err) }
                 })
                 .await
             {
@@ -628,8 +627,8 @@ impl EtcdStore {
         let key = self.full("");
         let resp = self
             .on_endpoint(true, |_, c| {
-                let (key, opts) = (key.clone(), opts.clone());
-                async move { kv(c).get(key, Some(opts)).await.map_err(map_err) }
+                let (key, opts, mut kv) = (key.clone(), opts.clone(), kv(c));
+                async move { kv.get(key, Some(opts)).await.map_err(map_err) }
             })
             .await
             .map_err(|e| match (revision, compacted_in(&e)) {
@@ -665,8 +664,8 @@ impl EtcdStore {
     /// conflict).
     async fn txn(&self, txn: Txn) -> StoreResult<etcd_client::TxnResponse> {
         self.on_endpoint(false, |_, c| {
-            let txn = txn.clone();
-            async move { kv(c).txn(txn).await.map_err(map_err) }
+            let (txn, mut kv) = (txn.clone(), kv(c));
+            async move { kv.txn(txn).await.map_err(map_err) }
         })
         .await
     }
@@ -685,8 +684,9 @@ impl EtcdStore {
     }
 }
 
-/// The KV API of a client.
-fn kv(c: Client) -> KvClient {
+/// The KV API of a client (a handle on the same connection: cloning the
+/// whole client would copy every API's handle, for every request).
+fn kv(c: &Client) -> KvClient {
     // Large clusters list many leases in one response.
     c.kv_client().max_decoding_message_size(MAX_MESSAGE)
 }
@@ -715,8 +715,9 @@ impl LeaseStore for EtcdStore {
         let (at, mut ws) = self
             .on_endpoint(true, |i, c| {
                 let (key, opts) = (key.clone(), opts.clone());
+                let watch = c.watch_client();
                 async move {
-                    c.watch_client()
+                    watch
                         // One watch response carries a whole transaction's
                         // events (a list's worth after a restore): the same
                         // limit as reads.
@@ -815,8 +816,8 @@ impl LeaseStore for EtcdStore {
         // overwritten.
         let resp = self
             .on_endpoint(false, |_, c| {
-                let key = key.clone();
-                async move { kv(c).put(key, text, None).await.map_err(map_err) }
+                let (key, mut kv) = (key.clone(), kv(c));
+                async move { kv.put(key, text, None).await.map_err(map_err) }
             })
             .await?;
         Ok(header_rev(resp.header()))
@@ -826,8 +827,9 @@ impl LeaseStore for EtcdStore {
         bump(&self.counts.grant);
         let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         let resp = self
-            .on_endpoint(false, |_, c| async move {
-                c.lease_client().grant(secs, None).await.map_err(map_err)
+            .on_endpoint(false, |_, c| {
+                let mut leases = c.lease_client();
+                async move { leases.grant(secs, None).await.map_err(map_err) }
             })
             .await?;
         if !resp.error().is_empty() {
@@ -843,24 +845,26 @@ impl LeaseStore for EtcdStore {
         // etcd-client's keep-alive consumes the first answer; a second
         // message on the same stream reports the TTL it was reset to.
         bump(&self.counts.keep_alive);
-        self.on_endpoint(true, |_, c| async move {
-            let (mut keeper, mut stream) = c
-                .lease_client()
-                .keep_alive(id.0)
-                .await
-                .map_err(map_err)
-                .map_err(|e| match e {
-                    StoreError::NotFound(_) => StoreError::NotFound(format!("etcd lease {id}")),
-                    other => other,
-                })?;
-            bump(&self.counts.keep_alive);
-            keeper.keep_alive().await.map_err(map_err)?;
-            match stream.message().await.map_err(map_err)? {
-                Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl() as u64)),
-                Some(_) => Err(StoreError::NotFound(format!("etcd lease {id}"))),
-                None => Err(StoreError::Unavailable(
-                    "etcd closed the keep-alive stream".into(),
-                )),
+        self.on_endpoint(true, |_, c| {
+            let mut leases = c.lease_client();
+            async move {
+                let (mut keeper, mut stream) = leases
+                    .keep_alive(id.0)
+                    .await
+                    .map_err(map_err)
+                    .map_err(|e| match e {
+                        StoreError::NotFound(_) => StoreError::NotFound(format!("etcd lease {id}")),
+                        other => other,
+                    })?;
+                bump(&self.counts.keep_alive);
+                keeper.keep_alive().await.map_err(map_err)?;
+                match stream.message().await.map_err(map_err)? {
+                    Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl() as u64)),
+                    Some(_) => Err(StoreError::NotFound(format!("etcd lease {id}"))),
+                    None => Err(StoreError::Unavailable(
+                        "etcd closed the keep-alive stream".into(),
+                    )),
+                }
             }
         })
         .await
@@ -869,11 +873,9 @@ impl LeaseStore for EtcdStore {
     async fn time_to_live(&self, id: LeaseId) -> StoreResult<Option<Duration>> {
         bump(&self.counts.time_to_live);
         let resp = self
-            .on_endpoint(true, |_, c| async move {
-                c.lease_client()
-                    .time_to_live(id.0, None)
-                    .await
-                    .map_err(map_err)
+            .on_endpoint(true, |_, c| {
+                let mut leases = c.lease_client();
+                async move { leases.time_to_live(id.0, None).await.map_err(map_err) }
             })
             .await?;
         Ok((resp.ttl() >= 0).then(|| Duration::from_secs(resp.ttl() as u64)))
@@ -883,8 +885,9 @@ impl LeaseStore for EtcdStore {
         bump(&self.counts.revoke);
         // Revoking twice: the second finds it gone, which is success.
         match self
-            .on_endpoint(true, |_, c| async move {
-                c.lease_client().revoke(id.0).await.map_err(map_err)
+            .on_endpoint(true, |_, c| {
+                let mut leases = c.lease_client();
+                async move { leases.revoke(id.0).await.map_err(map_err) }
             })
             .await
         {
@@ -1049,8 +1052,8 @@ impl LeaseStore for EtcdStore {
         let key = self.full(key);
         let resp = self
             .on_endpoint(false, |_, c| {
-                let (key, opts) = (key.clone(), opts.clone());
-                async move { kv(c).put(key, value, Some(opts)).await.map_err(map_err) }
+                let (key, opts, mut kv) = (key.clone(), opts.clone(), kv(c));
+                async move { kv.put(key, value, Some(opts)).await.map_err(map_err) }
             })
             .await?;
         Ok(header_rev(resp.header()))
@@ -1060,8 +1063,9 @@ impl LeaseStore for EtcdStore {
         bump(&self.counts.other);
         // Compacting again to the same revision reports it compacted.
         match self
-            .on_endpoint(true, |_, c| async move {
-                kv(c).compact(revision, None).await.map_err(map_err)
+            .on_endpoint(true, |_, c| {
+                let mut kv = kv(c);
+                async move { kv.compact(revision, None).await.map_err(map_err) }
             })
             .await
         {
@@ -1076,12 +1080,9 @@ impl LeaseStore for EtcdStore {
 
     async fn ping(&self) -> StoreResult<()> {
         bump(&self.counts.other);
-        self.on_endpoint(true, |_, c| async move {
-            c.maintenance_client()
-                .status()
-                .await
-                .map(|_| ())
-                .map_err(map_err)
+        self.on_endpoint(true, |_, c| {
+            let mut maintenance = c.maintenance_client();
+            async move { maintenance.status().await.map(|_| ()).map_err(map_err) }
         })
         .await
     }
