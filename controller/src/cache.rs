@@ -405,9 +405,8 @@ impl Cache {
         self.synced = true;
     }
 
-    /// Applies one watch batch.
-    /// Applies `batch`; `now` is when (leases that ran out are held from
-    /// then).
+    /// Applies one watch batch; `now` is when (leases that ran out are
+    /// held from then).
     pub(crate) fn apply(&mut self, batch: WatchBatch, now: tokio::time::Instant) {
         for ev in batch.events {
             match ev {

@@ -34,38 +34,55 @@ enum Applier {
         jobs: tokio::sync::mpsc::Sender<Job>,
         /// Originals already copied, waiting to be dropped by the sync task.
         done: Arc<std::sync::Mutex<Vec<Change>>>,
+        /// Told when the thread has applied everything queued, so that the
+        /// originals do not wait for the next change.
+        idle: Arc<tokio::sync::Notify>,
     },
     /// Applied by the sync task itself (`Options::cache_thread` off).
     Inline(Arc<Shared>),
 }
 
-/// A change for the thread, when it came, and whom to tell once applied.
-type Job = (Change, tokio::time::Instant, Option<oneshot::Sender<()>>);
+/// A change for the thread, when it came, and whom to tell once applied
+/// (whether it applied without a panic).
+type Job = (Change, tokio::time::Instant, Option<oneshot::Sender<bool>>);
 
 /// Changes queued for the thread before the sync task waits.
 const QUEUED: usize = 1024;
 
 impl Applier {
-    fn start(shared: Arc<Shared>) -> std::io::Result<Self> {
+    fn start(shared: Arc<Shared>) -> Self {
         if !shared.opts.cache_thread {
-            return Ok(Applier::Inline(shared));
+            return Applier::Inline(shared);
         }
         let (jobs, mut rx) = tokio::sync::mpsc::channel::<Job>(QUEUED);
         let done = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let handed_back = done.clone();
-        std::thread::Builder::new()
+        let idle = Arc::new(tokio::sync::Notify::new());
+        let (handed_back, caught_up, on_thread) = (done.clone(), idle.clone(), shared.clone());
+        let spawned = std::thread::Builder::new()
             .name("weft-cache".into())
             .spawn(move || {
                 // Ends when the sync task (and its sender) is gone.
                 while let Some((change, now, applied)) = rx.blocking_recv() {
-                    apply_caught(&shared, &change, now);
+                    let ok = apply_caught(&on_thread, &change, now);
                     crate::lock(&handed_back).push(change);
                     if let Some(tx) = applied {
-                        let _ = tx.send(());
+                        let _ = tx.send(ok);
+                    }
+                    if rx.is_empty() {
+                        caught_up.notify_one();
                     }
                 }
-            })?;
-        Ok(Applier::Thread { jobs, done })
+            });
+        match spawned {
+            Ok(_) => Applier::Thread { jobs, done, idle },
+            Err(e) => {
+                tracing::warn!(
+                    "cannot start the cache thread ({e}); the cache is updated by the sync task, \
+                     and memory freed after join storms may not go back to the system"
+                );
+                Applier::Inline(shared)
+            }
+        }
     }
 
     /// Queues a batch of changes; `Err` if the thread is gone.
@@ -74,20 +91,21 @@ impl Applier {
     }
 
     /// Replaces the cache with `snap`, waiting until that is done, and
-    /// gives the memory the old state (and the list) took back.
-    async fn load(&self, snap: Snapshot) -> Result<(), ()> {
+    /// gives the memory the old state (and the list) took back. `Ok(false)`
+    /// if applying it panicked; `Err` if the thread is gone.
+    async fn load(&self, snap: Snapshot) -> Result<bool, ()> {
         let large = snap.leases.len() >= 1000;
         let (tx, rx) = oneshot::channel();
         self.send(Change::Reset(snap), Some(tx)).await?;
-        rx.await.map_err(|_| ())?;
+        let ok = rx.await.map_err(|_| ())?;
         self.sweep();
         if large {
-            weft_lease::memory::give_back();
+            let _ = tokio::task::spawn_blocking(weft_lease::memory::give_back).await;
         }
-        Ok(())
+        Ok(ok)
     }
 
-    async fn send(&self, change: Change, applied: Option<oneshot::Sender<()>>) -> Result<(), ()> {
+    async fn send(&self, change: Change, applied: Option<oneshot::Sender<bool>>) -> Result<(), ()> {
         let now = tokio::time::Instant::now();
         match self {
             Applier::Thread { jobs, .. } => {
@@ -95,12 +113,21 @@ impl Applier {
                 jobs.send((change, now, applied)).await.map_err(|_| ())
             }
             Applier::Inline(shared) => {
-                apply_caught(shared, &change, now);
+                let ok = apply_caught(shared, &change, now);
                 if let Some(tx) = applied {
-                    let _ = tx.send(());
+                    let _ = tx.send(ok);
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Resolves when the thread has applied everything queued (never for
+    /// the inline applier, which has nothing left over).
+    async fn caught_up(&self) {
+        match self {
+            Applier::Thread { idle, .. } => idle.notified().await,
+            Applier::Inline(_) => std::future::pending().await,
         }
     }
 
@@ -113,14 +140,15 @@ impl Applier {
     }
 }
 
-/// [`apply`]; a panic in it marks the cache damaged (half applied,
-/// perhaps): 503 until the sync task has loaded it again.
-fn apply_caught(shared: &Shared, change: &Change, now: tokio::time::Instant) {
+/// [`apply`]; `false` if it panicked, which marks the cache damaged (half
+/// applied, perhaps): 503 until the sync task has loaded it again.
+fn apply_caught(shared: &Shared, change: &Change, now: tokio::time::Instant) -> bool {
     let applied =
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| apply(shared, change, now)));
     if applied.is_err() {
         shared.mark_damaged();
     }
+    applied.is_ok()
 }
 
 /// Applies one change (a copy of it, made on this thread) and publishes
@@ -128,14 +156,18 @@ fn apply_caught(shared: &Shared, change: &Change, now: tokio::time::Instant) {
 fn apply(shared: &Shared, change: &Change, now: tokio::time::Instant) {
     match change {
         Change::Batch(b) => {
-            shared.write().apply(b.clone(), now);
+            // Copied before the lock is taken: readers wait only for the
+            // update itself.
+            let copy = b.clone();
+            shared.write().apply(copy, now);
             publish(shared, b.revision);
         }
         Change::Reset(snap) => {
             let (leases, rev) = (snap.leases.len(), snap.revision);
             // Everything is replaced: whatever a panic left half done is gone.
             shared.cache.clear_poison();
-            shared.write().reset(snap.clone(), now);
+            let copy = snap.clone();
+            shared.write().reset(copy, now);
             shared.repaired();
             publish(shared, rev);
             tracing::info!(revision = rev, leases, "loaded leases from the store");
@@ -180,14 +212,7 @@ fn publish(shared: &Shared, revision: i64) {
 /// Keeps the cache in step with the store, forever.
 pub(crate) async fn run(shared: Arc<Shared>) {
     let mut backoff = Backoff::new();
-    let applier = match Applier::start(shared.clone()) {
-        Ok(a) => a,
-        Err(e) => {
-            // Without the thread the controller cannot follow the store.
-            tracing::error!("cannot start the cache thread: {e}");
-            return gone(&shared);
-        }
-    };
+    let applier = Applier::start(shared.clone());
     loop {
         let snap = match shared.store.snapshot().await {
             Ok(s) => s,
@@ -199,8 +224,14 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         };
         shared.store_ok();
         let rev = snap.revision;
-        if applier.load(snap).await.is_err() {
-            return gone(&shared);
+        match applier.load(snap).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::error!("loading the leases into the cache failed; listing again");
+                backoff.wait().await;
+                continue;
+            }
+            Err(()) => return gone(&shared),
         }
         match follow(&shared, &applier, rev + 1, &mut backoff).await {
             Relist::Compacted => {
@@ -212,12 +243,16 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     }
 }
 
-/// The cache thread could not start or ended (it does not, short of a
-/// bug): nothing follows the store any more, so the cache is damaged for
-/// good: requests get 503 and `/healthz` fails until a restart.
+/// The cache thread ended (it does not, short of a bug): nothing follows
+/// the store any more, so the cache is damaged for good: requests get 503
+/// and `/healthz` fails until a restart.
 fn gone(shared: &Shared) {
-    tracing::error!("the cache thread is gone; this controller no longer follows the store");
-    shared.mark_damaged();
+    tracing::error!(
+        "the cache thread ended; this controller no longer follows the store: restart it"
+    );
+    shared
+        .damaged
+        .store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
 /// Why the cache must be loaded afresh.
@@ -248,6 +283,10 @@ async fn follow(
         loop {
             let item = tokio::select! {
                 _ = shared.reload.notified() => return Relist::Damaged,
+                _ = applier.caught_up() => {
+                    applier.sweep();
+                    continue;
+                }
                 item = stream.next() => item,
             };
             let Some(item) = item else { break };

@@ -244,7 +244,7 @@ impl InUse<'_> {
     /// At least as many as [`InUse::used`], without walking `extra`:
     /// thousands of allocations may be in flight during a join storm, and
     /// this is asked on every pick.
-    fn used_at_most(&self) -> u128 {
+    fn used_bound(&self) -> u128 {
         (self.base.positions_used() + self.extra.positions.len()) as u128
     }
 
@@ -285,7 +285,7 @@ pub fn pick<R: Rng + ?Sized>(
         return Ok(*k);
     }
     let total = config.subnet_count();
-    let bound = in_use.used_at_most();
+    let bound = in_use.used_bound();
     if bound >= total {
         let used = in_use.used();
         if used >= total {
