@@ -42,11 +42,13 @@ const BURST: u64 = 1000;
 /// the heaps runs on a blocking thread, not on a request thread; anyone
 /// who can open connections can make it run at most every 10 s.
 pub(crate) async fn give_back(shared: Arc<crate::Shared>) {
-    let mut at = 0;
+    let (mut at, mut in_burst) = (0, false);
     loop {
         tokio::time::sleep(GIVE_BACK_EVERY).await;
         let closed = shared.closed.load(std::sync::atomic::Ordering::Relaxed);
-        if closed - at < BURST {
+        let now;
+        (now, in_burst) = give_back_now(closed - at, in_burst);
+        if !now {
             continue;
         }
         at = closed;
@@ -57,6 +59,18 @@ pub(crate) async fn give_back(shared: Arc<crate::Shared>) {
             took = ?t0.elapsed(),
             "gave freed memory back to the system after a burst of connections"
         );
+    }
+}
+
+/// Whether to give memory back at a tick, `since` connections having
+/// closed since the last time, and whether a burst is still going on: at
+/// every tick of a burst, and once more at the first quiet tick after it,
+/// for what the burst's last connections freed.
+fn give_back_now(since: u64, in_burst: bool) -> (bool, bool) {
+    if since >= BURST {
+        (true, true)
+    } else {
+        (in_burst, false)
     }
 }
 
@@ -308,5 +322,23 @@ async fn serve_connection<S>(
     };
     if let Err(e) = result {
         tracing::debug!(%peer, "connection ended: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_goes_back_during_a_burst_and_once_after_it() {
+        // Quiet: nothing to give back.
+        assert_eq!(give_back_now(0, false), (false, false));
+        assert_eq!(give_back_now(BURST - 1, false), (false, false));
+        // A burst, tick after tick.
+        assert_eq!(give_back_now(BURST, false), (true, true));
+        assert_eq!(give_back_now(5 * BURST, true), (true, true));
+        // Its tail, fewer than a burst's worth: once more, then quiet.
+        assert_eq!(give_back_now(BURST / 2, true), (true, false));
+        assert_eq!(give_back_now(0, false), (false, false));
     }
 }
