@@ -6,7 +6,7 @@
 //! check.
 
 use crate::store::{Claim, LeaseStore, NodeGuard, StoreError, StoreEvent, WatchStream};
-use crate::{BackendData, LeaseAttrs, LeaseId, SubnetKey};
+use crate::{BackendData, Lease, LeaseAttrs, LeaseId, SubnetKey};
 use futures::StreamExt;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -41,6 +41,7 @@ macro_rules! conformance_tests {
             unknown_etcd_lease_is_not_found,
             claim_checks_the_config_the_subnet_and_the_node,
             concurrent_claims_for_one_node_have_one_winner,
+            a_storm_of_claims_ends_as_one_by_one,
             requests_are_counted
         );
     };
@@ -625,7 +626,7 @@ pub async fn claim_checks_the_config_the_subnet_and_the_node(store: Store) {
     );
     // The guards are not leases: the watch and the snapshot show the two
     // subnets only, nothing corrupt.
-    let expect_lease = |e: StoreEvent, want: &crate::Lease| match e {
+    let expect_lease = |e: StoreEvent, want: &Lease| match e {
         StoreEvent::Put(l) => {
             assert_eq!((l.key, l.mod_revision), (want.key, want.mod_revision))
         }
@@ -695,6 +696,109 @@ pub async fn concurrent_claims_for_one_node_have_one_winner(store: Store) {
     assert_eq!(won.len(), 1, "{won:?}");
     let snap = store.snapshot().await.unwrap();
     assert_eq!(snap.leases.iter().map(|l| l.key).collect::<Vec<_>>(), won);
+}
+
+/// 60 claims at once (a store may send them together): some for the same
+/// subnet, some for the same node, one on an etcd lease that is gone, one
+/// under an old config. Each answer is what it would be one by one.
+pub async fn a_storm_of_claims_ends_as_one_by_one(store: Store) {
+    let old = store
+        .put_config(r#"{"Network":"10.244.0.0/16"}"#)
+        .await
+        .unwrap();
+    let c = store
+        .put_config(r#"{"Network":"10.244.0.0/16","SubnetLen":24}"#)
+        .await
+        .unwrap();
+    const N: usize = 60;
+    // Claim i: node n(i % 50), subnet 10.244.(100 + i % 45).0/24.
+    let keys: Vec<SubnetKey> = (0..N)
+        .map(|i| key(&format!("10.244.{}.0-24", 100 + i % 45)))
+        .collect();
+    let nodes: Vec<String> = (0..N).map(|i| format!("storm-{}", i % 50)).collect();
+    let attrs: Vec<LeaseAttrs> = (0..N)
+        .map(|i| attrs(&nodes[i], &format!("198.18.1.{}", i % 50)))
+        .collect();
+    let mut ids = Vec::new();
+    for _ in 0..N {
+        ids.push(store.grant(Duration::from_secs(60)).await.unwrap());
+    }
+    // Claims 15 to 44 are alone on their subnet and node.
+    let (gone, stale) = (20, 21);
+    store.revoke(ids[gone]).await.unwrap();
+    let claims: Vec<Claim<'_>> = (0..N)
+        .map(|i| {
+            let config = if i == stale { old } else { c };
+            claim(
+                &keys[i],
+                &attrs[i],
+                &nodes[i],
+                ids[i],
+                config,
+                NodeGuard::Absent,
+            )
+        })
+        .collect();
+    let answers = futures::future::join_all(claims.iter().map(|cl| store.claim(cl))).await;
+
+    let won: Vec<&Lease> = answers.iter().filter_map(|a| a.as_ref().ok()).collect();
+    let holder_of_key = |k: &SubnetKey| won.iter().find(|l| l.key == *k);
+    let holder_of_node = |n: &str| won.iter().find(|l| l.node_name() == Some(n));
+    for (i, answer) in answers.iter().enumerate() {
+        let alone = (15..45).contains(&i);
+        match answer {
+            Ok(l) => {
+                assert_eq!((l.key, l.node_name()), (keys[i], Some(nodes[i].as_str())));
+                assert_eq!(l.etcd_lease, Some(ids[i]));
+            }
+            Err(StoreError::NotFound(_)) if i == gone => {}
+            Err(StoreError::ConfigChanged { revision }) if i == stale => assert_eq!(*revision, c),
+            // Refused only for a claim that won.
+            Err(StoreError::AlreadyExists(k)) if !alone => {
+                assert_eq!(*k, keys[i]);
+                assert!(
+                    holder_of_key(k).is_some(),
+                    "claim {i}: {k} is held by no claim that won"
+                );
+            }
+            Err(StoreError::NodeClaimed {
+                subnet: Some(s), ..
+            }) if !alone => {
+                let holder = holder_of_node(&nodes[i]);
+                assert_eq!(
+                    holder.map(|l| l.key.to_string()).as_ref(),
+                    Some(s),
+                    "claim {i}"
+                );
+            }
+            Err(e) => panic!("claim {i} ({} for {}): {e}", keys[i], nodes[i]),
+        }
+        if alone && i != gone && i != stale {
+            assert!(
+                answer.is_ok(),
+                "claim {i}, alone on its subnet and node, was refused"
+            );
+        }
+    }
+    // One lease a subnet, one a node.
+    let mut subnets: Vec<SubnetKey> = won.iter().map(|l| l.key).collect();
+    let mut owners: Vec<&str> = won.iter().filter_map(|l| l.node_name()).collect();
+    subnets.sort();
+    subnets.dedup();
+    owners.sort();
+    owners.dedup();
+    assert_eq!(subnets.len(), won.len(), "a subnet given twice: {won:?}");
+    assert_eq!(owners.len(), won.len(), "a node given two subnets: {won:?}");
+    // The store holds exactly what was answered, at the revisions answered.
+    let seen = |ls: &mut dyn Iterator<Item = &Lease>| {
+        let mut v: Vec<(SubnetKey, i64, Option<LeaseId>)> = ls
+            .map(|l| (l.key, l.create_revision, l.etcd_lease))
+            .collect();
+        v.sort();
+        v
+    };
+    let stored = store.snapshot().await.unwrap().leases;
+    assert_eq!(seen(&mut stored.iter()), seen(&mut won.iter().copied()));
 }
 
 pub async fn requests_are_counted(store: Store) {

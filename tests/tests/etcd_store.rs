@@ -177,3 +177,84 @@ async fn a_dead_endpoint_in_the_list_fails_no_request() {
         assert!(got.revision >= rev, "{got:?}");
     }
 }
+
+/// Claims that arrive while eight claim transactions are on their way go
+/// to etcd together: 200 claims at once take far fewer than 200
+/// transactions, and those sent together share a revision. One claim's
+/// etcd lease is gone, which makes etcd refuse its whole batch: the others
+/// in it are applied all the same. (The conformance suite checks that
+/// batches answer as the claims one by one would.)
+#[tokio::test]
+#[ignore = "needs etcd; run by scripts/test"]
+async fn claims_made_at_once_go_to_etcd_in_few_transactions() {
+    use std::time::Duration;
+    use weft_lease::store::{Claim, NodeGuard};
+    use weft_lease::{BackendData, LeaseAttrs, SubnetKey};
+    let store = fresh().await;
+    let c = store
+        .put_config(r#"{"Network":"10.244.0.0/16","SubnetLen":24}"#)
+        .await
+        .unwrap();
+    const N: usize = 200;
+    let keys: Vec<SubnetKey> = (0..N)
+        .map(|i| format!("10.244.{i}.0-24").parse().unwrap())
+        .collect();
+    let nodes: Vec<String> = (0..N).map(|i| format!("batch-{i}")).collect();
+    let attrs: Vec<LeaseAttrs> = nodes
+        .iter()
+        .map(|n| {
+            LeaseAttrs::new(
+                n,
+                Some("198.18.2.1".parse().unwrap()),
+                None,
+                &BackendData::HostGw,
+            )
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for _ in 0..N {
+        ids.push(store.grant(Duration::from_secs(60)).await.unwrap());
+    }
+    let gone = 100;
+    store.revoke(ids[gone]).await.unwrap();
+    let claims: Vec<Claim<'_>> = (0..N)
+        .map(|i| Claim {
+            key: &keys[i],
+            attrs: &attrs[i],
+            node: &nodes[i],
+            lease: ids[i],
+            config_revision: c,
+            guard: NodeGuard::Absent,
+        })
+        .collect();
+    let before = store.requests().txn;
+    let answers = futures::future::join_all(claims.iter().map(|cl| store.claim(cl))).await;
+    let sent = store.requests().txn - before;
+    let mut revisions = Vec::new();
+    for (i, a) in answers.into_iter().enumerate() {
+        match a {
+            Ok(lease) => {
+                assert_eq!(lease.key, keys[i]);
+                revisions.push(lease.create_revision);
+            }
+            Err(weft_lease::StoreError::NotFound(_)) if i == gone => {}
+            Err(e) => panic!("claim {i}: {e}"),
+        }
+    }
+    assert_eq!(
+        revisions.len(),
+        N - 1,
+        "every claim but the one on a gone lease"
+    );
+    revisions.sort();
+    revisions.dedup();
+    // 8 alone, 6 batches of 32, and the 32 of the refused one alone.
+    assert!(sent <= 50, "{N} claims took {sent} transactions");
+    assert!(
+        revisions.len() < 50,
+        "{} revisions: the claims were not sent together",
+        revisions.len()
+    );
+    let stored = store.snapshot().await.unwrap().leases;
+    assert_eq!(stored.len(), N - 1);
+}

@@ -6,6 +6,7 @@
 //! that start with its IPv4 part), so any number of writers can allocate at
 //! once without double allocation.
 
+use super::batch::{Batches, Outcome, Pending, Turn};
 use super::decode::{add_to_snapshot, decode_delete, decode_entry, decode_put};
 use super::{
     Claim, LeaseStore, NodeGuard, RequestCounts, Snapshot, StoreError, StoreResult, WatchBatch,
@@ -125,6 +126,7 @@ pub struct EtcdStore {
     prefix: String,
     endpoints: Vec<String>,
     counts: Arc<Counters>,
+    batches: Arc<Batches>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -426,6 +428,7 @@ impl EtcdStore {
             prefix,
             endpoints: opts.endpoints,
             counts: Arc::default(),
+            batches: Arc::default(),
         };
         // Without a user, making a client does no I/O: a bad setting shows
         // here. With one it authenticates, which waits for etcd: the first
@@ -670,6 +673,138 @@ impl EtcdStore {
         .await
     }
 
+    /// A claim's transaction (see [`LeaseStore::claim`]).
+    fn claim_txn(&self, claim: &Claim<'_>) -> Pending {
+        let full = self.subnet_full(claim.key);
+        let config = self.full(super::config_key());
+        let node = self.full(&super::node_key(claim.node));
+        let (start, end) = self.holders(claim.key);
+        let node_cmp = match claim.guard {
+            NodeGuard::Absent => Compare::version(node.clone(), CompareOp::Equal, 0),
+            NodeGuard::At(rev) => Compare::mod_revision(node.clone(), CompareOp::Equal, rev),
+        };
+        let put = || Some(PutOptions::new().with_lease(claim.lease.0));
+        Pending {
+            compares: [
+                Compare::mod_revision(config, CompareOp::Equal, claim.config_revision),
+                Compare::create_revision(start.clone(), CompareOp::Equal, 0)
+                    .with_range(end.clone()),
+                node_cmp,
+            ],
+            puts: [
+                TxnOp::put(full, claim.attrs.to_json(), put()),
+                TxnOp::put(node.clone(), claim.key.to_string(), put()),
+            ],
+            range: (start, end),
+            node,
+        }
+    }
+
+    /// Sends one claim in a transaction of its own, which reads back what
+    /// stopped it; the revision it was applied at.
+    async fn claim_alone(&self, claim: &Claim<'_>, pending: Pending) -> StoreResult<i64> {
+        bump(&self.counts.txn);
+        let Pending {
+            range: (start, end),
+            node,
+            compares,
+            puts,
+        } = pending;
+        let txn = Txn::new().when(compares).and_then(puts).or_else([
+            TxnOp::get(
+                self.full(super::config_key()),
+                Some(GetOptions::new().with_keys_only()),
+            ),
+            TxnOp::get(
+                start,
+                Some(GetOptions::new().with_range(end).with_count_only()),
+            ),
+            TxnOp::get(node, None),
+        ]);
+        let resp = self.txn(txn).await?;
+        if resp.succeeded() {
+            return Ok(header_rev(resp.header()));
+        }
+        let gets: Vec<_> = resp
+            .op_responses()
+            .into_iter()
+            .filter_map(|r| match r {
+                TxnOpResponse::Get(g) => Some(g),
+                _ => None,
+            })
+            .collect();
+        let [config, holders, node] = gets.as_slice() else {
+            return Err(StoreError::Other(format!(
+                "claiming {}: etcd answered a failed transaction with {} reads, not 3",
+                claim.key,
+                gets.len()
+            )));
+        };
+        let config_rev = config.kvs().first().map_or(0, |kv| kv.mod_revision());
+        if config_rev != claim.config_revision {
+            return Err(StoreError::ConfigChanged {
+                revision: config_rev,
+            });
+        }
+        if holders.count() > 0 {
+            return Err(StoreError::AlreadyExists(*claim.key));
+        }
+        let guard = node.kvs().first();
+        Err(StoreError::NodeClaimed {
+            subnet: guard.map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+            revision: guard.map_or(0, |kv| kv.mod_revision()),
+        })
+    }
+
+    /// Sends waiting claims in batches until none waits, on a slot taken
+    /// by [`Batches::leave`].
+    async fn send_batches(self) {
+        let _slot = Slot(&self);
+        loop {
+            let batch = self.batches.next();
+            if batch.is_empty() {
+                // The slot goes back, or to a new task if claims came
+                // meanwhile.
+                return;
+            }
+            let n = batch.len();
+            let mut compares = Vec::with_capacity(3 * n);
+            let mut puts = Vec::with_capacity(2 * n);
+            let mut done = Vec::with_capacity(n);
+            for q in batch {
+                compares.extend(q.claim.compares);
+                puts.extend(q.claim.puts);
+                done.push(q.done);
+            }
+            bump(&self.counts.txn);
+            let result = self.txn(Txn::new().when(compares).and_then(puts)).await;
+            let outcome = |r: &StoreResult<etcd_client::TxnResponse>| match r {
+                Ok(resp) if resp.succeeded() => Outcome::Committed(header_rev(resp.header())),
+                // Applied or not: etcd did not say.
+                Err(e @ StoreError::Unavailable(_)) => Outcome::Failed(e.clone()),
+                // A compare failed, or etcd refused it before applying
+                // anything (an etcd lease is gone): each finds out alone.
+                Ok(_) | Err(_) => Outcome::Alone,
+            };
+            match &result {
+                Ok(r) if r.succeeded() => {}
+                Ok(_) => tracing::debug!(
+                    claims = n,
+                    "a batch of claims lost a compare; sending each alone"
+                ),
+                Err(e) => {
+                    tracing::debug!(claims = n, error = %e, "a batch of claims failed; sending each alone or failing it")
+                }
+            }
+            if matches!(result, Err(StoreError::Unavailable(_))) {
+                self.batches.release_all();
+            }
+            for d in done {
+                let _ = d.send(outcome(&result));
+            }
+        }
+    }
+
     /// After a failed compare-and-set, tells "gone" from "changed".
     fn cas_failure(resp: &etcd_client::TxnResponse, what: String) -> StoreError {
         let gone = resp
@@ -680,6 +815,23 @@ impl EtcdStore {
             StoreError::NotFound(what)
         } else {
             StoreError::Conflict(what)
+        }
+    }
+}
+
+/// A claim transaction's slot, given back when it is dropped; claims that
+/// wait then go in a batch, from a task of their own.
+struct Slot<'a>(&'a EtcdStore);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if self.0.batches.leave() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(self.0.clone().send_batches());
+                }
+                Err(_) => self.0.batches.abandon(),
+            }
         }
     }
 }
@@ -927,75 +1079,30 @@ impl LeaseStore for EtcdStore {
     }
 
     async fn claim(&self, claim: &Claim<'_>) -> StoreResult<Lease> {
-        bump(&self.counts.txn);
-        let full = self.subnet_full(claim.key);
-        let config = self.full(super::config_key());
-        let node = self.full(&super::node_key(claim.node));
-        let (start, end) = self.holders(claim.key);
-        let node_cmp = match claim.guard {
-            NodeGuard::Absent => Compare::version(node.clone(), CompareOp::Equal, 0),
-            NodeGuard::At(rev) => Compare::mod_revision(node.clone(), CompareOp::Equal, rev),
+        let committed = |rev| Lease {
+            key: *claim.key,
+            attrs: claim.attrs.clone(),
+            etcd_lease: Some(claim.lease),
+            create_revision: rev,
+            mod_revision: rev,
         };
-        let put = || Some(PutOptions::new().with_lease(claim.lease.0));
-        let txn = Txn::new()
-            .when([
-                Compare::mod_revision(config.clone(), CompareOp::Equal, claim.config_revision),
-                Compare::create_revision(start.clone(), CompareOp::Equal, 0)
-                    .with_range(end.clone()),
-                node_cmp,
-            ])
-            .and_then([
-                TxnOp::put(full.clone(), claim.attrs.to_json(), put()),
-                TxnOp::put(node.clone(), claim.key.to_string(), put()),
-            ])
-            .or_else([
-                TxnOp::get(config, Some(GetOptions::new().with_keys_only())),
-                TxnOp::get(
-                    start,
-                    Some(GetOptions::new().with_range(end).with_count_only()),
-                ),
-                TxnOp::get(node, None),
-            ]);
-        let resp = self.txn(txn).await?;
-        if resp.succeeded() {
-            let rev = header_rev(resp.header());
-            return Ok(Lease {
-                key: *claim.key,
-                attrs: claim.attrs.clone(),
-                etcd_lease: Some(claim.lease),
-                create_revision: rev,
-                mod_revision: rev,
-            });
-        }
-        let gets: Vec<_> = resp
-            .op_responses()
-            .into_iter()
-            .filter_map(|r| match r {
-                TxnOpResponse::Get(g) => Some(g),
-                _ => None,
-            })
-            .collect();
-        let [config, holders, node] = gets.as_slice() else {
-            return Err(StoreError::Other(format!(
-                "claiming {}: etcd answered a failed transaction with {} reads, not 3",
-                claim.key,
-                gets.len()
-            )));
+        let pending = match self.batches.enter(self.claim_txn(claim)) {
+            Turn::Now(pending) => {
+                let _slot = Slot(self);
+                return self.claim_alone(claim, pending).await.map(committed);
+            }
+            Turn::Wait(rx) => match rx.await {
+                Ok(Outcome::Committed(rev)) => return Ok(committed(rev)),
+                Ok(Outcome::Failed(e)) => return Err(e),
+                Ok(Outcome::Alone) => self.claim_txn(claim),
+                Err(_) => {
+                    return Err(StoreError::Unavailable(
+                        "the claim's batch was dropped before it was sent".into(),
+                    ))
+                }
+            },
         };
-        let config_rev = config.kvs().first().map_or(0, |kv| kv.mod_revision());
-        if config_rev != claim.config_revision {
-            return Err(StoreError::ConfigChanged {
-                revision: config_rev,
-            });
-        }
-        if holders.count() > 0 {
-            return Err(StoreError::AlreadyExists(*claim.key));
-        }
-        let guard = node.kvs().first();
-        Err(StoreError::NodeClaimed {
-            subnet: guard.map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
-            revision: guard.map_or(0, |kv| kv.mod_revision()),
-        })
+        self.claim_alone(claim, pending).await.map(committed)
     }
 
     async fn update(

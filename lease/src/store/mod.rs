@@ -6,6 +6,8 @@
 //! attached to an expiring lease, writes are compare-and-set, and a watch
 //! replays changes from a revision or reports that it was compacted.
 
+#[cfg(feature = "etcd")]
+mod batch;
 mod decode;
 #[cfg(feature = "etcd")]
 mod etcd;
