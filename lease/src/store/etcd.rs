@@ -6,7 +6,7 @@
 //! that start with its IPv4 part), so any number of writers can allocate at
 //! once without double allocation.
 
-use super::batch::{Batches, Outcome, Pending, Turn};
+use super::batch::{Batches, Expect, Outcome, Pending, Turn};
 use super::decode::{add_to_snapshot, decode_delete, decode_entry, decode_put};
 use super::{
     Claim, LeaseStore, NodeGuard, RequestCounts, Snapshot, StoreError, StoreResult, WatchBatch,
@@ -576,19 +576,7 @@ impl EtcdStore {
     /// with '&'; '\'' is the byte after '&', so the range covers exactly
     /// those keys. An IPv6-only key is held only by itself.
     fn holders(&self, key: &SubnetKey) -> (String, String) {
-        match key.ipv4_part() {
-            Some(part) => {
-                let start = self.full(&format!("{}{}", super::subnets_prefix(), part));
-                let end = format!("{start}'");
-                (start, end)
-            }
-            None => {
-                let full = self.subnet_full(key);
-                let mut end = full.clone().into_bytes();
-                end.push(0);
-                (full, String::from_utf8(end).unwrap_or_default())
-            }
-        }
+        holder_range(&self.prefix, key)
     }
 
     fn rel<'a>(&self, full: &'a [u8]) -> Option<&'a str> {
@@ -673,134 +661,108 @@ impl EtcdStore {
         .await
     }
 
-    /// A claim's transaction (see [`LeaseStore::claim`]).
-    fn claim_txn(&self, claim: &Claim<'_>) -> Pending {
-        let full = self.subnet_full(claim.key);
-        let config = self.full(super::config_key());
-        let node = self.full(&super::node_key(claim.node));
-        let (start, end) = self.holders(claim.key);
-        let node_cmp = match claim.guard {
-            NodeGuard::Absent => Compare::version(node.clone(), CompareOp::Equal, 0),
-            NodeGuard::At(rev) => Compare::mod_revision(node.clone(), CompareOp::Equal, rev),
-        };
-        let put = || Some(PutOptions::new().with_lease(claim.lease.0));
-        Pending {
-            compares: [
-                Compare::mod_revision(config, CompareOp::Equal, claim.config_revision),
-                Compare::create_revision(start.clone(), CompareOp::Equal, 0)
-                    .with_range(end.clone()),
-                node_cmp,
-            ],
-            puts: [
-                TxnOp::put(full, claim.attrs.to_json(), put()),
-                TxnOp::put(node.clone(), claim.key.to_string(), put()),
-            ],
-            range: (start, end),
-            node,
-        }
-    }
-
     /// Sends one claim in a transaction of its own, which reads back what
     /// stopped it; the revision it was applied at.
-    async fn claim_alone(&self, claim: &Claim<'_>, pending: Pending) -> StoreResult<i64> {
+    async fn claim_alone(&self, pending: Pending) -> StoreResult<i64> {
         bump(&self.counts.txn);
         let Pending {
+            expect,
             range: (start, end),
             node,
             compares,
             puts,
         } = pending;
         let txn = Txn::new().when(compares).and_then(puts).or_else([
-            TxnOp::get(
-                self.full(super::config_key()),
-                Some(GetOptions::new().with_keys_only()),
-            ),
-            TxnOp::get(
-                start,
-                Some(GetOptions::new().with_range(end).with_count_only()),
-            ),
+            TxnOp::get(self.full(super::config_key()), Some(keys_only())),
+            TxnOp::get(start, Some(count_of(end))),
             TxnOp::get(node, None),
         ]);
         let resp = self.txn(txn).await?;
         if resp.succeeded() {
             return Ok(header_rev(resp.header()));
         }
-        let gets: Vec<_> = resp
-            .op_responses()
-            .into_iter()
-            .filter_map(|r| match r {
-                TxnOpResponse::Get(g) => Some(g),
-                _ => None,
-            })
-            .collect();
-        let [config, holders, node] = gets.as_slice() else {
-            return Err(StoreError::Other(format!(
-                "claiming {}: etcd answered a failed transaction with {} reads, not 3",
-                claim.key,
-                gets.len()
-            )));
-        };
-        let config_rev = config.kvs().first().map_or(0, |kv| kv.mod_revision());
-        if config_rev != claim.config_revision {
-            return Err(StoreError::ConfigChanged {
-                revision: config_rev,
-            });
-        }
-        if holders.count() > 0 {
-            return Err(StoreError::AlreadyExists(*claim.key));
-        }
-        let guard = node.kvs().first();
-        Err(StoreError::NodeClaimed {
-            subnet: guard.map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
-            revision: guard.map_or(0, |kv| kv.mod_revision()),
-        })
+        let (config, mut claims) = compares_read(&resp, 1)
+            .map_err(|e| StoreError::Other(format!("claiming {}: {e}", expect.key)))?;
+        let (holders, node) = claims.pop().unwrap_or_default();
+        Err(expect.verdict(config, holders, node).unwrap_or_else(|| {
+            StoreError::Other(format!(
+                "claiming {}: etcd refused the transaction, but what its compares read holds",
+                expect.key
+            ))
+        }))
     }
 
-    /// Sends waiting claims in batches until none waits, on a slot taken
-    /// by [`Batches::leave`].
-    async fn send_batches(self) {
-        let _slot = Slot(&self);
+    /// Sends waiting claims in batches until none waits, then gives its
+    /// slot back (see [`BatchTask`]).
+    async fn send_batches(&self) {
         loop {
             let batch = self.batches.next();
             if batch.is_empty() {
-                // The slot goes back, or to a new task if claims came
-                // meanwhile.
                 return;
             }
             let n = batch.len();
             let mut compares = Vec::with_capacity(3 * n);
             let mut puts = Vec::with_capacity(2 * n);
-            let mut done = Vec::with_capacity(n);
+            let mut reads = Vec::with_capacity(1 + 2 * n);
+            let mut waiting = Vec::with_capacity(n);
+            reads.push(TxnOp::get(
+                self.full(super::config_key()),
+                Some(keys_only()),
+            ));
             for q in batch {
-                compares.extend(q.claim.compares);
-                puts.extend(q.claim.puts);
-                done.push(q.done);
+                let Pending {
+                    expect,
+                    range: (start, end),
+                    node,
+                    compares: c,
+                    puts: p,
+                } = q.claim;
+                compares.extend(c);
+                puts.extend(p);
+                reads.push(TxnOp::get(start, Some(count_of(end))));
+                reads.push(TxnOp::get(node, None));
+                waiting.push((expect, q.done));
             }
             bump(&self.counts.txn);
-            let result = self.txn(Txn::new().when(compares).and_then(puts)).await;
-            let outcome = |r: &StoreResult<etcd_client::TxnResponse>| match r {
-                Ok(resp) if resp.succeeded() => Outcome::Committed(header_rev(resp.header())),
-                // Applied or not: etcd did not say.
-                Err(e @ StoreError::Unavailable(_)) => Outcome::Failed(e.clone()),
-                // A compare failed, or etcd refused it before applying
-                // anything (an etcd lease is gone): each finds out alone.
-                Ok(_) | Err(_) => Outcome::Alone,
-            };
-            match &result {
-                Ok(r) if r.succeeded() => {}
-                Ok(_) => tracing::debug!(
-                    claims = n,
-                    "a batch of claims lost a compare; sending each alone"
-                ),
-                Err(e) => {
-                    tracing::debug!(claims = n, error = %e, "a batch of claims failed; sending each alone or failing it")
+            let txn = Txn::new().when(compares).and_then(puts).or_else(reads);
+            let outcomes: Vec<Outcome> = match self.txn(txn).await {
+                Ok(resp) if resp.succeeded() => {
+                    let rev = header_rev(resp.header());
+                    waiting.iter().map(|_| Outcome::Committed(rev)).collect()
                 }
-            }
-            if matches!(result, Err(StoreError::Unavailable(_))) {
-                self.batches.release_all();
-            }
-            for d in done {
-                let _ = d.send(outcome(&result));
+                Ok(resp) => match compares_read(&resp, n) {
+                    Ok((config, claims)) => waiting
+                        .iter()
+                        .zip(claims)
+                        .map(|((expect, _), (holders, node))| {
+                            match expect.verdict(config, holders, node) {
+                                Some(why) => Outcome::Refused(why),
+                                None => Outcome::Again,
+                            }
+                        })
+                        .collect(),
+                    Err(e) => {
+                        tracing::warn!(claims = n, error = %e, "could not read why etcd refused a batch of claims; sending each alone");
+                        waiting.iter().map(|_| Outcome::Alone).collect()
+                    }
+                },
+                Err(e) if refused_before_apply(&e) => {
+                    let smaller = too_large(&e).then(|| self.batches.too_large(n));
+                    if self.batches.warn_now() || smaller.is_some() {
+                        tracing::warn!(claims = n, error = %e, smaller, "etcd refused a batch of claims; sending each alone");
+                    }
+                    waiting.iter().map(|_| Outcome::Alone).collect()
+                }
+                Err(e) => {
+                    // Applied or not: etcd did not say.
+                    if matches!(e, StoreError::Unavailable(_)) {
+                        self.batches.release_all();
+                    }
+                    waiting.iter().map(|_| Outcome::Failed(e.clone())).collect()
+                }
+            };
+            for ((_, done), outcome) in waiting.into_iter().zip(outcomes) {
+                let _ = done.send(outcome);
             }
         }
     }
@@ -819,19 +781,181 @@ impl EtcdStore {
     }
 }
 
-/// A claim transaction's slot, given back when it is dropped; claims that
-/// wait then go in a batch, from a task of their own.
+/// A claim's transaction (see [`LeaseStore::claim`]), under `prefix`.
+fn claim_pending(prefix: &str, claim: &Claim<'_>) -> Pending {
+    let full = |rel: &str| format!("{prefix}/{rel}");
+    let subnet = full(&format!("{}{}", super::subnets_prefix(), claim.key));
+    let node = full(&super::node_key(claim.node));
+    let (start, end) = holder_range(prefix, claim.key);
+    // Batches rely on it: a claim writes inside its own range only.
+    debug_assert!(start <= subnet && subnet < end && !(start <= node && node < end));
+    let node_cmp = match claim.guard {
+        NodeGuard::Absent => Compare::version(node.clone(), CompareOp::Equal, 0),
+        NodeGuard::At(rev) => Compare::mod_revision(node.clone(), CompareOp::Equal, rev),
+    };
+    let put = || Some(PutOptions::new().with_lease(claim.lease.0));
+    Pending {
+        expect: Expect {
+            key: *claim.key,
+            config_revision: claim.config_revision,
+            guard: claim.guard,
+        },
+        compares: [
+            Compare::mod_revision(
+                full(super::config_key()),
+                CompareOp::Equal,
+                claim.config_revision,
+            ),
+            Compare::create_revision(start.clone(), CompareOp::Equal, 0).with_range(end.clone()),
+            node_cmp,
+        ],
+        puts: [
+            TxnOp::put(subnet, claim.attrs.to_json(), put()),
+            TxnOp::put(node.clone(), claim.key.to_string(), put()),
+        ],
+        range: (start, end),
+        node,
+    }
+}
+
+/// The key range holding `key`'s subnets under `prefix`: every key holding
+/// its IPv4 subnet starts with its part and is either exactly it or
+/// continues with '&'; '\'' is the byte after '&', so the range covers
+/// exactly those keys. An IPv6-only key is held only by itself.
+fn holder_range(prefix: &str, key: &SubnetKey) -> (String, String) {
+    match key.ipv4_part() {
+        Some(part) => {
+            let start = format!("{prefix}/{}{part}", super::subnets_prefix());
+            let end = format!("{start}'");
+            (start, end)
+        }
+        None => {
+            let full = format!("{prefix}/{}{key}", super::subnets_prefix());
+            let mut end = full.clone().into_bytes();
+            end.push(0);
+            (full, String::from_utf8(end).unwrap_or_default())
+        }
+    }
+}
+
+fn keys_only() -> GetOptions {
+    GetOptions::new().with_keys_only()
+}
+
+fn count_of(end: String) -> GetOptions {
+    GetOptions::new().with_range(end).with_count_only()
+}
+
+/// What the compares of `n` claims read, from a failed claim transaction's
+/// reads: the config key's revision (0 when gone), then for each claim the
+/// count of keys holding its subnet and its node's guard key (value and
+/// revision).
+#[allow(clippy::type_complexity)]
+fn compares_read(
+    resp: &etcd_client::TxnResponse,
+    n: usize,
+) -> Result<(i64, Vec<(i64, Option<(String, i64)>)>), String> {
+    let gets: Vec<_> = resp
+        .op_responses()
+        .into_iter()
+        .filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        })
+        .collect();
+    if gets.len() != 1 + 2 * n {
+        return Err(format!(
+            "etcd answered a failed transaction with {} reads, not {}",
+            gets.len(),
+            1 + 2 * n
+        ));
+    }
+    let config = gets[0].kvs().first().map_or(0, |kv| kv.mod_revision());
+    let claims = gets[1..]
+        .chunks(2)
+        .map(|pair| {
+            let node = pair[1].kvs().first().map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                    kv.mod_revision(),
+                )
+            });
+            (pair[0].count(), node)
+        })
+        .collect();
+    Ok((config, claims))
+}
+
+/// Whether etcd refused a transaction before applying any of it: an etcd
+/// lease it names is gone, or it is too large or malformed. Anything else
+/// (a broken connection, an overloaded server) may have been applied.
+fn refused_before_apply(e: &StoreError) -> bool {
+    match e {
+        StoreError::NotFound(_) => true,
+        StoreError::Other(m) => too_large(e) || m.contains("duplicate key given in txn request"),
+        _ => false,
+    }
+}
+
+/// Whether etcd said a transaction was too large (its `--max-txn-ops` or
+/// `--max-request-bytes`).
+fn too_large(e: &StoreError) -> bool {
+    matches!(e, StoreError::Other(m) if [
+        "too many operations in txn request",
+        "request is too large",
+        "larger than max",
+    ]
+    .iter()
+    .any(|s| m.contains(s)))
+}
+
+/// A direct claim's slot, given back when it is dropped; claims that wait
+/// then go in batches, from a task of their own.
 struct Slot<'a>(&'a EtcdStore);
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         if self.0.batches.leave() {
-            match tokio::runtime::Handle::try_current() {
-                Ok(rt) => {
-                    rt.spawn(self.0.clone().send_batches());
-                }
-                Err(_) => self.0.batches.abandon(),
+            BatchTask::spawn(self.0);
+        }
+    }
+}
+
+/// A task sending batches on a slot it holds. Dropped after it ran, it
+/// gives the slot back (or starts the next task if claims came meanwhile);
+/// dropped before it ever ran (the runtime is going away), it lets the
+/// waiting claims go alone.
+struct BatchTask {
+    store: EtcdStore,
+    ran: bool,
+}
+
+impl BatchTask {
+    fn spawn(store: &EtcdStore) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let task = BatchTask {
+                    store: store.clone(),
+                    ran: false,
+                };
+                rt.spawn(task.run());
             }
+            Err(_) => store.batches.abandon(),
+        }
+    }
+
+    async fn run(mut self) {
+        self.ran = true;
+        self.store.send_batches().await;
+    }
+}
+
+impl Drop for BatchTask {
+    fn drop(&mut self) {
+        if !self.ran {
+            self.store.batches.abandon();
+        } else if self.store.batches.leave() {
+            BatchTask::spawn(&self.store);
         }
     }
 }
@@ -1086,23 +1210,30 @@ impl LeaseStore for EtcdStore {
             create_revision: rev,
             mod_revision: rev,
         };
-        let pending = match self.batches.enter(self.claim_txn(claim)) {
-            Turn::Now(pending) => {
-                let _slot = Slot(self);
-                return self.claim_alone(claim, pending).await.map(committed);
-            }
-            Turn::Wait(rx) => match rx.await {
-                Ok(Outcome::Committed(rev)) => return Ok(committed(rev)),
-                Ok(Outcome::Failed(e)) => return Err(e),
-                Ok(Outcome::Alone) => self.claim_txn(claim),
-                Err(_) => {
-                    return Err(StoreError::Unavailable(
-                        "the claim's batch was dropped before it was sent".into(),
-                    ))
+        // A claim another one held back may try once more in a batch.
+        let mut again = true;
+        let pending =
+            loop {
+                match self.batches.enter(claim_pending(&self.prefix, claim)) {
+                    Turn::Now(pending) => {
+                        let _slot = Slot(self);
+                        return self.claim_alone(pending).await.map(committed);
+                    }
+                    Turn::Wait(rx) => match rx.await {
+                        Ok(Outcome::Committed(rev)) => return Ok(committed(rev)),
+                        Ok(Outcome::Refused(e) | Outcome::Failed(e)) => return Err(e),
+                        Ok(Outcome::Again) if again => again = false,
+                        Ok(Outcome::Again | Outcome::Alone) => {
+                            break claim_pending(&self.prefix, claim)
+                        }
+                        Err(_) => return Err(StoreError::Unavailable(
+                            "the batch carrying this claim was abandoned; it may have been applied"
+                                .into(),
+                        )),
+                    },
                 }
-            },
-        };
-        self.claim_alone(claim, pending).await.map(committed)
+            };
+        self.claim_alone(pending).await.map(committed)
     }
 
     async fn update(
@@ -1218,6 +1349,77 @@ impl LeaseStore for EtcdStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pending(key: &str, node: &str) -> Pending {
+        let key: SubnetKey = key.parse().unwrap();
+        let attrs = LeaseAttrs::new(node, None, None, &crate::BackendData::HostGw);
+        let claim = Claim {
+            key: &key,
+            attrs: &attrs,
+            node,
+            lease: LeaseId(1),
+            config_revision: 3,
+            guard: NodeGuard::Absent,
+        };
+        claim_pending("/weft/network", &claim)
+    }
+
+    #[test]
+    fn claims_that_read_what_another_writes_never_share_a_batch() {
+        let v4 = pending("10.244.7.0-24", "a");
+        let v6_only = SubnetKey::new(None, Some("fd42:0:0:7::/64".parse().unwrap()))
+            .unwrap()
+            .to_string();
+        // The same IPv4 subnet, with an IPv6 one: etcd's compare of either
+        // covers the other's key.
+        assert!(v4.clashes(&pending("10.244.7.0-24&fd42:0:0:7::-64", "b")));
+        // The same node.
+        assert!(v4.clashes(&pending("10.244.8.0-24", "a")));
+        // A subnet whose key starts like it (10.244.7 / 10.244.70).
+        assert!(!v4.clashes(&pending("10.244.70.0-24", "b")));
+        assert!(!v4.clashes(&pending("10.244.7.0-25", "b")));
+        // An IPv6-only subnet is held by its own key only.
+        assert!(pending(&v6_only, "b").clashes(&pending(&v6_only, "c")));
+        assert!(!pending(&v6_only, "b").clashes(&pending("0.0.0.0-0&fd42:0:0:8::-64", "c")));
+        assert!(!v4.clashes(&pending(&v6_only, "b")));
+    }
+
+    #[test]
+    fn only_refusals_that_applied_nothing_send_a_batch_claim_by_claim() {
+        let status = |s: tonic::Status| map_err(etcd_client::Error::GRpcStatus(s));
+        let refused = [
+            status(tonic::Status::not_found(
+                "etcdserver: requested lease not found",
+            )),
+            status(tonic::Status::invalid_argument(
+                "etcdserver: too many operations in txn request",
+            )),
+            status(tonic::Status::invalid_argument(
+                "etcdserver: duplicate key given in txn request",
+            )),
+            status(tonic::Status::invalid_argument(
+                "etcdserver: request is too large",
+            )),
+        ];
+        for e in &refused {
+            assert!(refused_before_apply(e), "{e}");
+        }
+        assert!(too_large(&refused[1]) && too_large(&refused[3]));
+        assert!(!too_large(&refused[0]) && !too_large(&refused[2]));
+        // It may have been applied: the answer was lost, or etcd was busy.
+        for e in [
+            status(tonic::Status::internal("h2 protocol error: stream reset")),
+            status(tonic::Status::resource_exhausted(
+                "etcdserver: too many requests",
+            )),
+            status(tonic::Status::unavailable("etcdserver: request timed out")),
+            status(tonic::Status::deadline_exceeded(
+                "context deadline exceeded",
+            )),
+        ] {
+            assert!(!refused_before_apply(&e), "{e}");
+        }
+    }
 
     #[test]
     fn the_password_stays_out_of_debug_output() {
