@@ -260,3 +260,84 @@ async fn claims_made_at_once_go_to_etcd_in_few_transactions() {
     let stored = store.snapshot().await.unwrap().leases;
     assert_eq!(stored.len(), N - 1);
 }
+
+/// etcd frozen (SIGSTOP) under 60 claims at once: the claims sent alone
+/// time out, then the batches, whose claims are told etcd did not answer
+/// (any claims still waiting then go alone); every claim answers
+/// `Unavailable` within a few request timeouts, none hangs. After etcd
+/// thaws, 60 claims at once all succeed: no slot was lost.
+#[tokio::test]
+#[ignore = "needs etcd; run by scripts/test"]
+async fn claims_waiting_on_a_frozen_etcd_fail_and_the_store_recovers() {
+    use std::time::{Duration, Instant};
+    use weft_lease::store::{Claim, NodeGuard};
+    use weft_lease::{BackendData, LeaseAttrs, LeaseStore, StoreError, SubnetKey};
+    let server = tokio::task::spawn_blocking(EtcdServer::start)
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let mut opts = EtcdOptions::new(vec![server.url()], "/weft/network");
+    opts.request_timeout = Duration::from_secs(2);
+    let store = EtcdStore::connect(opts).await.expect("connect to etcd");
+    let c = store
+        .put_config(r#"{"Network":"10.244.0.0/16","SubnetLen":24}"#)
+        .await
+        .unwrap();
+    const N: usize = 60;
+    let nodes: Vec<String> = (0..2 * N).map(|i| format!("frozen-{i}")).collect();
+    let keys: Vec<SubnetKey> = (0..2 * N)
+        .map(|i| format!("10.244.{i}.0-24").parse().unwrap())
+        .collect();
+    let attrs: Vec<LeaseAttrs> = nodes
+        .iter()
+        .map(|n| LeaseAttrs::new(n, None, None, &BackendData::HostGw))
+        .collect();
+    let mut ids = Vec::new();
+    for _ in 0..2 * N {
+        ids.push(store.grant(Duration::from_secs(60)).await.unwrap());
+    }
+    let claim = |i: usize| Claim {
+        key: &keys[i],
+        attrs: &attrs[i],
+        node: &nodes[i],
+        lease: ids[i],
+        config_revision: c,
+        guard: NodeGuard::Absent,
+    };
+    let claims: Vec<Claim<'_>> = (0..N).map(claim).collect();
+    let pid = server.pid().expect("etcd runs");
+    let signal = |sig| assert!(weft_tests::process::signal_pid(pid, "etcd", sig));
+    signal(libc::SIGSTOP);
+    let start = Instant::now();
+    let answers = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures::future::join_all(claims.iter().map(|cl| store.claim(cl))),
+    )
+    .await;
+    signal(libc::SIGCONT);
+    let answers = answers.expect("claims on a frozen etcd hung for 30 s");
+    for (i, a) in answers.iter().enumerate() {
+        assert!(
+            matches!(a, Err(StoreError::Unavailable(_))),
+            "claim {i} on a frozen etcd: {a:?}"
+        );
+    }
+    // Alone, then in batches (then alone, for claims still waiting when a
+    // batch failed): at most three timeouts of 2 s.
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        start.elapsed()
+    );
+    let claims: Vec<Claim<'_>> = (N..2 * N).map(claim).collect();
+    let answers = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures::future::join_all(claims.iter().map(|cl| store.claim(cl))),
+    )
+    .await
+    .expect("claims after etcd thawed hung");
+    for (i, a) in answers.into_iter().enumerate() {
+        let lease = a.unwrap_or_else(|e| panic!("claim {} after etcd thawed: {e}", N + i));
+        assert_eq!(lease.key, keys[N + i]);
+    }
+}
