@@ -3,19 +3,75 @@
 
 use crate::state::{Change, NetState};
 use async_trait::async_trait;
+pub use nix::errno::Errno;
 use std::sync::Mutex;
 use thiserror::Error;
+
+/// Why a change failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The errno the failure comes down to: the kernel's answer, or the
+    /// one it would give (`ENODEV` for a device weft found missing before
+    /// asking). `None` when no errno fits (a malformed object, a socket
+    /// that could not be opened).
+    pub errno: Option<Errno>,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+impl Failure {
+    /// `errno`, in its own words.
+    pub fn of(errno: Errno) -> Self {
+        Failure {
+            errno: Some(errno),
+            message: errno.desc().to_string(),
+        }
+    }
+
+    /// `errno`, which here means `message`.
+    pub fn with(errno: Errno, message: impl Into<String>) -> Self {
+        Failure {
+            errno: Some(errno),
+            message: message.into(),
+        }
+    }
+
+    /// A failure no errno describes.
+    pub fn other(message: impl Into<String>) -> Self {
+        Failure {
+            errno: None,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.errno {
+            Some(e) => write!(f, "{} ({e:?})", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
 
 /// A change that failed, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApplyError {
     pub change: Change,
-    pub error: String,
+    pub failure: Failure,
+}
+
+impl ApplyError {
+    /// The errno the failure comes down to, to match on (`EEXIST`,
+    /// `ENODEV`, ...).
+    pub fn errno(&self) -> Option<Errno> {
+        self.failure.errno
+    }
 }
 
 impl std::fmt::Display for ApplyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.change, self.error)
+        write!(f, "{}: {}", self.change, self.failure)
     }
 }
 
@@ -101,7 +157,7 @@ impl FakeDataplane {
         self.applied.lock().expect("fake lock").clone()
     }
 
-    fn apply_one(&self, st: &mut NetState, c: &Change) -> Result<(), String> {
+    fn apply_one(&self, st: &mut NetState, c: &Change) -> Result<(), Failure> {
         let text = c.to_string();
         if self
             .fail
@@ -110,7 +166,7 @@ impl FakeDataplane {
             .iter()
             .any(|n| text.contains(n.as_str()))
         {
-            return Err("injected failure".into());
+            return Err(Failure::other("injected failure"));
         }
         let dev_exists = |st: &NetState, dev: &str| {
             st.links.contains_key(dev) || self.other_devices.iter().any(|d| d == dev)
@@ -118,25 +174,25 @@ impl FakeDataplane {
         match c {
             Change::CreateLink { name, link } => {
                 if st.links.contains_key(name) {
-                    return Err("File exists".into());
+                    return Err(Failure::of(Errno::EEXIST));
                 }
                 st.links.insert(name.clone(), link.clone());
             }
             Change::DeleteLink { name } => {
-                st.links.remove(name).ok_or("No such device")?;
+                st.links.remove(name).ok_or(Failure::of(Errno::ENODEV))?;
                 st.addresses.retain(|(d, _), _| d != name);
                 st.neighbours.retain(|(d, _), _| d != name);
                 st.fdb.retain(|(d, _), _| d != name);
                 st.routes.retain(|_, t| &t.dev != name);
             }
             Change::UpdateLink { name, mtu, up } => {
-                let l = st.links.get_mut(name).ok_or("No such device")?;
+                let l = st.links.get_mut(name).ok_or(Failure::of(Errno::ENODEV))?;
                 l.mtu = *mtu;
                 l.up = *up;
             }
             Change::AddAddress { dev, addr } => {
                 if !dev_exists(st, dev) {
-                    return Err("No such device".into());
+                    return Err(Failure::of(Errno::ENODEV));
                 }
                 st.addresses.insert((dev.clone(), *addr), ());
             }
@@ -145,7 +201,7 @@ impl FakeDataplane {
             }
             Change::SetNeighbour { dev, ip, mac } => {
                 if !dev_exists(st, dev) {
-                    return Err("No such device".into());
+                    return Err(Failure::of(Errno::ENODEV));
                 }
                 st.neighbours.insert((dev.clone(), *ip), *mac);
             }
@@ -154,7 +210,7 @@ impl FakeDataplane {
             }
             Change::SetFdb { dev, mac, dst } => {
                 if !dev_exists(st, dev) {
-                    return Err("No such device".into());
+                    return Err(Failure::of(Errno::ENODEV));
                 }
                 st.fdb.insert((dev.clone(), *mac), *dst);
             }
@@ -167,10 +223,10 @@ impl FakeDataplane {
                 replace,
             } => {
                 if !dev_exists(st, &target.dev) {
-                    return Err("No such device".into());
+                    return Err(Failure::of(Errno::ENODEV));
                 }
                 if !replace && st.routes.contains_key(dst) {
-                    return Err("File exists".into());
+                    return Err(Failure::of(Errno::EEXIST));
                 }
                 st.routes.insert(*dst, target.clone());
             }
@@ -182,12 +238,12 @@ impl FakeDataplane {
             }
             Change::AddXfrmState { id, sa } => {
                 if st.xfrm_states.contains_key(id) {
-                    return Err("File exists".into());
+                    return Err(Failure::of(Errno::EEXIST));
                 }
                 st.xfrm_states.insert(*id, sa.clone());
             }
             Change::DelXfrmState { id } => {
-                st.xfrm_states.remove(id).ok_or("No such process")?;
+                st.xfrm_states.remove(id).ok_or(Failure::of(Errno::ESRCH))?;
             }
             Change::SetXfrmPolicy { id, tmpl } => {
                 st.xfrm_policies.insert(*id, *tmpl);
@@ -195,16 +251,16 @@ impl FakeDataplane {
             Change::DelXfrmPolicy { id } => {
                 st.xfrm_policies
                     .remove(id)
-                    .ok_or("No such file or directory")?;
+                    .ok_or(Failure::of(Errno::ENOENT))?;
             }
             Change::AddXfrmBlock { id } => {
                 if !st.xfrm_blocks.insert(*id) {
-                    return Err("File exists".into());
+                    return Err(Failure::of(Errno::EEXIST));
                 }
             }
             Change::DelXfrmBlock { id } => {
                 if !st.xfrm_blocks.remove(id) {
-                    return Err("No such file or directory".into());
+                    return Err(Failure::of(Errno::ENOENT));
                 }
             }
         }
@@ -226,12 +282,62 @@ impl Dataplane for FakeDataplane {
         for c in changes {
             match self.apply_one(&mut st, c) {
                 Ok(()) => self.applied.lock().expect("fake lock").push(c.clone()),
-                Err(error) => errors.push(ApplyError {
+                Err(failure) => errors.push(ApplyError {
                     change: c.clone(),
-                    error,
+                    failure,
                 }),
             }
         }
         errors
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{dev, VxlanLink};
+
+    fn create(name: &str) -> Change {
+        Change::CreateLink {
+            name: dev(name),
+            link: VxlanLink {
+                vni: 1,
+                port: 4789,
+                local: "198.18.0.1".parse().unwrap(),
+                mac: crate::vtep_mac("a"),
+                underlay: None,
+                learning: false,
+                mtu: 1450,
+                up: true,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn the_fake_fails_with_the_errno_the_kernel_would_give() {
+        let fake = FakeDataplane::default();
+        let update = Change::UpdateLink {
+            name: dev("weft.2"),
+            mtu: 1400,
+            up: true,
+        };
+        let errors = fake
+            .apply(&[create("weft.1"), create("weft.1"), update])
+            .await;
+        let errnos: Vec<_> = errors.iter().map(ApplyError::errno).collect();
+        assert_eq!(errnos, [Some(Errno::EEXIST), Some(Errno::ENODEV)]);
+        assert!(
+            errors[0].to_string().ends_with(": File exists (EEXIST)"),
+            "{}",
+            errors[0]
+        );
+        fake.fail_changes_containing("weft.3");
+        let errors = fake.apply(&[create("weft.3")]).await;
+        assert_eq!(errors[0].errno(), None);
+        assert!(
+            errors[0].to_string().ends_with(": injected failure"),
+            "{}",
+            errors[0]
+        );
     }
 }

@@ -26,7 +26,7 @@ mod vxlan;
 pub mod xfrm;
 
 pub use backend::{for_config, per_peer_desired, Backend, BackendError, PerPeer};
-pub use dataplane::{ApplyError, Dataplane, DataplaneError, FakeDataplane};
+pub use dataplane::{ApplyError, Dataplane, DataplaneError, Errno, Failure, FakeDataplane};
 pub use diff::{diff, in_scope};
 pub use hostgw::HostGw;
 pub use ipsec::Ipsec;

@@ -7,7 +7,7 @@
 //! kind are sent concurrently over one netlink socket; deleting something
 //! that is already gone counts as done.
 
-use crate::dataplane::{ApplyError, Dataplane, DataplaneError};
+use crate::dataplane::{ApplyError, Dataplane, DataplaneError, Errno, Failure};
 use crate::peer::HostView;
 use crate::state::{
     dev, route_metric, Change, Dev, NetState, RouteTarget, VxlanLink, VXLAN_PREFIX,
@@ -96,43 +96,27 @@ impl Drop for NetlinkDataplane {
     }
 }
 
-fn nl_err(e: rtnetlink::Error) -> String {
+/// The errno the kernel answered with, if it did.
+fn errno_of(e: &rtnetlink::Error) -> Option<Errno> {
     match e {
-        rtnetlink::Error::NetlinkError(m) => match m.code {
-            Some(code) => std::io::Error::from_raw_os_error(-code.get()).to_string(),
-            None => m.to_string(),
-        },
-        other => other.to_string(),
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| Errno::from_raw(-c.get())),
+        _ => None,
+    }
+}
+
+fn nl_err(e: rtnetlink::Error) -> Failure {
+    match errno_of(&e) {
+        Some(errno) => Failure::of(errno),
+        None => Failure::other(e.to_string()),
     }
 }
 
 /// Whether a failed delete means "it was not there".
 fn already_gone(e: &rtnetlink::Error) -> bool {
-    matches!(e, rtnetlink::Error::NetlinkError(m)
-        if m.code.is_some_and(|c| [-libc_enoent(), -libc_esrch(), -libc_enodev(), -libc_eaddrnotavail()].contains(&c.get())))
-}
-
-// errno values (Linux), without pulling in libc for five constants.
-const fn libc_eexist() -> i32 {
-    17
-}
-
-/// Whether the kernel answered with this errno.
-fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
-    matches!(e, rtnetlink::Error::NetlinkError(m) if m.code.map(|c| -c.get()) == Some(errno))
-}
-
-const fn libc_enoent() -> i32 {
-    2
-}
-const fn libc_esrch() -> i32 {
-    3
-}
-const fn libc_enodev() -> i32 {
-    19
-}
-const fn libc_eaddrnotavail() -> i32 {
-    99
+    matches!(
+        errno_of(e),
+        Some(Errno::ENOENT | Errno::ESRCH | Errno::ENODEV | Errno::EADDRNOTAVAIL)
+    )
 }
 
 impl NetlinkDataplane {
@@ -322,11 +306,11 @@ impl NetlinkDataplane {
             .collect())
     }
 
-    async fn apply_one(&self, c: &Change, idx: &HashMap<String, u32>) -> Result<(), String> {
+    async fn apply_one(&self, c: &Change, idx: &HashMap<String, u32>) -> Result<(), Failure> {
         let index = |dev: &str| {
             idx.get(dev)
                 .copied()
-                .ok_or_else(|| format!("device {dev} does not exist"))
+                .ok_or_else(|| Failure::with(Errno::ENODEV, format!("device {dev} does not exist")))
         };
         let h = &self.handle;
         match c {
@@ -419,20 +403,22 @@ impl NetlinkDataplane {
                 target,
                 replace,
             } => {
-                let msg = route_message(dst, target, index(&target.dev)?, route_metric(dst))?;
+                let msg = route_message(dst, target, index(&target.dev)?, route_metric(dst))
+                    .map_err(Failure::other)?;
                 let req = h.route().add(msg);
                 let req = if *replace { req.replace() } else { req };
-                req.execute().await.map_err(|e| {
-                    if is_errno(&e, libc_eexist()) {
-                        format!("a route to {dst} that weft does not own exists; it is left alone")
-                    } else {
-                        nl_err(e)
-                    }
+                req.execute().await.map_err(|e| match errno_of(&e) {
+                    Some(Errno::EEXIST) => Failure::with(
+                        Errno::EEXIST,
+                        format!("a route to {dst} that weft does not own exists; it is left alone"),
+                    ),
+                    _ => nl_err(e),
                 })
             }
             Change::DelRoute { dst, target } => {
                 let i = idx.get(&*target.dev).copied().unwrap_or(0);
-                let msg = route_message(dst, target, i, route_metric(dst))?;
+                let msg =
+                    route_message(dst, target, i, route_metric(dst)).map_err(Failure::other)?;
                 ignore_gone(h.route().del(msg).execute().await)
             }
             Change::DelStrayRoute {
@@ -441,7 +427,7 @@ impl NetlinkDataplane {
                 target,
             } => {
                 let i = idx.get(&*target.dev).copied().unwrap_or(0);
-                let msg = route_message(dst, target, i, *metric)?;
+                let msg = route_message(dst, target, i, *metric).map_err(Failure::other)?;
                 ignore_gone(h.route().del(msg).execute().await)
             }
             Change::AddXfrmState { .. }
@@ -449,12 +435,14 @@ impl NetlinkDataplane {
             | Change::SetXfrmPolicy { .. }
             | Change::DelXfrmPolicy { .. }
             | Change::AddXfrmBlock { .. }
-            | Change::DelXfrmBlock { .. } => crate::xfrm::apply(self.xfrm()?, c).await,
+            | Change::DelXfrmBlock { .. } => {
+                crate::xfrm::apply(self.xfrm().map_err(Failure::other)?, c).await
+            }
         }
     }
 }
 
-fn ignore_gone(r: Result<(), rtnetlink::Error>) -> Result<(), String> {
+fn ignore_gone(r: Result<(), rtnetlink::Error>) -> Result<(), Failure> {
     match r {
         Err(e) if !already_gone(&e) => Err(nl_err(e)),
         _ => Ok(()),
@@ -464,7 +452,7 @@ fn ignore_gone(r: Result<(), rtnetlink::Error>) -> Result<(), String> {
 fn observe_err(what: &'static str, e: rtnetlink::Error) -> DataplaneError {
     DataplaneError::Observe {
         what,
-        reason: nl_err(e),
+        reason: nl_err(e).to_string(),
     }
 }
 
@@ -839,7 +827,7 @@ impl Dataplane for NetlinkDataplane {
                     .iter()
                     .map(|c| ApplyError {
                         change: c.clone(),
-                        error: format!("listing links: {e}"),
+                        failure: Failure::other(format!("listing links: {e}")),
                     })
                     .collect()
             }
@@ -855,10 +843,10 @@ impl Dataplane for NetlinkDataplane {
             if g == 0 {
                 // Links one at a time; indexes change with them.
                 for c in run {
-                    if let Err(error) = self.apply_one(c, &idx).await {
+                    if let Err(failure) = self.apply_one(c, &idx).await {
                         errors.push(ApplyError {
                             change: c.clone(),
-                            error,
+                            failure,
                         });
                     }
                     if let Ok(fresh) = self.indexes().await {
@@ -872,18 +860,18 @@ impl Dataplane for NetlinkDataplane {
                     .enumerate()
                     .map(|(i, c)| async move { (i, self.apply_one(c, idx).await) })
                     .collect();
-                let results: Vec<(usize, Result<(), String>)> = stream::iter(pending)
+                let results: Vec<(usize, Result<(), Failure>)> = stream::iter(pending)
                     .buffer_unordered(CONCURRENCY)
                     .collect()
                     .await;
-                let mut failed: Vec<(usize, String)> = results
+                let mut failed: Vec<(usize, Failure)> = results
                     .into_iter()
                     .filter_map(|(i, r)| r.err().map(|e| (i, e)))
                     .collect();
                 failed.sort_by_key(|(i, _)| *i);
-                errors.extend(failed.into_iter().map(|(i, error)| ApplyError {
+                errors.extend(failed.into_iter().map(|(i, failure)| ApplyError {
                     change: run[i].clone(),
-                    error,
+                    failure,
                 }));
             }
             start = end;

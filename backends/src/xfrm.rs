@@ -2,6 +2,7 @@
 //! policies weft owns (those with [`WEFT_XFRM_REQID`]), and probing that
 //! the kernel can do what the ipsec backend needs. No `ip xfrm`, no IKE.
 
+use crate::dataplane::{Errno, Failure};
 use crate::state::{
     AeadKey, Change, XfrmDir, XfrmPolicyId, XfrmSa, XfrmSaId, XfrmTmpl, WEFT_BLOCK_PRIORITY,
     WEFT_XFRM_REQID, XFRM_AEAD, XFRM_ICV_BITS,
@@ -39,24 +40,29 @@ pub enum KernelSupport {
 }
 
 /// The errno of a failed request, if the kernel sent one.
-fn errno(e: &xfrmnetlink::Error) -> Option<i32> {
+fn errno(e: &xfrmnetlink::Error) -> Option<Errno> {
     match e {
-        xfrmnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        xfrmnetlink::Error::NetlinkError(m) => m.code.map(|c| Errno::from_raw(-c.get())),
         _ => None,
+    }
+}
+
+/// A failed request.
+fn failure(e: &xfrmnetlink::Error) -> Failure {
+    match errno(e) {
+        Some(n) => Failure::of(n),
+        None => Failure::other(e.to_string()),
     }
 }
 
 /// A failed request, as text.
 pub fn err_text(e: &xfrmnetlink::Error) -> String {
-    match errno(e) {
-        Some(n) => std::io::Error::from_raw_os_error(n).to_string(),
-        None => e.to_string(),
-    }
+    failure(e).to_string()
 }
 
 /// Whether a failed delete means "it was not there" (ENOENT, ESRCH).
 pub fn already_gone(e: &xfrmnetlink::Error) -> bool {
-    matches!(errno(e), Some(2) | Some(3))
+    matches!(errno(e), Some(Errno::ENOENT | Errno::ESRCH))
 }
 
 fn ip_of(a: &Address, family: u16) -> IpAddr {
@@ -197,17 +203,17 @@ fn template(t: &XfrmTmpl) -> UserTemplate {
 }
 
 /// A delete's result: gone already counts as done.
-fn gone_ok(r: Result<(), xfrmnetlink::Error>) -> Result<(), String> {
+fn gone_ok(r: Result<(), xfrmnetlink::Error>) -> Result<(), Failure> {
     match r {
-        Err(e) if !already_gone(&e) => Err(err_text(&e)),
+        Err(e) if !already_gone(&e) => Err(failure(&e)),
         _ => Ok(()),
     }
 }
 
 /// Applies one XFRM change. Deleting what is gone counts as done.
-pub async fn apply(h: &Handle, c: &Change) -> Result<(), String> {
+pub async fn apply(h: &Handle, c: &Change) -> Result<(), Failure> {
     match c {
-        Change::AddXfrmState { id, sa } => add_state(h, id, sa).await.map_err(|e| err_text(&e)),
+        Change::AddXfrmState { id, sa } => add_state(h, id, sa).await.map_err(|e| failure(&e)),
         Change::DelXfrmState { id } => gone_ok(
             h.state()
                 .delete(id.src, id.dst)
@@ -229,7 +235,7 @@ pub async fn apply(h: &Handle, c: &Change) -> Result<(), String> {
             .add_template(template(tmpl))
             .execute()
             .await
-            .map_err(|e| err_text(&e)),
+            .map_err(|e| failure(&e)),
         Change::AddXfrmBlock { id } => h
             .policy()
             .add(
@@ -243,7 +249,7 @@ pub async fn apply(h: &Handle, c: &Change) -> Result<(), String> {
             .action(XFRM_POLICY_BLOCK)
             .execute()
             .await
-            .map_err(|e| err_text(&e)),
+            .map_err(|e| failure(&e)),
         Change::DelXfrmPolicy { id } | Change::DelXfrmBlock { id } => gone_ok(
             h.policy()
                 .delete(
@@ -256,7 +262,7 @@ pub async fn apply(h: &Handle, c: &Change) -> Result<(), String> {
                 .execute()
                 .await,
         ),
-        other => Err(format!("not an XFRM change: {other}")),
+        other => Err(Failure::other(format!("not an XFRM change: {other}"))),
     }
 }
 
@@ -294,8 +300,8 @@ pub async fn probe(h: &Handle) -> Result<(), KernelSupport> {
             del(h.clone()).await;
             Ok(())
         }
-        // "Requested AEAD algorithm not found": is ESP there at all?
-        Err(e) if errno(&e) == Some(38) => {
+        // "Requested AEAD algorithm not found" (ENOSYS): is ESP there at all?
+        Err(e) if errno(&e) == Some(Errno::ENOSYS) => {
             let reason = err_text(&e);
             let plain = h
                 .state()
@@ -310,10 +316,12 @@ pub async fn probe(h: &Handle) -> Result<(), KernelSupport> {
                 .execute()
                 .await;
             match plain {
-                Err(e2) if errno(&e2) == Some(93) => Err(KernelSupport::NoEsp {
-                    aead_missing: true,
-                    reason: format!("{reason}; {}", err_text(&e2)),
-                }),
+                Err(e2) if errno(&e2) == Some(Errno::EPROTONOSUPPORT) => {
+                    Err(KernelSupport::NoEsp {
+                        aead_missing: true,
+                        reason: format!("{reason}; {}", err_text(&e2)),
+                    })
+                }
                 r => {
                     if r.is_ok() {
                         del(h.clone()).await;
@@ -323,7 +331,7 @@ pub async fn probe(h: &Handle) -> Result<(), KernelSupport> {
             }
         }
         // "Requested type not found" (EPROTONOSUPPORT).
-        Err(e) if errno(&e) == Some(93) => Err(KernelSupport::NoEsp {
+        Err(e) if errno(&e) == Some(Errno::EPROTONOSUPPORT) => Err(KernelSupport::NoEsp {
             aead_missing: false,
             reason: err_text(&e),
         }),

@@ -490,3 +490,93 @@ async fn interfaces_and_default_route_are_reported() {
         Some(eth0.index)
     );
 }
+
+/// A failed change keeps the errno it comes down to, for callers to match:
+/// the kernel's EEXIST for a VNI another device has, weft's own EEXIST
+/// for a route to a peer's subnet that weft does not own, ENODEV for a
+/// device that is not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root; run by scripts/test"]
+async fn failures_keep_their_errno() {
+    use weft_backends::{dev, Errno, RouteTarget, VxlanLink};
+    let ns = host();
+    ns.ip(&[
+        "link",
+        "add",
+        "other.5",
+        "type",
+        "vxlan",
+        "id",
+        "5",
+        "dstport",
+        "4789",
+        "local",
+        "198.18.0.11",
+    ])
+    .unwrap();
+    let dst: ipnet::IpNet = "10.244.9.0/24".parse().unwrap();
+    let metric = route_metric(&dst).to_string();
+    ns.ip(&[
+        "route",
+        "add",
+        "10.244.9.0/24",
+        "via",
+        "198.18.0.99",
+        "dev",
+        "eth0",
+        "proto",
+        "static",
+        "metric",
+        &metric,
+    ])
+    .unwrap();
+    let dp = NetlinkDataplane::in_netns(&ns.path()).unwrap();
+    let changes = [
+        Change::CreateLink {
+            name: dev("weft.5"),
+            link: VxlanLink {
+                vni: 5,
+                port: 4789,
+                local: "198.18.0.11".parse().unwrap(),
+                mac: vtep_mac("host-1"),
+                underlay: None,
+                learning: false,
+                mtu: 1450,
+                up: true,
+            },
+        },
+        Change::SetRoute {
+            dst,
+            target: RouteTarget::direct("198.18.0.99".parse().unwrap(), &dev("eth0")),
+            replace: false,
+        },
+        Change::UpdateLink {
+            name: dev("weft.404"),
+            mtu: 1450,
+            up: true,
+        },
+    ];
+    let errors = dp.apply(&changes).await;
+    let got: Vec<(Change, Option<Errno>)> = errors
+        .iter()
+        .map(|e| (e.change.clone(), e.errno()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (changes[0].clone(), Some(Errno::EEXIST)),
+            (changes[1].clone(), Some(Errno::EEXIST)),
+            (changes[2].clone(), Some(Errno::ENODEV)),
+        ],
+        "{errors:#?}"
+    );
+    let text = errors[1].to_string();
+    assert!(
+        text.contains("weft does not own") && text.ends_with("(EEXIST)"),
+        "{text}"
+    );
+    // Nothing weft does not own was changed.
+    assert!(ns.ip(&["link", "show", "weft.5"]).is_err());
+    let route = ns.ip(&["route", "show", "10.244.9.0/24"]).unwrap();
+    assert!(route.contains("proto static"), "{route}");
+}
