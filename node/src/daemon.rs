@@ -1,7 +1,8 @@
 //! The daemon: pick the interface, get the network config and a lease,
-//! write subnet.env, set up masquerading and forwarding, then follow the
-//! leases and reconcile, renewing the lease as it goes. On shutdown the
-//! data plane stays as it is, so a restart is hitless.
+//! write subnet.env, set up forwarding, then follow the leases and
+//! reconcile (routes, devices, masquerade rules), renewing the lease as it
+//! goes. On shutdown the data plane stays as it is, so a restart is
+//! hitless.
 
 use crate::control::{self, ControlSocket};
 use crate::iface::{self, IfaceChoice};
@@ -93,7 +94,8 @@ impl Keeper {
         )
     }
 
-    /// Makes `resp` the node's lease: local node, subnet.env, masquerade.
+    /// Makes `resp` the node's lease: local node and subnet.env (the
+    /// reconcile loop installs the masquerade rules for it).
     async fn install(&self, resp: &LeaseResponse, network: Arc<NetworkConfig>) -> Result<()> {
         let key = resp.lease.key;
         let old = self.local.borrow().as_ref().map(|l| l.subnet);
@@ -111,17 +113,6 @@ impl Keeper {
             .with_context(|| format!("writing {}", self.opts.subnet_file.display()))?;
         *self.env.lock().expect("env lock") = Some(env);
         self.lease_held();
-        if self.opts.ip_masq {
-            let rules = masq::ruleset(
-                network.ipv4.as_ref().map(|p| p.network().into()),
-                key.ipv4().map(Into::into),
-                network.ipv6.as_ref().map(|p| p.network().into()),
-                key.ipv6().map(Into::into),
-            );
-            masq::apply(rules)
-                .await
-                .map_err(|e| anyhow!("installing masquerade rules: {e}"))?;
-        }
         let local = LocalNode::new(
             self.opts.node_name.as_str(),
             key,
@@ -521,6 +512,11 @@ async fn start(
     rekey_rx: mpsc::Receiver<RekeyRequest>,
 ) -> Result<()> {
     let dp = Arc::new(NetlinkDataplane::new().context("netlink")?);
+    if opts.ip_masq {
+        masq::probe()
+            .await
+            .map_err(|e| anyhow!("--ip-masq needs nftables: {e}"))?;
+    }
     // With replicas, nodes start on different ones (by name).
     let client = ControllerClient::with_tls(&opts.controller, opts.tls.clone())?
         .spread(opts.node_name.as_str());
@@ -611,7 +607,10 @@ async fn start(
         opts.watch_silence,
         status.clone(),
     ));
-    let reconciler = Reconciler::new(dp, backend, status.clone());
+    let mut reconciler = Reconciler::new(dp, backend, status.clone());
+    if opts.ip_masq {
+        reconciler = reconciler.with_masquerade();
+    }
     let heartbeat = reconciler.heartbeat.clone();
     if let Some(ipsec) = ipsec {
         let rekeyer = Rekeyer {

@@ -10,12 +10,16 @@
 //! ~250 ms, far more than applying one peer's three; anything changed
 //! behind weft's back is still repaired by the next resync.
 //!
+//! Masquerade rules (`--ip-masq`) are read back and put back on every
+//! full pass too ([`crate::masq::Masquerade`]).
+//!
 //! Desired state is computed from scratch on every full pass. On a pass
 //! woken by lease changes, a backend made of per-peer parts (vxlan,
 //! host-gw) computes only the changed leases' parts ([`Plan`]), and only
 //! those objects are compared: at 50,000 peers one change costs what it
 //! costs at 5. Other backends (ipsec) compute everything on every pass.
 
+use crate::masq::{self, Masquerade};
 use crate::peers::{Mark, PeerTable};
 use crate::status::Status;
 use std::collections::{BTreeSet, HashSet};
@@ -137,6 +141,8 @@ pub struct Reconciler {
     origin: Instant,
     kicks: mpsc::Receiver<oneshot::Sender<Outcome>>,
     kicker: Kicker,
+    /// weft's masquerade tables, kept when `--ip-masq` is on.
+    masquerade: Option<Masquerade>,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -167,7 +173,14 @@ impl Reconciler {
             host: HostView::default(),
             heartbeat: Arc::new(AtomicU64::new(0)),
             origin: Instant::now(),
+            masquerade: None,
         }
+    }
+
+    /// Keeps masquerade rules for the local node's networks, too.
+    pub fn with_masquerade(mut self) -> Self {
+        self.masquerade = Some(Masquerade::default());
+        self
     }
 
     /// A handle that asks the running loop for a full pass.
@@ -273,11 +286,35 @@ impl Reconciler {
                 self.plan = None;
             }
         }
+        if pass == Pass::Full {
+            self.masquerade(local, &mut outcome).await;
+        }
         if (pass == Pass::Full || rebuilt) && leases >= GIVE_BACK_FROM {
             weft_lease::memory::give_back();
         }
         self.report(&outcome, started.elapsed());
         outcome
+    }
+
+    /// Puts the masquerade rules back if they are not as installed.
+    async fn masquerade(&mut self, local: &LocalNode, outcome: &mut Outcome) {
+        let Some(m) = &mut self.masquerade else {
+            return;
+        };
+        match m.reconcile(masq::Nets::of(local)).await {
+            Ok(masq::Done::Nothing) => {}
+            Ok(masq::Done::Installed) => {
+                outcome.changes += 1;
+                tracing::info!(subnet = %local.subnet.to_cidrs(), "masquerade rules installed");
+            }
+            Ok(masq::Done::Restored) => {
+                outcome.changes += 1;
+                tracing::warn!(
+                    "masquerade rules were changed or removed behind weft's back; restored"
+                );
+            }
+            Err(e) => outcome.errors.push(format!("masquerade rules: {e}")),
+        }
     }
 
     /// Plans the desired state for `table`: only the changed leases if the

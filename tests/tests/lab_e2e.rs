@@ -251,6 +251,33 @@ fn masquerade_rewrites_only_traffic_leaving_the_cluster(backend: &str) {
         rules.contains("masquerade") && rules.contains(&h1.subnet.unwrap().to_string()),
         "{rules}"
     );
+    // An operator flushes every nftables rule: the reconcile loop puts
+    // weft's table back by itself, as it does a deleted route.
+    Lab::nft_in(&h1.ns, &["flush", "ruleset"]).unwrap();
+    let listed = |ns: &str| {
+        weft_tests::netns::run(
+            "ip",
+            &["netns", "exec", ns, "nft", "list", "table", "ip", "weft"],
+        )
+    };
+    assert!(listed(&h1.ns).is_err(), "the flush left weft's table");
+    lab.wait_for(
+        Duration::from_secs(20),
+        "weft's masquerade table to come back after nft flush ruleset",
+        || Ok(listed(&h1.ns).is_ok_and(|r| r.contains("masquerade"))),
+    )
+    .unwrap();
+    assert_eq!(
+        listed(&h1.ns).unwrap(),
+        rules,
+        "the restored table is not the one installed"
+    );
+    let seen = source_seen(&p1.ns, &lab.state.outside, OUTSIDE_IP, OUTSIDE_IP, 9104);
+    assert_eq!(
+        seen,
+        Some(IpAddr::V4(h1.ip)),
+        "after the flush, traffic to the outside leaves with the host's address again"
+    );
 }
 
 macro_rules! backend_tests {
