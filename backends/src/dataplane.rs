@@ -20,15 +20,27 @@ pub struct Failure {
 }
 
 impl Failure {
-    /// `errno`, in its own words.
+    /// `errno`, in the C library's words (as `ip` prints it).
     pub fn of(errno: Errno) -> Self {
-        Failure {
-            errno: Some(errno),
-            message: errno.desc().to_string(),
+        Failure::from_raw(errno as i32)
+    }
+
+    /// The kernel's answer `n` (positive). An errno nix does not know
+    /// keeps its number in the message.
+    pub fn from_raw(n: i32) -> Self {
+        let text = std::io::Error::from_raw_os_error(n).to_string();
+        let message = match text.strip_suffix(&format!(" (os error {n})")) {
+            Some(t) => t.to_string(),
+            None => text,
+        };
+        let errno = Some(Errno::from_raw(n)).filter(|e| *e != Errno::UnknownErrno);
+        match errno {
+            Some(_) => Failure { errno, message },
+            None => Failure::other(format!("{message} (errno {n})")),
         }
     }
 
-    /// `errno`, which here means `message`.
+    /// weft's own answer, with the errno the kernel would give.
     pub fn with(errno: Errno, message: impl Into<String>) -> Self {
         Failure {
             errno: Some(errno),
@@ -339,5 +351,17 @@ mod tests {
             "{}",
             errors[0]
         );
+    }
+
+    #[test]
+    fn a_failure_reads_as_ip_prints_it_and_keeps_unknown_numbers() {
+        assert_eq!(
+            Failure::of(Errno::EEXIST).to_string(),
+            "File exists (EEXIST)"
+        );
+        // The kernel's ENOTSUPP, which nix has no name for.
+        let odd = Failure::from_raw(524);
+        assert_eq!(odd.errno, None);
+        assert!(odd.message.contains("524"), "{odd}");
     }
 }

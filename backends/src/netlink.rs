@@ -105,9 +105,11 @@ fn errno_of(e: &rtnetlink::Error) -> Option<Errno> {
 }
 
 fn nl_err(e: rtnetlink::Error) -> Failure {
-    match errno_of(&e) {
-        Some(errno) => Failure::of(errno),
-        None => Failure::other(e.to_string()),
+    match &e {
+        rtnetlink::Error::NetlinkError(m) if m.code.is_some() => {
+            Failure::from_raw(-m.code.map_or(0, |c| c.get()))
+        }
+        _ => Failure::other(e.to_string()),
     }
 }
 

@@ -49,9 +49,11 @@ fn errno(e: &xfrmnetlink::Error) -> Option<Errno> {
 
 /// A failed request.
 fn failure(e: &xfrmnetlink::Error) -> Failure {
-    match errno(e) {
-        Some(n) => Failure::of(n),
-        None => Failure::other(e.to_string()),
+    match e {
+        xfrmnetlink::Error::NetlinkError(m) if m.code.is_some() => {
+            Failure::from_raw(-m.code.map_or(0, |c| c.get()))
+        }
+        _ => Failure::other(e.to_string()),
     }
 }
 

@@ -9,15 +9,17 @@
 //! The transaction adds the table, deletes it and adds it again with its
 //! chain and rules, so whatever was there is replaced atomically.
 //!
-//! [`Masquerade`] keeps the tables so from the reconcile loop: on every
+//! [`Masquerade`] keeps these tables from the reconcile loop. It installs
+//! them on the first pass and whenever the node's networks change; on every
 //! full pass it reads them back (`nft -j list table`), and if they are not
 //! what it installed (an `nft flush ruleset`, a rule deleted by hand) it
-//! installs them again, as a deleted route comes back.
+//! installs them again, as a deleted route comes back. A family the
+//! network no longer has loses its table.
 
 use ipnet::IpNet;
 use nftables::batch::Batch;
 use nftables::expr::{Expression, NamedExpression, Payload, PayloadField, Prefix};
-use nftables::schema::{Chain, NfListObject, Nftables, Rule, Table};
+use nftables::schema::{Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
 use nftables::stmt::{Match, NATFlag, Operator, Statement, NAT};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use std::borrow::Cow;
@@ -190,23 +192,89 @@ pub fn ruleset(
     batch.to_nftables()
 }
 
+/// How long one `nft` run may take: the reconcile loop waits for it.
+const NFT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs `nft -j <args>` (with `input` on stdin), in the C locale, killed
+/// after [`NFT_TIMEOUT`]; its stdout, or why it failed (with nft's stderr).
+async fn nft(args: &[&str], input: Option<String>) -> Result<String, NftError> {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = tokio::process::Command::new("nft");
+    cmd.arg("-j")
+        .args(args)
+        .env("LC_ALL", "C")
+        .stdin(if input.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let run = async {
+        let mut child = cmd.spawn().map_err(|e| {
+            NftError(if e.kind() == std::io::ErrorKind::NotFound {
+                "nft is not installed (the nftables package)".to_string()
+            } else {
+                format!("cannot run nft: {e}")
+            })
+        })?;
+        if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin
+                .write_all(text.as_bytes())
+                .await
+                .map_err(|e| NftError(format!("writing to nft: {e}")))?;
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| NftError(format!("waiting for nft: {e}")))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(NftError(format!(
+                "nft {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    };
+    tokio::time::timeout(NFT_TIMEOUT, run)
+        .await
+        .unwrap_or_else(|_| {
+            Err(NftError(format!(
+                "nft {} took over {NFT_TIMEOUT:?}",
+                args.join(" ")
+            )))
+        })
+}
+
+/// Why `nft` failed, for people.
+#[derive(Debug)]
+struct NftError(String);
+
+impl std::fmt::Display for NftError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Applies the ruleset with `nft -j -f -` (one transaction).
 pub async fn apply(rules: Nftables<'static>) -> Result<(), String> {
-    tokio::task::spawn_blocking(move || nftables::helper::apply_ruleset(&rules))
+    let text = serde_json::to_string(&rules).map_err(|e| e.to_string())?;
+    nft(&["-f", "-"], Some(text))
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("nft: {e} (is the nftables package installed?)"))
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// Checks that `nft` runs here (`--ip-masq` needs it), saying why not.
 pub async fn probe() -> Result<(), String> {
-    tokio::task::spawn_blocking(|| {
-        nftables::helper::get_current_ruleset_raw(nftables::helper::DEFAULT_NFT, ["list", "tables"])
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map(drop)
-    .map_err(|e| format!("nft: {e} (is the nftables package installed?)"))
+    nft(&["list", "tables"], None)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// The networks the rules are made of.
@@ -217,6 +285,18 @@ pub struct Nets {
     pub cluster6: Option<IpNet>,
     pub pods6: Option<IpNet>,
 }
+
+/// Both families weft may have a table in.
+const FAMILIES: [&str; 2] = ["ip", "ip6"];
+
+/// The rules' comments: a table holds one rule for each.
+const RULES: [&str; 5] = [
+    "pod to pod: keep the source",
+    "pod to pod: keep the source",
+    "outside to our pods: keep the source",
+    "pods to outside the cluster",
+    "this host to remote pods",
+];
 
 impl Nets {
     /// The local node's: the cluster network(s) and its own subnet(s).
@@ -230,8 +310,28 @@ impl Nets {
         }
     }
 
+    /// The rules, and the removal of the table of a family without them.
     fn ruleset(&self) -> Nftables<'static> {
-        ruleset(self.cluster4, self.pods4, self.cluster6, self.pods6)
+        let mut rules = ruleset(self.cluster4, self.pods4, self.cluster6, self.pods6);
+        let wanted = self.families();
+        let items = rules.objects.to_mut();
+        for family in FAMILIES.iter().filter(|f| !wanted.contains(f)) {
+            let table = || {
+                NfListObject::Table(Table {
+                    family: if *family == "ip" {
+                        NfFamily::IP
+                    } else {
+                        NfFamily::IP6
+                    },
+                    name: Cow::Borrowed(TABLE),
+                    handle: None,
+                })
+            };
+            // Added first, so deleting it never fails.
+            items.push(NfObject::CmdObject(NfCmd::Add(table())));
+            items.push(NfObject::CmdObject(NfCmd::Delete(table())));
+        }
+        rules
     }
 
     /// The families that have rules: `ip`, `ip6`.
@@ -245,12 +345,34 @@ impl Nets {
         }
         f
     }
+
+    /// Whether `tables` (one listing per family of [`FAMILIES`]) are what
+    /// these networks install: every wanted family's table with its
+    /// chain's rules, no table in the others.
+    fn installed_in(&self, tables: &[serde_json::Value]) -> bool {
+        let wanted = self.families();
+        FAMILIES.iter().zip(tables).all(|(family, listing)| {
+            if !wanted.contains(family) {
+                return listing.is_null();
+            }
+            let mut comments: Vec<&str> = listing
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.get("rule")?.get("comment")?.as_str())
+                .collect();
+            comments.sort_unstable();
+            let mut expected = RULES.to_vec();
+            expected.sort_unstable();
+            comments == expected
+        })
+    }
 }
 
 /// What a [`Masquerade::reconcile`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Done {
-    /// The tables were as installed.
+    /// The tables were as installed, or were not read back.
     Nothing,
     /// Installed for the first time, or for new networks.
     Installed,
@@ -266,57 +388,58 @@ pub struct Masquerade {
 }
 
 impl Masquerade {
-    /// Installs the rules for `nets` unless the tables are as they were
-    /// left.
-    pub async fn reconcile(&mut self, nets: Nets) -> Result<Done, String> {
-        let families = nets.families();
-        let now = read_back(&families).await?;
+    /// Installs the rules for `nets` if they are not installed yet (or
+    /// were for other networks); with `check`, also if the tables are not
+    /// as they were left.
+    pub async fn reconcile(&mut self, nets: Nets, check: bool) -> Result<Done, String> {
         let done = match &self.installed {
-            Some((n, seen)) if *n == nets && *seen == now => return Ok(Done::Nothing),
-            Some((n, _)) if *n == nets => Done::Restored,
+            Some((n, seen)) if *n == nets => {
+                if !check {
+                    return Ok(Done::Nothing);
+                }
+                if read_back().await? == *seen {
+                    return Ok(Done::Nothing);
+                }
+                Done::Restored
+            }
             _ => Done::Installed,
         };
+        self.installed = None;
         apply(nets.ruleset()).await?;
-        let seen = read_back(&families).await?;
+        let seen = read_back().await?;
+        if !nets.installed_in(&seen) {
+            // Changed again at once (a flush right after ours): the next
+            // pass installs again.
+            return Err("the tables were changed while they were being installed".into());
+        }
         self.installed = Some((nets, seen));
         Ok(done)
     }
 }
 
-/// weft's tables of `families` as nft lists them, without what changes
-/// from listing to listing (handles, nft's version); an empty list for a
-/// table that is not there.
-async fn read_back(families: &[&'static str]) -> Result<Vec<serde_json::Value>, String> {
-    let families = families.to_vec();
-    tokio::task::spawn_blocking(move || {
-        let mut tables = Vec::new();
-        for family in families {
-            let listed = nftables::helper::get_current_ruleset_raw(
-                nftables::helper::DEFAULT_NFT,
-                ["list", "table", family, TABLE],
-            );
-            let text = match listed {
-                Ok(t) => t,
-                Err(nftables::helper::NftablesError::NftFailed { stderr, .. })
-                    if stderr.contains("No such file or directory") =>
-                {
-                    tables.push(serde_json::Value::Null);
-                    continue;
-                }
-                Err(e) => return Err(format!("nft: {e}")),
-            };
-            let mut v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| format!("nft printed JSON it cannot read back: {e}"))?;
-            tables.push(normalized(&mut v));
+/// weft's tables (one per [`FAMILIES`]) as nft lists them, without what
+/// differs between two installs of the same rules (handles, nft's
+/// metainfo); `null` for a table that is not there.
+async fn read_back() -> Result<Vec<serde_json::Value>, String> {
+    let mut tables = Vec::new();
+    for family in FAMILIES {
+        match nft(&["list", "table", family, TABLE], None).await {
+            Ok(text) => {
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| format!("nft printed JSON it cannot read back: {e}"))?;
+                tables.push(normalized(&v));
+            }
+            Err(e) if e.0.contains("No such file or directory") => {
+                tables.push(serde_json::Value::Null)
+            }
+            Err(e) => return Err(e.to_string()),
         }
-        Ok(tables)
-    })
-    .await
-    .map_err(|e| e.to_string())?
+    }
+    Ok(tables)
 }
 
 /// `nft -j` output without metainfo and handles.
-fn normalized(v: &mut serde_json::Value) -> serde_json::Value {
+fn normalized(v: &serde_json::Value) -> serde_json::Value {
     fn strip(v: &mut serde_json::Value) {
         match v {
             serde_json::Value::Object(m) => {
@@ -329,10 +452,10 @@ fn normalized(v: &mut serde_json::Value) -> serde_json::Value {
     }
     let mut items: Vec<serde_json::Value> = v["nftables"]
         .as_array()
-        .cloned()
-        .unwrap_or_default()
         .into_iter()
+        .flatten()
         .filter(|i| i.get("metainfo").is_none())
+        .cloned()
         .collect();
     items.iter_mut().for_each(strip);
     serde_json::Value::Array(items)
@@ -393,10 +516,10 @@ mod tests {
                           "handle": handle + 1, "comment": rule, "expr": []}}
             ]})
         };
-        let a = normalized(&mut listing(3, "1.0.6", "pods to outside the cluster"));
-        let b = normalized(&mut listing(9, "1.0.9", "pods to outside the cluster"));
+        let a = normalized(&listing(3, "1.0.6", "pods to outside the cluster"));
+        let b = normalized(&listing(9, "1.0.9", "pods to outside the cluster"));
         assert_eq!(a, b);
-        let c = normalized(&mut listing(3, "1.0.6", "something else"));
+        let c = normalized(&listing(3, "1.0.6", "something else"));
         assert_ne!(a, c);
         assert_eq!(a.as_array().unwrap().len(), 2);
     }
@@ -415,5 +538,50 @@ mod tests {
             ..nets
         };
         assert_eq!(both.families(), ["ip", "ip6"]);
+    }
+
+    #[test]
+    fn a_table_counts_as_installed_with_its_rules_and_nothing_elsewhere() {
+        let v4 = Nets {
+            cluster4: Some("10.244.0.0/16".parse().unwrap()),
+            pods4: Some("10.244.3.0/24".parse().unwrap()),
+            cluster6: None,
+            pods6: None,
+        };
+        let table = |comments: &[&str]| {
+            let mut items = vec![serde_json::json!({"table": {"family": "ip", "name": "weft"}})];
+            items.extend(
+                comments
+                    .iter()
+                    .map(|c| serde_json::json!({"rule": {"chain": "postrouting", "comment": c}})),
+            );
+            serde_json::Value::Array(items)
+        };
+        let full = table(&RULES);
+        assert!(v4.installed_in(&[full.clone(), serde_json::Value::Null]));
+        // A rule missing, a table flushed, a table left in the other family.
+        assert!(!v4.installed_in(&[table(&RULES[1..]), serde_json::Value::Null]));
+        assert!(!v4.installed_in(&[serde_json::Value::Null, serde_json::Value::Null]));
+        assert!(!v4.installed_in(&[full.clone(), full]));
+    }
+
+    #[test]
+    fn a_family_without_rules_loses_its_table() {
+        let v4 = Nets {
+            cluster4: Some("10.244.0.0/16".parse().unwrap()),
+            pods4: Some("10.244.3.0/24".parse().unwrap()),
+            cluster6: Some("fd77::/48".parse().unwrap()),
+            pods6: None,
+        };
+        let json = serde_json::to_value(v4.ruleset()).unwrap();
+        let cmds = json["nftables"].as_array().unwrap();
+        let last: Vec<String> = cmds[cmds.len() - 2..]
+            .iter()
+            .map(|c| {
+                let (verb, obj) = c.as_object().unwrap().iter().next().unwrap();
+                format!("{verb} {}", obj["table"]["family"].as_str().unwrap())
+            })
+            .collect();
+        assert_eq!(last, ["add ip6", "delete ip6"]);
     }
 }

@@ -10,8 +10,8 @@
 //! ~250 ms, far more than applying one peer's three; anything changed
 //! behind weft's back is still repaired by the next resync.
 //!
-//! Masquerade rules (`--ip-masq`) are read back and put back on every
-//! full pass too ([`crate::masq::Masquerade`]).
+//! Masquerade rules (`--ip-masq`) are installed on the first pass and read
+//! back and put back on every full pass ([`crate::masq::Masquerade`]).
 //!
 //! Desired state is computed from scratch on every full pass. On a pass
 //! woken by lease changes, a backend made of per-peer parts (vxlan,
@@ -286,9 +286,8 @@ impl Reconciler {
                 self.plan = None;
             }
         }
-        if pass == Pass::Full {
-            self.masquerade(local, &mut outcome).await;
-        }
+        self.masquerade(local, pass == Pass::Full, &mut outcome)
+            .await;
         if (pass == Pass::Full || rebuilt) && leases >= GIVE_BACK_FROM {
             weft_lease::memory::give_back();
         }
@@ -296,12 +295,13 @@ impl Reconciler {
         outcome
     }
 
-    /// Puts the masquerade rules back if they are not as installed.
-    async fn masquerade(&mut self, local: &LocalNode, outcome: &mut Outcome) {
+    /// Installs the masquerade rules if they are not yet (for these
+    /// networks); on a full pass, also if they are not as installed.
+    async fn masquerade(&mut self, local: &LocalNode, full: bool, outcome: &mut Outcome) {
         let Some(m) = &mut self.masquerade else {
             return;
         };
-        match m.reconcile(masq::Nets::of(local)).await {
+        match m.reconcile(masq::Nets::of(local), full).await {
             Ok(masq::Done::Nothing) => {}
             Ok(masq::Done::Installed) => {
                 outcome.changes += 1;

@@ -260,7 +260,6 @@ fn masquerade_rewrites_only_traffic_leaving_the_cluster(backend: &str) {
             &["netns", "exec", ns, "nft", "list", "table", "ip", "weft"],
         )
     };
-    assert!(listed(&h1.ns).is_err(), "the flush left weft's table");
     lab.wait_for(
         Duration::from_secs(20),
         "weft's masquerade table to come back after nft flush ruleset",
