@@ -40,6 +40,18 @@ impl Failure {
         }
     }
 
+    /// A netlink error answer: `code` is the negative errno netlink
+    /// carries; `other` describes a failure that carried none.
+    pub(crate) fn from_netlink(
+        code: Option<std::num::NonZeroI32>,
+        other: impl FnOnce() -> String,
+    ) -> Self {
+        match code {
+            Some(c) => Failure::from_raw(-c.get()),
+            None => Failure::other(other()),
+        }
+    }
+
     /// weft's own answer, with the errno the kernel would give.
     pub fn with(errno: Errno, message: impl Into<String>) -> Self {
         Failure {

@@ -96,21 +96,21 @@ impl Drop for NetlinkDataplane {
     }
 }
 
-/// The errno the kernel answered with, if it did.
-fn errno_of(e: &rtnetlink::Error) -> Option<Errno> {
+/// The (negative) errno code the kernel answered with, if it did.
+fn code_of(e: &rtnetlink::Error) -> Option<std::num::NonZeroI32> {
     match e {
-        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| Errno::from_raw(-c.get())),
+        rtnetlink::Error::NetlinkError(m) => m.code,
         _ => None,
     }
 }
 
+/// The errno the kernel answered with, if it did.
+fn errno_of(e: &rtnetlink::Error) -> Option<Errno> {
+    code_of(e).map(|c| Errno::from_raw(-c.get()))
+}
+
 fn nl_err(e: rtnetlink::Error) -> Failure {
-    match &e {
-        rtnetlink::Error::NetlinkError(m) if m.code.is_some() => {
-            Failure::from_raw(-m.code.map_or(0, |c| c.get()))
-        }
-        _ => Failure::other(e.to_string()),
-    }
+    Failure::from_netlink(code_of(&e), || e.to_string())
 }
 
 /// Whether a failed delete means "it was not there".

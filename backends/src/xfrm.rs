@@ -39,22 +39,22 @@ pub enum KernelSupport {
     Other(String),
 }
 
-/// The errno of a failed request, if the kernel sent one.
-fn errno(e: &xfrmnetlink::Error) -> Option<Errno> {
+/// The (negative) errno code of a failed request, if the kernel sent one.
+fn code_of(e: &xfrmnetlink::Error) -> Option<std::num::NonZeroI32> {
     match e {
-        xfrmnetlink::Error::NetlinkError(m) => m.code.map(|c| Errno::from_raw(-c.get())),
+        xfrmnetlink::Error::NetlinkError(m) => m.code,
         _ => None,
     }
 }
 
+/// The errno of a failed request, if the kernel sent one.
+fn errno(e: &xfrmnetlink::Error) -> Option<Errno> {
+    code_of(e).map(|c| Errno::from_raw(-c.get()))
+}
+
 /// A failed request.
 fn failure(e: &xfrmnetlink::Error) -> Failure {
-    match e {
-        xfrmnetlink::Error::NetlinkError(m) if m.code.is_some() => {
-            Failure::from_raw(-m.code.map_or(0, |c| c.get()))
-        }
-        _ => Failure::other(e.to_string()),
-    }
+    Failure::from_netlink(code_of(e), || e.to_string())
 }
 
 /// A failed request, as text.

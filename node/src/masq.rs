@@ -84,6 +84,11 @@ fn rule(
     })
 }
 
+const POD_TO_POD: &str = "pod to pod: keep the source";
+const OUTSIDE_TO_PODS: &str = "outside to our pods: keep the source";
+const TO_OUTSIDE: &str = "pods to outside the cluster";
+const HOST_TO_PODS: &str = "this host to remote pods";
+
 /// The rules of one family, added to `batch`.
 fn family_rules(
     batch: &mut Batch<'static>,
@@ -121,7 +126,7 @@ fn family_rules(
             matches(proto, "daddr", eq, cluster),
             Statement::Return(None),
         ],
-        "pod to pod: keep the source",
+        POD_TO_POD,
     ));
     batch.add(rule(
         family,
@@ -130,7 +135,7 @@ fn family_rules(
             matches(proto, "daddr", eq, pods),
             Statement::Return(None),
         ],
-        "pod to pod: keep the source",
+        POD_TO_POD,
     ));
     batch.add(rule(
         family,
@@ -139,7 +144,7 @@ fn family_rules(
             matches(proto, "daddr", eq, pods),
             Statement::Return(None),
         ],
-        "outside to our pods: keep the source",
+        OUTSIDE_TO_PODS,
     ));
     batch.add(rule(
         family,
@@ -148,7 +153,7 @@ fn family_rules(
             matches(proto, "daddr", ne, multicast),
             masquerade(),
         ],
-        "pods to outside the cluster",
+        TO_OUTSIDE,
     ));
     batch.add(rule(
         family,
@@ -157,7 +162,7 @@ fn family_rules(
             matches(proto, "daddr", eq, cluster),
             masquerade(),
         ],
-        "this host to remote pods",
+        HOST_TO_PODS,
     ));
 }
 
@@ -289,13 +294,14 @@ pub struct Nets {
 /// Both families weft may have a table in.
 const FAMILIES: [&str; 2] = ["ip", "ip6"];
 
-/// The rules' comments: a table holds one rule for each.
+/// The rules' comments, in the order [`family_rules`] adds them: a table
+/// holds one rule for each.
 const RULES: [&str; 5] = [
-    "pod to pod: keep the source",
-    "pod to pod: keep the source",
-    "outside to our pods: keep the source",
-    "pods to outside the cluster",
-    "this host to remote pods",
+    POD_TO_POD,
+    POD_TO_POD,
+    OUTSIDE_TO_PODS,
+    TO_OUTSIDE,
+    HOST_TO_PODS,
 ];
 
 impl Nets {

@@ -5,15 +5,20 @@ use weft_lease::conformance::Store;
 use weft_lease::{EtcdOptions, EtcdStore};
 use weft_tests::etcd::EtcdServer;
 
+/// An etcd server of its own, started off the runtime's threads.
+async fn etcd() -> EtcdServer {
+    tokio::task::spawn_blocking(EtcdServer::start)
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
 /// A store on an etcd of its own: compaction is global in etcd, so checks
 /// that compact or read the past must not share a server. The server lives
 /// until the test process exits (it is tied to it), which under nextest is
 /// the end of the test.
 async fn fresh() -> Store {
-    let server = tokio::task::spawn_blocking(EtcdServer::start)
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let server = etcd().await;
     let url = server.url();
     Box::leak(Box::new(server));
     let store = EtcdStore::connect(EtcdOptions::new(vec![url], "/weft/network"))
@@ -35,10 +40,7 @@ weft_lease::conformance_tests!(
 #[ignore = "needs etcd; run by scripts/test"]
 async fn a_watch_catching_up_over_more_than_4_mib_of_changes_reads_them_all() {
     use futures::StreamExt;
-    let server = tokio::task::spawn_blocking(EtcdServer::start)
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let server = etcd().await;
     let url = server.url();
     let store = EtcdStore::connect(EtcdOptions::new(vec![url.clone()], "/weft/network"))
         .await
@@ -122,10 +124,7 @@ async fn a_watch_catching_up_over_more_than_4_mib_of_changes_reads_them_all() {
 async fn a_dead_endpoint_in_the_list_fails_no_request() {
     use futures::StreamExt;
     use weft_lease::{BackendData, LeaseAttrs, LeaseStore, SubnetKey};
-    let server = tokio::task::spawn_blocking(EtcdServer::start)
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let server = etcd().await;
     // Ports nobody listens on: bound, then released.
     let dead = || {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -272,10 +271,7 @@ async fn claims_waiting_on_a_frozen_etcd_fail_and_the_store_recovers() {
     use std::time::{Duration, Instant};
     use weft_lease::store::{Claim, NodeGuard};
     use weft_lease::{BackendData, LeaseAttrs, LeaseStore, StoreError, SubnetKey};
-    let server = tokio::task::spawn_blocking(EtcdServer::start)
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let server = etcd().await;
     let mut opts = EtcdOptions::new(vec![server.url()], "/weft/network");
     opts.request_timeout = Duration::from_secs(2);
     let store = EtcdStore::connect(opts).await.expect("connect to etcd");

@@ -56,6 +56,25 @@ fn vxlan_host() -> (Netns, LocalNode, NetlinkDataplane, Vxlan) {
     (ns, local, dp, Vxlan::new(VxlanConfig::default()))
 }
 
+/// A VXLAN device weft does not own ("other.5", VNI 5, weft's port and
+/// local address), as another program would make it.
+fn add_foreign_vxlan(ns: &Netns) {
+    ns.ip(&[
+        "link",
+        "add",
+        "other.5",
+        "type",
+        "vxlan",
+        "id",
+        "5",
+        "dstport",
+        "4789",
+        "local",
+        "198.18.0.11",
+    ])
+    .unwrap();
+}
+
 fn leases(n: u32, backend: impl Fn(&str) -> BackendData) -> Vec<LeaseView> {
     (2..2 + n)
         .map(|i| {
@@ -354,20 +373,7 @@ async fn objects_weft_does_not_own_are_never_touched() {
         "permanent",
     ])
     .unwrap();
-    ns.ip(&[
-        "link",
-        "add",
-        "other.5",
-        "type",
-        "vxlan",
-        "id",
-        "5",
-        "dstport",
-        "4789",
-        "local",
-        "198.18.0.11",
-    ])
-    .unwrap();
+    add_foreign_vxlan(&ns);
     ns.ip(&[
         "link",
         "add",
@@ -500,20 +506,7 @@ async fn interfaces_and_default_route_are_reported() {
 async fn failures_keep_their_errno() {
     use weft_backends::{dev, Errno, RouteTarget, VxlanLink};
     let ns = host();
-    ns.ip(&[
-        "link",
-        "add",
-        "other.5",
-        "type",
-        "vxlan",
-        "id",
-        "5",
-        "dstport",
-        "4789",
-        "local",
-        "198.18.0.11",
-    ])
-    .unwrap();
+    add_foreign_vxlan(&ns);
     let dst: ipnet::IpNet = "10.244.9.0/24".parse().unwrap();
     let metric = route_metric(&dst).to_string();
     ns.ip(&[

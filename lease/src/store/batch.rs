@@ -21,7 +21,6 @@ use super::{NodeGuard, StoreError};
 use crate::key::SubnetKey;
 use etcd_client::{Compare, TxnOp};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -119,30 +118,32 @@ pub(super) enum Outcome {
     Failed(StoreError),
 }
 
-#[derive(Default)]
 struct State {
     queue: VecDeque<Queued>,
     /// Claim transactions on their way (alone or batched).
     in_flight: usize,
     /// When etcd refusing a batch was last logged as a warning.
     warned: Option<Instant>,
+    /// Claims in one batch at most.
+    max: usize,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            queue: VecDeque::new(),
+            in_flight: 0,
+            warned: None,
+            max: MAX_BATCH,
+        }
+    }
 }
 
 /// Claims waiting to go together, and the count of claim transactions in
 /// flight.
+#[derive(Default)]
 pub(super) struct Batches {
     state: Mutex<State>,
-    /// Claims in one batch at most.
-    max: AtomicUsize,
-}
-
-impl Default for Batches {
-    fn default() -> Self {
-        Batches {
-            state: Mutex::default(),
-            max: AtomicUsize::new(MAX_BATCH),
-        }
-    }
 }
 
 /// Whether a claim goes now or waits.
@@ -189,8 +190,8 @@ impl Batches {
     /// The next batch, none clashing with another; empty only when no
     /// claim waits. Claims whose caller went away are dropped.
     pub(super) fn next(&self) -> Vec<Queued> {
-        let max = self.max.load(Ordering::Relaxed);
         let mut s = self.state();
+        let max = s.max;
         let mut batch: Vec<Queued> = Vec::new();
         let mut kept = Vec::new();
         while batch.len() < max && kept.len() + batch.len() < SCAN {
@@ -217,8 +218,9 @@ impl Batches {
     /// etcd said a batch of `n` was too large: later ones hold half as
     /// many. The new limit.
     pub(super) fn too_large(&self, n: usize) -> usize {
-        let half = (n / 2).max(1);
-        self.max.fetch_min(half, Ordering::Relaxed).min(half)
+        let mut s = self.state();
+        s.max = s.max.min((n / 2).max(1));
+        s.max
     }
 
     /// Whether a refused batch should be logged as a warning now (at most
