@@ -1287,6 +1287,20 @@ impl Lab {
             .with_context(|| format!("no host {i}"))
     }
 
+    /// `n` /24s of the default network 10.244.0.0/16, from the top, that
+    /// no host of the lab holds: for tests that write leases by hand, as
+    /// the controller hands out subnets at random and a fixed one may be a
+    /// real node's.
+    pub fn free_subnets(&self, n: usize) -> Vec<Ipv4Net> {
+        let held: Vec<Ipv4Net> = self.state.hosts.iter().filter_map(|h| h.subnet).collect();
+        (0..=255u8)
+            .rev()
+            .map(|x| Ipv4Net::new(Ipv4Addr::new(10, 244, x, 0), 24).expect("a /24"))
+            .filter(|s| !held.contains(s))
+            .take(n)
+            .collect()
+    }
+
     fn host_mut(&mut self, i: u32) -> Result<&mut HostState> {
         self.state
             .hosts

@@ -94,9 +94,10 @@ async fn an_admin_certificate_does_everything() {
     let c = controller().await;
     let admin = &c.client;
     admin.set_network(NETWORK).await.unwrap();
+    // Reserved first: node-x's subnet is drawn at random.
+    admin.reserve("10.244.77.0/24", "db-1").await.unwrap();
     admin.acquire("node-x", &req(21)).await.unwrap();
     admin.renew("node-x").await.unwrap();
-    admin.reserve("10.244.77.0/24", "db-1").await.unwrap();
     let released = admin.release("node-x").await.unwrap();
     assert_eq!(released.released.len(), 1);
     admin.release("db-1").await.unwrap();

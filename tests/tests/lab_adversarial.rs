@@ -38,23 +38,17 @@ fn leases_written_into_etcd_to_divert_traffic_are_not_programmed() {
     // The two keys: half the internet, and the underlay itself.
     put(&lab, "128.0.0.0-1", "198.18.0.99", "evil-1");
     put(&lab, "198.18.0.0-16", "198.18.0.98", "evil-2");
+    let free = lab.free_subnets(2);
+    let (free3, free4) = (free[0].to_string(), free[1].to_string());
     // A node's public IP, claimed by a newer lease.
-    put(&lab, "10.244.251.0-24", "198.18.0.12", "evil-3");
+    put(&lab, &free3.replace('/', "-"), "198.18.0.12", "evil-3");
     // On host 1, a route someone else made to a subnet a lease then claims.
     lab.host_ip(
         1,
-        &[
-            "route",
-            "add",
-            "10.244.250.0/24",
-            "via",
-            "198.18.0.1",
-            "dev",
-            "eth0",
-        ],
+        &["route", "add", &free4, "via", "198.18.0.1", "dev", "eth0"],
     )
     .unwrap();
-    put(&lab, "10.244.250.0-24", "198.18.0.97", "evil-4");
+    put(&lab, &free4.replace('/', "-"), "198.18.0.97", "evil-4");
     for i in 1..=3 {
         skips(
             &lab,
@@ -66,7 +60,11 @@ fn leases_written_into_etcd_to_divert_traffic_are_not_programmed() {
             skips(&lab, i, "public IP 198.18.0.12 is already host-2's");
         }
     }
-    skips(&lab, 1, "a route to 10.244.250.0/24 that weft does not own");
+    skips(
+        &lab,
+        1,
+        &format!("a route to {free4} that weft does not own"),
+    );
     for i in 1..=3 {
         let routes = lab.host_ip(i, &["-j", "route", "show"]).unwrap();
         let routes: serde_json::Value = serde_json::from_str(&routes).unwrap();
@@ -96,9 +94,7 @@ fn leases_written_into_etcd_to_divert_traffic_are_not_programmed() {
         );
     }
     // The foreign route on host 1 is as it was.
-    let r = lab
-        .host_ip(1, &["route", "show", "10.244.250.0/24"])
-        .unwrap();
+    let r = lab.host_ip(1, &["route", "show", &free4]).unwrap();
     assert!(r.contains("via 198.18.0.1") && !r.contains("proto"), "{r}");
     // And the pods still reach each other.
     let broken = lab.unreachable_pairs();

@@ -44,25 +44,26 @@ fn a_node_waits_for_an_unreachable_controller_and_says_so() {
 fn bad_leases_in_the_store_are_skipped_and_everything_else_keeps_working() {
     let lab = lab(2);
     let etcdctl = |args: &[&str]| lab.etcdctl(args).unwrap();
+    let keys: Vec<String> = lab
+        .free_subnets(3)
+        .iter()
+        .map(|s| format!("/weft/network/subnets/{}", s.to_string().replace('/', "-")))
+        .collect();
     // Written by hand, bypassing the controller's checks.
     etcdctl(&[
         "put",
-        "/weft/network/subnets/10.244.250.0-24",
+        &keys[0],
         r#"{"PublicIP":"198.18.0.99","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"zz:zz"},"NodeName":"garbage"}"#,
     ]);
     let stolen = vtep_mac("host-1").to_string();
     etcdctl(&[
         "put",
-        "/weft/network/subnets/10.244.251.0-24",
+        &keys[1],
         &format!(
             r#"{{"PublicIP":"198.18.0.98","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{stolen}"}},"NodeName":"clone"}}"#
         ),
     ]);
-    etcdctl(&[
-        "put",
-        "/weft/network/subnets/10.244.252.0-24",
-        "{not json at all",
-    ]);
+    etcdctl(&["put", &keys[2], "{not json at all"]);
     let waited = lab.wait_for(
         Duration::from_secs(30),
         "both nodes to skip the two bad leases",
@@ -100,7 +101,7 @@ fn bad_leases_in_the_store_are_skipped_and_everything_else_keeps_working() {
     assert!(metrics.contains("weft_node_skipped_peers 2"), "{metrics}");
     let listed = lab.weftctl(&["leases", "list", "-o", "json"]).unwrap();
     assert!(
-        listed.contains("10.244.252.0-24"),
+        listed.contains(keys[2].rsplit('/').next().unwrap()),
         "the unreadable entry is reported: {listed}"
     );
 }
