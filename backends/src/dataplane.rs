@@ -196,99 +196,14 @@ impl FakeDataplane {
             st.links.contains_key(dev) || self.other_devices.iter().any(|d| d == dev)
         };
         match c {
-            Change::CreateLink { name, link } => {
-                if st.links.contains_key(name) {
-                    return Err(Failure::of(Errno::EEXIST));
-                }
-                st.links.insert(name.clone(), link.clone());
-            }
-            Change::DeleteLink { name } => {
-                st.links.remove(name).ok_or(Failure::of(Errno::ENODEV))?;
-                st.addresses.retain(|(d, _), _| d != name);
-                st.neighbours.retain(|(d, _), _| d != name);
-                st.fdb.retain(|(d, _), _| d != name);
-                st.routes.retain(|_, t| &t.dev != name);
-            }
-            Change::UpdateLink { name, mtu, up } => {
-                let l = st.links.get_mut(name).ok_or(Failure::of(Errno::ENODEV))?;
-                l.mtu = *mtu;
-                l.up = *up;
-            }
-            Change::AddAddress { dev, addr } => {
-                if !dev_exists(st, dev) {
-                    return Err(Failure::of(Errno::ENODEV));
-                }
-                st.addresses.insert((dev.clone(), *addr), ());
-            }
-            Change::DelAddress { dev, addr } => {
-                st.addresses.remove(&(dev.clone(), *addr));
-            }
-            Change::SetNeighbour { dev, ip, mac } => {
-                if !dev_exists(st, dev) {
-                    return Err(Failure::of(Errno::ENODEV));
-                }
-                st.neighbours.insert((dev.clone(), *ip), *mac);
-            }
-            Change::DelNeighbour { dev, ip } => {
-                st.neighbours.remove(&(dev.clone(), *ip));
-            }
-            Change::SetFdb { dev, mac, dst } => {
-                if !dev_exists(st, dev) {
-                    return Err(Failure::of(Errno::ENODEV));
-                }
-                st.fdb.insert((dev.clone(), *mac), *dst);
-            }
-            Change::DelFdb { dev, mac, .. } => {
-                st.fdb.remove(&(dev.clone(), *mac));
-            }
-            Change::SetRoute {
-                dst,
-                target,
-                replace,
-            } => {
-                if !dev_exists(st, &target.dev) {
-                    return Err(Failure::of(Errno::ENODEV));
-                }
-                if !replace && st.routes.contains_key(dst) {
-                    return Err(Failure::of(Errno::EEXIST));
-                }
-                st.routes.insert(*dst, target.clone());
-            }
-            Change::DelRoute { dst, .. } => {
-                st.routes.remove(dst);
-            }
-            Change::DelStrayRoute { dst, metric, .. } => {
-                st.stray_routes.remove(&(*dst, *metric));
-            }
-            Change::AddXfrmState { id, sa } => {
-                if st.xfrm_states.contains_key(id) {
-                    return Err(Failure::of(Errno::EEXIST));
-                }
-                st.xfrm_states.insert(*id, sa.clone());
-            }
-            Change::DelXfrmState { id } => {
-                st.xfrm_states.remove(id).ok_or(Failure::of(Errno::ESRCH))?;
-            }
-            Change::SetXfrmPolicy { id, tmpl } => {
-                st.xfrm_policies.insert(*id, *tmpl);
-            }
-            Change::DelXfrmPolicy { id } => {
-                st.xfrm_policies
-                    .remove(id)
-                    .ok_or(Failure::of(Errno::ENOENT))?;
-            }
-            Change::AddXfrmBlock { id } => {
-                if !st.xfrm_blocks.insert(*id) {
-                    return Err(Failure::of(Errno::EEXIST));
-                }
-            }
-            Change::DelXfrmBlock { id } => {
-                if !st.xfrm_blocks.remove(id) {
-                    return Err(Failure::of(Errno::ENOENT));
-                }
-            }
+            Change::Link(c) => c.fake(st),
+            Change::Address(c) => c.fake(st, &dev_exists),
+            Change::Neighbour(c) => c.fake(st, &dev_exists),
+            Change::Fdb(c) => c.fake(st, &dev_exists),
+            Change::Route(c) => c.fake(st, &dev_exists),
+            Change::XfrmState(c) => c.fake(st),
+            Change::XfrmPolicy(c) => c.fake(st),
         }
-        Ok(())
     }
 }
 
@@ -319,10 +234,11 @@ impl Dataplane for FakeDataplane {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kinds::link::LinkChange;
     use crate::state::{dev, VxlanLink};
 
     fn create(name: &str) -> Change {
-        Change::CreateLink {
+        Change::Link(LinkChange::Create {
             name: dev(name),
             link: VxlanLink {
                 vni: 1,
@@ -333,18 +249,19 @@ mod tests {
                 learning: false,
                 mtu: 1450,
                 up: true,
-            },
-        }
+            }
+            .into(),
+        })
     }
 
     #[tokio::test]
     async fn the_fake_fails_with_the_errno_the_kernel_would_give() {
         let fake = FakeDataplane::default();
-        let update = Change::UpdateLink {
+        let update = Change::Link(LinkChange::Update {
             name: dev("weft.2"),
             mtu: 1400,
             up: true,
-        };
+        });
         let errors = fake
             .apply(&[create("weft.1"), create("weft.1"), update])
             .await;

@@ -10,6 +10,7 @@
 //! - [`Vxlan`], [`HostGw`] and [`Ipsec`] are the backends; [`for_config`]
 //!   picks the first two, the node builds `Ipsec` with its key pair.
 //! - [`NetlinkDataplane`] is the kernel; [`FakeDataplane`] a stand-in for tests.
+//! - [`kinds`]: each kind of kernel object weft owns, in a module of its own.
 //! - [`peer::select`] checks leases before they are programmed.
 
 mod backend;
@@ -17,6 +18,7 @@ pub mod dataplane;
 mod diff;
 mod hostgw;
 pub mod ipsec;
+pub mod kinds;
 mod local;
 pub mod netlink;
 pub mod peer;
@@ -30,6 +32,13 @@ pub use dataplane::{ApplyError, Dataplane, DataplaneError, Errno, Failure, FakeD
 pub use diff::{diff, in_scope};
 pub use hostgw::HostGw;
 pub use ipsec::Ipsec;
+pub use kinds::address::AddressChange;
+pub use kinds::fdb::FdbChange;
+pub use kinds::link::{Link, LinkChange};
+pub use kinds::neighbour::NeighbourChange;
+pub use kinds::route::RouteChange;
+pub use kinds::xfrm_policy::XfrmPolicyChange;
+pub use kinds::xfrm_state::XfrmStateChange;
 pub use local::{vtep_mac, ExternalIface, LocalNode};
 pub use netlink::{Interface, NetlinkDataplane};
 pub use peer::{Claim, Peer, Skipped};

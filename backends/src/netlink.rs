@@ -8,26 +8,20 @@
 //! that is already gone counts as done.
 
 use crate::dataplane::{ApplyError, Dataplane, DataplaneError, Errno, Failure};
+use crate::kinds::{address, fdb, link, neighbour, route, xfrm_policy, xfrm_state};
 use crate::peer::HostView;
-use crate::state::{
-    dev, route_metric, Change, Dev, NetState, RouteTarget, VxlanLink, VXLAN_PREFIX,
-    WEFT_ROUTE_PROTOCOL,
-};
+use crate::state::{dev, Change, Dev, NetState, WEFT_ROUTE_PROTOCOL};
 use async_trait::async_trait;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use ipnet::IpNet;
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
-};
-use netlink_packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
-};
+use netlink_packet_route::address::AddressMessage;
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourMessage};
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
 };
 use netlink_packet_route::AddressFamily;
-use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
+use rtnetlink::{Handle, RouteMessageBuilder};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
@@ -105,11 +99,11 @@ fn code_of(e: &rtnetlink::Error) -> Option<std::num::NonZeroI32> {
 }
 
 /// The errno the kernel answered with, if it did.
-fn errno_of(e: &rtnetlink::Error) -> Option<Errno> {
+pub(crate) fn errno_of(e: &rtnetlink::Error) -> Option<Errno> {
     code_of(e).map(|c| Errno::from_raw(-c.get()))
 }
 
-fn nl_err(e: rtnetlink::Error) -> Failure {
+pub(crate) fn nl_err(e: rtnetlink::Error) -> Failure {
     Failure::from_netlink(code_of(&e), || e.to_string())
 }
 
@@ -201,7 +195,9 @@ impl NetlinkDataplane {
             })
             .collect();
         for a in self.addresses().await? {
-            if let (Some(i), Some(ip)) = (by_index.get_mut(&a.header.index), address_ip(&a)) {
+            if let (Some(i), Some(ip)) =
+                (by_index.get_mut(&a.header.index), address::address_ip(&a))
+            {
                 if let Ok(net) = IpNet::new(ip, a.header.prefix_len) {
                     i.addrs.push(net);
                 }
@@ -309,142 +305,48 @@ impl NetlinkDataplane {
     }
 
     async fn apply_one(&self, c: &Change, idx: &HashMap<String, u32>) -> Result<(), Failure> {
-        let index = |dev: &str| {
-            idx.get(dev)
-                .copied()
-                .ok_or_else(|| Failure::with(Errno::ENODEV, format!("device {dev} does not exist")))
+        let k = Applying {
+            handle: &self.handle,
+            idx,
+            xfrm: self.xfrm(),
         };
-        let h = &self.handle;
         match c {
-            Change::CreateLink { name, link } => {
-                let mut b = LinkVxlan::new(name, link.vni)
-                    .port(link.port)
-                    .learning(link.learning)
-                    .mtu(link.mtu)
-                    .address(link.mac.0.to_vec());
-                b = match link.local {
-                    IpAddr::V4(a) => b.local(a),
-                    IpAddr::V6(a) => b.local6(a),
-                };
-                if let Some(u) = &link.underlay {
-                    b = b.dev(index(u)?);
-                }
-                if link.up {
-                    b = b.up();
-                }
-                h.link().add(b.build()).execute().await.map_err(nl_err)
-            }
-            Change::DeleteLink { name } => match idx.get(&**name) {
-                None => Ok(()),
-                Some(i) => ignore_gone(h.link().del(*i).execute().await),
-            },
-            Change::UpdateLink { name, mtu, up } => {
-                let b = LinkUnspec::new_with_index(index(name)?).mtu(*mtu);
-                let b = if *up { b.up() } else { b.down() };
-                h.link().set(b.build()).execute().await.map_err(nl_err)
-            }
-            Change::AddAddress { dev, addr } => h
-                .address()
-                .add(index(dev)?, addr.addr(), addr.prefix_len())
-                .replace()
-                .execute()
-                .await
-                .map_err(nl_err),
-            Change::DelAddress { dev, addr } => {
-                let Ok(i) = index(dev) else { return Ok(()) };
-                let mut m = AddressMessage::default();
-                m.header.family = family_of(addr.addr());
-                m.header.prefix_len = addr.prefix_len();
-                m.header.index = i;
-                m.attributes.push(AddressAttribute::Local(addr.addr()));
-                m.attributes.push(AddressAttribute::Address(addr.addr()));
-                ignore_gone(h.address().del(m).execute().await)
-            }
-            Change::SetNeighbour { dev, ip, mac } => h
-                .neighbours()
-                .add(index(dev)?, *ip)
-                .link_layer_address(&mac.0)
-                .state(NeighbourState::Permanent)
-                .replace()
-                .execute()
-                .await
-                .map_err(nl_err),
-            Change::DelNeighbour { dev, ip } => {
-                let Ok(i) = index(dev) else { return Ok(()) };
-                let mut m = NeighbourMessage::default();
-                m.header.family = family_of(*ip);
-                m.header.ifindex = i;
-                m.attributes
-                    .push(NeighbourAttribute::Destination(neigh_addr(*ip)));
-                ignore_gone(h.neighbours().del(m).execute().await)
-            }
-            Change::SetFdb { dev, mac, dst } => h
-                .neighbours()
-                .add_bridge(index(dev)?, &mac.0)
-                .destination(*dst)
-                .flags(NeighbourFlags::Own)
-                .state(NeighbourState::Permanent)
-                .replace()
-                .execute()
-                .await
-                .map_err(nl_err),
-            Change::DelFdb { dev, mac, dst } => {
-                let Ok(i) = index(dev) else { return Ok(()) };
-                let mut m = NeighbourMessage::default();
-                m.header.family = AddressFamily::Bridge;
-                m.header.ifindex = i;
-                m.header.flags = NeighbourFlags::Own;
-                m.attributes
-                    .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
-                m.attributes
-                    .push(NeighbourAttribute::Destination(neigh_addr(*dst)));
-                ignore_gone(h.neighbours().del(m).execute().await)
-            }
-            Change::SetRoute {
-                dst,
-                target,
-                replace,
-            } => {
-                let msg = route_message(dst, target, index(&target.dev)?, route_metric(dst))
-                    .map_err(Failure::other)?;
-                let req = h.route().add(msg);
-                let req = if *replace { req.replace() } else { req };
-                req.execute().await.map_err(|e| match errno_of(&e) {
-                    Some(Errno::EEXIST) => Failure::with(
-                        Errno::EEXIST,
-                        format!("a route to {dst} that weft does not own exists; it is left alone"),
-                    ),
-                    _ => nl_err(e),
-                })
-            }
-            Change::DelRoute { dst, target } => {
-                let i = idx.get(&*target.dev).copied().unwrap_or(0);
-                let msg =
-                    route_message(dst, target, i, route_metric(dst)).map_err(Failure::other)?;
-                ignore_gone(h.route().del(msg).execute().await)
-            }
-            Change::DelStrayRoute {
-                dst,
-                metric,
-                target,
-            } => {
-                let i = idx.get(&*target.dev).copied().unwrap_or(0);
-                let msg = route_message(dst, target, i, *metric).map_err(Failure::other)?;
-                ignore_gone(h.route().del(msg).execute().await)
-            }
-            Change::AddXfrmState { .. }
-            | Change::DelXfrmState { .. }
-            | Change::SetXfrmPolicy { .. }
-            | Change::DelXfrmPolicy { .. }
-            | Change::AddXfrmBlock { .. }
-            | Change::DelXfrmBlock { .. } => {
-                crate::xfrm::apply(self.xfrm().map_err(Failure::other)?, c).await
-            }
+            Change::Link(c) => c.apply(&k).await,
+            Change::Address(c) => c.apply(&k).await,
+            Change::Neighbour(c) => c.apply(&k).await,
+            Change::Fdb(c) => c.apply(&k).await,
+            Change::Route(c) => c.apply(&k).await,
+            Change::XfrmState(c) => c.apply(&k).await,
+            Change::XfrmPolicy(c) => c.apply(&k).await,
         }
     }
 }
 
-fn ignore_gone(r: Result<(), rtnetlink::Error>) -> Result<(), Failure> {
+/// What a kind needs to apply a change to the kernel.
+pub(crate) struct Applying<'a> {
+    pub handle: &'a Handle,
+    /// Every device's index by name, as of the start of the change's group.
+    pub idx: &'a HashMap<String, u32>,
+    xfrm: Result<&'a xfrmnetlink::Handle, String>,
+}
+
+impl Applying<'_> {
+    /// The index of device `dev`, or ENODEV.
+    pub fn index(&self, dev: &str) -> Result<u32, Failure> {
+        self.idx
+            .get(dev)
+            .copied()
+            .ok_or_else(|| Failure::with(Errno::ENODEV, format!("device {dev} does not exist")))
+    }
+
+    /// The XFRM socket, or why there is none.
+    pub fn xfrm(&self) -> Result<&xfrmnetlink::Handle, Failure> {
+        self.xfrm.clone().map_err(Failure::other)
+    }
+}
+
+/// A delete's result: gone already counts as done.
+pub(crate) fn ignore_gone(r: Result<(), rtnetlink::Error>) -> Result<(), Failure> {
     match r {
         Err(e) if !already_gone(&e) => Err(nl_err(e)),
         _ => Ok(()),
@@ -458,79 +360,28 @@ fn observe_err(what: &'static str, e: rtnetlink::Error) -> DataplaneError {
     }
 }
 
-fn family_of(ip: IpAddr) -> AddressFamily {
+pub(crate) fn family_of(ip: IpAddr) -> AddressFamily {
     match ip {
         IpAddr::V4(_) => AddressFamily::Inet,
         IpAddr::V6(_) => AddressFamily::Inet6,
     }
 }
 
-fn neigh_addr(ip: IpAddr) -> NeighbourAddress {
+pub(crate) fn neigh_addr(ip: IpAddr) -> NeighbourAddress {
     match ip {
         IpAddr::V4(a) => NeighbourAddress::Inet(a),
         IpAddr::V6(a) => NeighbourAddress::Inet6(a),
     }
 }
 
-/// The options every weft route carries, whatever its family.
-fn finish_route<T>(
-    b: RouteMessageBuilder<T>,
-    target: &RouteTarget,
-    oif: u32,
-    metric: u32,
-) -> RouteMessage {
-    let mut b = b
-        .protocol(RouteProtocol::Other(WEFT_ROUTE_PROTOCOL))
-        .priority(metric);
-    if oif != 0 {
-        b = b.output_interface(oif);
-    }
-    if target.onlink {
-        b = b.onlink();
-    }
-    b.build()
-}
-
-fn route_message(
-    dst: &IpNet,
-    target: &RouteTarget,
-    oif: u32,
-    metric: u32,
-) -> Result<RouteMessage, String> {
-    Ok(match (dst, target.via) {
-        (IpNet::V4(d), IpAddr::V4(via)) => finish_route(
-            RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(d.network(), d.prefix_len())
-                .gateway(via),
-            target,
-            oif,
-            metric,
-        ),
-        (IpNet::V6(d), IpAddr::V6(via)) => finish_route(
-            RouteMessageBuilder::<Ipv6Addr>::new()
-                .destination_prefix(d.network(), d.prefix_len())
-                .gateway(via),
-            target,
-            oif,
-            metric,
-        ),
-        _ => {
-            return Err(format!(
-                "route {dst} via {}: mixed address families",
-                target.via
-            ))
-        }
-    })
-}
-
-fn link_name(l: &LinkMessage) -> Option<String> {
+pub(crate) fn link_name(l: &LinkMessage) -> Option<String> {
     l.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfName(n) => Some(n.clone()),
         _ => None,
     })
 }
 
-fn link_mtu(l: &LinkMessage) -> u32 {
+pub(crate) fn link_mtu(l: &LinkMessage) -> u32 {
     l.attributes
         .iter()
         .find_map(|a| match a {
@@ -540,118 +391,41 @@ fn link_mtu(l: &LinkMessage) -> u32 {
         .unwrap_or(0)
 }
 
-fn link_mac(l: &LinkMessage) -> Option<MacAddr> {
+pub(crate) fn link_mac(l: &LinkMessage) -> Option<MacAddr> {
     l.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Address(b) if b.len() == 6 => {
-            Some(MacAddr([b[0], b[1], b[2], b[3], b[4], b[5]]))
-        }
+        LinkAttribute::Address(b) => mac_of(b),
         _ => None,
     })
 }
 
-/// The VXLAN settings of a link, if it is a VXLAN device.
-fn vxlan_of(l: &LinkMessage, names: &HashMap<u32, Dev>) -> Option<VxlanLink> {
-    let infos = l.attributes.iter().find_map(|a| match a {
-        LinkAttribute::LinkInfo(i) => Some(i),
-        _ => None,
-    })?;
-    if !infos
-        .iter()
-        .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan)))
-    {
-        return None;
-    }
-    let data = infos.iter().find_map(|i| match i {
-        LinkInfo::Data(InfoData::Vxlan(d)) => Some(d),
-        _ => None,
-    })?;
-    let mut link = VxlanLink {
-        vni: 0,
-        port: 0,
-        local: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        mac: link_mac(l)?,
-        underlay: None,
-        learning: true,
-        mtu: link_mtu(l),
-        up: l.header.flags.contains(LinkFlags::Up),
-    };
-    for d in data {
-        match d {
-            InfoVxlan::Id(v) => link.vni = *v,
-            InfoVxlan::Port(p) => link.port = *p,
-            InfoVxlan::Local(a) => link.local = IpAddr::V4(*a),
-            InfoVxlan::Local6(a) => link.local = IpAddr::V6(*a),
-            InfoVxlan::Learning(b) => link.learning = *b,
-            InfoVxlan::Link(i) => link.underlay = names.get(i).cloned(),
-            _ => {}
-        }
-    }
-    Some(link)
-}
-
-fn address_ip(a: &AddressMessage) -> Option<IpAddr> {
-    let local = a.attributes.iter().find_map(|x| match x {
-        AddressAttribute::Local(ip) => Some(*ip),
-        _ => None,
-    });
-    local.or_else(|| {
-        a.attributes.iter().find_map(|x| match x {
-            AddressAttribute::Address(ip) => Some(*ip),
-            _ => None,
-        })
-    })
-}
-
-fn neigh_ip(n: &NeighbourMessage) -> Option<IpAddr> {
-    n.attributes.iter().find_map(|a| match a {
-        NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => Some(IpAddr::V4(*v)),
-        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v)) => Some(IpAddr::V6(*v)),
-        // FDB entries (AF_BRIDGE) carry the remote VTEP as raw bytes.
-        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => match b.len() {
-            4 => Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))),
-            16 => <[u8; 16]>::try_from(b.as_slice())
-                .ok()
-                .map(|a| IpAddr::V6(Ipv6Addr::from(a))),
-            _ => None,
-        },
-        _ => None,
-    })
-}
-
-fn neigh_mac(n: &NeighbourMessage) -> Option<MacAddr> {
-    n.attributes.iter().find_map(|a| match a {
-        NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => {
-            Some(MacAddr([b[0], b[1], b[2], b[3], b[4], b[5]]))
-        }
-        _ => None,
-    })
-}
-
-fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
-    match a {
-        RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
-        RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
-        _ => None,
-    }
+/// A MAC address from the kernel's bytes.
+pub(crate) fn mac_of(b: &[u8]) -> Option<MacAddr> {
+    <[u8; 6]>::try_from(b).ok().map(MacAddr)
 }
 
 /// Which group a change is applied in: changes in one group do not depend
 /// on each other and go out concurrently; groups go in order.
 fn group(c: &Change) -> u8 {
+    use address::AddressChange as A;
+    use fdb::FdbChange as F;
+    use neighbour::NeighbourChange as N;
+    use route::RouteChange as R;
+    use xfrm_policy::XfrmPolicyChange as P;
+    use xfrm_state::XfrmStateChange as S;
     match c {
-        Change::CreateLink { .. } | Change::DeleteLink { .. } | Change::UpdateLink { .. } => 0,
-        Change::AddAddress { .. } => 1,
-        Change::SetNeighbour { .. } => 2,
-        Change::SetFdb { .. } => 3,
-        Change::SetRoute { .. } => 4,
-        Change::DelRoute { .. } | Change::DelStrayRoute { .. } => 5,
-        Change::DelFdb { .. } => 6,
-        Change::DelNeighbour { .. } => 7,
-        Change::DelAddress { .. } => 8,
-        Change::AddXfrmState { .. } => 9,
-        Change::SetXfrmPolicy { .. } | Change::AddXfrmBlock { .. } => 10,
-        Change::DelXfrmPolicy { .. } | Change::DelXfrmBlock { .. } => 11,
-        Change::DelXfrmState { .. } => 12,
+        Change::Link(_) => 0,
+        Change::Address(A::Add { .. }) => 1,
+        Change::Neighbour(N::Set { .. }) => 2,
+        Change::Fdb(F::Set { .. }) => 3,
+        Change::Route(R::Set { .. }) => 4,
+        Change::Route(R::Del { .. } | R::DelStray { .. }) => 5,
+        Change::Fdb(F::Del { .. }) => 6,
+        Change::Neighbour(N::Del { .. }) => 7,
+        Change::Address(A::Del { .. }) => 8,
+        Change::XfrmState(S::Add { .. }) => 9,
+        Change::XfrmPolicy(P::Set { .. } | P::AddBlock { .. }) => 10,
+        Change::XfrmPolicy(P::Del { .. } | P::DelBlock { .. }) => 11,
+        Change::XfrmState(S::Del { .. }) => 12,
     }
 }
 
@@ -664,104 +438,27 @@ impl Dataplane for NetlinkDataplane {
             .filter_map(|l| Some((l.header.index, dev(&link_name(l)?))))
             .collect();
         let mut st = NetState::default();
-        let mut owned: HashMap<u32, Dev> = HashMap::new();
-        for l in &links {
-            let Some(name) = link_name(l) else { continue };
-            if !name.starts_with(VXLAN_PREFIX) {
-                continue;
-            }
-            if let Some(v) = vxlan_of(l, &names) {
-                let name = dev(&name);
-                owned.insert(l.header.index, name.clone());
-                st.links.insert(name, v);
-            }
-        }
+        let owned = link::read(&links, &names, &mut st);
         if !owned.is_empty() {
-            for a in self.addresses().await? {
-                if let (Some(dev), Some(ip)) = (owned.get(&a.header.index), address_ip(&a)) {
-                    // The kernel adds an IPv6 link-local address itself.
-                    if matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()) {
-                        continue;
-                    }
-                    if let Ok(net) = IpNet::new(ip, a.header.prefix_len) {
-                        st.addresses.insert((dev.clone(), net), ());
-                    }
-                }
-            }
+            address::read(&self.addresses().await?, &owned, &mut st);
             for fam in [AddressFamily::Inet, AddressFamily::Inet6] {
-                self.each_neighbour(fam, |n| {
-                    let Some(dev) = owned.get(&n.header.ifindex) else {
-                        return;
-                    };
-                    if n.header.state != NeighbourState::Permanent {
-                        return;
-                    }
-                    if let (Some(ip), Some(mac)) = (neigh_ip(n), neigh_mac(n)) {
-                        st.neighbours.insert((dev.clone(), ip), mac);
-                    }
-                })
-                .await?;
+                self.each_neighbour(fam, |n| neighbour::read(n, &owned, &mut st))
+                    .await?;
             }
-            self.each_neighbour(AddressFamily::Bridge, |n| {
-                let Some(dev) = owned.get(&n.header.ifindex) else {
-                    return;
-                };
-                if let (Some(ip), Some(mac)) = (neigh_ip(n), neigh_mac(n)) {
-                    st.fdb.insert((dev.clone(), mac), ip);
-                }
-            })
-            .await?;
+            self.each_neighbour(AddressFamily::Bridge, |n| fdb::read(n, &owned, &mut st))
+                .await?;
         }
         // Without an XFRM socket there is nothing of weft's there to see.
         if let Ok(h) = self.xfrm() {
             let failed = |what| move |reason| DataplaneError::Observe { what, reason };
-            st.xfrm_states.extend(
-                crate::xfrm::states(h)
-                    .await
-                    .map_err(failed("XFRM states"))?,
-            );
-            let (policies, blocks) = crate::xfrm::policies(h)
+            xfrm_state::read(h, &mut st)
+                .await
+                .map_err(failed("XFRM states"))?;
+            xfrm_policy::read(h, &mut st)
                 .await
                 .map_err(failed("XFRM policies"))?;
-            st.xfrm_policies.extend(policies);
-            st.xfrm_blocks.extend(blocks);
         }
-        self.each_route(|r| {
-            if r.header.table != RouteHeader::RT_TABLE_MAIN
-                || r.header.protocol != RouteProtocol::Other(WEFT_ROUTE_PROTOCOL)
-            {
-                return;
-            }
-            let mut dst = None;
-            let mut via = None;
-            let mut dev = None;
-            // The kernel leaves out a metric of 0.
-            let mut metric = 0;
-            for a in &r.attributes {
-                match a {
-                    RouteAttribute::Destination(d) => dst = route_ip(d),
-                    RouteAttribute::Gateway(g) => via = route_ip(g),
-                    RouteAttribute::Oif(i) => dev = names.get(i).cloned(),
-                    RouteAttribute::Priority(p) => metric = *p,
-                    _ => {}
-                }
-            }
-            if let (Some(dst), Some(via), Some(dev)) = (dst, via, dev) {
-                if let Ok(net) = IpNet::new(dst, r.header.destination_prefix_length) {
-                    let target = RouteTarget {
-                        via,
-                        dev,
-                        onlink: r.header.flags.contains(RouteFlags::Onlink),
-                    };
-                    if metric == route_metric(&net) {
-                        st.routes.insert(net, target);
-                    } else {
-                        st.stray_routes.insert((net, metric), target);
-                    }
-                }
-            }
-        })
-        .await?;
+        self.each_route(|r| route::read(r, &names, &mut st)).await?;
         Ok(st)
     }
 
@@ -779,7 +476,7 @@ impl Dataplane for NetlinkDataplane {
             if weft.contains(&a.header.index) {
                 continue;
             }
-            if let Some(ip) = address_ip(&a) {
+            if let Some(ip) = address::address_ip(&a) {
                 if let Ok(net) = IpNet::new(ip, a.header.prefix_len) {
                     view.networks.push(net.trunc());
                 }
@@ -796,7 +493,7 @@ impl Dataplane for NetlinkDataplane {
             let mut oif = None;
             for a in &r.attributes {
                 match a {
-                    RouteAttribute::Destination(d) => dst = route_ip(d),
+                    RouteAttribute::Destination(d) => dst = route::route_ip(d),
                     RouteAttribute::Oif(i) => oif = Some(*i),
                     _ => {}
                 }

@@ -79,7 +79,8 @@ impl PerPeer for Vxlan {
                 learning: false,
                 mtu: self.pod_mtu(local.ext.mtu),
                 up: true,
-            },
+            }
+            .into(),
         );
         if let Some(s) = local.subnet.ipv4() {
             st.addresses.insert(

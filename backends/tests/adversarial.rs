@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use weft_backends::peer::{select_leases, HostView};
 use weft_backends::state::{dev, RouteTarget};
+use weft_backends::RouteChange;
 use weft_backends::{
     diff, in_scope, vtep_mac, Backend, Change, Dataplane, ExternalIface, FakeDataplane, HostGw,
     LocalNode, NetState,
@@ -217,7 +218,7 @@ async fn routes_are_made_exclusively_and_replaced_only_when_weft_owns_them() {
     let changes = diff(&want, &NetState::default());
     assert!(matches!(
         changes.as_slice(),
-        [Change::SetRoute { replace: false, .. }]
+        [Change::Route(RouteChange::Set { replace: false, .. })]
     ));
     assert!(changes[0].to_string().starts_with("ip route add"));
     // Observed (ours) with another gateway: a replace.
@@ -228,17 +229,17 @@ async fn routes_are_made_exclusively_and_replaced_only_when_weft_owns_them() {
     let changes = diff(&want, &have);
     assert!(matches!(
         changes.as_slice(),
-        [Change::SetRoute { replace: true, .. }]
+        [Change::Route(RouteChange::Set { replace: true, .. })]
     ));
     // The fake kernel refuses an exclusive add over an existing route.
     let dp = FakeDataplane::with_devices(&["eth0"]);
     dp.tamper(|st| *st = have.clone());
     let errors = dp
-        .apply(&[Change::SetRoute {
+        .apply(&[Change::Route(RouteChange::Set {
             dst: "10.244.2.0/24".parse().unwrap(),
             target: want_target,
             replace: false,
-        }])
+        })])
         .await;
     assert_eq!(errors.len(), 1, "{errors:?}");
 }

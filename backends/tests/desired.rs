@@ -10,6 +10,7 @@ use weft_backends::{
     dev, diff, for_config, vtep_mac, Backend, Change, Dataplane, ExternalIface, FakeDataplane,
     HostGw, LocalNode, NetState, Vxlan,
 };
+use weft_backends::{AddressChange, FdbChange, LinkChange, NeighbourChange, RouteChange};
 use weft_config::{BackendType, NetworkConfig, VxlanConfig};
 use weft_lease::api::LeaseView;
 use weft_lease::{BackendData, Lease, LeaseAttrs, SubnetKey};
@@ -80,7 +81,7 @@ fn vxlan_programs_device_neighbour_fdb_and_onlink_route_per_peer() {
     assert_eq!(peers.len(), 2, "our own lease is not a peer");
     let (st, skipped) = vxlan().desired(&local(), &peers.iter().collect::<Vec<_>>());
     assert!(skipped.is_empty());
-    let link = &st.links["weft.1"];
+    let link = st.links["weft.1"].vxlan().unwrap();
     assert_eq!(
         (link.vni, link.port, link.mtu, link.learning),
         (1, 8472, 1450, false)
@@ -273,15 +274,18 @@ fn diff_is_empty_when_in_step_and_orders_changes_like_flannel() {
     let want = desired_with(2);
     assert!(diff(&want, &want).is_empty());
     let changes = diff(&want, &NetState::default());
-    assert!(matches!(changes[0], Change::CreateLink { .. }));
+    assert!(matches!(
+        changes[0],
+        Change::Link(LinkChange::Create { .. })
+    ));
     let kinds: Vec<u8> = changes
         .iter()
         .map(|c| match c {
-            Change::CreateLink { .. } => 0,
-            Change::AddAddress { .. } => 1,
-            Change::SetNeighbour { .. } => 2,
-            Change::SetFdb { .. } => 3,
-            Change::SetRoute { .. } => 4,
+            Change::Link(LinkChange::Create { .. }) => 0,
+            Change::Address(AddressChange::Add { .. }) => 1,
+            Change::Neighbour(NeighbourChange::Set { .. }) => 2,
+            Change::Fdb(FdbChange::Set { .. }) => 3,
+            Change::Route(RouteChange::Set { .. }) => 4,
             other => panic!("unexpected {other}"),
         })
         .collect();
@@ -305,41 +309,50 @@ fn diff_repairs_tampering_and_removes_departed_peers() {
     have.routes.remove(&netw("10.244.3.0/24"));
     let fewer = desired_with(2);
     let changes = diff(&fewer, &have);
-    assert!(changes.contains(&Change::SetNeighbour {
+    assert!(changes.contains(&Change::Neighbour(NeighbourChange::Set {
         dev: dev.clone(),
         ip: ip("10.244.2.0"),
         mac: vtep_mac("host-2")
-    }));
+    })));
     assert!(changes
         .iter()
-        .any(|c| matches!(c, Change::SetRoute { dst, .. } if *dst == netw("10.244.3.0/24"))));
+        .any(|c| matches!(c, Change::Route(RouteChange::Set { dst, .. }) if *dst == netw("10.244.3.0/24"))));
     assert!(changes
         .iter()
-        .any(|c| matches!(c, Change::DelRoute { dst, .. } if *dst == netw("10.244.4.0/24"))));
+        .any(|c| matches!(c, Change::Route(RouteChange::Del { dst, .. }) if *dst == netw("10.244.4.0/24"))));
+    assert!(changes.iter().any(
+        |c| matches!(c, Change::Fdb(FdbChange::Del { mac, .. }) if *mac == vtep_mac("host-4"))
+    ));
     assert!(changes
         .iter()
-        .any(|c| matches!(c, Change::DelFdb { mac, .. } if *mac == vtep_mac("host-4"))));
-    assert!(changes
-        .iter()
-        .any(|c| matches!(c, Change::DelNeighbour { ip: i, .. } if *i == ip("10.244.4.0"))));
-    assert!(!changes
-        .iter()
-        .any(|c| matches!(c, Change::CreateLink { .. } | Change::DeleteLink { .. })));
+        .any(|c| matches!(c, Change::Neighbour(NeighbourChange::Del { ip: i, .. }) if *i == ip("10.244.4.0"))));
+    assert!(!changes.iter().any(|c| matches!(
+        c,
+        Change::Link(LinkChange::Create { .. }) | Change::Link(LinkChange::Delete { .. })
+    )));
 }
 
 #[test]
 fn diff_recreates_a_link_whose_identity_changed_and_drops_old_devices() {
     let want = desired_with(1);
     let mut have = want.clone();
-    have.links.get_mut("weft.1").unwrap().local = ip("198.18.9.9");
+    have.links
+        .get_mut("weft.1")
+        .unwrap()
+        .vxlan_mut()
+        .unwrap()
+        .local = ip("198.18.9.9");
     let changes = diff(&want, &have);
     assert_eq!(
         changes[0],
-        Change::DeleteLink {
+        Change::Link(LinkChange::Delete {
             name: "weft.1".into()
-        }
+        })
     );
-    assert!(matches!(changes[1], Change::CreateLink { .. }));
+    assert!(matches!(
+        changes[1],
+        Change::Link(LinkChange::Create { .. })
+    ));
     assert_eq!(
         changes.len(),
         2 + want.object_count() - 1,
@@ -347,14 +360,19 @@ fn diff_recreates_a_link_whose_identity_changed_and_drops_old_devices() {
     );
 
     let mut mtu = want.clone();
-    mtu.links.get_mut("weft.1").unwrap().mtu = 1400;
+    mtu.links
+        .get_mut("weft.1")
+        .unwrap()
+        .vxlan_mut()
+        .unwrap()
+        .mtu = 1400;
     assert_eq!(
         diff(&want, &mtu),
-        vec![Change::UpdateLink {
+        vec![Change::Link(LinkChange::Update {
             name: "weft.1".into(),
             mtu: 1450,
             up: true
-        }]
+        })]
     );
 
     // VNI changed: weft.2 is wanted, weft.1 goes with everything on it.
@@ -374,12 +392,12 @@ fn diff_recreates_a_link_whose_identity_changed_and_drops_old_devices() {
     let (peers, _) = select(&leases, &local(), BackendType::Vxlan);
     let want2 = b2.desired(&local(), &peers.iter().collect::<Vec<_>>()).0;
     let changes = diff(&want2, &want);
-    assert!(changes.contains(&Change::DeleteLink {
+    assert!(changes.contains(&Change::Link(LinkChange::Delete {
         name: "weft.1".into()
-    }));
-    assert!(!changes
-        .iter()
-        .any(|c| matches!(c, Change::DelRoute { target, .. } if &*target.dev == "weft.1")));
+    })));
+    assert!(!changes.iter().any(
+        |c| matches!(c, Change::Route(RouteChange::Del { target, .. }) if &*target.dev == "weft.1")
+    ));
 }
 
 #[tokio::test]
@@ -425,11 +443,11 @@ async fn one_failing_change_does_not_stop_the_others() {
 
 #[test]
 fn changes_print_as_iproute2_commands() {
-    let c = Change::SetFdb {
+    let c = Change::Fdb(FdbChange::Set {
         dev: "weft.1".into(),
         mac: vtep_mac("host-2"),
         dst: ip("198.18.0.12"),
-    };
+    });
     assert_eq!(
         c.to_string(),
         format!(

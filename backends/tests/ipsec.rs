@@ -15,6 +15,7 @@ use weft_backends::{
     diff, Backend, Change, ExternalIface, Ipsec, LocalNode, NetState, XfrmDir, XfrmPolicyId,
     WEFT_XFRM_REQID,
 };
+use weft_backends::{RouteChange, XfrmPolicyChange, XfrmStateChange};
 use weft_config::{BackendType, NetworkConfig};
 use weft_lease::api::LeaseView;
 use weft_lease::{BackendData, Lease, LeaseAttrs};
@@ -272,7 +273,9 @@ fn rotating_a_key_never_leaves_a_direction_without_a_matching_sa() {
     let (sa1, _) = a.desired(&[b.lease()], t1);
     let changes = diff(&sa1, &sa0);
     assert_eq!(changes.len(), 1, "{changes:?}");
-    assert!(matches!(&changes[0], Change::AddXfrmState { id, .. } if id.dst == IpAddr::V4(a.ip)));
+    assert!(
+        matches!(&changes[0], Change::XfrmState(XfrmStateChange::Add { id, .. }) if id.dst == IpAddr::V4(a.ip))
+    );
     assert_eq!(
         spis(&sa1, a.ip, b.ip),
         old_out,
@@ -338,8 +341,14 @@ fn switches_and_grace_ends_are_announced_as_next_changes() {
         2,
         "new outbound in, old outbound out: {changes:?}"
     );
-    assert!(matches!(changes[0], Change::AddXfrmState { .. }));
-    assert!(matches!(changes[1], Change::DelXfrmState { .. }));
+    assert!(matches!(
+        changes[0],
+        Change::XfrmState(XfrmStateChange::Add { .. })
+    ));
+    assert!(matches!(
+        changes[1],
+        Change::XfrmState(XfrmStateChange::Del { .. })
+    ));
     assert_eq!(
         a.backend.next_change_at(t1 + SWITCH),
         Some(t1 + SWITCH + GRACE)
@@ -347,7 +356,9 @@ fn switches_and_grace_ends_are_announced_as_next_changes() {
     let (end, _) = a.desired(&[b.lease()], t1 + SWITCH + GRACE);
     let changes = diff(&end, &after);
     assert_eq!(changes.len(), 1, "{changes:?}");
-    assert!(matches!(&changes[0], Change::DelXfrmState { id } if id.dst == IpAddr::V4(a.ip)));
+    assert!(
+        matches!(&changes[0], Change::XfrmState(XfrmStateChange::Del { id }) if id.dst == IpAddr::V4(a.ip))
+    );
     assert_eq!(a.backend.key_status().peers_in_transition, 0);
 }
 
@@ -367,7 +378,7 @@ fn a_peer_that_is_gone_takes_everything_along_at_once() {
         "route, 3 policies, 2 SAs: {changes:?}"
     );
     assert!(
-        matches!(changes[0], Change::DelRoute { .. }),
+        matches!(changes[0], Change::Route(RouteChange::Del { .. })),
         "route first: {changes:?}"
     );
     assert!(without
@@ -427,9 +438,10 @@ async fn on_the_fake_kernel_it_converges_in_order_and_repairs_hand_deletions() {
     // SAs, then policies, then routes: no route ever leads into a policy
     // without its SA.
     let rank = |c: &Change| match c {
-        Change::AddXfrmState { .. } => 0,
-        Change::SetXfrmPolicy { .. } | Change::AddXfrmBlock { .. } => 1,
-        Change::SetRoute { .. } => 2,
+        Change::XfrmState(XfrmStateChange::Add { .. }) => 0,
+        Change::XfrmPolicy(XfrmPolicyChange::Set { .. })
+        | Change::XfrmPolicy(XfrmPolicyChange::AddBlock { .. }) => 1,
+        Change::Route(RouteChange::Set { .. }) => 2,
         other => panic!("unexpected {other}"),
     };
     let ranks: Vec<u8> = changes.iter().map(rank).collect();

@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use weft_backends::peer::{select, HostView, Skipped};
 use weft_backends::{
     diff, in_scope, Backend, Change, Dataplane, Delta, LocalNode, NetState, PerPeer, Plan,
-    PlanInputs,
+    PlanInputs, RouteChange,
 };
 
 /// What one pass did.
@@ -269,7 +269,7 @@ impl Reconciler {
             // pass reads the kernel back.
             let strays = changes
                 .iter()
-                .any(|c| matches!(c, Change::DelStrayRoute { .. }));
+                .any(|c| matches!(c, Change::Route(RouteChange::DelStray { .. })));
             if errors.is_empty() && !strays {
                 // The kernel has it all now, before any next pass.
                 self.known = Some(match then {

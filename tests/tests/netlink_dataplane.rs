@@ -8,6 +8,7 @@ use weft_backends::{
     diff, route_metric, vtep_mac, Backend, Change, Dataplane, ExternalIface, HostGw, LocalNode,
     NetlinkDataplane, Vxlan,
 };
+use weft_backends::{LinkChange, RouteChange};
 use weft_config::{NetworkConfig, VxlanConfig};
 use weft_lease::api::LeaseView;
 use weft_lease::{BackendData, Lease, LeaseAttrs};
@@ -316,8 +317,8 @@ async fn routes_left_without_their_metric_are_replaced_without_a_gap() {
     let kinds: Vec<&str> = changes
         .iter()
         .map(|c| match c {
-            Change::SetRoute { replace: false, .. } => "add",
-            Change::DelStrayRoute { .. } => "del",
+            Change::Route(RouteChange::Set { replace: false, .. }) => "add",
+            Change::Route(RouteChange::DelStray { .. }) => "del",
             other => panic!("unexpected change {other}"),
         })
         .collect();
@@ -525,7 +526,7 @@ async fn failures_keep_their_errno() {
     .unwrap();
     let dp = NetlinkDataplane::in_netns(&ns.path()).unwrap();
     let changes = [
-        Change::CreateLink {
+        Change::Link(LinkChange::Create {
             name: dev("weft.5"),
             link: VxlanLink {
                 vni: 5,
@@ -536,18 +537,19 @@ async fn failures_keep_their_errno() {
                 learning: false,
                 mtu: 1450,
                 up: true,
-            },
-        },
-        Change::SetRoute {
+            }
+            .into(),
+        }),
+        Change::Route(RouteChange::Set {
             dst,
             target: RouteTarget::direct("198.18.0.99".parse().unwrap(), &dev("eth0")),
             replace: false,
-        },
-        Change::UpdateLink {
+        }),
+        Change::Link(LinkChange::Update {
             name: dev("weft.404"),
             mtu: 1450,
             up: true,
-        },
+        }),
     ];
     let errors = dp.apply(&changes).await;
     let got: Vec<(Change, Option<Errno>)> = errors

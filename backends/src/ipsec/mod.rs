@@ -342,11 +342,14 @@ impl Ipsec {
         // policy encrypts (a peer skipped for a bad key, another backend, a
         // lease not yet seen) is dropped, not routed out in the clear.
         if let Some(pool) = &local.network.ipv4 {
-            st.xfrm_blocks.insert(XfrmPolicyId {
-                dir: XfrmDir::Out,
-                src: IpNet::V4(my_subnet),
-                dst: IpNet::V4(pool.network()),
-            });
+            st.xfrm_blocks.insert(
+                XfrmPolicyId {
+                    dir: XfrmDir::Out,
+                    src: IpNet::V4(my_subnet),
+                    dst: IpNet::V4(pool.network()),
+                },
+                (),
+            );
         }
         let mut live = Vec::with_capacity(peers.len());
         let mut sends = Vec::with_capacity(peers.len());

@@ -1,0 +1,237 @@
+//! weft's devices, whatever their type: made, updated in place (MTU,
+//! up), made again when what identifies them changes, deleted when
+//! unwanted. Every object on a device goes with it ([`super::Kind::dev`]).
+//! What a type of device is lives in its own module ([`super::vxlan`]).
+
+use super::vxlan::{VxlanLink, VXLAN_PREFIX};
+use crate::dataplane::{Errno, Failure};
+use crate::netlink::{ignore_gone, link_name, nl_err, Applying};
+use crate::state::{dev, Change, Dev, NetState};
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::LinkUnspec;
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+
+/// A device weft owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Link {
+    Vxlan(VxlanLink),
+}
+
+impl Link {
+    pub fn mtu(&self) -> u32 {
+        match self {
+            Link::Vxlan(v) => v.mtu,
+        }
+    }
+
+    pub fn up(&self) -> bool {
+        match self {
+            Link::Vxlan(v) => v.up,
+        }
+    }
+
+    /// Whether `other` can become `self` without recreating the device.
+    pub fn same_identity(&self, other: &Link) -> bool {
+        match (self, other) {
+            (Link::Vxlan(a), Link::Vxlan(b)) => a.same_identity(b),
+        }
+    }
+
+    /// The VXLAN device's settings, if it is one.
+    pub fn vxlan(&self) -> Option<&VxlanLink> {
+        match self {
+            Link::Vxlan(v) => Some(v),
+        }
+    }
+
+    pub fn vxlan_mut(&mut self) -> Option<&mut VxlanLink> {
+        match self {
+            Link::Vxlan(v) => Some(v),
+        }
+    }
+
+    fn set_mtu_up(&mut self, mtu: u32, up: bool) {
+        match self {
+            Link::Vxlan(v) => {
+                v.mtu = mtu;
+                v.up = up;
+            }
+        }
+    }
+}
+
+impl From<VxlanLink> for Link {
+    fn from(v: VxlanLink) -> Self {
+        Link::Vxlan(v)
+    }
+}
+
+/// A change to a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkChange {
+    Create {
+        name: Dev,
+        link: Link,
+    },
+    Delete {
+        name: Dev,
+    },
+    /// MTU or admin state of an existing device.
+    Update {
+        name: Dev,
+        mtu: u32,
+        up: bool,
+    },
+}
+
+impl fmt::Display for LinkChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkChange::Create { name, link } => match link {
+                Link::Vxlan(v) => f.write_str(&v.command(name)),
+            },
+            LinkChange::Delete { name } => write!(f, "ip link del {name}"),
+            LinkChange::Update { name, mtu, up } => write!(
+                f,
+                "ip link set {name} mtu {mtu} {}",
+                if *up { "up" } else { "down" }
+            ),
+        }
+    }
+}
+
+/// Adds to `out` what makes `desired`'s devices exist as they are there;
+/// returns the devices made (again) in this pass: whatever was on them
+/// before is gone, and is made again.
+pub(crate) fn add(desired: &NetState, observed: &NetState, out: &mut Vec<Change>) -> BTreeSet<Dev> {
+    let mut made = BTreeSet::new();
+    let create = |name: &Dev, link: &Link| {
+        Change::Link(LinkChange::Create {
+            name: name.clone(),
+            link: link.clone(),
+        })
+    };
+    for (name, want) in &desired.links {
+        match observed.links.get(name) {
+            None => {
+                out.push(create(name, want));
+                made.insert(name.clone());
+            }
+            Some(have) if !want.same_identity(have) => {
+                out.push(Change::Link(LinkChange::Delete { name: name.clone() }));
+                out.push(create(name, want));
+                made.insert(name.clone());
+            }
+            Some(have) if have.mtu() != want.mtu() || have.up() != want.up() => {
+                out.push(Change::Link(LinkChange::Update {
+                    name: name.clone(),
+                    mtu: want.mtu(),
+                    up: want.up(),
+                }))
+            }
+            Some(_) => {}
+        }
+    }
+    made
+}
+
+/// Adds to `out` the deletion of `observed`'s devices that `desired` does
+/// not have. Deleting a device removes everything on it.
+pub(crate) fn remove(desired: &NetState, observed: &NetState, out: &mut Vec<Change>) {
+    for name in observed.links.keys() {
+        if !desired.links.contains_key(name) {
+            out.push(Change::Link(LinkChange::Delete { name: name.clone() }));
+        }
+    }
+}
+
+impl LinkChange {
+    /// The device the change is to.
+    pub fn name(&self) -> &Dev {
+        match self {
+            LinkChange::Create { name, .. }
+            | LinkChange::Delete { name }
+            | LinkChange::Update { name, .. } => name,
+        }
+    }
+
+    pub(crate) fn fake(&self, st: &mut NetState) -> Result<(), Failure> {
+        match self {
+            LinkChange::Create { name, link } => {
+                if st.links.contains_key(name) {
+                    return Err(Failure::of(Errno::EEXIST));
+                }
+                st.links.insert(name.clone(), link.clone());
+            }
+            LinkChange::Delete { name } => {
+                st.links.remove(name).ok_or(Failure::of(Errno::ENODEV))?;
+                st.drop_objects_on(name);
+            }
+            LinkChange::Update { name, mtu, up } => {
+                st.links
+                    .get_mut(name)
+                    .ok_or(Failure::of(Errno::ENODEV))?
+                    .set_mtu_up(*mtu, *up);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn apply(&self, k: &Applying<'_>) -> Result<(), Failure> {
+        let h = k.handle;
+        match self {
+            LinkChange::Create { name, link } => match link {
+                Link::Vxlan(v) => v.create(name, k).await,
+            },
+            LinkChange::Delete { name } => match k.idx.get(&**name) {
+                None => Ok(()),
+                Some(i) => ignore_gone(h.link().del(*i).execute().await),
+            },
+            LinkChange::Update { name, mtu, up } => {
+                let b = LinkUnspec::new_with_index(k.index(name)?).mtu(*mtu);
+                let b = if *up { b.up() } else { b.down() };
+                h.link().set(b.build()).execute().await.map_err(nl_err)
+            }
+        }
+    }
+}
+
+/// Reads weft's devices among `links` into `st`; returns them by index.
+/// `names`: every device's name by index.
+pub(crate) fn read(
+    links: &[LinkMessage],
+    names: &HashMap<u32, Dev>,
+    st: &mut NetState,
+) -> HashMap<u32, Dev> {
+    let mut owned = HashMap::new();
+    for l in links {
+        let Some(name) = link_name(l) else { continue };
+        let Some(infos) = l.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(i) => Some(i),
+            _ => None,
+        }) else {
+            continue;
+        };
+        let kind = infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k),
+            _ => None,
+        });
+        let data = infos.iter().find_map(|i| match i {
+            LinkInfo::Data(d) => Some(d),
+            _ => None,
+        });
+        let link = match (kind, data) {
+            (Some(InfoKind::Vxlan), Some(d)) if name.starts_with(VXLAN_PREFIX) => {
+                VxlanLink::read(l, d, names).map(Link::Vxlan)
+            }
+            _ => None,
+        };
+        if let Some(link) = link {
+            let name = dev(&name);
+            owned.insert(l.header.index, name.clone());
+            st.links.insert(name, link);
+        }
+    }
+    owned
+}
