@@ -115,8 +115,8 @@ pub fn per_peer_desired(
 pub enum BackendError {
     #[error("the {0} backend is not available in this build of weft-node")]
     Unsupported(BackendType),
-    #[error("the ipsec backend needs the node's key: build it with Ipsec::new")]
-    NeedsKeys,
+    #[error("the {0} backend needs the node's key: build it with Ipsec::new or Wireguard::new")]
+    NeedsKeys(BackendType),
 }
 
 /// The backend for a network config (ipsec, which needs the node's key
@@ -125,6 +125,7 @@ pub fn for_config(cfg: &BackendConfig) -> Result<Box<dyn Backend>, BackendError>
     match cfg {
         BackendConfig::Vxlan(v) => Ok(Box::new(Vxlan::new(v.clone()))),
         BackendConfig::HostGw => Ok(Box::new(HostGw)),
-        BackendConfig::Ipsec(_) => Err(BackendError::NeedsKeys),
+        BackendConfig::Ipsec(_) => Err(BackendError::NeedsKeys(BackendType::Ipsec)),
+        BackendConfig::Wireguard(_) => Err(BackendError::NeedsKeys(BackendType::Wireguard)),
     }
 }

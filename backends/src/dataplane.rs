@@ -203,6 +203,7 @@ impl FakeDataplane {
             Change::Route(c) => c.fake(st, &dev_exists),
             Change::XfrmState(c) => c.fake(st),
             Change::XfrmPolicy(c) => c.fake(st),
+            Change::Wireguard(c) => c.fake(st),
         }
     }
 }

@@ -5,6 +5,7 @@ use crate::kinds::fdb::Fdb;
 use crate::kinds::link;
 use crate::kinds::neighbour::Neighbour;
 use crate::kinds::route::{Route, StrayRoute};
+use crate::kinds::wireguard::{Wireguard, WireguardPeerKind};
 use crate::kinds::xfrm_policy::{XfrmBlock, XfrmPolicy};
 use crate::kinds::xfrm_state::XfrmState;
 use crate::kinds::{self};
@@ -38,7 +39,8 @@ pub fn in_scope(have: &mut NetState, network: &NetworkConfig) {
 }
 /// The changes that turn `observed` into `desired`, in an order that works:
 /// devices first; then additions as flannel orders them (address,
-/// neighbour, FDB, XFRM SA, XFRM policy, route); deletions in reverse;
+/// neighbour, FDB, WireGuard settings and peers, XFRM SA, XFRM policy,
+/// route); deletions in reverse;
 /// unwanted devices last. A device whose identity (VNI, port, local
 /// address) changed is made again, and everything on it is added again.
 pub fn diff(desired: &NetState, observed: &NetState) -> Vec<Change> {
@@ -49,6 +51,10 @@ pub fn diff(desired: &NetState, observed: &NetState) -> Vec<Change> {
     kinds::add::<Address>(desired, observed, &gone, &mut out);
     kinds::add::<Neighbour>(desired, observed, &gone, &mut out);
     kinds::add::<Fdb>(desired, observed, &gone, &mut out);
+    // A WireGuard device's key and port, then its peers, before the route
+    // into it.
+    kinds::add::<Wireguard>(desired, observed, &gone, &mut out);
+    kinds::add::<WireguardPeerKind>(desired, observed, &gone, &mut out);
     // SAs before the policies that use them, policies before the routes
     // that send traffic into them: a packet never meets a policy without
     // its SA (it would be dropped) or a route without its policy (it
@@ -68,6 +74,8 @@ pub fn diff(desired: &NetState, observed: &NetState) -> Vec<Change> {
     kinds::remove::<XfrmPolicy>(desired, observed, &leaving, &mut out);
     kinds::remove::<XfrmBlock>(desired, observed, &leaving, &mut out);
     kinds::remove::<XfrmState>(desired, observed, &leaving, &mut out);
+    kinds::remove::<WireguardPeerKind>(desired, observed, &leaving, &mut out);
+    kinds::remove::<Wireguard>(desired, observed, &leaving, &mut out);
     kinds::remove::<Fdb>(desired, observed, &leaving, &mut out);
     kinds::remove::<Neighbour>(desired, observed, &leaving, &mut out);
     kinds::remove::<Address>(desired, observed, &leaving, &mut out);

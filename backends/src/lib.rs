@@ -25,6 +25,7 @@ pub mod peer;
 pub mod plan;
 pub mod state;
 mod vxlan;
+pub mod wireguard;
 pub mod xfrm;
 
 pub use backend::{for_config, per_peer_desired, Backend, BackendError, PerPeer};
@@ -37,6 +38,7 @@ pub use kinds::fdb::FdbChange;
 pub use kinds::link::{Link, LinkChange};
 pub use kinds::neighbour::NeighbourChange;
 pub use kinds::route::RouteChange;
+pub use kinds::wireguard::{WgKey, WireguardChange};
 pub use kinds::xfrm_policy::XfrmPolicyChange;
 pub use kinds::xfrm_state::XfrmStateChange;
 pub use local::{vtep_mac, ExternalIface, LocalNode};
@@ -48,3 +50,4 @@ pub use state::{
     XfrmPolicyId, XfrmSa, XfrmSaId, XfrmTmpl, WEFT_ROUTE_PROTOCOL, WEFT_XFRM_REQID,
 };
 pub use vxlan::{Vxlan, VXLAN_OVERHEAD};
+pub use wireguard::{Wireguard, WIREGUARD_OVERHEAD};

@@ -8,7 +8,7 @@
 //! that is already gone counts as done.
 
 use crate::dataplane::{ApplyError, Dataplane, DataplaneError, Errno, Failure};
-use crate::kinds::{address, fdb, link, neighbour, route, xfrm_policy, xfrm_state};
+use crate::kinds::{address, fdb, link, neighbour, route, wireguard, xfrm_policy, xfrm_state};
 use crate::peer::HostView;
 use crate::state::{dev, Change, Dev, NetState, WEFT_ROUTE_PROTOCOL};
 use async_trait::async_trait;
@@ -60,6 +60,37 @@ impl std::fmt::Debug for Xfrm {
     }
 }
 
+/// The generic netlink socket WireGuard is reached through, or why there
+/// is none.
+enum Genl {
+    Ready {
+        handle: genetlink::GenetlinkHandle,
+        connection: tokio::task::JoinHandle<()>,
+    },
+    Unavailable(String),
+}
+
+impl std::fmt::Debug for Genl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Genl::Ready { .. } => f.write_str("Genl::Ready"),
+            Genl::Unavailable(why) => write!(f, "Genl::Unavailable({why:?})"),
+        }
+    }
+}
+
+/// Opens a generic netlink socket in the current namespace (inside a
+/// runtime).
+fn open_genl() -> Genl {
+    match genetlink::new_connection() {
+        Ok((conn, handle, _)) => Genl::Ready {
+            handle,
+            connection: tokio::spawn(conn),
+        },
+        Err(e) => Genl::Unavailable(e.to_string()),
+    }
+}
+
 /// Opens the XFRM socket in the current namespace (inside a runtime). A
 /// kernel without xfrm_user is fine for vxlan and host-gw: the reason is
 /// kept and reported when IPsec is asked for.
@@ -79,12 +110,16 @@ pub struct NetlinkDataplane {
     handle: Handle,
     connection: tokio::task::JoinHandle<()>,
     xfrm: Xfrm,
+    genl: Genl,
 }
 
 impl Drop for NetlinkDataplane {
     fn drop(&mut self) {
         self.connection.abort();
         if let Xfrm::Ready { connection, .. } = &self.xfrm {
+            connection.abort();
+        }
+        if let Genl::Ready { connection, .. } = &self.genl {
             connection.abort();
         }
     }
@@ -125,6 +160,7 @@ impl NetlinkDataplane {
             handle,
             connection: tokio::spawn(conn),
             xfrm: open_xfrm(),
+            genl: open_genl(),
         })
     }
 
@@ -140,7 +176,7 @@ impl NetlinkDataplane {
                 .map_err(|e| format!("setns {}: {e}", path.display()))?;
             let _guard = rt.enter();
             let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| e.to_string())?;
-            Ok((conn, handle, open_xfrm()))
+            Ok((conn, handle, open_xfrm(), open_genl()))
         })
         .join()
         .map_err(|_| DataplaneError::Setup("netns thread panicked".into()))?
@@ -149,6 +185,7 @@ impl NetlinkDataplane {
             handle: made.1,
             connection: tokio::spawn(made.0),
             xfrm: made.2,
+            genl: made.3,
         })
     }
 
@@ -167,6 +204,22 @@ impl NetlinkDataplane {
         match &self.xfrm {
             Xfrm::Ready { handle, .. } => crate::xfrm::probe(handle).await,
             Xfrm::Unavailable(why) => Err(crate::xfrm::KernelSupport::NoXfrmUser(why.clone())),
+        }
+    }
+
+    fn wireguard(&self) -> Result<&genetlink::GenetlinkHandle, String> {
+        match &self.genl {
+            Genl::Ready { handle, .. } => Ok(handle),
+            Genl::Unavailable(why) => Err(format!("no generic netlink socket: {why}")),
+        }
+    }
+
+    /// Checks that this kernel can run the wireguard backend. The error
+    /// says what is missing.
+    pub async fn probe_wireguard(&self) -> Result<(), wireguard::WgSupport> {
+        match &self.genl {
+            Genl::Ready { handle, .. } => wireguard::probe(handle).await,
+            Genl::Unavailable(why) => Err(wireguard::WgSupport::Other(why.clone())),
         }
     }
 
@@ -309,6 +362,7 @@ impl NetlinkDataplane {
             handle: &self.handle,
             idx,
             xfrm: self.xfrm(),
+            wireguard: self.wireguard(),
         };
         match c {
             Change::Link(c) => c.apply(&k).await,
@@ -318,6 +372,7 @@ impl NetlinkDataplane {
             Change::Route(c) => c.apply(&k).await,
             Change::XfrmState(c) => c.apply(&k).await,
             Change::XfrmPolicy(c) => c.apply(&k).await,
+            Change::Wireguard(c) => c.apply(&k).await,
         }
     }
 }
@@ -328,6 +383,7 @@ pub(crate) struct Applying<'a> {
     /// Every device's index by name, as of the start of the change's group.
     pub idx: &'a HashMap<String, u32>,
     xfrm: Result<&'a xfrmnetlink::Handle, String>,
+    wireguard: Result<&'a genetlink::GenetlinkHandle, String>,
 }
 
 impl Applying<'_> {
@@ -337,6 +393,11 @@ impl Applying<'_> {
             .get(dev)
             .copied()
             .ok_or_else(|| Failure::with(Errno::ENODEV, format!("device {dev} does not exist")))
+    }
+
+    /// The generic netlink socket for WireGuard, or why there is none.
+    pub fn wireguard(&self) -> Result<&genetlink::GenetlinkHandle, Failure> {
+        self.wireguard.clone().map_err(Failure::other)
     }
 
     /// The XFRM socket, or why there is none.
@@ -410,6 +471,7 @@ fn group(c: &Change) -> u8 {
     use fdb::FdbChange as F;
     use neighbour::NeighbourChange as N;
     use route::RouteChange as R;
+    use wireguard::WireguardChange as W;
     use xfrm_policy::XfrmPolicyChange as P;
     use xfrm_state::XfrmStateChange as S;
     match c {
@@ -426,6 +488,8 @@ fn group(c: &Change) -> u8 {
         Change::XfrmPolicy(P::Set { .. } | P::AddBlock { .. }) => 10,
         Change::XfrmPolicy(P::Del { .. } | P::DelBlock { .. }) => 11,
         Change::XfrmState(S::Del { .. }) => 12,
+        Change::Wireguard(W::SetDevice { .. } | W::SetPeer { .. }) => 13,
+        Change::Wireguard(W::DelPeer { .. }) => 14,
     }
 }
 
@@ -447,6 +511,24 @@ impl Dataplane for NetlinkDataplane {
             }
             self.each_neighbour(AddressFamily::Bridge, |n| fdb::read(n, &owned, &mut st))
                 .await?;
+            let wg: Vec<Dev> = st
+                .links
+                .iter()
+                .filter(|(_, l)| matches!(l, link::Link::Wireguard(_)))
+                .map(|(n, _)| n.clone())
+                .collect();
+            for name in wg {
+                let h = self.wireguard().map_err(|reason| DataplaneError::Observe {
+                    what: "WireGuard devices",
+                    reason,
+                })?;
+                wireguard::read(h, &name, &mut st)
+                    .await
+                    .map_err(|f| DataplaneError::Observe {
+                        what: "WireGuard devices",
+                        reason: f.to_string(),
+                    })?;
+            }
         }
         // Without an XFRM socket there is nothing of weft's there to see.
         if let Ok(h) = self.xfrm() {

@@ -161,6 +161,8 @@ pub enum Claim {
     /// A VXLAN VTEP MAC: FDB entries are keyed by it, so a second lease
     /// claiming one (a cloned VM, say) would take the first node's traffic.
     VtepMac(MacAddr),
+    /// A WireGuard public key: peers are keyed by it on the device.
+    PublicKey([u8; 32]),
 }
 
 impl Claim {
@@ -173,6 +175,10 @@ impl Claim {
                 format!("public IP {ip} is already {holder}'s (the older lease keeps it)")
             }
             Claim::VtepMac(m) => format!("VTEP MAC {m} is already used by {holder}"),
+            Claim::PublicKey(k) => format!(
+                "WireGuard public key {} is already used by {holder}",
+                crate::kinds::wireguard::WgKey(*k)
+            ),
         }
     }
 }

@@ -7,6 +7,7 @@ use crate::kinds::fdb::{Fdb, FdbChange};
 use crate::kinds::link::{Link, LinkChange};
 use crate::kinds::neighbour::{Neighbour, NeighbourChange};
 use crate::kinds::route::{Route, RouteChange, StrayRoute};
+use crate::kinds::wireguard::{Wireguard, WireguardChange, WireguardPeerKind};
 use crate::kinds::xfrm_policy::{XfrmBlock, XfrmPolicy, XfrmPolicyChange};
 use crate::kinds::xfrm_state::{XfrmState, XfrmStateChange};
 use crate::kinds::{pick, swap, Kind, Table};
@@ -57,6 +58,10 @@ pub struct NetState {
     /// per-peer policies, they catch pod traffic to the cluster network that
     /// no peer's policy encrypts, so it is never sent in the clear.
     pub xfrm_blocks: Table<XfrmBlock>,
+    /// WireGuard devices' own settings (private key, port), by device.
+    pub wg_devices: Table<Wireguard>,
+    /// WireGuard peers: (device, public key) -> endpoint, allowed IPs...
+    pub wg_peers: Table<WireguardPeerKind>,
 }
 
 impl NetState {
@@ -71,6 +76,8 @@ impl NetState {
             + self.xfrm_states.len()
             + self.xfrm_policies.len()
             + self.xfrm_blocks.len()
+            + self.wg_devices.len()
+            + self.wg_peers.len()
     }
 
     /// Self's devices, and its objects with a key that `a` or `b` has.
@@ -85,6 +92,8 @@ impl NetState {
             xfrm_states: pick::<XfrmState>(self, a, b),
             xfrm_policies: pick::<XfrmPolicy>(self, a, b),
             xfrm_blocks: pick::<XfrmBlock>(self, a, b),
+            wg_devices: pick::<Wireguard>(self, a, b),
+            wg_peers: pick::<WireguardPeerKind>(self, a, b),
         }
     }
 
@@ -99,6 +108,8 @@ impl NetState {
         swap::<XfrmState>(self, gone, want);
         swap::<XfrmPolicy>(self, gone, want);
         swap::<XfrmBlock>(self, gone, want);
+        swap::<Wireguard>(self, gone, want);
+        swap::<WireguardPeerKind>(self, gone, want);
     }
 
     /// Removes every object that lives on device `name` (as the kernel
@@ -112,6 +123,8 @@ impl NetState {
         off::<Fdb>(self, name);
         off::<Route>(self, name);
         off::<StrayRoute>(self, name);
+        off::<Wireguard>(self, name);
+        off::<WireguardPeerKind>(self, name);
     }
 }
 
@@ -125,6 +138,7 @@ pub enum Change {
     Route(RouteChange),
     XfrmState(XfrmStateChange),
     XfrmPolicy(XfrmPolicyChange),
+    Wireguard(WireguardChange),
 }
 
 impl fmt::Display for Change {
@@ -138,6 +152,7 @@ impl fmt::Display for Change {
             Change::Route(c) => c.fmt(f),
             Change::XfrmState(c) => c.fmt(f),
             Change::XfrmPolicy(c) => c.fmt(f),
+            Change::Wireguard(c) => c.fmt(f),
         }
     }
 }

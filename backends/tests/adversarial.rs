@@ -178,7 +178,7 @@ fn between_two_leases_the_older_keeps_a_public_ip_or_a_subnet_for_every_backend(
 
 fn route(dev_name: &str) -> RouteTarget {
     RouteTarget {
-        via: "198.18.0.12".parse().unwrap(),
+        via: Some("198.18.0.12".parse().unwrap()),
         dev: dev(dev_name),
         onlink: false,
     }
@@ -224,7 +224,7 @@ async fn routes_are_made_exclusively_and_replaced_only_when_weft_owns_them() {
     // Observed (ours) with another gateway: a replace.
     let mut have = NetState::default();
     let mut other = want_target.clone();
-    other.via = "198.18.0.99".parse().unwrap();
+    other.via = Some("198.18.0.99".parse().unwrap());
     have.routes.insert("10.244.2.0/24".parse().unwrap(), other);
     let changes = diff(&want, &have);
     assert!(matches!(

@@ -103,7 +103,7 @@ fn vxlan_programs_device_neighbour_fdb_and_onlink_route_per_peer() {
     let r = &st.routes[&netw("10.244.3.0/24")];
     assert_eq!(
         (r.via, r.dev.as_ref(), r.onlink),
-        (ip("10.244.3.0"), "weft.1", true)
+        (Some(ip("10.244.3.0")), "weft.1", true)
     );
     assert_eq!(st.object_count(), 1 + 1 + 2 * 3);
 }
@@ -123,7 +123,7 @@ fn vxlan_direct_routing_uses_plain_routes_on_the_same_l2() {
     let near = &st.routes[&netw("10.244.2.0/24")];
     assert_eq!(
         (near.via, near.dev.as_ref(), near.onlink),
-        (ip("198.18.0.12"), "eth0", false)
+        (Some(ip("198.18.0.12")), "eth0", false)
     );
     assert!(!st.fdb.contains_key(&(dev("weft.1"), vtep_mac("near"))));
     let far = &st.routes[&netw("10.244.3.0/24")];
@@ -212,7 +212,7 @@ fn host_gw_routes_via_public_ips_and_refuses_routed_peers() {
     let r = &st.routes[&netw("10.244.2.0/24")];
     assert_eq!(
         (r.via, r.dev.as_ref(), r.onlink),
-        (ip("198.18.0.12"), "eth0", false)
+        (Some(ip("198.18.0.12")), "eth0", false)
     );
     assert_eq!(skipped.len(), 1);
     assert!(

@@ -17,6 +17,8 @@ pub enum BackendType {
     HostGw,
     /// ESP tunnel mode between the nodes' public IPs.
     Ipsec,
+    /// Kernel WireGuard between the nodes' public IPs.
+    Wireguard,
 }
 
 impl BackendType {
@@ -26,6 +28,7 @@ impl BackendType {
             BackendType::Vxlan => "vxlan",
             BackendType::HostGw => "host-gw",
             BackendType::Ipsec => "ipsec",
+            BackendType::Wireguard => "wireguard",
         }
     }
 }
@@ -43,8 +46,9 @@ impl FromStr for BackendType {
             "vxlan" => Ok(BackendType::Vxlan),
             "host-gw" => Ok(BackendType::HostGw),
             "ipsec" => Ok(BackendType::Ipsec),
+            "wireguard" => Ok(BackendType::Wireguard),
             other => Err(format!(
-                "unknown backend type {other:?} (weft supports vxlan, host-gw and ipsec)"
+                "unknown backend type {other:?} (weft supports vxlan, host-gw, ipsec and wireguard)"
             )),
         }
     }
@@ -81,12 +85,85 @@ pub struct IpsecConfig {
     pub psk_file: Option<PathBuf>,
 }
 
+/// Which address families a wireguard backend tunnels, and over what
+/// (flannel's `Mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WireguardMode {
+    /// One device per family: `weft-wg` carries IPv4 over IPv4,
+    /// `weft-wg-v6` IPv6 over IPv6 (flannel's default).
+    #[default]
+    Separate,
+    /// One device, `weft-wg`, for both families; peers are reached over
+    /// IPv6 where they have a public IPv6 address, else over IPv4.
+    Auto,
+    /// One device, `weft-wg`, for both families, over IPv4.
+    Ipv4,
+    /// One device, `weft-wg`, for both families, over IPv6.
+    Ipv6,
+}
+
+impl WireguardMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WireguardMode::Separate => "separate",
+            WireguardMode::Auto => "auto",
+            WireguardMode::Ipv4 => "ipv4",
+            WireguardMode::Ipv6 => "ipv6",
+        }
+    }
+}
+
+/// Options of the wireguard backend, with flannel's names and defaults.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WireguardConfig {
+    /// A preshared key (`PSK`, base64 of 32 bytes) mixed into every
+    /// handshake, as flannel takes it.
+    pub psk: Option<[u8; 32]>,
+    /// UDP port of `weft-wg` (`ListenPort`, default 51820).
+    pub listen_port: u16,
+    /// UDP port of `weft-wg-v6` (`ListenPortV6`, default 51821).
+    pub listen_port_v6: u16,
+    /// Overrides the device MTU (`MTU`); default is the underlay MTU - 80.
+    pub mtu: Option<u32>,
+    pub mode: WireguardMode,
+    /// Seconds between keepalives to each peer (`PersistentKeepaliveInterval`,
+    /// default 0: none).
+    pub persistent_keepalive: u16,
+}
+
+impl fmt::Debug for WireguardConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WireguardConfig")
+            .field("psk", &self.psk.map(|_| "<redacted>"))
+            .field("listen_port", &self.listen_port)
+            .field("listen_port_v6", &self.listen_port_v6)
+            .field("mtu", &self.mtu)
+            .field("mode", &self.mode)
+            .field("persistent_keepalive", &self.persistent_keepalive)
+            .finish()
+    }
+}
+
+impl Default for WireguardConfig {
+    fn default() -> Self {
+        WireguardConfig {
+            psk: None,
+            listen_port: 51820,
+            listen_port_v6: 51821,
+            mtu: None,
+            mode: WireguardMode::Separate,
+            persistent_keepalive: 0,
+        }
+    }
+}
+
 /// The `Backend` section, typed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendConfig {
     Vxlan(VxlanConfig),
     HostGw,
     Ipsec(IpsecConfig),
+    Wireguard(WireguardConfig),
 }
 
 impl Default for BackendConfig {
@@ -98,6 +175,27 @@ impl Default for BackendConfig {
 const VXLAN_FIELDS: &[&str] = &["Type", "VNI", "Port", "DirectRouting", "MTU", "GBP"];
 const HOSTGW_FIELDS: &[&str] = &["Type"];
 const IPSEC_FIELDS: &[&str] = &["Type", "PSK"];
+const WIREGUARD_FIELDS: &[&str] = &[
+    "Type",
+    "PSK",
+    "ListenPort",
+    "ListenPortV6",
+    "MTU",
+    "Mode",
+    "PersistentKeepaliveInterval",
+];
+
+/// An MTU field: absent or 0 is the default; below 576 is refused.
+fn mtu_field(f: &mut Fields, name: &str) -> Result<Option<u32>, ConfigError> {
+    match f.uint("MTU", 65_535)? {
+        None | Some(0) => Ok(None),
+        Some(mtu) if mtu < 576 => Err(ConfigError::field(
+            name,
+            format!("{mtu} is below 576, the smallest MTU weft supports"),
+        )),
+        Some(mtu) => Ok(Some(mtu as u32)),
+    }
+}
 
 impl BackendConfig {
     /// Which backend this is.
@@ -106,6 +204,7 @@ impl BackendConfig {
             BackendConfig::Vxlan(_) => BackendType::Vxlan,
             BackendConfig::HostGw => BackendType::HostGw,
             BackendConfig::Ipsec(_) => BackendType::Ipsec,
+            BackendConfig::Wireguard(_) => BackendType::Wireguard,
         }
     }
 
@@ -124,7 +223,7 @@ impl BackendConfig {
             None | Some(Value::Null) => {
                 return Err(ConfigError::field(
                     "Backend.Type",
-                    "required: one of vxlan, host-gw, ipsec",
+                    "required: one of vxlan, host-gw, ipsec, wireguard",
                 ))
             }
             Some(Value::String(s)) => {
@@ -154,16 +253,7 @@ impl BackendConfig {
                     Some(port) => cfg.port = port as u16,
                 }
                 cfg.direct_routing = f.bool("DirectRouting")?.unwrap_or(false);
-                cfg.mtu = match f.uint("MTU", 65_535)? {
-                    None | Some(0) => None,
-                    Some(mtu) if mtu < 576 => {
-                        return Err(ConfigError::field(
-                            "Backend.MTU",
-                            format!("{mtu} is below 576, the smallest MTU weft supports"),
-                        ))
-                    }
-                    Some(mtu) => Some(mtu as u32),
-                };
+                cfg.mtu = mtu_field(&mut f, "Backend.MTU")?;
                 if f.bool("GBP")? == Some(true) {
                     return Err(ConfigError::field(
                         "Backend.GBP",
@@ -190,6 +280,67 @@ impl BackendConfig {
                 };
                 Ok(BackendConfig::Ipsec(IpsecConfig { psk_file }))
             }
+            BackendType::Wireguard => {
+                let mut f = Fields::new(
+                    object,
+                    "Backend.",
+                    WIREGUARD_FIELDS,
+                    "Type, PSK, ListenPort, ListenPortV6, MTU, Mode, PersistentKeepaliveInterval",
+                )?;
+                let mut cfg = WireguardConfig::default();
+                if let Some(psk) = f.string("PSK")? {
+                    use base64::Engine;
+                    let raw = base64::engine::general_purpose::STANDARD
+                        .decode(psk.trim().as_bytes())
+                        .map_err(|e| {
+                            ConfigError::field(
+                                "Backend.PSK",
+                                format!("not base64 (as `wg genpsk` prints a key): {e}"),
+                            )
+                        })?;
+                    let key: [u8; 32] = raw.as_slice().try_into().map_err(|_| {
+                        ConfigError::field(
+                            "Backend.PSK",
+                            format!("{} bytes; a WireGuard preshared key is 32", raw.len()),
+                        )
+                    })?;
+                    cfg.psk = Some(key);
+                }
+                match f.uint("ListenPort", 65_535)? {
+                    None | Some(0) => {}
+                    Some(p) => cfg.listen_port = p as u16,
+                }
+                match f.uint("ListenPortV6", 65_535)? {
+                    None | Some(0) => {}
+                    Some(p) => cfg.listen_port_v6 = p as u16,
+                }
+                cfg.mtu = mtu_field(&mut f, "Backend.MTU")?;
+                cfg.mode = match f.string("Mode")?.as_deref() {
+                    None | Some("separate") => WireguardMode::Separate,
+                    Some("auto") => WireguardMode::Auto,
+                    Some("ipv4") => WireguardMode::Ipv4,
+                    Some("ipv6") => WireguardMode::Ipv6,
+                    Some(other) => {
+                        return Err(ConfigError::field(
+                            "Backend.Mode",
+                            format!("{other:?}: expected separate, auto, ipv4 or ipv6"),
+                        ))
+                    }
+                };
+                if let Some(s) = f.uint("PersistentKeepaliveInterval", 65_535)? {
+                    cfg.persistent_keepalive = s as u16;
+                }
+                if cfg.mode == WireguardMode::Separate && cfg.listen_port == cfg.listen_port_v6 {
+                    return Err(ConfigError::field(
+                        "Backend.ListenPortV6",
+                        format!(
+                            "{} is also ListenPort: in separate mode the two devices need a port each",
+                            cfg.listen_port_v6
+                        ),
+                    ));
+                }
+                Ok(BackendConfig::Wireguard(cfg))
+            }
         }
     }
 
@@ -212,6 +363,28 @@ impl BackendConfig {
                 Some(p) => json!({"Type": "ipsec", "PSK": p}),
                 None => json!({"Type": "ipsec"}),
             },
+            BackendConfig::Wireguard(w) => {
+                let mut m = Map::new();
+                m.insert("Type".into(), json!("wireguard"));
+                if let Some(psk) = &w.psk {
+                    use base64::Engine;
+                    m.insert(
+                        "PSK".into(),
+                        json!(base64::engine::general_purpose::STANDARD.encode(psk)),
+                    );
+                }
+                m.insert("ListenPort".into(), json!(w.listen_port));
+                m.insert("ListenPortV6".into(), json!(w.listen_port_v6));
+                if let Some(mtu) = w.mtu {
+                    m.insert("MTU".into(), json!(mtu));
+                }
+                m.insert("Mode".into(), json!(w.mode.as_str()));
+                m.insert(
+                    "PersistentKeepaliveInterval".into(),
+                    json!(w.persistent_keepalive),
+                );
+                Value::Object(m)
+            }
         }
     }
 }

@@ -27,7 +27,9 @@ mod network;
 mod pool;
 mod subnet_env;
 
-pub use backend::{BackendConfig, BackendType, IpsecConfig, VxlanConfig};
+pub use backend::{
+    BackendConfig, BackendType, IpsecConfig, VxlanConfig, WireguardConfig, WireguardMode,
+};
 pub use duration::{format_duration, parse_duration};
 pub use error::ConfigError;
 pub use network::{NetworkConfig, DEFAULT_LEASE_TTL};

@@ -139,6 +139,9 @@ pub enum BackendData {
         public_key: [u8; 32],
         key_epoch: u64,
     },
+    /// `{"PublicKey":"<base64 Curve25519>"}`, as flannel's wireguard
+    /// backend writes it.
+    Wireguard { public_key: [u8; 32] },
 }
 
 /// Why a lease's backend data cannot be used.
@@ -160,6 +163,14 @@ struct VxlanData {
     vni: u32,
     #[serde(rename = "VtepMAC")]
     vtep_mac: MacAddr,
+}
+
+/// flannel's wireguard data. Unknown fields are allowed: a newer flannel
+/// may add some, and the key is all a peer needs.
+#[derive(Deserialize)]
+struct WireguardData {
+    #[serde(rename = "PublicKey")]
+    public_key: String,
 }
 
 #[derive(Deserialize)]
@@ -217,6 +228,25 @@ pub fn low_order(public_key: &[u8; 32]) -> bool {
         .was_contributory()
 }
 
+/// A Curve25519 public key from base64, refused if it is not 32 bytes or
+/// is a point of small order ([`low_order`]).
+fn public_key(b64: &str) -> Result<[u8; 32], String> {
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.as_bytes())
+        .map_err(|e| format!("PublicKey is not base64: {e}"))?;
+    let key: [u8; 32] = raw
+        .as_slice()
+        .try_into()
+        .map_err(|_| format!("PublicKey is {} bytes; an X25519 key is 32", raw.len()))?;
+    if low_order(&key) {
+        return Err(
+            "PublicKey is a low-order X25519 point: every key agreed with it would be all zeros"
+                .into(),
+        );
+    }
+    Ok(key)
+}
+
 impl BackendData {
     /// Reads backend data of the given type, checking it fully.
     pub fn parse(backend_type: &str, data: Option<&Value>) -> Result<Self, BackendDataError> {
@@ -267,25 +297,16 @@ impl BackendData {
                 let data =
                     data.ok_or_else(|| invalid("missing (needs PublicKey and KeyEpoch)".into()))?;
                 let d: IpsecData = data.decode().map_err(invalid)?;
-                let raw = base64::engine::general_purpose::STANDARD
-                    .decode(d.public_key.as_bytes())
-                    .map_err(|e| invalid(format!("PublicKey is not base64: {e}")))?;
-                let public_key: [u8; 32] = raw.as_slice().try_into().map_err(|_| {
-                    invalid(format!(
-                        "PublicKey is {} bytes; an X25519 key is 32",
-                        raw.len()
-                    ))
-                })?;
-                if low_order(&public_key) {
-                    return Err(invalid(
-                        "PublicKey is a low-order X25519 point: every key agreed with it would \
-                         be all zeros"
-                            .into(),
-                    ));
-                }
                 Ok(BackendData::Ipsec {
-                    public_key,
+                    public_key: public_key(&d.public_key).map_err(invalid)?,
                     key_epoch: d.key_epoch,
+                })
+            }
+            BackendType::Wireguard => {
+                let data = data.ok_or_else(|| invalid("missing (needs PublicKey)".into()))?;
+                let d: WireguardData = data.decode().map_err(invalid)?;
+                Ok(BackendData::Wireguard {
+                    public_key: public_key(&d.public_key).map_err(invalid)?,
                 })
             }
         }
@@ -297,6 +318,7 @@ impl BackendData {
             BackendData::Vxlan { .. } => BackendType::Vxlan,
             BackendData::HostGw => BackendType::HostGw,
             BackendData::Ipsec { .. } => BackendType::Ipsec,
+            BackendData::Wireguard { .. } => BackendType::Wireguard,
         }
     }
 
@@ -313,6 +335,9 @@ impl BackendData {
             } => Some(json!({
                 "PublicKey": base64::engine::general_purpose::STANDARD.encode(public_key),
                 "KeyEpoch": key_epoch,
+            })),
+            BackendData::Wireguard { public_key } => Some(json!({
+                "PublicKey": base64::engine::general_purpose::STANDARD.encode(public_key),
             })),
         }
     }
@@ -467,12 +492,34 @@ mod tests {
         let attrs = LeaseAttrs::from_json(old).unwrap();
         assert!(attrs.backend().is_err());
         // Backends weft does not implement are still leases.
-        let wg = br#"{"PublicIP":"198.18.0.6","BackendType":"wireguard","BackendData":{"PublicKey":"abc"}}"#;
-        let attrs = LeaseAttrs::from_json(wg).unwrap();
+        let udp = br#"{"PublicIP":"198.18.0.6","BackendType":"udp","BackendData":{"Addr":"x"}}"#;
+        let attrs = LeaseAttrs::from_json(udp).unwrap();
         assert!(matches!(
             attrs.backend(),
             Err(BackendDataError::UnknownType(_))
         ));
+        // flannel's wireguard lease: its key, and nothing to refuse in a
+        // field weft does not know.
+        let key = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([9u8; 32]));
+        let b64 = base64::engine::general_purpose::STANDARD.encode(key.as_bytes());
+        let wg = format!(
+            r#"{{"PublicIP":"198.18.0.6","BackendType":"wireguard","BackendData":{{"PublicKey":"{b64}","Later":1}}}}"#
+        );
+        let attrs = LeaseAttrs::from_json(wg.as_bytes()).unwrap();
+        let data = attrs.backend().unwrap();
+        assert_eq!(
+            data,
+            BackendData::Wireguard {
+                public_key: *key.as_bytes()
+            }
+        );
+        assert_eq!(data.to_value().unwrap(), json!({ "PublicKey": b64 }));
+        let bad = br#"{"PublicIP":"198.18.0.6","BackendType":"wireguard","BackendData":{"PublicKey":"abc"}}"#;
+        let e = LeaseAttrs::from_json(bad).unwrap().backend().unwrap_err();
+        assert!(
+            e.to_string().contains("wireguard BackendData is invalid"),
+            "{e}"
+        );
         let round = LeaseAttrs::from_json(attrs.to_json().as_bytes()).unwrap();
         assert_eq!(round, attrs);
     }

@@ -24,7 +24,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use weft_backends::ipsec::Timing;
-use weft_backends::{for_config, Backend, ExternalIface, Ipsec, LocalNode, NetlinkDataplane};
+use weft_backends::{
+    for_config, Backend, ExternalIface, Ipsec, LocalNode, NetlinkDataplane, Wireguard,
+};
 use weft_config::{BackendConfig, BackendType, NetworkConfig};
 use weft_lease::api::{AcquireRequest, LeaseResponse};
 use weft_lease::client::{ClientError, ControllerClient};
@@ -402,7 +404,7 @@ async fn make_backend(
                     kernel_release()
                 )
             })?;
-            let (key, origin) = keystore::load_or_create(&opts.state_dir)?;
+            let (key, origin) = keystore::load_or_create(&opts.state_dir, keystore::IPSEC)?;
             if let Some(f) = &cfg.psk_file {
                 tracing::warn!(
                     "the network config names a PSK file ({}); it is ignored: the PSK is a \
@@ -439,6 +441,24 @@ async fn make_backend(
             }
             Ok((ipsec.clone(), Some(ipsec)))
         }
+        BackendConfig::Wireguard(cfg) => {
+            dp.probe_wireguard().await.map_err(|e| {
+                anyhow!(
+                    "the wireguard backend cannot run on this kernel ({}): {e}",
+                    kernel_release()
+                )
+            })?;
+            let (key, _) = keystore::load_or_create(&opts.state_dir, keystore::WIREGUARD)?;
+            let wg = Wireguard::new(cfg.clone(), *key.secret_bytes());
+            tracing::info!(
+                public_key = %wg.public_key(),
+                mode = cfg.mode.as_str(),
+                port = cfg.listen_port,
+                psk = cfg.psk.is_some(),
+                "wireguard backend"
+            );
+            Ok((Arc::new(wg), None))
+        }
         other => Ok((Arc::from(for_config(other)?), None)),
     }
 }
@@ -447,7 +467,8 @@ async fn make_backend(
 /// told to; remembers the backend that runs.
 fn check_backend_change(wanted: BackendType, state_dir: &Path, allow: bool) -> Result<()> {
     let before = keystore::remembered_backend(state_dir)?;
-    let encrypts = |b: &str| b == BackendType::Ipsec.as_str();
+    let encrypts =
+        |b: &str| b == BackendType::Ipsec.as_str() || b == BackendType::Wireguard.as_str();
     if let Some(b) = &before {
         if encrypts(b) && !encrypts(wanted.as_str()) {
             if !allow {

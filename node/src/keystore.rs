@@ -1,7 +1,8 @@
-//! The node's IPsec key pair on disk: `<state dir>/ipsec-key.json`, mode
-//! 0600 in a directory of mode 0700, written atomically (temporary file,
-//! fsync, rename, fsync of the directory), created on first start and
-//! reused after restarts. The private key is never logged.
+//! The node's key pairs on disk, one file per backend that has one
+//! (`<state dir>/ipsec-key.json`, `<state dir>/wireguard-key.json`; both
+//! X25519), mode 0600 in a directory of mode 0700, written atomically
+//! (temporary file, fsync, rename, fsync of the directory), created on
+//! first start and reused after restarts. The private key is never logged.
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -12,8 +13,25 @@ use std::path::{Path, PathBuf};
 use weft_backends::ipsec::keys::NodeKey;
 use zeroize::Zeroizing;
 
-/// The file name under the state directory.
-pub const KEY_FILE: &str = "ipsec-key.json";
+/// Which backend's key, and its file under the state directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Which {
+    pub file: &'static str,
+    /// For logs: "IPsec", "WireGuard".
+    pub what: &'static str,
+}
+
+/// The ipsec backend's key.
+pub const IPSEC: Which = Which {
+    file: "ipsec-key.json",
+    what: "IPsec",
+};
+
+/// The wireguard backend's key.
+pub const WIREGUARD: Which = Which {
+    file: "wireguard-key.json",
+    what: "WireGuard",
+};
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,8 +65,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KeyStoreError + '_ {
 }
 
 /// The key file's path.
-pub fn path(state_dir: &Path) -> PathBuf {
-    state_dir.join(KEY_FILE)
+pub fn path(state_dir: &Path, which: Which) -> PathBuf {
+    state_dir.join(which.file)
 }
 
 /// Makes the state directory (mode 0700) if it is missing.
@@ -71,18 +89,21 @@ pub enum KeyOrigin {
 }
 
 /// Loads the key, or makes epoch 1 and stores it when there is none.
-pub fn load_or_create(state_dir: &Path) -> Result<(NodeKey, KeyOrigin), KeyStoreError> {
-    let p = path(state_dir);
+pub fn load_or_create(
+    state_dir: &Path,
+    which: Which,
+) -> Result<(NodeKey, KeyOrigin), KeyStoreError> {
+    let p = path(state_dir, which);
     match load(&p)? {
         Some(k) => {
-            tracing::info!(file = %p.display(), epoch = k.epoch(), public_key = %public_b64(&k), "loaded the IPsec key");
+            tracing::info!(file = %p.display(), epoch = k.epoch(), public_key = %public_b64(&k), "loaded the {} key", which.what);
             Ok((k, KeyOrigin::Loaded))
         }
         None => {
             ensure_dir(state_dir)?;
             let k = NodeKey::generate(1).map_err(|e| KeyStoreError::Generate(e.to_string()))?;
-            store(state_dir, &k)?;
-            tracing::info!(file = %p.display(), epoch = 1, public_key = %public_b64(&k), "created an IPsec key");
+            store(state_dir, which, &k)?;
+            tracing::info!(file = %p.display(), epoch = 1, public_key = %public_b64(&k), "created a {} key", which.what);
             Ok((k, KeyOrigin::Created))
         }
     }
@@ -136,9 +157,9 @@ pub fn parse_key(text: &str) -> Result<NodeKey, String> {
 }
 
 /// Writes the key atomically with mode 0600.
-pub fn store(state_dir: &Path, k: &NodeKey) -> Result<(), KeyStoreError> {
+pub fn store(state_dir: &Path, which: Which, k: &NodeKey) -> Result<(), KeyStoreError> {
     ensure_dir(state_dir)?;
-    let p = path(state_dir);
+    let p = path(state_dir, which);
     let body = Zeroizing::new(
         serde_json::to_string_pretty(&Stored {
             epoch: k.epoch(),
@@ -280,29 +301,29 @@ mod tests {
     fn created_once_then_reused_with_mode_0600() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("weft");
-        let (a, origin) = load_or_create(&state).unwrap();
+        let (a, origin) = load_or_create(&state, IPSEC).unwrap();
         assert_eq!((a.epoch(), origin), (1, KeyOrigin::Created));
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&path(&state)), 0o600);
+        assert_eq!(mode(&path(&state, IPSEC)), 0o600);
         assert_eq!(mode(&state), 0o700);
-        let (b, origin) = load_or_create(&state).unwrap();
+        let (b, origin) = load_or_create(&state, IPSEC).unwrap();
         assert_eq!(origin, KeyOrigin::Loaded);
         assert_eq!(a.public(), b.public());
         assert_eq!(*a.secret_bytes(), *b.secret_bytes());
         // A rotation is stored and read back.
         let c = NodeKey::generate(2).unwrap();
-        store(&state, &c).unwrap();
-        let (d, _) = load_or_create(&state).unwrap();
+        store(&state, IPSEC, &c).unwrap();
+        let (d, _) = load_or_create(&state, IPSEC).unwrap();
         assert_eq!((d.epoch(), d.public()), (2, c.public()));
-        assert_eq!(mode(&path(&state)), 0o600);
+        assert_eq!(mode(&path(&state, IPSEC)), 0o600);
     }
 
     #[test]
     fn a_loose_mode_is_tightened_and_bad_files_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let k = NodeKey::generate(3).unwrap();
-        store(dir.path(), &k).unwrap();
-        let p = path(dir.path());
+        store(dir.path(), IPSEC, &k).unwrap();
+        let p = path(dir.path(), IPSEC);
         fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
         assert_eq!(load(&p).unwrap().unwrap().epoch(), 3);
         assert_eq!(
@@ -329,9 +350,9 @@ mod tests {
     #[test]
     fn the_secret_never_shows_in_debug_output() {
         let dir = tempfile::tempdir().unwrap();
-        let (k, _) = load_or_create(dir.path()).unwrap();
+        let (k, _) = load_or_create(dir.path(), IPSEC).unwrap();
         let secret = base64::engine::general_purpose::STANDARD.encode(*k.secret_bytes());
-        assert!(fs::read_to_string(path(dir.path()))
+        assert!(fs::read_to_string(path(dir.path(), IPSEC))
             .unwrap()
             .contains(&secret));
         assert!(!format!("{k:?}").contains(&secret));

@@ -65,7 +65,8 @@ impl Rekeyer {
         let new = NodeKey::generate(old + 1).map_err(|e| anyhow!(e))?;
         let epoch = new.epoch();
         let public = keystore::public_b64(&new);
-        keystore::store(&self.state_dir, &new).context("storing the new IPsec key")?;
+        keystore::store(&self.state_dir, keystore::IPSEC, &new)
+            .context("storing the new IPsec key")?;
         self.ipsec.rotate(new);
         tracing::info!(
             epoch,

@@ -1,6 +1,6 @@
 //! What crosses a wire: an AF_PACKET socket in a namespace (all its
 //! interfaces) counting IPv4 packets by kind for a while. The oracle for
-//! "only ESP between the hosts": no tcpdump needed.
+//! "only ESP (or WireGuard) between the hosts": no tcpdump needed.
 
 use anyhow::{Context, Result};
 use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType};
@@ -16,6 +16,8 @@ pub struct Seen {
     pub esp: Vec<(Ipv4Addr, Ipv4Addr)>,
     /// VXLAN (UDP to port 8472).
     pub vxlan: usize,
+    /// WireGuard (UDP to port 51820), as (source, destination).
+    pub wireguard: Vec<(Ipv4Addr, Ipv4Addr)>,
     /// Packets whose own source or destination is in `inner`: pod traffic
     /// in the clear.
     pub plaintext: Vec<(Ipv4Addr, Ipv4Addr, u8)>,
@@ -70,8 +72,14 @@ pub fn classify(frame: &[u8], inner: ipnet::Ipv4Net, seen: &mut Seen) {
     if proto == 50 {
         seen.esp.push((src, dst));
     }
-    if proto == 17 && ip.len() >= ihl + 4 && ip[ihl + 2..ihl + 4] == 8472u16.to_be_bytes() {
+    let udp_to = |port: u16| {
+        proto == 17 && ip.len() >= ihl + 4 && ip[ihl + 2..ihl + 4] == port.to_be_bytes()
+    };
+    if udp_to(8472) {
         seen.vxlan += 1;
+    }
+    if udp_to(51820) {
+        seen.wireguard.push((src, dst));
     }
     if inner.contains(&src) || inner.contains(&dst) {
         seen.plaintext.push((src, dst, proto));
@@ -110,6 +118,11 @@ mod tests {
             &mut s,
         );
         classify(
+            &frame(17, [198, 18, 0, 12], [198, 18, 0, 11], 51820),
+            inner,
+            &mut s,
+        );
+        classify(
             &frame(1, [10, 244, 1, 2], [10, 244, 2, 2], 0),
             inner,
             &mut s,
@@ -123,7 +136,14 @@ mod tests {
             )]
         );
         assert_eq!(s.vxlan, 1);
+        assert_eq!(
+            s.wireguard,
+            vec![(
+                "198.18.0.12".parse().unwrap(),
+                "198.18.0.11".parse().unwrap()
+            )]
+        );
         assert_eq!(s.plaintext.len(), 1);
-        assert_eq!(s.total, 3);
+        assert_eq!(s.total, 4);
     }
 }

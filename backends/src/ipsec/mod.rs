@@ -506,7 +506,7 @@ impl Ipsec {
             st.routes.insert(
                 theirs,
                 RouteTarget {
-                    via: pip,
+                    via: Some(pip),
                     dev: ext.clone(),
                     onlink: true,
                 },

@@ -4,11 +4,12 @@
 //! What a type of device is lives in its own module ([`super::vxlan`]).
 
 use super::vxlan::{VxlanLink, VXLAN_PREFIX};
+use super::wireguard::WG_PREFIX;
 use crate::dataplane::{Errno, Failure};
 use crate::netlink::{ignore_gone, link_name, nl_err, Applying};
 use crate::state::{dev, Change, Dev, NetState};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
-use rtnetlink::LinkUnspec;
+use rtnetlink::{LinkUnspec, LinkWireguard};
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 
@@ -16,18 +17,29 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Link {
     Vxlan(VxlanLink),
+    /// Its key, port and peers are [`super::wireguard`]'s.
+    Wireguard(WgLink),
+}
+
+/// A WireGuard device: nothing identifies it but its name and type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WgLink {
+    pub mtu: u32,
+    pub up: bool,
 }
 
 impl Link {
     pub fn mtu(&self) -> u32 {
         match self {
             Link::Vxlan(v) => v.mtu,
+            Link::Wireguard(w) => w.mtu,
         }
     }
 
     pub fn up(&self) -> bool {
         match self {
             Link::Vxlan(v) => v.up,
+            Link::Wireguard(w) => w.up,
         }
     }
 
@@ -35,6 +47,8 @@ impl Link {
     pub fn same_identity(&self, other: &Link) -> bool {
         match (self, other) {
             (Link::Vxlan(a), Link::Vxlan(b)) => a.same_identity(b),
+            (Link::Wireguard(_), Link::Wireguard(_)) => true,
+            _ => false,
         }
     }
 
@@ -42,12 +56,14 @@ impl Link {
     pub fn vxlan(&self) -> Option<&VxlanLink> {
         match self {
             Link::Vxlan(v) => Some(v),
+            Link::Wireguard(_) => None,
         }
     }
 
     pub fn vxlan_mut(&mut self) -> Option<&mut VxlanLink> {
         match self {
             Link::Vxlan(v) => Some(v),
+            Link::Wireguard(_) => None,
         }
     }
 
@@ -56,6 +72,10 @@ impl Link {
             Link::Vxlan(v) => {
                 v.mtu = mtu;
                 v.up = up;
+            }
+            Link::Wireguard(w) => {
+                w.mtu = mtu;
+                w.up = up;
             }
         }
     }
@@ -90,6 +110,7 @@ impl fmt::Display for LinkChange {
         match self {
             LinkChange::Create { name, link } => match link {
                 Link::Vxlan(v) => f.write_str(&v.command(name)),
+                Link::Wireguard(w) => write!(f, "ip link add {name} mtu {} type wireguard", w.mtu),
             },
             LinkChange::Delete { name } => write!(f, "ip link del {name}"),
             LinkChange::Update { name, mtu, up } => write!(
@@ -183,6 +204,21 @@ impl LinkChange {
         match self {
             LinkChange::Create { name, link } => match link {
                 Link::Vxlan(v) => v.create(name, k).await,
+                Link::Wireguard(w) => {
+                    let mut b = LinkWireguard::new(name).mtu(w.mtu);
+                    if w.up {
+                        b = b.up();
+                    }
+                    h.link().add(b.build()).execute().await.map_err(|e| {
+                        match crate::netlink::errno_of(&e) {
+                            Some(Errno::EOPNOTSUPP) => Failure::with(
+                                Errno::EOPNOTSUPP,
+                                "the kernel has no WireGuard (module wireguard)",
+                            ),
+                            _ => nl_err(e),
+                        }
+                    })
+                }
             },
             LinkChange::Delete { name } => match k.idx.get(&**name) {
                 None => Ok(()),
@@ -224,6 +260,15 @@ pub(crate) fn read(
         let link = match (kind, data) {
             (Some(InfoKind::Vxlan), Some(d)) if name.starts_with(VXLAN_PREFIX) => {
                 VxlanLink::read(l, d, names).map(Link::Vxlan)
+            }
+            (Some(InfoKind::Wireguard), _) if name.starts_with(WG_PREFIX) => {
+                Some(Link::Wireguard(WgLink {
+                    mtu: crate::netlink::link_mtu(l),
+                    up: l
+                        .header
+                        .flags
+                        .contains(netlink_packet_route::link::LinkFlags::Up),
+                }))
             }
             _ => None,
         };

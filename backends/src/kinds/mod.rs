@@ -26,6 +26,7 @@ pub mod link;
 pub mod neighbour;
 pub mod route;
 pub mod vxlan;
+pub mod wireguard;
 pub mod xfrm_policy;
 pub mod xfrm_state;
 

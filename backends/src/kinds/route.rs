@@ -9,7 +9,7 @@ use crate::netlink::{errno_of, ignore_gone, nl_err, Applying};
 use crate::state::{Change, Dev, NetState};
 use ipnet::IpNet;
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
 };
 use rtnetlink::RouteMessageBuilder;
 use std::fmt;
@@ -41,7 +41,8 @@ pub fn route_metric(dst: &IpNet) -> u32 {
 /// Where a route sends traffic.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RouteTarget {
-    pub via: IpAddr,
+    /// `None`: straight into `dev` (a WireGuard device), scope link.
+    pub via: Option<IpAddr>,
     pub dev: Dev,
     pub onlink: bool,
 }
@@ -50,16 +51,30 @@ impl RouteTarget {
     /// Via `via`, a neighbour on `dev`'s network (a peer on our L2).
     pub fn direct(via: IpAddr, dev: &Dev) -> Self {
         RouteTarget {
-            via,
+            via: Some(via),
             dev: dev.clone(),
             onlink: false,
         }
     }
 
+    /// Into `dev` itself, no gateway (a layer-3 device: WireGuard).
+    pub fn device(dev: &Dev) -> Self {
+        RouteTarget {
+            via: None,
+            dev: dev.clone(),
+            onlink: false,
+        }
+    }
+
+    /// ` via <gw>` or nothing, as `ip route` writes it.
+    fn via_text(&self) -> String {
+        self.via.map(|v| format!(" via {v}")).unwrap_or_default()
+    }
+
     /// Via `via` on `dev`, whatever `dev`'s addresses (a tunnel's far end).
     pub fn onlink(via: IpAddr, dev: &Dev) -> Self {
         RouteTarget {
-            via,
+            via: Some(via),
             dev: dev.clone(),
             onlink: true,
         }
@@ -174,17 +189,17 @@ impl fmt::Display for RouteChange {
                 replace,
             } => write!(
                 f,
-                "ip route {} {dst} via {} dev {}{} proto {WEFT_ROUTE_PROTOCOL} metric {}",
+                "ip route {} {dst}{} dev {}{} proto {WEFT_ROUTE_PROTOCOL} metric {}",
                 if *replace { "replace" } else { "add" },
-                target.via,
+                target.via_text(),
                 target.dev,
                 if target.onlink { " onlink" } else { "" },
                 route_metric(dst)
             ),
             RouteChange::Del { dst, target } => write!(
                 f,
-                "ip route del {dst} via {} dev {} metric {}",
-                target.via,
+                "ip route del {dst}{} dev {} metric {}",
+                target.via_text(),
                 target.dev,
                 route_metric(dst)
             ),
@@ -194,8 +209,9 @@ impl fmt::Display for RouteChange {
                 target,
             } => write!(
                 f,
-                "ip route del {dst} via {} dev {} metric {metric}",
-                target.via, target.dev
+                "ip route del {dst}{} dev {} metric {metric}",
+                target.via_text(),
+                target.dev
             ),
         }
     }
@@ -295,7 +311,7 @@ fn message(
     metric: u32,
 ) -> Result<RouteMessage, String> {
     Ok(match (dst, target.via) {
-        (IpNet::V4(d), IpAddr::V4(via)) => finish(
+        (IpNet::V4(d), Some(IpAddr::V4(via))) => finish(
             RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(d.network(), d.prefix_len())
                 .gateway(via),
@@ -303,7 +319,7 @@ fn message(
             oif,
             metric,
         ),
-        (IpNet::V6(d), IpAddr::V6(via)) => finish(
+        (IpNet::V6(d), Some(IpAddr::V6(via))) => finish(
             RouteMessageBuilder::<Ipv6Addr>::new()
                 .destination_prefix(d.network(), d.prefix_len())
                 .gateway(via),
@@ -311,12 +327,23 @@ fn message(
             oif,
             metric,
         ),
-        _ => {
-            return Err(format!(
-                "route {dst} via {}: mixed address families",
-                target.via
-            ))
-        }
+        (IpNet::V4(d), None) => finish(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(d.network(), d.prefix_len())
+                .scope(RouteScope::Link),
+            target,
+            oif,
+            metric,
+        ),
+        (IpNet::V6(d), None) => finish(
+            RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(d.network(), d.prefix_len())
+                .scope(RouteScope::Link),
+            target,
+            oif,
+            metric,
+        ),
+        (_, Some(via)) => return Err(format!("route {dst} via {via}: mixed address families")),
     })
 }
 
@@ -354,7 +381,9 @@ pub(crate) fn read(
             _ => {}
         }
     }
-    if let (Some(dst), Some(via), Some(dev)) = (dst, via, dev) {
+    // A route without a gateway is weft's only into a device of its own.
+    let into_own_device = via.is_none() && dev.as_ref().is_some_and(|d| d.starts_with("weft"));
+    if let (Some(dst), true, Some(dev)) = (dst, via.is_some() || into_own_device, dev) {
         if let Ok(net) = IpNet::new(dst, r.header.destination_prefix_length) {
             let target = RouteTarget {
                 via,
