@@ -81,11 +81,10 @@ fn firewall(lab: &Lab, hosts: u32) {
             .filter(|j| *j != i)
             .map(|j| host_ip(j).to_string())
             .collect();
+        let from = others.join(", ");
         let rules = format!(
-            "table inet wefttest {{ chain input {{ type filter hook input priority 0; \
-             ip saddr {{ {} }} udp dport 51820 accept; ip saddr {{ {} }} drop; }} }}",
-            others.join(", "),
-            others.join(", ")
+            "table inet wefttest {{\nchain input {{\ntype filter hook input priority 0;\n\
+             ip saddr {{ {from} }} udp dport 51820 accept\nip saddr {{ {from} }} drop\n}}\n}}"
         );
         run("ip", &["netns", "exec", ns, "nft", &rules]).unwrap();
     }
