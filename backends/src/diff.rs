@@ -1,5 +1,6 @@
 //! Desired against observed: the changes that make the kernel match.
 
+use crate::kinds;
 use crate::kinds::address::Address;
 use crate::kinds::fdb::Fdb;
 use crate::kinds::link;
@@ -8,7 +9,6 @@ use crate::kinds::route::{Route, StrayRoute};
 use crate::kinds::wireguard::{Wireguard, WireguardPeerKind};
 use crate::kinds::xfrm_policy::{XfrmBlock, XfrmPolicy};
 use crate::kinds::xfrm_state::XfrmState;
-use crate::kinds::{self};
 use crate::state::{Change, Dev, NetState};
 use ipnet::IpNet;
 use weft_config::NetworkConfig;
@@ -37,11 +37,11 @@ pub fn in_scope(have: &mut NetState, network: &NetworkConfig) {
     have.stray_routes
         .retain(|(dst, _), target| weft_may_delete(dst, target));
 }
+
 /// The changes that turn `observed` into `desired`, in an order that works:
 /// devices first; then additions as flannel orders them (address,
 /// neighbour, FDB, WireGuard settings and peers, XFRM SA, XFRM policy,
-/// route); deletions in reverse;
-/// unwanted devices last. A device whose identity (VNI, port, local
+/// route); deletions in reverse; unwanted devices last. A device whose identity (VNI, port, local
 /// address) changed is made again, and everything on it is added again.
 pub fn diff(desired: &NetState, observed: &NetState) -> Vec<Change> {
     let mut out = Vec::new();

@@ -1,11 +1,14 @@
-//! The [`Dataplane`] on the real kernel, through rtnetlink.
+//! The [`Dataplane`] on the real kernel: rtnetlink, XFRM netlink, and
+//! generic netlink for WireGuard.
 //!
-//! Observation reads only what weft owns: links named `weft.*` of kind
-//! vxlan and the addresses, permanent neighbours and FDB entries on them,
-//! routes in the main table with [`WEFT_ROUTE_PROTOCOL`], and XFRM SAs and
-//! policies with weft's reqid (`crate::xfrm`). Changes of one
-//! kind are sent concurrently over one netlink socket; deleting something
-//! that is already gone counts as done.
+//! Observation reads only what weft owns: devices named `weft.*` of kind
+//! vxlan and `weft-wg`/`weft-wg-v6` of kind wireguard, the addresses,
+//! permanent neighbours and FDB entries on them, the WireGuard devices'
+//! settings and peers, routes in the main table with
+//! [`WEFT_ROUTE_PROTOCOL`], and XFRM SAs and policies with weft's reqid.
+//! How each kind is read and changed is its module's ([`crate::kinds`]).
+//! Changes of one group are sent concurrently; deleting something that is
+//! already gone counts as done.
 
 use crate::dataplane::{ApplyError, Dataplane, DataplaneError, Errno, Failure};
 use crate::kinds::{address, fdb, link, neighbour, route, wireguard, xfrm_policy, xfrm_state};

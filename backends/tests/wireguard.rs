@@ -217,9 +217,22 @@ async fn the_fake_kernel_converges_and_a_removed_peer_comes_back() {
     });
     let repair = diff(&want, &fake.state());
     assert_eq!(repair.len(), 2, "{repair:#?}");
-    assert!(repair
-        .iter()
-        .all(|c| matches!(c, Change::Wireguard(WireguardChange::SetPeer { .. }))));
+    // The peer that is gone is made with its allowed IPs; the one whose
+    // endpoint changed keeps its own, never left without any for a moment.
+    for c in &repair {
+        let Change::Wireguard(WireguardChange::SetPeer {
+            key, replace_ips, ..
+        }) = c
+        else {
+            panic!("{c:?}");
+        };
+        assert_eq!(*replace_ips, *key == WgKey(public(2)), "{c:?}");
+    }
+    // What the kernel keeps of the device is its public key, never the
+    // private one.
+    let kept = &fake.state().wg_devices["weft-wg"];
+    assert!(kept.private_key.is_none());
+    assert_eq!(kept.public_key, WgKey(public(1)));
     assert!(fake.apply(&repair).await.is_empty());
     assert_eq!(fake.state(), want);
     // A peer that left is removed; the device stays.
@@ -257,6 +270,10 @@ fn the_config_takes_flannels_fields_and_refuses_bad_ones() {
     for (bad, field) in [
         (r#"{"Type":"wireguard","PSK":"short"}"#, "Backend.PSK"),
         (r#"{"Type":"wireguard","PSK":"AAAA"}"#, "Backend.PSK"),
+        (
+            r#"{"Type":"wireguard","PSK":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}"#,
+            "Backend.PSK",
+        ),
         (r#"{"Type":"wireguard","Mode":"both"}"#, "Backend.Mode"),
         (r#"{"Type":"wireguard","ListenPort":70000}"#, "ListenPort"),
         (

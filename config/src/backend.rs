@@ -304,6 +304,12 @@ impl BackendConfig {
                             format!("{} bytes; a WireGuard preshared key is 32", raw.len()),
                         )
                     })?;
+                    if key == [0; 32] {
+                        return Err(ConfigError::field(
+                            "Backend.PSK",
+                            "all zeros, which WireGuard takes as no preshared key",
+                        ));
+                    }
                     cfg.psk = Some(key);
                 }
                 match f.uint("ListenPort", 65_535)? {

@@ -165,7 +165,13 @@ fn options(a: Args) -> anyhow::Result<Options> {
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let filter = match tracing_subscriber::EnvFilter::try_new(&args.log) {
-        Ok(f) => f,
+        // The netlink crates log every message they send or receive at
+        // trace level, key attributes (WireGuard's private key and PSK,
+        // the SAs' AEAD keys) included: never, whatever --log says.
+        Ok(f) => f
+            .add_directive("netlink_proto=off".parse().expect("a valid directive"))
+            .add_directive("genetlink=off".parse().expect("a valid directive"))
+            .add_directive("netlink_sys=off".parse().expect("a valid directive")),
         Err(e) => {
             eprintln!("weft-node: --log {:?}: {e}", args.log);
             return std::process::ExitCode::from(2);

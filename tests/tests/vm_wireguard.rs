@@ -163,6 +163,17 @@ fn pods_reach_each_other_and_the_fabric_carries_only_wireguard() {
             "WireGuard {s} -> {d}: {seen:?}"
         );
     }
+    // Converged means converged: two more resyncs (every 3 s here) read
+    // everything back and change nothing (the key is not set again, which
+    // would end every session).
+    let updates = |lab: &Lab| {
+        lab.log_tail("node-1", 10_000)
+            .matches("data plane updated")
+            .count()
+    };
+    let before = updates(&lab);
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(updates(&lab), before, "{}", lab.log_tail("node-1", 20));
 }
 
 #[test]

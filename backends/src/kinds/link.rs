@@ -4,7 +4,7 @@
 //! What a type of device is lives in its own module ([`super::vxlan`]).
 
 use super::vxlan::{VxlanLink, VXLAN_PREFIX};
-use super::wireguard::WG_PREFIX;
+use super::wireguard::WG_NAMES;
 use crate::dataplane::{Errno, Failure};
 use crate::netlink::{ignore_gone, link_name, nl_err, Applying};
 use crate::state::{dev, Change, Dev, NetState};
@@ -261,7 +261,7 @@ pub(crate) fn read(
             (Some(InfoKind::Vxlan), Some(d)) if name.starts_with(VXLAN_PREFIX) => {
                 VxlanLink::read(l, d, names).map(Link::Vxlan)
             }
-            (Some(InfoKind::Wireguard), _) if name.starts_with(WG_PREFIX) => {
+            (Some(InfoKind::Wireguard), _) if WG_NAMES.contains(&name.as_str()) => {
                 Some(Link::Wireguard(WgLink {
                     mtu: crate::netlink::link_mtu(l),
                     up: l

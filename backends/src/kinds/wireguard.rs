@@ -20,8 +20,9 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-/// Name prefix of weft's WireGuard devices.
-pub const WG_PREFIX: &str = "weft-wg";
+/// The names of weft's WireGuard devices: only these are read back as
+/// weft's (an operator's `weft-wg0` is not).
+pub const WG_NAMES: [&str; 2] = ["weft-wg", "weft-wg-v6"];
 
 /// A WireGuard public key (Curve25519, 32 bytes). Shown in base64, as `wg`
 /// shows it.
@@ -63,12 +64,25 @@ impl fmt::Debug for WgSecret {
     }
 }
 
-/// A WireGuard device's own settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A WireGuard device's own settings. Compared by the public key: the
+/// private key is only ever sent, never read back (so it is not kept in
+/// what the kernel has, and not in anything logged about it).
+#[derive(Debug, Clone)]
 pub struct WgDevice {
-    pub private_key: WgSecret,
+    /// What is set (desired state); `None` in what is read back.
+    pub private_key: Option<WgSecret>,
+    /// The public key of the private key the device has (all zeros: none).
+    pub public_key: WgKey,
     pub listen_port: u16,
 }
+
+impl PartialEq for WgDevice {
+    fn eq(&self, other: &Self) -> bool {
+        self.public_key == other.public_key && self.listen_port == other.listen_port
+    }
+}
+
+impl Eq for WgDevice {}
 
 /// A peer of a WireGuard device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,11 +144,14 @@ impl Kind for WireguardPeerKind {
     fn dev<'a>((dev, _): &'a Self::Key, _: &'a WgPeer) -> Option<&'a Dev> {
         Some(dev)
     }
-    fn set((dev, key): &Self::Key, peer: &WgPeer, _: Option<&WgPeer>, out: &mut Vec<Change>) {
+    fn set((dev, key): &Self::Key, peer: &WgPeer, have: Option<&WgPeer>, out: &mut Vec<Change>) {
         out.push(Change::Wireguard(WireguardChange::SetPeer {
             dev: dev.clone(),
             key: *key,
             peer: peer.clone(),
+            // Replacing a peer's allowed IPs leaves it without any for a
+            // moment: only when they differ.
+            replace_ips: have.is_none_or(|h| h.allowed_ips != peer.allowed_ips),
         }));
     }
     fn del((dev, key): &Self::Key, _: &WgPeer) -> Change {
@@ -152,11 +169,13 @@ pub enum WireguardChange {
         dev: Dev,
         device: WgDevice,
     },
-    /// Adds the peer, or sets everything of it (its allowed IPs replaced).
+    /// Adds the peer, or sets everything of it; its allowed IPs are
+    /// replaced with `replace_ips`, left as they are without.
     SetPeer {
         dev: Dev,
         key: WgKey,
         peer: WgPeer,
+        replace_ips: bool,
     },
     DelPeer {
         dev: Dev,
@@ -173,7 +192,7 @@ impl fmt::Display for WireguardChange {
                 "wg set {dev} private-key <key> listen-port {}",
                 device.listen_port
             ),
-            WireguardChange::SetPeer { dev, key, peer } => {
+            WireguardChange::SetPeer { dev, key, peer, .. } => {
                 write!(f, "wg set {dev} peer {key}")?;
                 if let Some(e) = peer.endpoint {
                     write!(f, " endpoint {e}")?;
@@ -217,9 +236,11 @@ impl WireguardChange {
             }
             _ if !is_wg => return Err(no_device()),
             WireguardChange::SetDevice { dev, device } => {
-                st.wg_devices.insert(dev.clone(), device.clone());
+                let mut kept = device.clone();
+                kept.private_key = None;
+                st.wg_devices.insert(dev.clone(), kept);
             }
-            WireguardChange::SetPeer { dev, key, peer } => {
+            WireguardChange::SetPeer { dev, key, peer, .. } => {
                 st.wg_peers.insert((dev.clone(), *key), peer.clone());
             }
         }
@@ -238,25 +259,39 @@ impl WireguardChange {
         let mut attributes = vec![WireguardAttribute::IfName(name)];
         match self {
             WireguardChange::SetDevice { device, .. } => {
-                attributes.push(WireguardAttribute::PrivateKey(*device.private_key.0));
+                let Some(private) = &device.private_key else {
+                    return Err(Failure::other("no private key to set"));
+                };
+                attributes.push(WireguardAttribute::PrivateKey(*private.0));
                 attributes.push(WireguardAttribute::ListenPort(device.listen_port));
             }
-            WireguardChange::SetPeer { key, peer, .. } => {
-                let mut p = vec![
-                    WireguardPeerAttribute::PublicKey(key.0),
-                    WireguardPeerAttribute::Flags(WireguardPeerFlags::ReplaceAllowedIps),
+            WireguardChange::SetPeer {
+                key,
+                peer,
+                replace_ips,
+                ..
+            } => {
+                let mut p = vec![WireguardPeerAttribute::PublicKey(key.0)];
+                if *replace_ips {
+                    p.push(WireguardPeerAttribute::Flags(
+                        WireguardPeerFlags::ReplaceAllowedIps,
+                    ));
+                }
+                p.extend([
                     // All zeros: no preshared key.
                     WireguardPeerAttribute::PresharedKey(
                         peer.psk.as_ref().map_or([0; 32], |s| *s.0),
                     ),
                     WireguardPeerAttribute::PersistentKeepalive(peer.keepalive),
-                ];
+                ]);
                 if let Some(e) = peer.endpoint {
                     p.push(WireguardPeerAttribute::Endpoint(e));
                 }
-                p.push(WireguardPeerAttribute::AllowedIps(
-                    peer.allowed_ips.iter().map(allowed_ip).collect(),
-                ));
+                if *replace_ips {
+                    p.push(WireguardPeerAttribute::AllowedIps(
+                        peer.allowed_ips.iter().map(allowed_ip).collect(),
+                    ));
+                }
                 attributes.push(WireguardAttribute::Peers(vec![WireguardPeer(p)]));
             }
             WireguardChange::DelPeer { key, .. } => {
@@ -276,7 +311,20 @@ impl WireguardChange {
             let a = a.map_err(|e| Failure::other(format!("decoding WireGuard's answer: {e}")))?;
             if let NetlinkPayload::Error(e) = a.payload {
                 if e.code.is_some() {
-                    return Err(Failure::from_netlink(e.code, || e.to_string()));
+                    let f = Failure::from_netlink(e.code, || e.to_string());
+                    return Err(match (self, f.errno) {
+                        (WireguardChange::SetDevice { device, .. }, Some(Errno::EADDRINUSE)) => {
+                            Failure::with(
+                                Errno::EADDRINUSE,
+                                format!(
+                                    "UDP port {} is in use (another WireGuard device, flannel-wg?); \
+                                     the device has no key until it is free",
+                                    device.listen_port
+                                ),
+                            )
+                        }
+                        _ => f,
+                    });
                 }
             }
         }
@@ -323,15 +371,13 @@ pub enum WgSupport {
 pub async fn probe(h: &GenetlinkHandle) -> Result<(), WgSupport> {
     match h.resolve_family::<WireguardMessage>().await {
         Ok(_) => Ok(()),
-        Err(GenetlinkError::NetlinkError(io)) if io.raw_os_error() == Some(libc_enoent()) => Err(
-            WgSupport::Missing(Failure::from_raw(libc_enoent()).to_string()),
-        ),
+        Err(GenetlinkError::NetlinkError(io))
+            if io.raw_os_error() == Some(Errno::ENOENT as i32) =>
+        {
+            Err(WgSupport::Missing(Failure::of(Errno::ENOENT).to_string()))
+        }
         Err(e) => Err(WgSupport::Other(genl_failure(&e).to_string())),
     }
-}
-
-fn libc_enoent() -> i32 {
-    Errno::ENOENT as i32
 }
 
 /// Reads the settings and peers of WireGuard device `dev` into `st`.
@@ -388,11 +434,11 @@ fn merge(
     peers: &mut Vec<(WgKey, WgPeer)>,
     attributes: Vec<WireguardAttribute>,
 ) {
-    let mut private_key = None;
+    let mut public_key = None;
     let mut listen_port = None;
     for a in attributes {
         match a {
-            WireguardAttribute::PrivateKey(k) => private_key = Some(k),
+            WireguardAttribute::PublicKey(k) => public_key = Some(k),
             WireguardAttribute::ListenPort(p) => listen_port = Some(p),
             WireguardAttribute::Peers(ps) => {
                 for WireguardPeer(attrs) in ps {
@@ -405,9 +451,10 @@ fn merge(
     if device.is_none() {
         if let Some(port) = listen_port {
             *device = Some(WgDevice {
-                // A device without a key reads as all zeros, which no
-                // desired key is, so the diff sets it.
-                private_key: WgSecret(Arc::new(private_key.unwrap_or([0; 32]))),
+                private_key: None,
+                // A device without a key has no public key: all zeros,
+                // which no desired key is, so the diff sets it.
+                public_key: WgKey(public_key.unwrap_or([0; 32])),
                 listen_port: port,
             });
         }

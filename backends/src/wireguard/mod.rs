@@ -73,7 +73,8 @@ impl Wireguard {
         (
             Link::Wireguard(WgLink { mtu, up: true }),
             WgDevice {
-                private_key: self.private_key.clone(),
+                private_key: Some(self.private_key.clone()),
+                public_key: WgKey(self.public_key),
                 listen_port: self.cfg.listen_port,
             },
         )
