@@ -201,6 +201,7 @@ impl FakeDataplane {
             Change::Neighbour(c) => c.fake(st, &dev_exists),
             Change::Fdb(c) => c.fake(st, &dev_exists),
             Change::Route(c) => c.fake(st, &dev_exists),
+            Change::Fallback(c) => c.fake(st),
             Change::XfrmState(c) => c.fake(st),
             Change::XfrmPolicy(c) => c.fake(st),
             Change::Wireguard(c) => c.fake(st),

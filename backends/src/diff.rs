@@ -2,6 +2,7 @@
 
 use crate::kinds;
 use crate::kinds::address::Address;
+use crate::kinds::fallback::Fallback;
 use crate::kinds::fdb::Fdb;
 use crate::kinds::link;
 use crate::kinds::neighbour::Neighbour;
@@ -48,6 +49,9 @@ pub fn diff(desired: &NetState, observed: &NetState) -> Vec<Change> {
     let made = link::add(desired, observed, &mut out);
     // Objects on a device made again are gone with the old one.
     let gone = |dev: &Dev| made.contains(dev);
+    // The blackhole under everything first: traffic is dropped, not sent
+    // elsewhere, until the routes above it are in.
+    kinds::add::<Fallback>(desired, observed, &gone, &mut out);
     kinds::add::<Address>(desired, observed, &gone, &mut out);
     kinds::add::<Neighbour>(desired, observed, &gone, &mut out);
     kinds::add::<Fdb>(desired, observed, &gone, &mut out);
@@ -70,6 +74,7 @@ pub fn diff(desired: &NetState, observed: &NetState) -> Vec<Change> {
     };
     kinds::remove::<Route>(desired, observed, &leaving, &mut out);
     kinds::remove::<StrayRoute>(desired, observed, &leaving, &mut out);
+    kinds::remove::<Fallback>(desired, observed, &leaving, &mut out);
     // Routes are gone by now; then policies, then their SAs.
     kinds::remove::<XfrmPolicy>(desired, observed, &leaving, &mut out);
     kinds::remove::<XfrmBlock>(desired, observed, &leaving, &mut out);

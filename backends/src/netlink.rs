@@ -11,7 +11,9 @@
 //! already gone counts as done.
 
 use crate::dataplane::{ApplyError, Dataplane, DataplaneError, Errno, Failure};
-use crate::kinds::{address, fdb, link, neighbour, route, wireguard, xfrm_policy, xfrm_state};
+use crate::kinds::{
+    address, fallback, fdb, link, neighbour, route, wireguard, xfrm_policy, xfrm_state,
+};
 use crate::peer::HostView;
 use crate::state::{dev, Change, Dev, NetState, WEFT_ROUTE_PROTOCOL};
 use async_trait::async_trait;
@@ -373,6 +375,7 @@ impl NetlinkDataplane {
             Change::Neighbour(c) => c.apply(&k).await,
             Change::Fdb(c) => c.apply(&k).await,
             Change::Route(c) => c.apply(&k).await,
+            Change::Fallback(c) => c.apply(&k).await,
             Change::XfrmState(c) => c.apply(&k).await,
             Change::XfrmPolicy(c) => c.apply(&k).await,
             Change::Wireguard(c) => c.apply(&k).await,
@@ -493,6 +496,7 @@ fn group(c: &Change) -> u8 {
         Change::XfrmState(S::Del { .. }) => 12,
         Change::Wireguard(W::SetDevice { .. } | W::SetPeer { .. }) => 13,
         Change::Wireguard(W::DelPeer { .. }) => 14,
+        Change::Fallback(_) => 15,
     }
 }
 
@@ -543,7 +547,11 @@ impl Dataplane for NetlinkDataplane {
                 .await
                 .map_err(failed("XFRM policies"))?;
         }
-        self.each_route(|r| route::read(r, &names, &mut st)).await?;
+        self.each_route(|r| {
+            route::read(r, &names, &mut st);
+            fallback::read(r, &mut st);
+        })
+        .await?;
         Ok(st)
     }
 

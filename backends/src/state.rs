@@ -3,6 +3,7 @@
 //! kind of object is a module of [`crate::kinds`]; this is where they meet.
 
 use crate::kinds::address::{Address, AddressChange};
+use crate::kinds::fallback::{Fallback, FallbackChange};
 use crate::kinds::fdb::{Fdb, FdbChange};
 use crate::kinds::link::{Link, LinkChange};
 use crate::kinds::neighbour::{Neighbour, NeighbourChange};
@@ -49,6 +50,9 @@ pub struct NetState {
     /// and metric: left by a weft that set no metric, or a second route to
     /// a destination. Never desired; every pass deletes them.
     pub stray_routes: Table<StrayRoute>,
+    /// Blackhole routes for the cluster network at the worst metric: pod
+    /// traffic that loses its route into an encrypting device is dropped.
+    pub fallback_routes: Table<Fallback>,
     /// ESP SAs with weft's reqid.
     pub xfrm_states: Table<XfrmState>,
     /// XFRM policies whose template has weft's reqid.
@@ -73,6 +77,7 @@ impl NetState {
             + self.fdb.len()
             + self.routes.len()
             + self.stray_routes.len()
+            + self.fallback_routes.len()
             + self.xfrm_states.len()
             + self.xfrm_policies.len()
             + self.xfrm_blocks.len()
@@ -89,6 +94,7 @@ impl NetState {
             fdb: pick::<Fdb>(self, a, b),
             routes: pick::<Route>(self, a, b),
             stray_routes: pick::<StrayRoute>(self, a, b),
+            fallback_routes: pick::<Fallback>(self, a, b),
             xfrm_states: pick::<XfrmState>(self, a, b),
             xfrm_policies: pick::<XfrmPolicy>(self, a, b),
             xfrm_blocks: pick::<XfrmBlock>(self, a, b),
@@ -105,6 +111,7 @@ impl NetState {
         swap::<Fdb>(self, gone, want);
         swap::<Route>(self, gone, want);
         swap::<StrayRoute>(self, gone, want);
+        swap::<Fallback>(self, gone, want);
         swap::<XfrmState>(self, gone, want);
         swap::<XfrmPolicy>(self, gone, want);
         swap::<XfrmBlock>(self, gone, want);
@@ -136,6 +143,7 @@ pub enum Change {
     Neighbour(NeighbourChange),
     Fdb(FdbChange),
     Route(RouteChange),
+    Fallback(FallbackChange),
     XfrmState(XfrmStateChange),
     XfrmPolicy(XfrmPolicyChange),
     Wireguard(WireguardChange),
@@ -150,6 +158,7 @@ impl fmt::Display for Change {
             Change::Neighbour(c) => c.fmt(f),
             Change::Fdb(c) => c.fmt(f),
             Change::Route(c) => c.fmt(f),
+            Change::Fallback(c) => c.fmt(f),
             Change::XfrmState(c) => c.fmt(f),
             Change::XfrmPolicy(c) => c.fmt(f),
             Change::Wireguard(c) => c.fmt(f),

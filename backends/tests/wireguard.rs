@@ -125,6 +125,9 @@ fn one_device_one_route_and_a_peer_per_node() {
     assert_eq!(st.routes.len(), 1);
     let r = &st.routes[&"10.244.0.0/16".parse::<IpNet>().unwrap()];
     assert_eq!((r.via, &*r.dev), (None, "weft-wg"));
+    // And under it a blackhole, for when the device is down or gone.
+    let fallbacks: Vec<IpNet> = st.fallback_routes.keys().copied().collect();
+    assert_eq!(fallbacks, ["10.244.0.0/16".parse::<IpNet>().unwrap()]);
     assert_eq!(st.wg_peers.len(), 2);
     for (i, ip) in [(2u8, "198.18.0.12"), (3, "198.18.0.13")] {
         let p = &st.wg_peers[&("weft-wg".into(), WgKey(public(i)))];
@@ -186,12 +189,15 @@ async fn the_fake_kernel_converges_and_a_removed_peer_comes_back() {
     assert!(want.wg_peers.values().all(|p| p.psk.is_some()));
     let fake = FakeDataplane::with_devices(&["eth0"]);
     let changes = diff(&want, &fake.observe().await.unwrap());
-    // The device first, its settings and peers before the route into it.
+    // The device first, its settings and peers before the route into it;
+    // the blackhole under it before that route.
     let pos = |f: &dyn Fn(&Change) -> bool| changes.iter().position(f).unwrap();
+    let fallback = pos(&|c| matches!(c, Change::Fallback(_)));
     let link = pos(&|c| matches!(c, Change::Link(_)));
     let device = pos(&|c| matches!(c, Change::Wireguard(WireguardChange::SetDevice { .. })));
     let route = pos(&|c| matches!(c, Change::Route(_)));
     assert!(link < device && device < route, "{changes:#?}");
+    assert!(fallback < route, "{changes:#?}");
     // No key in what is logged.
     let text: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
     assert!(
@@ -245,9 +251,11 @@ async fn the_fake_kernel_converges_and_a_removed_peer_comes_back() {
             key: WgKey(public(3)),
         })]
     );
-    // Another backend: the device goes, and everything on it with it.
+    // Another backend: the device goes, and everything on it with it; the
+    // blackhole last but one, the device last.
     let gone = diff(&NetState::default(), &fake.state());
-    assert_eq!(gone.len(), 1, "{gone:#?}");
+    assert_eq!(gone.len(), 2, "{gone:#?}");
+    assert!(matches!(gone[0], Change::Fallback(_)), "{gone:#?}");
     assert!(fake.apply(&gone).await.is_empty());
     assert_eq!(fake.state(), NetState::default());
 }

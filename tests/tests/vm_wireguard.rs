@@ -273,3 +273,66 @@ fn without_wireguard_the_node_says_so_and_exits() {
         "no key made for nothing"
     );
 }
+
+#[test]
+#[ignore = "needs a kernel with WireGuard; run by scripts/vm-test"]
+fn a_deleted_device_never_lets_pod_traffic_out_in_the_clear() {
+    let lab = lab(2);
+    // A default route via the fabric: without the blackhole under the
+    // route into weft-wg, pod packets would leave this way, unencrypted,
+    // until the next pass made the device again.
+    lab.host_ip(1, &["route", "add", "default", "via", "198.18.0.1"])
+        .unwrap();
+    let fallback = lab
+        .host_ip(1, &["route", "show", "type", "blackhole"])
+        .unwrap();
+    assert!(
+        fallback.contains("10.244.0.0/16") && fallback.contains("metric 4294967295"),
+        "{fallback}"
+    );
+    let (p1, p2) = (pod(&lab, 1), pod(&lab, 2));
+    let fab = lab.state.fabric.clone();
+    let cap = std::thread::spawn(move || {
+        capture(
+            &fab,
+            Duration::from_secs(4),
+            "10.244.0.0/16".parse().unwrap(),
+        )
+    });
+    let ping = {
+        let (ns, to) = (p1.ns.clone(), p2.ip);
+        std::thread::spawn(move || {
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &ns,
+                    "ping",
+                    "-q",
+                    "-n",
+                    "-i",
+                    "0.1",
+                    "-W",
+                    "1",
+                    "-c",
+                    "30",
+                    &to.to_string(),
+                ],
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    lab.host_ip(1, &["link", "del", "weft-wg"]).unwrap();
+    let seen = cap.join().unwrap().unwrap();
+    let _ = ping.join();
+    eprintln!(
+        "fabric with weft-wg deleted under ping: {} IPv4 packets, {} WireGuard, {} pod packets in the clear",
+        seen.total,
+        seen.wireguard.len(),
+        seen.plaintext.len()
+    );
+    assert!(seen.plaintext.is_empty(), "{:?}", seen.plaintext);
+    lab.wait_converged(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.diagnostics()));
+}

@@ -21,6 +21,7 @@ use std::fmt::Debug;
 use std::hash::Hash;
 
 pub mod address;
+pub mod fallback;
 pub mod fdb;
 pub mod link;
 pub mod neighbour;

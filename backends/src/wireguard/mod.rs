@@ -7,7 +7,9 @@
 //! first address, one route for the whole cluster network into it, and
 //! one peer per node: allowed IPs its subnet, endpoint its public IP. A
 //! pod packet to a subnet no peer holds (a skipped lease, one not yet
-//! seen) meets no peer and is dropped by WireGuard: encryption fails
+//! seen) meets no peer and is dropped by WireGuard; and under that route
+//! a blackhole for the network at the worst metric ([`crate::kinds::fallback`])
+//! drops pod traffic while the device is down or gone. Encryption fails
 //! closed, never to the underlay in the clear.
 
 use crate::backend::{per_peer_desired, Backend, PerPeer};
@@ -155,6 +157,7 @@ impl PerPeer for Wireguard {
             );
             st.routes
                 .insert(IpNet::V4(pool.network()), RouteTarget::device(&self.v4));
+            st.fallback_routes.insert(IpNet::V4(pool.network()), ());
         }
         if let Some((s6, pool6)) = self.v6_wanted(local) {
             if !st.links.contains_key(&self.v6) {
@@ -169,6 +172,7 @@ impl PerPeer for Wireguard {
             );
             st.routes
                 .insert(IpNet::V6(pool6), RouteTarget::device(&self.v6));
+            st.fallback_routes.insert(IpNet::V6(pool6), ());
         }
         st
     }
