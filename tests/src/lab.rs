@@ -1424,6 +1424,21 @@ impl Lab {
         self.children.get_mut(what)?.try_wait().ok().flatten()
     }
 
+    /// Waits up to `within` for `what` to exit; an error, with its log's
+    /// tail, if it keeps running.
+    pub fn wait_exit(&mut self, what: &str, within: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(st) = self.exit_status(what) {
+                return Ok(st);
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!("{what} kept running:\n{}", self.log_tail(what, 20));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Runs `etcdctl` against the lab's etcd (inside the fabric), e.g. to
     /// write what the controller would refuse.
     pub fn etcdctl(&self, args: &[&str]) -> Result<String> {

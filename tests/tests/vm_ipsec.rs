@@ -712,18 +712,9 @@ fn without_esp_the_node_names_the_missing_module_and_exits() {
     cfg.pods_per_host = 0;
     let mut lab = Lab::up(cfg).unwrap_or_else(|e| panic!("{e:#}"));
     lab.start_host().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = lab.exit_status("node-1") {
-            break st;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "weft-node kept running without ESP:\n{}",
-            lab.log_tail("node-1", 20)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let status = lab
+        .wait_exit("node-1", Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("weft-node without ESP: {e:#}"));
     assert!(!status.success(), "{status:?}");
     let log = lab.log_tail("node-1", 20);
     if let Some(line) = log.lines().find(|l| l.starts_with("weft-node:")) {

@@ -17,7 +17,7 @@ use netlink_packet_route::route::{
 };
 use rtnetlink::RouteMessageBuilder;
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 /// The metric of weft's fallback routes: the worst there is, so any other
 /// route to the same destination wins.
@@ -86,33 +86,26 @@ impl FallbackChange {
             FallbackChange::Add { dst } => k
                 .handle
                 .route()
-                .add(message(dst))
+                .add(message(dst)?)
                 .replace()
                 .execute()
                 .await
                 .map_err(nl_err),
             FallbackChange::Del { dst } => {
-                ignore_gone(k.handle.route().del(message(dst)).execute().await)
+                ignore_gone(k.handle.route().del(message(dst)?).execute().await)
             }
         }
     }
 }
 
-fn message(dst: &IpNet) -> RouteMessage {
-    match dst {
-        IpNet::V4(d) => RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(d.network(), d.prefix_len())
-            .kind(RouteType::BlackHole)
-            .protocol(RouteProtocol::Other(WEFT_ROUTE_PROTOCOL))
-            .priority(FALLBACK_METRIC)
-            .build(),
-        IpNet::V6(d) => RouteMessageBuilder::<Ipv6Addr>::new()
-            .destination_prefix(d.network(), d.prefix_len())
-            .kind(RouteType::BlackHole)
-            .protocol(RouteProtocol::Other(WEFT_ROUTE_PROTOCOL))
-            .priority(FALLBACK_METRIC)
-            .build(),
-    }
+fn message(dst: &IpNet) -> Result<RouteMessage, Failure> {
+    Ok(RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(dst.network(), dst.prefix_len())
+        .map_err(|e| Failure::other(format!("route {dst}: {e}")))?
+        .kind(RouteType::BlackHole)
+        .protocol(RouteProtocol::Other(WEFT_ROUTE_PROTOCOL))
+        .priority(FALLBACK_METRIC)
+        .build())
 }
 
 /// Reads one route message into `st` if it is a fallback of weft's: main

@@ -168,15 +168,6 @@ pub(crate) fn remove(desired: &NetState, observed: &NetState, out: &mut Vec<Chan
 }
 
 impl LinkChange {
-    /// The device the change is to.
-    pub fn name(&self) -> &Dev {
-        match self {
-            LinkChange::Create { name, .. }
-            | LinkChange::Delete { name }
-            | LinkChange::Update { name, .. } => name,
-        }
-    }
-
     pub(crate) fn fake(&self, st: &mut NetState) -> Result<(), Failure> {
         match self {
             LinkChange::Create { name, link } => {

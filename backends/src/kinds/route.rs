@@ -13,7 +13,7 @@ use netlink_packet_route::route::{
 };
 use rtnetlink::RouteMessageBuilder;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 /// Route protocol number on every route weft installs; routes with any
 /// other protocol are never touched. `ip route` shows it as `proto 87`
@@ -310,41 +310,16 @@ fn message(
     oif: u32,
     metric: u32,
 ) -> Result<RouteMessage, String> {
-    Ok(match (dst, target.via) {
-        (IpNet::V4(d), Some(IpAddr::V4(via))) => finish(
-            RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(d.network(), d.prefix_len())
-                .gateway(via),
-            target,
-            oif,
-            metric,
-        ),
-        (IpNet::V6(d), Some(IpAddr::V6(via))) => finish(
-            RouteMessageBuilder::<Ipv6Addr>::new()
-                .destination_prefix(d.network(), d.prefix_len())
-                .gateway(via),
-            target,
-            oif,
-            metric,
-        ),
-        (IpNet::V4(d), None) => finish(
-            RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(d.network(), d.prefix_len())
-                .scope(RouteScope::Link),
-            target,
-            oif,
-            metric,
-        ),
-        (IpNet::V6(d), None) => finish(
-            RouteMessageBuilder::<Ipv6Addr>::new()
-                .destination_prefix(d.network(), d.prefix_len())
-                .scope(RouteScope::Link),
-            target,
-            oif,
-            metric,
-        ),
-        (_, Some(via)) => return Err(format!("route {dst} via {via}: mixed address families")),
-    })
+    let b = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(dst.network(), dst.prefix_len())
+        .map_err(|e| format!("route {dst}: {e}"))?;
+    let b = match target.via {
+        Some(via) => b
+            .gateway(via)
+            .map_err(|_| format!("route {dst} via {via}: mixed address families"))?,
+        None => b.scope(RouteScope::Link),
+    };
+    Ok(finish(b, target, oif, metric))
 }
 
 pub(crate) fn route_ip(a: &RouteAddress) -> Option<IpAddr> {

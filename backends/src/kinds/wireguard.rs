@@ -250,12 +250,7 @@ impl WireguardChange {
     pub(crate) async fn apply(&self, k: &Applying<'_>) -> Result<(), Failure> {
         let mut h = k.wireguard()?.clone();
         let name = self.dev().to_string();
-        if !k.idx.contains_key(&name) {
-            return Err(Failure::with(
-                Errno::ENODEV,
-                format!("device {name} does not exist"),
-            ));
-        }
+        k.index(&name)?;
         let mut attributes = vec![WireguardAttribute::IfName(name)];
         match self {
             WireguardChange::SetDevice { device, .. } => {
