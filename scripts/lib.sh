@@ -3,8 +3,15 @@
 # shellcheck shell=bash
 
 script=scripts/$(basename "$0")
-log() { printf '\n==> %s\n' "$*"; }
+log() { printf '\n==> %s  [%s]\n' "$*" "$(date +%T)"; }
 die() { printf '%s: %s\n' "$script" "$*" >&2; exit 1; }
+
+# Downloads kept between runs and between checkouts, so that a clean clone
+# (as CI makes) does not fetch them again: the minbase root and the .deb
+# files of the fresh roots, the VM kernel and virtme-ng, the Vagrant base
+# image's tarball. WEFT_CACHE moves it. (Not under /var/cache: virtme-ng
+# hides that in the VM, and the VM needs the kernel's modules.)
+cache_root=${WEFT_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/weft}
 
 need_root() {
     [ "$(id -u)" -eq 0 ] || die "run as root ($*)"
@@ -105,7 +112,8 @@ mirror() {
 # FILE (a .tar.gz), unless FILE exists already.
 minbase_tarball() {
     local base=$1 tmp
-    [ -s "$base" ] && return 0
+    # A month-old root is made again (its packages would all be upgraded).
+    [ -s "$base" ] && [ -z "$(find "$base" -mtime +30)" ] && return 0
     ensure_packages debootstrap
     log "debootstrap --variant=minbase bookworm (cached as $base)"
     mkdir -p "$(dirname "$base")"
@@ -116,7 +124,7 @@ minbase_tarball() {
     unshare --mount --propagation private -- \
         debootstrap --variant=minbase bookworm "$tmp" "$(mirror)" > "$base.log" 2>&1 \
         || { tail -20 "$base.log" >&2; rm -rf "$tmp"; die "debootstrap failed (log: $base.log)"; }
-    tar -C "$tmp" -czf "$base.tmp" . && mv "$base.tmp" "$base"
+    tar -C "$tmp" -czf "$base.$$.tmp" . && mv "$base.$$.tmp" "$base"
     rm -rf "$tmp"
 }
 

@@ -193,7 +193,10 @@ impl FakeDataplane {
             return Err(Failure::other("injected failure"));
         }
         let dev_exists = |st: &NetState, dev: &str| {
-            st.links.contains_key(dev) || self.other_devices.iter().any(|d| d == dev)
+            // As the kernel's Applying::index: nothing goes onto a device
+            // with a weft name that weft did not make.
+            st.links.get(dev).is_some_and(|l| l.foreign().is_none())
+                || self.other_devices.iter().any(|d| d == dev)
         };
         match c {
             Change::Link(c) => c.fake(st),

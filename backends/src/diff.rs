@@ -7,7 +7,7 @@ use crate::kinds::fdb::Fdb;
 use crate::kinds::link;
 use crate::kinds::neighbour::Neighbour;
 use crate::kinds::route::{Route, StrayRoute};
-use crate::kinds::wireguard::{Wireguard, WireguardPeerKind};
+use crate::kinds::wireguard::{WireguardDeviceKind, WireguardPeerKind};
 use crate::kinds::xfrm_policy::{XfrmBlock, XfrmPolicy};
 use crate::kinds::xfrm_state::XfrmState;
 use crate::state::{Change, Dev, NetState};
@@ -57,7 +57,7 @@ pub fn diff(desired: &NetState, observed: &NetState) -> Vec<Change> {
     kinds::add::<Fdb>(desired, observed, &gone, &mut out);
     // A WireGuard device's key and port, then its peers, before the route
     // into it.
-    kinds::add::<Wireguard>(desired, observed, &gone, &mut out);
+    kinds::add::<WireguardDeviceKind>(desired, observed, &gone, &mut out);
     kinds::add::<WireguardPeerKind>(desired, observed, &gone, &mut out);
     // SAs before the policies that use them, policies before the routes
     // that send traffic into them: a packet never meets a policy without
@@ -80,7 +80,7 @@ pub fn diff(desired: &NetState, observed: &NetState) -> Vec<Change> {
     kinds::remove::<XfrmBlock>(desired, observed, &leaving, &mut out);
     kinds::remove::<XfrmState>(desired, observed, &leaving, &mut out);
     kinds::remove::<WireguardPeerKind>(desired, observed, &leaving, &mut out);
-    kinds::remove::<Wireguard>(desired, observed, &leaving, &mut out);
+    kinds::remove::<WireguardDeviceKind>(desired, observed, &leaving, &mut out);
     kinds::remove::<Fdb>(desired, observed, &leaving, &mut out);
     kinds::remove::<Neighbour>(desired, observed, &leaving, &mut out);
     kinds::remove::<Address>(desired, observed, &leaving, &mut out);

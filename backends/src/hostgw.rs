@@ -42,6 +42,11 @@ impl PerPeer for HostGw {
     }
 
     fn refuse(&self, local: &LocalNode, p: &Peer) -> Option<String> {
+        if local.network.ipv4.is_none() && p.public_ipv6.is_none() {
+            return Some(
+                "no public IPv6 address, and host-gw routes an IPv6-only network via it".into(),
+            );
+        }
         (!local.ext.addr.contains(&p.public_ip)).then(|| {
             format!(
                 "public IP {} is not directly reachable from {} ({}); host-gw needs every node on one L2 (use vxlan otherwise)",
@@ -56,8 +61,10 @@ impl PerPeer for HostGw {
 
     fn add(&self, local: &LocalNode, ext: &Dev, p: &Peer, st: &mut NetState) {
         let direct = |via| RouteTarget::direct(via, ext);
-        st.routes
-            .insert(IpNet::V4(p.subnet), direct(IpAddr::V4(p.public_ip)));
+        if let Some(s4) = p.subnet {
+            st.routes
+                .insert(IpNet::V4(s4), direct(IpAddr::V4(p.public_ip)));
+        }
         // IPv6 only in a network with IPv6, where the subnet was checked.
         if let (Some(s6), Some(ip6), Some(_)) = (p.subnet6, p.public_ipv6, local.subnet.ipv6()) {
             st.routes.insert(IpNet::V6(s6), direct(IpAddr::V6(ip6)));

@@ -7,8 +7,9 @@
 //! for a [`PerPeer`] backend, for the changed leases alone on a pass woken
 //! by lease changes ([`Plan`], which ends where a full pass would).
 //!
-//! - [`Vxlan`], [`HostGw`] and [`Ipsec`] are the backends; [`for_config`]
-//!   picks the first two, the node builds `Ipsec` with its key pair.
+//! - [`Vxlan`], [`HostGw`], [`Ipsec`] and [`Wireguard`] are the backends;
+//!   [`for_config`] builds each from the network config and a [`Context`]
+//!   (the node's state directory, where [`keystore`] keeps key pairs).
 //! - [`NetlinkDataplane`] is the kernel; [`FakeDataplane`] a stand-in for tests.
 //! - [`kinds`]: each kind of kernel object weft owns, in a module of its own.
 //! - [`peer::select`] checks leases before they are programmed.
@@ -18,6 +19,7 @@ pub mod dataplane;
 mod diff;
 mod hostgw;
 pub mod ipsec;
+pub mod keystore;
 pub mod kinds;
 mod local;
 pub mod netlink;
@@ -28,7 +30,9 @@ mod vxlan;
 pub mod wireguard;
 pub mod xfrm;
 
-pub use backend::{for_config, per_peer_desired, Backend, BackendError, PerPeer};
+pub use backend::{
+    for_config, per_peer_desired, Backend, BackendError, Built, Context, Keyed, PerPeer,
+};
 pub use dataplane::{ApplyError, Dataplane, DataplaneError, Errno, Failure, FakeDataplane};
 pub use diff::{diff, in_scope};
 pub use hostgw::HostGw;

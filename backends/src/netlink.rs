@@ -354,18 +354,22 @@ impl NetlinkDataplane {
         Ok(())
     }
 
-    async fn indexes(&self) -> Result<HashMap<String, u32>, String> {
+    async fn devices(&self) -> Result<Devices, String> {
         let links = self.links().await.map_err(|e| e.to_string())?;
-        Ok(links
-            .iter()
-            .filter_map(|l| Some((link_name(l)?, l.header.index)))
-            .collect())
+        Ok(Devices {
+            idx: links
+                .iter()
+                .filter_map(|l| Some((link_name(l)?, l.header.index)))
+                .collect(),
+            foreign: link::foreign(&links),
+        })
     }
 
-    async fn apply_one(&self, c: &Change, idx: &HashMap<String, u32>) -> Result<(), Failure> {
+    async fn apply_one(&self, c: &Change, devs: &Devices) -> Result<(), Failure> {
         let k = Applying {
             handle: &self.handle,
-            idx,
+            idx: &devs.idx,
+            foreign: &devs.foreign,
             xfrm: self.xfrm(),
             wireguard: self.wireguard(),
         };
@@ -383,18 +387,34 @@ impl NetlinkDataplane {
     }
 }
 
+/// The host's devices, as of the start of a group of changes.
+struct Devices {
+    /// Every device's index by name.
+    idx: HashMap<String, u32>,
+    /// Devices with a weft name that weft did not make: what each is.
+    foreign: HashMap<String, String>,
+}
+
 /// What a kind needs to apply a change to the kernel.
 pub(crate) struct Applying<'a> {
     pub handle: &'a Handle,
     /// Every device's index by name, as of the start of the change's group.
     pub idx: &'a HashMap<String, u32>,
+    foreign: &'a HashMap<String, String>,
     xfrm: Result<&'a xfrmnetlink::Handle, String>,
     wireguard: Result<&'a genetlink::GenetlinkHandle, String>,
 }
 
 impl Applying<'_> {
-    /// The index of device `dev`, or ENODEV.
+    /// The index of device `dev` to put something on, or ENODEV; never a
+    /// device with a weft name that weft did not make.
     pub fn index(&self, dev: &str) -> Result<u32, Failure> {
+        if let Some(what) = self.foreign.get(dev) {
+            return Err(Failure::with(
+                Errno::ENODEV,
+                format!("device {dev} is a {what} device weft did not make; nothing goes onto it"),
+            ));
+        }
         self.idx
             .get(dev)
             .copied()
@@ -612,7 +632,7 @@ impl Dataplane for NetlinkDataplane {
 
     async fn apply(&self, changes: &[Change]) -> Vec<ApplyError> {
         let mut errors = Vec::new();
-        let mut idx = match self.indexes().await {
+        let mut devs = match self.devices().await {
             Ok(i) => i,
             Err(e) => {
                 return changes
@@ -635,22 +655,22 @@ impl Dataplane for NetlinkDataplane {
             if g == 0 {
                 // Links one at a time; indexes change with them.
                 for c in run {
-                    if let Err(failure) = self.apply_one(c, &idx).await {
+                    if let Err(failure) = self.apply_one(c, &devs).await {
                         errors.push(ApplyError {
                             change: c.clone(),
                             failure,
                         });
                     }
-                    if let Ok(fresh) = self.indexes().await {
-                        idx = fresh;
+                    if let Ok(fresh) = self.devices().await {
+                        devs = fresh;
                     }
                 }
             } else {
-                let idx = &idx;
+                let devs = &devs;
                 let pending: Vec<_> = run
                     .iter()
                     .enumerate()
-                    .map(|(i, c)| async move { (i, self.apply_one(c, idx).await) })
+                    .map(|(i, c)| async move { (i, self.apply_one(c, devs).await) })
                     .collect();
                 let results: Vec<(usize, Result<(), Failure>)> = stream::iter(pending)
                     .buffer_unordered(CONCURRENCY)

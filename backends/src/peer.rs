@@ -15,7 +15,8 @@ use weft_lease::{BackendData, MacAddr, SubnetKey};
 pub struct Peer {
     pub key: SubnetKey,
     pub node: Option<String>,
-    pub subnet: Ipv4Net,
+    /// Its IPv4 subnet; none in an IPv6-only network.
+    pub subnet: Option<Ipv4Net>,
     pub subnet6: Option<Ipv6Net>,
     pub public_ip: Ipv4Addr,
     pub public_ipv6: Option<Ipv6Addr>,
@@ -76,9 +77,10 @@ pub fn read(lease: &LeaseView) -> Candidate {
         node: lease.node_name.clone(),
         reason,
     };
-    let subnet = lease.subnet.ok_or_else(|| {
-        skip("lease has no IPv4 subnet (IPv6-only peers are not supported)".into())
-    })?;
+    let subnet = lease.subnet;
+    if subnet.is_none() && lease.ipv6_subnet.is_none() {
+        return Err(skip("lease has no subnet".into()));
+    }
     let public_ip = lease.public_ip.ok_or_else(|| {
         skip("no public IP yet (a reservation for a node that has not joined)".into())
     })?;
@@ -86,6 +88,14 @@ pub fn read(lease: &LeaseView) -> Candidate {
         return Err(skip(format!(
             "public IP {public_ip} is not a unicast address"
         )));
+    }
+    if let Some(v6) = lease.public_ipv6 {
+        let mapped = v6.to_ipv4_mapped().is_some();
+        if v6.is_loopback() || v6.is_multicast() || v6.is_unspecified() || mapped {
+            return Err(skip(format!(
+                "public IPv6 address {v6} is not a unicast IPv6 address"
+            )));
+        }
     }
     let backend = BackendData::parse_text(&lease.backend_type, lease.backend_data.as_ref())
         .map_err(|e| skip(e.to_string()))?;
@@ -121,18 +131,30 @@ fn overlaps(a: &IpNet, b: &IpNet) -> bool {
 /// Why `p` does not fit the network: its subnets must be subnets of the
 /// network config, of its subnet length.
 fn misfit(p: &Peer, network: &NetworkConfig) -> Option<String> {
-    let Some(pool) = &network.ipv4 else {
-        return Some("the network has no IPv4 pool".into());
-    };
-    if !pool.network().contains(&p.subnet) || p.subnet.prefix_len() != pool.subnet_len() {
-        return Some(format!(
-            "subnet {} is not a /{} of the network {}",
-            p.subnet,
-            pool.subnet_len(),
-            pool.network()
-        ));
+    match (p.subnet, &network.ipv4) {
+        (Some(s), None) => return Some(format!("subnet {s} is IPv4 and the network has no IPv4")),
+        (None, Some(pool)) => {
+            return Some(format!(
+                "no IPv4 subnet, and the network has IPv4 ({})",
+                pool.network()
+            ))
+        }
+        (Some(s), Some(pool))
+            if !pool.network().contains(&s) || s.prefix_len() != pool.subnet_len() =>
+        {
+            return Some(format!(
+                "subnet {s} is not a /{} of the network {}",
+                pool.subnet_len(),
+                pool.network()
+            ))
+        }
+        _ => {}
     }
     match (p.subnet6, &network.ipv6) {
+        (None, Some(pool6)) if network.ipv4.is_none() => Some(format!(
+            "no IPv6 subnet, and the network {} is IPv6 only",
+            pool6.network()
+        )),
         (Some(s6), Some(pool6))
             if !pool6.network().contains(&s6) || s6.prefix_len() != pool6.subnet_len() =>
         {
@@ -158,6 +180,8 @@ pub enum Claim {
     Subnet(Ipv4Net),
     Subnet6(Ipv6Net),
     PublicIp(Ipv4Addr),
+    /// In a network with IPv6: host-gw routes and WireGuard endpoints use it.
+    PublicIpv6(Ipv6Addr),
     /// A VXLAN VTEP MAC: FDB entries are keyed by it, so a second lease
     /// claiming one (a cloned VM, say) would take the first node's traffic.
     VtepMac(MacAddr),
@@ -174,6 +198,9 @@ impl Claim {
             Claim::PublicIp(ip) => {
                 format!("public IP {ip} is already {holder}'s (the older lease keeps it)")
             }
+            Claim::PublicIpv6(ip) => {
+                format!("public IPv6 address {ip} is already {holder}'s (the older lease keeps it)")
+            }
             Claim::VtepMac(m) => format!("VTEP MAC {m} is already used by {holder}"),
             Claim::PublicKey(k) => format!(
                 "WireGuard public key {} is already used by {holder}",
@@ -189,9 +216,10 @@ impl Claim {
 pub fn claims(p: &Peer, local: &LocalNode) -> impl Iterator<Item = Claim> + Clone {
     let v6 = local.network.ipv6.is_some();
     [
-        Some(Claim::Subnet(p.subnet)),
+        p.subnet.map(Claim::Subnet),
         p.subnet6.filter(|_| v6).map(Claim::Subnet6),
         Some(Claim::PublicIp(p.public_ip)),
+        p.public_ipv6.filter(|_| v6).map(Claim::PublicIpv6),
     ]
     .into_iter()
     .flatten()
@@ -223,9 +251,18 @@ pub fn judge<'a>(
         Ok(p) if is_ours(&p.key, p.node.as_deref(), local) => return Judged::Ours,
         Ok(p) => p,
     };
-    let nets = || std::iter::once(IpNet::V4(p.subnet)).chain(p.subnet6.map(IpNet::V6));
-    let ours = if let Some(ours) = local.subnet.ipv4().filter(|o| overlaps4(&p.subnet, o)) {
-        Some(format!("subnet {} overlaps ours ({ours})", p.subnet))
+    let nets = || {
+        p.subnet
+            .map(IpNet::V4)
+            .into_iter()
+            .chain(p.subnet6.map(IpNet::V6))
+    };
+    let ours = if let Some((theirs, ours)) = p
+        .subnet
+        .zip(local.subnet.ipv4())
+        .filter(|(t, o)| overlaps4(t, o))
+    {
+        Some(format!("subnet {theirs} overlaps ours ({ours})"))
     } else if let (Some(theirs), Some(ours)) = (p.subnet6, local.subnet.ipv6()) {
         overlaps6(&theirs, &ours).then(|| format!("IPv6 subnet {theirs} overlaps ours ({ours})"))
     } else {

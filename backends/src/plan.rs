@@ -337,7 +337,7 @@ mod tests {
         Ok(Peer {
             key,
             node: Some(node),
-            subnet: key.ipv4().unwrap(),
+            subnet: key.ipv4(),
             subnet6: subnet6.map(|s| s.parse().unwrap()),
             public_ip: public_ip.parse().unwrap(),
             public_ipv6: (!rng.one_in(5)).then(|| format!("fd5e:7:0:0::{ip:x}").parse().unwrap()),
@@ -448,7 +448,7 @@ mod tests {
         Ok(Peer {
             key,
             node: Some(format!("host-{k}")),
-            subnet: key.ipv4().unwrap(),
+            subnet: key.ipv4(),
             subnet6: None,
             public_ip: format!("198.18.0.{ip}").parse().unwrap(),
             public_ipv6: None,

@@ -8,7 +8,7 @@ use crate::kinds::fdb::{Fdb, FdbChange};
 use crate::kinds::link::{Link, LinkChange};
 use crate::kinds::neighbour::{Neighbour, NeighbourChange};
 use crate::kinds::route::{Route, RouteChange, StrayRoute};
-use crate::kinds::wireguard::{Wireguard, WireguardChange, WireguardPeerKind};
+use crate::kinds::wireguard::{WireguardChange, WireguardDeviceKind, WireguardPeerKind};
 use crate::kinds::xfrm_policy::{XfrmBlock, XfrmPolicy, XfrmPolicyChange};
 use crate::kinds::xfrm_state::{XfrmState, XfrmStateChange};
 use crate::kinds::{pick, swap, Kind, Table};
@@ -63,7 +63,7 @@ pub struct NetState {
     /// no peer's policy encrypts, so it is never sent in the clear.
     pub xfrm_blocks: Table<XfrmBlock>,
     /// WireGuard devices' own settings (private key, port), by device.
-    pub wg_devices: Table<Wireguard>,
+    pub wg_devices: Table<WireguardDeviceKind>,
     /// WireGuard peers: (device, public key) -> endpoint, allowed IPs...
     pub wg_peers: Table<WireguardPeerKind>,
 }
@@ -98,7 +98,7 @@ impl NetState {
             xfrm_states: pick::<XfrmState>(self, a, b),
             xfrm_policies: pick::<XfrmPolicy>(self, a, b),
             xfrm_blocks: pick::<XfrmBlock>(self, a, b),
-            wg_devices: pick::<Wireguard>(self, a, b),
+            wg_devices: pick::<WireguardDeviceKind>(self, a, b),
             wg_peers: pick::<WireguardPeerKind>(self, a, b),
         }
     }
@@ -115,7 +115,7 @@ impl NetState {
         swap::<XfrmState>(self, gone, want);
         swap::<XfrmPolicy>(self, gone, want);
         swap::<XfrmBlock>(self, gone, want);
-        swap::<Wireguard>(self, gone, want);
+        swap::<WireguardDeviceKind>(self, gone, want);
         swap::<WireguardPeerKind>(self, gone, want);
     }
 
@@ -130,7 +130,7 @@ impl NetState {
         off::<Fdb>(self, name);
         off::<Route>(self, name);
         off::<StrayRoute>(self, name);
-        off::<Wireguard>(self, name);
+        off::<WireguardDeviceKind>(self, name);
         off::<WireguardPeerKind>(self, name);
     }
 }

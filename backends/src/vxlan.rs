@@ -125,18 +125,26 @@ impl PerPeer for Vxlan {
             return;
         };
         let dev = &self.device;
-        if self.cfg.direct_routing && local.ext.addr.contains(&p.public_ip) {
-            let to = RouteTarget::direct(IpAddr::V4(p.public_ip), ext);
-            st.routes.insert(IpNet::V4(p.subnet), to);
-            return;
+        let direct = self.cfg.direct_routing && local.ext.addr.contains(&p.public_ip);
+        let v6 = p.subnet6.filter(|_| local.subnet.ipv6().is_some());
+        if let Some(s4) = p.subnet {
+            if direct {
+                let to = RouteTarget::direct(IpAddr::V4(p.public_ip), ext);
+                st.routes.insert(IpNet::V4(s4), to);
+            } else {
+                let gw = IpAddr::V4(s4.network());
+                st.neighbours.insert((dev.clone(), gw), *vtep_mac);
+                st.routes
+                    .insert(IpNet::V4(s4), RouteTarget::onlink(gw, dev));
+            }
         }
-        let gw = IpAddr::V4(p.subnet.network());
-        st.neighbours.insert((dev.clone(), gw), *vtep_mac);
-        st.fdb
-            .insert((dev.clone(), *vtep_mac), IpAddr::V4(p.public_ip));
-        st.routes
-            .insert(IpNet::V4(p.subnet), RouteTarget::onlink(gw, dev));
-        if let (Some(s6), Some(_)) = (p.subnet6, local.subnet.ipv6()) {
+        // The FDB entry whenever something goes through the device: IPv4
+        // without DirectRouting, or IPv6 (always over VXLAN).
+        if (p.subnet.is_some() && !direct) || v6.is_some() {
+            st.fdb
+                .insert((dev.clone(), *vtep_mac), IpAddr::V4(p.public_ip));
+        }
+        if let Some(s6) = v6 {
             let gw6 = IpAddr::V6(s6.network());
             st.neighbours.insert((dev.clone(), gw6), *vtep_mac);
             st.routes

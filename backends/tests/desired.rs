@@ -5,10 +5,11 @@ use ipnet::IpNet;
 use serde_json::json;
 use std::net::IpAddr;
 use std::sync::Arc;
+use weft_backends::keystore::KeyOrigin;
 use weft_backends::peer::{select_leases, HostView, Peer, Skipped};
 use weft_backends::{
-    dev, diff, for_config, vtep_mac, Backend, Change, Dataplane, ExternalIface, FakeDataplane,
-    HostGw, LocalNode, NetState, Vxlan,
+    dev, diff, for_config, vtep_mac, Backend, Change, Context, Dataplane, ExternalIface,
+    FakeDataplane, HostGw, LocalNode, NetState, Vxlan,
 };
 use weft_backends::{AddressChange, FdbChange, LinkChange, NeighbourChange, RouteChange};
 use weft_config::{BackendType, NetworkConfig, VxlanConfig};
@@ -226,30 +227,64 @@ fn host_gw_routes_via_public_ips_and_refuses_routed_peers() {
 }
 
 #[test]
-fn backends_are_picked_by_config() {
-    let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#)
-        .unwrap();
+fn every_backend_is_built_by_config_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let ctx = Context::new(&state);
+    let build =
+        |text: &str| for_config(&NetworkConfig::parse(text).unwrap().backend, &ctx).unwrap();
+    let b = build(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#);
+    assert_eq!(b.backend.backend_type(), BackendType::HostGw);
+    assert!(b.keyed.is_none() && b.key_origin.is_none());
+    let b = build(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":9}}"#);
     assert_eq!(
-        for_config(&cfg.backend).unwrap().backend_type(),
-        BackendType::HostGw
-    );
-    let cfg =
-        NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":9}}"#)
-            .unwrap();
-    let b = for_config(&cfg.backend).unwrap();
-    assert_eq!(
-        b.lease_data("n"),
+        b.backend.lease_data("n"),
         BackendData::Vxlan {
             vni: 9,
             vtep_mac: vtep_mac("n")
         }
     );
-    let cfg =
-        NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"ipsec"}}"#).unwrap();
-    assert!(for_config(&cfg.backend)
-        .unwrap_err()
-        .to_string()
-        .contains("ipsec"));
+    assert!(!state.exists(), "no key, no state directory");
+    // ipsec and wireguard: a key pair each, made on first build, read back
+    // on the next; the lease data carries its public key.
+    for (text, file) in [
+        (
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"ipsec"}}"#,
+            "ipsec-key.json",
+        ),
+        (
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#,
+            "wireguard-key.json",
+        ),
+    ] {
+        let first = build(text);
+        assert_eq!(first.key_origin, Some(KeyOrigin::Created), "{text}");
+        let keyed = first.keyed.as_ref().unwrap();
+        assert_eq!(keyed.epoch(), 1);
+        assert_eq!(keyed.which().file, file);
+        assert!(state.join(file).exists());
+        let again = build(text);
+        assert_eq!(again.key_origin, Some(KeyOrigin::Loaded));
+        assert_eq!(
+            again.backend.lease_data("n"),
+            first.backend.lease_data("n"),
+            "the same key after a restart"
+        );
+    }
+    // A key file that is not one: the error names the backend and the file.
+    std::fs::write(state.join("wireguard-key.json"), "{").unwrap();
+    let e = for_config(
+        &NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#)
+            .unwrap()
+            .backend,
+        &ctx,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("wireguard") && e.contains("wireguard-key.json"),
+        "{e}"
+    );
 }
 
 fn desired_with(n: u32) -> NetState {
@@ -346,7 +381,8 @@ fn diff_recreates_a_link_whose_identity_changed_and_drops_old_devices() {
     assert_eq!(
         changes[0],
         Change::Link(LinkChange::Delete {
-            name: "weft.1".into()
+            name: "weft.1".into(),
+            foreign: None,
         })
     );
     assert!(matches!(
@@ -393,7 +429,8 @@ fn diff_recreates_a_link_whose_identity_changed_and_drops_old_devices() {
     let want2 = b2.desired(&local(), &peers.iter().collect::<Vec<_>>()).0;
     let changes = diff(&want2, &want);
     assert!(changes.contains(&Change::Link(LinkChange::Delete {
-        name: "weft.1".into()
+        name: "weft.1".into(),
+        foreign: None,
     })));
     assert!(!changes.iter().any(
         |c| matches!(c, Change::Route(RouteChange::Del { target, .. }) if &*target.dev == "weft.1")
@@ -479,4 +516,65 @@ fn a_vtep_mac_claimed_twice_stays_with_the_older_lease() {
         ip("198.18.0.12")
     );
     assert_eq!(st.routes.len(), 1);
+}
+
+#[test]
+fn an_ipv6_only_network_programs_ipv6_alone_and_checks_leases_by_family() {
+    let n6 = Arc::new(
+        NetworkConfig::parse(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fdc6:7765:6675::/48"}"#,
+        )
+        .unwrap(),
+    );
+    let mut me = local();
+    me.subnet = "0.0.0.0-0&fdc6:7765:6675:1::-64".parse().unwrap();
+    me.network = n6;
+    let six = |key: &str, node: &str, ip: &str, v6: &str, b: &BackendData| {
+        let l = Lease {
+            key: key.parse().unwrap(),
+            attrs: LeaseAttrs::new(
+                node,
+                Some(ip.parse().unwrap()),
+                Some(v6.parse().unwrap()),
+                b,
+            ),
+            etcd_lease: None,
+            create_revision: 1,
+            mod_revision: 1,
+        };
+        LeaseView::new(&l, true, None)
+    };
+    let leases = [
+        six(
+            "0.0.0.0-0&fdc6:7765:6675:2::-64",
+            "host-2",
+            "198.18.0.12",
+            "fdc6:7765:6674:18::c",
+            &vx("host-2"),
+        ),
+        // An IPv4 lease has no place in an IPv6-only network.
+        lease("10.244.3.0-24", "host-3", "198.18.0.13", &vx("host-3")),
+    ];
+    let (peers, skipped) = select(&leases, &me, BackendType::Vxlan);
+    assert_eq!(peers.len(), 1);
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert!(skipped[0].reason.contains("no IPv4"), "{skipped:?}");
+    let (st, s) = vxlan().desired(&me, &peers.iter().collect::<Vec<_>>());
+    assert!(s.is_empty(), "{s:?}");
+    let d = dev("weft.1");
+    assert_eq!(
+        st.routes.keys().copied().collect::<Vec<_>>(),
+        [netw("fdc6:7765:6675:2::/64")]
+    );
+    assert!(st
+        .neighbours
+        .contains_key(&(d.clone(), ip("fdc6:7765:6675:2::"))));
+    assert_eq!(st.fdb[&(d.clone(), vtep_mac("host-2"))], ip("198.18.0.12"));
+    assert!(st.addresses.keys().all(|(_, a)| a.addr().is_ipv6()));
+    // host-gw routes via the node's IPv6 address; no IPv4 route.
+    let (st, _) = HostGw.desired(&me, &peers.iter().collect::<Vec<_>>());
+    assert_eq!(st.routes.len(), 1);
+    let (dst, to) = st.routes.iter().next().unwrap();
+    assert_eq!(*dst, netw("fdc6:7765:6675:2::/64"));
+    assert_eq!(to.via, Some(ip("fdc6:7765:6674:18::c")));
 }

@@ -707,3 +707,26 @@ fn ip4(ip: IpAddr) -> Ipv4Addr {
         IpAddr::V6(v6) => panic!("not IPv4: {v6}"),
     }
 }
+
+#[test]
+fn in_a_network_with_ipv6_pod_ipv6_between_nodes_is_dropped_not_sent_in_the_clear() {
+    let n = Node::new(1, key(1), None);
+    let dual = Arc::new(
+        NetworkConfig::parse(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fdc6:7765:6675::/48","Backend":{"Type":"ipsec"}}"#,
+        )
+        .unwrap(),
+    );
+    let mut me = n.local();
+    me.network = dual;
+    me.subnet = "10.244.1.0-24&fdc6:7765:6675:1::-64".parse().unwrap();
+    let (st, _) = n.backend.desired_at(&me, &[], Instant::now());
+    // ipsec carries IPv4 only: the IPv6 network is a blackhole.
+    assert_eq!(
+        st.fallback_routes.keys().copied().collect::<Vec<_>>(),
+        [net("fdc6:7765:6675::/48")]
+    );
+    // Without IPv6 in the network, none.
+    let (st, _) = n.backend.desired_at(&n.local(), &[], Instant::now());
+    assert!(st.fallback_routes.is_empty());
+}

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use weft_backends::kinds::link::Link;
 use weft_backends::peer::{select_leases, HostView, Peer, Skipped};
 use weft_backends::{
-    diff, Backend, Change, Dataplane, ExternalIface, FakeDataplane, LocalNode, NetState, WgKey,
-    Wireguard, WireguardChange,
+    diff, Backend, Change, Dataplane, ExternalIface, FakeDataplane, LinkChange, LocalNode,
+    NetState, WgKey, Wireguard, WireguardChange,
 };
 use weft_config::{BackendConfig, BackendType, NetworkConfig, WireguardConfig};
 use weft_lease::api::LeaseView;
@@ -304,4 +304,150 @@ fn the_config_takes_flannels_fields_and_refuses_bad_ones() {
         shown.contains("redacted") && !shown.contains("AQEB"),
         "{shown}"
     );
+}
+
+#[tokio::test]
+async fn a_device_named_weft_wg_that_is_not_wireguard_is_replaced_and_never_programmed() {
+    let n = config();
+    let local = local(n.clone());
+    let wg = Wireguard::new(wg_config(&n), secret(1));
+    let (want, _) = desired(&wg, &local, &three_hosts());
+    let fake = FakeDataplane::with_devices(&["eth0"]);
+    // What `ip link add weft-wg type dummy` leaves, and a weft name this
+    // node does not need (no IPv6 here).
+    fake.tamper(|st| {
+        st.links
+            .insert("weft-wg".into(), Link::Foreign("dummy".into()));
+        st.links
+            .insert("weft-wg-v6".into(), Link::Foreign("bridge".into()));
+    });
+    let changes = diff(&want, &fake.state());
+    assert_eq!(
+        changes[0],
+        Change::Link(LinkChange::Delete {
+            name: "weft-wg".into(),
+            foreign: Some("dummy".into()),
+        }),
+        "{changes:#?}"
+    );
+    assert!(
+        !changes[1..]
+            .iter()
+            .any(|c| matches!(c, Change::Link(LinkChange::Delete { .. }))),
+        "weft-wg-v6 is not weft's to delete: {changes:#?}"
+    );
+    assert!(fake.apply(&changes).await.is_empty());
+    let have = fake.state();
+    assert!(matches!(have.links["weft-wg"], Link::Wireguard(_)));
+    assert_eq!(have.links["weft-wg-v6"], Link::Foreign("bridge".into()));
+    assert_eq!(diff(&want, &have), [], "converged, the bridge left alone");
+}
+
+#[tokio::test]
+async fn a_rotated_key_changes_the_device_and_the_lease_data_and_nothing_else() {
+    let n = config();
+    let local = local(n.clone());
+    let wg = Wireguard::new(wg_config(&n), secret(1));
+    let (want, _) = desired(&wg, &local, &three_hosts());
+    let fake = FakeDataplane::with_devices(&["eth0"]);
+    assert!(fake.apply(&diff(&want, &fake.state())).await.is_empty());
+    wg.rotate(secret(9));
+    assert_eq!(wg.public_key(), WgKey(public(9)));
+    // The lease keeps the old key until the device has the new one: a
+    // renewal meanwhile must not publish a key peers cannot reach yet.
+    assert_eq!(
+        wg.lease_data("host-1"),
+        BackendData::Wireguard {
+            public_key: public(1)
+        }
+    );
+    let (rotated, _) = desired(&wg, &local, &three_hosts());
+    let changes = diff(&rotated, &fake.state());
+    assert_eq!(changes.len(), 1, "{changes:#?}");
+    let Change::Wireguard(WireguardChange::SetDevice { dev, device }) = &changes[0] else {
+        panic!("{changes:#?}");
+    };
+    assert_eq!(&**dev, "weft-wg");
+    assert_eq!(device.public_key, WgKey(public(9)));
+    assert!(!changes[0].to_string().contains(&format!("{:?}", secret(9))));
+    assert!(fake.apply(&changes).await.is_empty());
+    assert_eq!(diff(&rotated, &fake.state()), []);
+    wg.publish();
+    assert_eq!(
+        wg.lease_data("host-1"),
+        BackendData::Wireguard {
+            public_key: public(9)
+        }
+    );
+    // Our new key in another node's lease is refused; the old one is a
+    // key like any other.
+    let (_, skipped) = desired(
+        &wg,
+        &local,
+        &[
+            lease("10.244.8.0-24", "host-8", "198.18.0.18", public(9)),
+            lease("10.244.7.0-24", "host-7", "198.18.0.17", public(1)),
+        ],
+    );
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert!(skipped[0].reason.contains("is ours"), "{skipped:?}");
+}
+
+#[test]
+fn an_ipv6_only_network_gets_peers_in_every_mode() {
+    for (mode, dev, port) in [
+        ("separate", "weft-wg-v6", 51821),
+        ("auto", "weft-wg", 51820),
+        ("ipv6", "weft-wg", 51820),
+    ] {
+        let n = net(&format!(
+            r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fdc6:7765:6675::/48","Backend":{{"Type":"wireguard","Mode":"{mode}"}}}}"#
+        ));
+        let mut me = local(n.clone());
+        me.subnet = "0.0.0.0-0&fdc6:7765:6675:1::-64".parse().unwrap();
+        let wg = Wireguard::new(wg_config(&n), secret(1));
+        let six = |v6: Option<&str>| {
+            let l = Lease {
+                key: "0.0.0.0-0&fdc6:7765:6675:2::-64".parse().unwrap(),
+                attrs: LeaseAttrs::new(
+                    "host-2",
+                    Some("198.18.0.12".parse().unwrap()),
+                    v6.map(|a| a.parse().unwrap()),
+                    &BackendData::Wireguard {
+                        public_key: public(2),
+                    },
+                ),
+                etcd_lease: None,
+                create_revision: 1,
+                mod_revision: 1,
+            };
+            LeaseView::new(&l, true, None)
+        };
+        let (st, skipped) = desired(&wg, &me, &[six(Some("fdc6:7765:6674:18::c"))]);
+        assert!(skipped.is_empty(), "{mode}: {skipped:?}");
+        let p = &st.wg_peers[&(dev.into(), WgKey(public(2)))];
+        assert_eq!(
+            p.allowed_ips,
+            ["fdc6:7765:6675:2::/64".parse::<IpNet>().unwrap()],
+            "{mode}"
+        );
+        assert_eq!(
+            p.endpoint,
+            Some(SocketAddr::new(
+                "fdc6:7765:6674:18::c".parse().unwrap(),
+                port
+            )),
+            "{mode}"
+        );
+        assert_eq!(st.wg_peers.len(), 1, "{mode}: {st:?}");
+        // A peer without a public IPv6 address cannot be reached: skipped,
+        // saying so (auto would reach it over IPv4).
+        let (st, skipped) = desired(&wg, &me, &[six(None)]);
+        if mode == "auto" {
+            assert_eq!(st.wg_peers.len(), 1, "{mode}");
+        } else {
+            assert_eq!(skipped.len(), 1, "{mode}: {skipped:?}");
+            assert!(skipped[0].reason.contains("no public IPv6"), "{skipped:?}");
+        }
+    }
 }

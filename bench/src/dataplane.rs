@@ -7,7 +7,9 @@
 //! - weft host-gw: a 2-host host-gw lab;
 //! - veth: two namespaces joined by one veth pair, the ceiling;
 //! - weft ipsec: a 2-host ipsec lab (needs kernel ESP: run it inside the VM
-//!   with `scripts/vm-test bench`).
+//!   with `scripts/vm-test bench`);
+//! - weft wireguard: a 2-host wireguard lab (needs kernel WireGuard: the
+//!   VM too).
 //!
 //! `--paths` picks which; ratios are printed for the pairs that ran.
 
@@ -27,12 +29,13 @@ pub struct Args {
     /// Rounds over the paths.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
-    /// Paths to measure, in order: vxlan, flannel-vxlan, host-gw, veth, ipsec.
+    /// Paths to measure, in order: vxlan, flannel-vxlan, host-gw, veth,
+    /// ipsec, wireguard.
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "vxlan,flannel-vxlan,host-gw,veth",
-        value_parser = ["vxlan", "flannel-vxlan", "host-gw", "veth", "ipsec"]
+        value_parser = ["vxlan", "flannel-vxlan", "host-gw", "veth", "ipsec", "wireguard"]
     )]
     paths: Vec<String>,
 }
@@ -44,6 +47,7 @@ fn title(path: &str) -> &'static str {
         "flannel-vxlan" => "flannel vxlan (hand-made)",
         "host-gw" => "weft host-gw",
         "veth" => "direct veth",
+        "wireguard" => "weft wireguard",
         _ => "weft ipsec",
     }
 }
@@ -263,7 +267,7 @@ pub fn run_bench(args: Args) -> Result<()> {
     for (n, p) in args.paths.iter().enumerate() {
         let tag = format!("{n}");
         let endpoints = match p.as_str() {
-            "vxlan" | "host-gw" | "ipsec" => {
+            "vxlan" | "host-gw" | "ipsec" | "wireguard" => {
                 let l = lab(p, &tag)?;
                 let e = pods(&l)?;
                 labs.push(l);
@@ -323,6 +327,9 @@ pub fn run_bench(args: Args) -> Result<()> {
         ("vxlan", "veth"),
         ("ipsec", "vxlan"),
         ("ipsec", "host-gw"),
+        ("wireguard", "vxlan"),
+        ("wireguard", "ipsec"),
+        ("wireguard", "host-gw"),
         ("vxlan", "host-gw"),
     ] {
         if let (Some(x), Some(y)) = (of(a), of(b)) {

@@ -193,8 +193,9 @@ fn pki(cmd: PkiCmd) -> Result<ExitCode> {
 
 #[derive(Debug, Subcommand)]
 enum NodeCmd {
-    /// ipsec backend: rotate the node's key pair now (new epoch published
-    /// in its lease; peers switch over without losing traffic).
+    /// ipsec and wireguard backends: rotate the node's key pair now (new
+    /// epoch published in its lease; peers switch over without losing
+    /// traffic).
     Rekey {
         /// The node's control socket (`weft-node --control-socket`); only
         /// root may use it.
@@ -289,7 +290,7 @@ async fn rekey(socket: &Path) -> Result<ExitCode> {
     let code = |retryable: bool| ExitCode::from(if retryable { 3 } else { 1 });
     match node_control::request(socket, "rekey", timeout).await {
         Ok(ControlReply::Rotated { epoch }) => {
-            println!("IPsec key rotated: epoch {epoch}");
+            println!("key rotated: epoch {epoch}");
             Ok(ExitCode::SUCCESS)
         }
         Ok(ControlReply::Refused {

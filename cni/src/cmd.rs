@@ -5,9 +5,9 @@ use crate::net::{
     describe, host_veth_name, legacy_host_veth_name, owned, veth_alias, NetError, Netlink, Removal,
 };
 use crate::spec::{Attachment, CniError, CniResult, Code, Interface, IpConfig, NetConf, Route};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::Path;
 use weft_config::SubnetEnv;
 
@@ -88,8 +88,9 @@ impl From<IpamError> for CniError {
     }
 }
 
-/// The node's lease as weft-node wrote it.
-fn subnet_env(path: &Path) -> Result<(SubnetEnv, Ipv4Net), CniError> {
+/// The node's lease as weft-node wrote it, and its subnets: IPv4 first,
+/// then IPv6 (dual stack); at least one.
+fn subnet_env(path: &Path) -> Result<(SubnetEnv, Vec<IpNet>), CniError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         let why = if e.kind() == std::io::ErrorKind::NotFound {
             "not found: is weft-node running on this host?".to_string()
@@ -107,19 +108,34 @@ fn subnet_env(path: &Path) -> Result<(SubnetEnv, Ipv4Net), CniError> {
             format!("subnet file {}: {e}", path.display()),
         )
     })?;
-    let subnet = env.subnet.ok_or_else(|| {
-        CniError::new(
+    let subnets: Vec<IpNet> = env
+        .subnet
+        .map(IpNet::V4)
+        .into_iter()
+        .chain(env.ipv6_subnet.map(IpNet::V6))
+        .collect();
+    if subnets.is_empty() {
+        return Err(CniError::new(
             Code::TryAgainLater,
-            format!("subnet file {} has no FLANNEL_SUBNET", path.display()),
-        )
-    })?;
-    Ok((env, subnet))
+            format!(
+                "subnet file {} has neither FLANNEL_SUBNET nor FLANNEL_IPV6_SUBNET",
+                path.display()
+            ),
+        ));
+    }
+    Ok((env, subnets))
+}
+
+/// The subnets as the messages name them.
+fn listed(subnets: &[IpNet]) -> String {
+    let all: Vec<String> = subnets.iter().map(|s| s.trunc().to_string()).collect();
+    all.join(" and ")
 }
 
 /// The node's lease, which must still be held: past its expiry the subnet
 /// may be handed to another node, so no container gets an address from it.
-fn held_lease(path: &Path) -> Result<(SubnetEnv, Ipv4Net), CniError> {
-    let (env, subnet) = subnet_env(path)?;
+fn held_lease(path: &Path) -> Result<(SubnetEnv, Vec<IpNet>), CniError> {
+    let (env, subnets) = subnet_env(path)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -127,13 +143,14 @@ fn held_lease(path: &Path) -> Result<(SubnetEnv, Ipv4Net), CniError> {
         return Err(CniError::new(
             Code::TryAgainLater,
             format!(
-                "this node's lease of {subnet} ran out {}s ago (weft-node could not renew it; \
+                "this node's lease of {} ran out {}s ago (weft-node could not renew it; \
                  see its /readyz): no new containers until it holds a lease again",
+                listed(&subnets),
                 now - t
             ),
         ));
     }
-    Ok((env, subnet))
+    Ok((env, subnets))
 }
 
 fn open_netns(path: &str) -> Result<File, CniError> {
@@ -154,13 +171,50 @@ fn runtime() -> Result<tokio::runtime::Runtime, CniError> {
 
 /// ADD: attach the container.
 pub fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
-    let (senv, subnet) = held_lease(&conf.subnet_file)?;
-    let range = Range::new(subnet).map_err(|e| {
-        CniError::new(
-            Code::InvalidConfig,
-            format!("subnet file {}: {e}", conf.subnet_file.display()),
-        )
-    })?;
+    // One range per family the node's lease holds: IPv4, IPv6
+    // (FLANNEL_IPV6_SUBNET), or both.
+    let (senv, subnets) = held_lease(&conf.subnet_file)?;
+    let ranges = subnets
+        .iter()
+        .map(|s| Range::new(*s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            CniError::new(
+                Code::InvalidConfig,
+                format!("subnet file {}: {e}", conf.subnet_file.display()),
+            )
+        })?;
+    let clusters: Vec<IpNet> = senv
+        .network
+        .map(IpNet::V4)
+        .into_iter()
+        .chain(senv.ipv6_network.map(IpNet::V6))
+        .collect();
+    // What weft-node writes is consistent; a file that is not gives no
+    // container an address.
+    for s in &subnets {
+        let bad = |why: String| {
+            CniError::new(
+                Code::InvalidConfig,
+                format!("subnet file {}: {why}", conf.subnet_file.display()),
+            )
+        };
+        if let IpNet::V6(v6) = s {
+            let a = v6.addr();
+            if a.is_multicast() || a.is_loopback() || a.is_unicast_link_local() {
+                return Err(bad(format!("{s} is not a unicast IPv6 network for pods")));
+            }
+        }
+        if let Some(c) = clusters
+            .iter()
+            .find(|c| c.addr().is_ipv4() == s.addr().is_ipv4())
+            .filter(|c| !c.contains(&s.trunc()))
+        {
+            return Err(bad(format!(
+                "the node subnet {s} is not inside the network {c}"
+            )));
+        }
+    }
     let mtu = conf
         .mtu
         .filter(|m| *m > 0)
@@ -179,18 +233,33 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
                 format!("interface {} already exists in the container", env.ifname),
             ));
         }
-        let ip = Store::open(&conf.data_dir, &conf.name)?.allocate(
-            &range,
-            &env.container_id,
-            &env.ifname,
-        )?;
+        let ips = {
+            let store = Store::open(&conf.data_dir, &conf.name)?;
+            let mut ips = Vec::new();
+            for range in &ranges {
+                match store.allocate(range, &env.container_id, &env.ifname) {
+                    Ok(ip) => ips.push(ip),
+                    Err(e) => {
+                        // None of this attachment's addresses stay taken.
+                        if let Err(r) = store.release(&env.container_id, &env.ifname) {
+                            eprintln!("weft-cni: releasing the addresses of this ADD: {r}");
+                        }
+                        return Err(e.into());
+                    }
+                }
+            }
+            ips
+        };
         let hv = host_veth_name(&env.container_id, &env.ifname);
         let alias = veth_alias(&env.container_id, &env.ifname);
         let mut bridge_index = None;
         let made = async {
-            let gateway = Ipv4Net::new(range.gateway, subnet.prefix_len()).map_err(io)?;
+            let gateways = ranges
+                .iter()
+                .map(|r| IpNet::new(r.gateway, r.subnet.prefix_len()).map_err(io))
+                .collect::<Result<Vec<_>, _>>()?;
             let bridge = host
-                .ensure_bridge(&conf.bridge, gateway, senv.network, mtu)
+                .ensure_bridge(&conf.bridge, &gateways, &clusters, mtu)
                 .await?;
             bridge_index = Some(bridge.index);
             // A leftover of an ADD of this attachment that stopped halfway
@@ -217,20 +286,36 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
                     &alias,
                 )
                 .await?;
-            let routes: Vec<(Ipv4Net, Ipv4Addr)> = if conf.is_default_gateway {
-                vec![(Ipv4Net::default(), range.gateway)]
-            } else {
-                senv.network
-                    .map(|n| (n, range.gateway))
-                    .into_iter()
-                    .collect()
-            };
-            let addr = Ipv4Net::new(ip, subnet.prefix_len()).map_err(io)?;
-            let cl = cont.setup_container_if(&env.ifname, addr, &routes).await?;
-            Ok::<_, CniError>((bridge, hl, cl, addr, routes))
+            // Per family: the default route, or the cluster network, via
+            // the bridge.
+            let routes: Vec<(IpNet, IpAddr)> = ranges
+                .iter()
+                .filter_map(|r| {
+                    let v4 = r.gateway.is_ipv4();
+                    let dst = if conf.is_default_gateway {
+                        Some(if v4 {
+                            IpNet::V4(Ipv4Net::default())
+                        } else {
+                            IpNet::V6(Ipv6Net::default())
+                        })
+                    } else {
+                        clusters.iter().find(|c| c.addr().is_ipv4() == v4).copied()
+                    };
+                    dst.map(|d| (d, r.gateway))
+                })
+                .collect();
+            let addrs = ranges
+                .iter()
+                .zip(&ips)
+                .map(|(r, ip)| IpNet::new(*ip, r.subnet.prefix_len()).map_err(io))
+                .collect::<Result<Vec<_>, _>>()?;
+            let cl = cont
+                .setup_container_if(&env.ifname, &addrs, &routes)
+                .await?;
+            Ok::<_, CniError>((bridge, hl, cl, addrs, routes))
         }
         .await;
-        let (bridge, hl, cl, addr, routes) = match made {
+        let (bridge, hl, cl, addrs, routes) = match made {
             Ok(m) => m,
             Err(e) => {
                 // Leave nothing half-made behind (only what is ours).
@@ -257,11 +342,13 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
             mac: cl.mac,
             sandbox: Some(env.netns.clone()),
         });
-        result.ips.push(IpConfig {
-            address: addr,
-            gateway: range.gateway,
-            interface: base + 2,
-        });
+        result
+            .ips
+            .extend(addrs.iter().zip(&ranges).map(|(a, r)| IpConfig {
+                address: *a,
+                gateway: r.gateway,
+                interface: base + 2,
+            }));
         result.routes.extend(
             routes
                 .into_iter()
@@ -332,7 +419,7 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
         )
     })?;
     let prev = CniResult::from_json(prev)?;
-    let (senv, subnet) = subnet_env(&conf.subnet_file)?;
+    let (senv, _) = subnet_env(&conf.subnet_file)?;
     let mtu = conf
         .mtu
         .filter(|m| *m > 0)
@@ -373,11 +460,20 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
                             env.ifname, ip.address, have
                         ));
                     }
-                    if !Range::of(subnet).usable(ip.address.addr()) {
-                        problems.push(format!(
-                            "address {} is not in this node's subnet {subnet}",
+                    let ours = match ip.address {
+                        IpNet::V4(_) => senv.subnet.map(IpNet::V4),
+                        IpNet::V6(_) => senv.ipv6_subnet.map(IpNet::V6),
+                    };
+                    match ours {
+                        Some(s) if Range::of(s).usable(ip.address.addr()) => {}
+                        Some(s) => problems.push(format!(
+                            "address {} is not in this node's subnet {s}",
                             ip.address
-                        ));
+                        )),
+                        None => problems.push(format!(
+                            "address {} is of a family this node's lease has no subnet of",
+                            ip.address
+                        )),
                     }
                 }
                 let routes = cont.routes().await?;
@@ -438,14 +534,17 @@ pub fn status(conf: &NetConf) -> Result<(), CniError> {
             format!("STATUS is not part of CNI {}", conf.cni_version),
         ));
     }
-    let (_, subnet) =
+    let (_, subnets) =
         held_lease(&conf.subnet_file).map_err(|e| CniError::new(Code::NotAvailable, e.msg))?;
-    Range::new(subnet).map(|_| ()).map_err(|e| {
-        CniError::new(
-            Code::NotAvailable,
-            format!("subnet file {}: {e}", conf.subnet_file.display()),
-        )
-    })
+    for s in subnets {
+        Range::new(s).map_err(|e| {
+            CniError::new(
+                Code::NotAvailable,
+                format!("subnet file {}: {e}", conf.subnet_file.display()),
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// GC: release what no valid attachment holds.

@@ -1,51 +1,64 @@
 //! Address management in host-local's layout, so operators' tools and
 //! habits carry over: under `<dataDir>/<network>/`, one file per address
-//! in use holding `<container id>\r\n<ifname>`, `last_reserved_ip.0` with
-//! the last address handed out, and `lock`. Every operation holds an
-//! exclusive lock on `lock`, so parallel ADDs never hand out one address
-//! twice.
+//! in use holding `<container id>\r\n<ifname>`, `last_reserved_ip.0` (IPv4)
+//! and `last_reserved_ip.1` (IPv6) with the last address handed out, and
+//! `lock`. Every operation holds an exclusive lock on `lock`, so parallel
+//! ADDs never hand out one address twice.
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
-const LAST: &str = "last_reserved_ip.0";
-
-/// The addresses containers get: the node subnet without its network,
-/// gateway and broadcast addresses.
+/// The addresses containers get in one family: the node subnet without
+/// its network, gateway and last (IPv4 broadcast) addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Range {
-    pub subnet: Ipv4Net,
-    pub gateway: Ipv4Addr,
+    pub subnet: IpNet,
+    pub gateway: IpAddr,
+}
+
+fn num(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u32::from(a).into(),
+        IpAddr::V6(a) => a.into(),
+    }
+}
+
+/// The address numbered `n` in `subnet`'s family (`n` is one of its own).
+fn addr_in(subnet: &IpNet, n: u128) -> IpAddr {
+    match subnet {
+        IpNet::V4(_) => IpAddr::V4(Ipv4Addr::from(n as u32)),
+        IpNet::V6(_) => IpAddr::V6(Ipv6Addr::from(n)),
+    }
 }
 
 impl Range {
     /// The range of a node subnet whose first address is the gateway.
-    pub fn of(subnet: Ipv4Net) -> Self {
-        let subnet = subnet.trunc();
-        Range {
-            subnet,
-            gateway: Ipv4Addr::from(u32::from(subnet.network()).wrapping_add(1)),
-        }
+    pub fn of(subnet: impl Into<IpNet>) -> Self {
+        let subnet = subnet.into().trunc();
+        let gateway = addr_in(&subnet, num(subnet.network()).wrapping_add(1));
+        Range { subnet, gateway }
     }
 
     /// The range of a node subnet, which must hold a gateway and at least
-    /// one container besides its network and broadcast addresses.
-    pub fn new(subnet: Ipv4Net) -> Result<Self, String> {
-        if subnet.prefix_len() > 30 {
+    /// one container besides its first and last addresses.
+    pub fn new(subnet: impl Into<IpNet>) -> Result<Self, String> {
+        let subnet = subnet.into();
+        if subnet.max_prefix_len() - subnet.prefix_len() < 2 {
             return Err(format!(
                 "the node subnet {subnet} is too small for containers: a /{} holds no \
-                 address besides the gateway (a /30 holds one; use SubnetLen 30 or less)",
-                subnet.prefix_len()
+                 address besides the gateway (a /{} holds one; use a larger subnet)",
+                subnet.prefix_len(),
+                subnet.max_prefix_len() - 2,
             ));
         }
         Ok(Range::of(subnet))
     }
 
     /// Whether `ip` may be handed to a container.
-    pub fn usable(&self, ip: Ipv4Addr) -> bool {
+    pub fn usable(&self, ip: IpAddr) -> bool {
         self.subnet.contains(&ip)
             && ip != self.subnet.network()
             && ip != self.subnet.broadcast()
@@ -53,16 +66,29 @@ impl Range {
     }
 
     /// Number of usable addresses.
-    pub fn size(&self) -> u32 {
-        let all = 1u32 << (32 - u32::from(self.subnet.prefix_len()));
-        all.saturating_sub(3)
+    pub fn size(&self) -> u128 {
+        let bits = u32::from(self.subnet.max_prefix_len() - self.subnet.prefix_len());
+        1u128
+            .checked_shl(bits)
+            .unwrap_or(u128::MAX)
+            .saturating_sub(3)
+    }
+
+    /// The file of the last address handed out: `last_reserved_ip.0` for
+    /// IPv4 and `.1` for IPv6 (host-local's names for the first and second
+    /// range of a dual-stack config; `.1` also in an IPv6-only network).
+    fn last_file(&self) -> &'static str {
+        match self.subnet {
+            IpNet::V4(_) => "last_reserved_ip.0",
+            IpNet::V6(_) => "last_reserved_ip.1",
+        }
     }
 }
 
 /// An address in use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub container_id: String,
     pub ifname: String,
 }
@@ -71,7 +97,7 @@ pub struct Entry {
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
     #[error("no free address in {subnet}: all {size} are in use")]
-    Exhausted { subnet: Ipv4Net, size: u32 },
+    Exhausted { subnet: IpNet, size: u128 },
     #[error("address store {dir}: {source}")]
     Io { dir: String, source: io::Error },
 }
@@ -117,7 +143,7 @@ impl Store {
             .flatten()
         {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Ok(ip) = name.parse::<Ipv4Addr>() else {
+            let Ok(ip) = name.parse::<IpAddr>() else {
                 continue;
             };
             let text = std::fs::read_to_string(e.path()).unwrap_or_default();
@@ -136,43 +162,48 @@ impl Store {
 
     /// The address a container holds in `range`, reserving the next free
     /// one (round robin after the last handed out) if it has none. An
-    /// address the container held outside the range (the node's subnet
-    /// changed) is released.
+    /// address of the range's family the container held outside the range
+    /// (the node's subnet changed) is released.
     pub fn allocate(
         &self,
         range: &Range,
         container_id: &str,
         ifname: &str,
-    ) -> Result<Ipv4Addr, IpamError> {
+    ) -> Result<IpAddr, IpamError> {
         let entries = self.entries()?;
-        for e in entries
-            .iter()
-            .filter(|e| e.container_id == container_id && e.ifname == ifname)
-        {
+        let v4 = range.subnet.addr().is_ipv4();
+        for e in entries.iter().filter(|e| {
+            e.container_id == container_id && e.ifname == ifname && e.ip.is_ipv4() == v4
+        }) {
             if range.usable(e.ip) {
                 return Ok(e.ip);
             }
             self.remove(e.ip)?;
         }
-        let used: std::collections::HashSet<Ipv4Addr> = entries.iter().map(|e| e.ip).collect();
-        let first = u32::from(range.subnet.network()) + 1;
-        let last = u32::from(range.subnet.broadcast()) - 1;
-        let after = std::fs::read_to_string(self.dir.join(LAST))
+        let used: std::collections::HashSet<IpAddr> = entries.iter().map(|e| e.ip).collect();
+        let first = num(range.subnet.network()) + 1;
+        let last = num(range.subnet.broadcast()) - 1;
+        let after = std::fs::read_to_string(self.dir.join(range.last_file()))
             .ok()
-            .and_then(|s| s.trim().parse::<Ipv4Addr>().ok())
+            .and_then(|s| s.trim().parse::<IpAddr>().ok())
             .filter(|ip| range.subnet.contains(ip))
-            .map(u32::from)
+            .map(num)
+            // A hand-edited file naming the network or last address.
+            .filter(|n| (first..=last).contains(n))
             .unwrap_or(last);
         let span = last - first + 1;
-        for step in 1..=span {
-            let candidate = Ipv4Addr::from(first + (after - first + step) % span);
+        // Among any `used + 2` candidates in a row one is free (the gateway
+        // is the one other address skipped): no need to walk a whole /64.
+        let tries = span.min(used.len() as u128 + 2);
+        for step in 1..=tries {
+            let candidate = addr_in(&range.subnet, first + (after - first + step) % span);
             if range.usable(candidate) && !used.contains(&candidate) {
                 std::fs::write(
                     self.dir.join(candidate.to_string()),
                     format!("{container_id}\r\n{ifname}"),
                 )
                 .map_err(|e| self.err(e))?;
-                std::fs::write(self.dir.join(LAST), candidate.to_string())
+                std::fs::write(self.dir.join(range.last_file()), candidate.to_string())
                     .map_err(|e| self.err(e))?;
                 return Ok(candidate);
             }
@@ -183,7 +214,7 @@ impl Store {
         })
     }
 
-    fn remove(&self, ip: Ipv4Addr) -> Result<(), IpamError> {
+    fn remove(&self, ip: IpAddr) -> Result<(), IpamError> {
         match std::fs::remove_file(self.dir.join(ip.to_string())) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(self.err(e)),
             _ => Ok(()),
@@ -191,7 +222,7 @@ impl Store {
     }
 
     /// Releases what a container holds; returns the addresses freed.
-    pub fn release(&self, container_id: &str, ifname: &str) -> Result<Vec<Ipv4Addr>, IpamError> {
+    pub fn release(&self, container_id: &str, ifname: &str) -> Result<Vec<IpAddr>, IpamError> {
         let mut freed = Vec::new();
         for e in self
             .entries()?
@@ -221,17 +252,21 @@ mod tests {
 
     #[test]
     fn subnets_too_small_for_a_container_are_refused() {
-        for small in ["10.244.1.0/31", "10.244.1.7/32"] {
-            let e = Range::new(small.parse().unwrap()).unwrap_err();
+        for small in ["10.244.1.0/31", "10.244.1.7/32", "fdc6::/127"] {
+            let e = Range::new(small.parse::<IpNet>().unwrap()).unwrap_err();
             assert!(e.contains("too small"), "{e}");
         }
-        let r = Range::new("10.244.1.4/30".parse().unwrap()).unwrap();
+        let r = Range::new("10.244.1.4/30".parse::<IpNet>().unwrap()).unwrap();
         assert_eq!(r.size(), 1);
         assert!(r.usable("10.244.1.6".parse().unwrap()));
+        let r6 = Range::new("fdc6:0:0:3::/64".parse::<IpNet>().unwrap()).unwrap();
+        assert_eq!(r6.gateway, "fdc6:0:0:3::1".parse::<IpAddr>().unwrap());
+        assert_eq!(r6.size(), (1u128 << 64) - 3);
+        assert!(!r6.usable("10.244.1.6".parse().unwrap()));
     }
 
     fn range(s: &str) -> Range {
-        Range::of(s.parse().unwrap())
+        Range::of(s.parse::<IpNet>().unwrap())
     }
 
     #[test]
@@ -289,7 +324,42 @@ mod tests {
             .entries()
             .unwrap()
             .iter()
-            .any(|e| e.container_id == "c2" && e.ip.octets()[2] == 3));
+            .any(|e| e.container_id == "c2" && e.ip.to_string().starts_with("10.244.3.")));
+    }
+
+    #[test]
+    fn both_families_in_one_store_each_round_robin_and_kept_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "weft").unwrap();
+        let (v4, v6) = (range("10.244.3.0/24"), range("fdc6:0:0:3::/64"));
+        let a4 = s.allocate(&v4, "c1", "eth0").unwrap();
+        let a6 = s.allocate(&v6, "c1", "eth0").unwrap();
+        assert_eq!(a4.to_string(), "10.244.3.2");
+        assert_eq!(a6.to_string(), "fdc6:0:0:3::2");
+        // Each family keeps its own address: asking for one never
+        // releases the other.
+        assert_eq!(s.allocate(&v4, "c1", "eth0").unwrap(), a4);
+        assert_eq!(s.allocate(&v6, "c1", "eth0").unwrap(), a6);
+        assert_eq!(
+            s.allocate(&v6, "c2", "eth0").unwrap().to_string(),
+            "fdc6:0:0:3::3"
+        );
+        // host-local's files: one per address, one "last" per range.
+        for f in ["fdc6:0:0:3::2", "last_reserved_ip.0", "last_reserved_ip.1"] {
+            assert!(dir.path().join("weft").join(f).exists(), "{f}");
+        }
+        let last6 = std::fs::read_to_string(dir.path().join("weft/last_reserved_ip.1")).unwrap();
+        assert_eq!(last6, "fdc6:0:0:3::3");
+        // A "last" file naming the network address (edited by hand) is
+        // ignored, not a panic.
+        std::fs::write(dir.path().join("weft/last_reserved_ip.1"), "fdc6:0:0:3::").unwrap();
+        assert_eq!(
+            s.allocate(&v6, "c3", "eth0").unwrap().to_string(),
+            "fdc6:0:0:3::4"
+        );
+        let mut freed = s.release("c1", "eth0").unwrap();
+        freed.sort();
+        assert_eq!(freed, [a4, a6]);
     }
 
     #[test]
@@ -320,7 +390,7 @@ mod tests {
                 })
             })
             .collect();
-        let mut ips: Vec<Ipv4Addr> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let mut ips: Vec<IpAddr> = threads.into_iter().map(|t| t.join().unwrap()).collect();
         ips.sort();
         ips.dedup();
         assert_eq!(ips.len(), 40);

@@ -2,8 +2,8 @@
 //! the veth pair into the container, its address and routes.
 
 use futures::TryStreamExt;
-use ipnet::Ipv4Net;
-use netlink_packet_route::address::AddressAttribute;
+use ipnet::IpNet;
+use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -13,8 +13,9 @@ use rtnetlink::{
     RouteMessageBuilder,
 };
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 /// A netlink failure, with what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +98,8 @@ fn link_of(m: &LinkMessage) -> Link {
 #[derive(Debug, Clone)]
 pub struct Netlink {
     h: Handle,
+    /// The namespace, when it is not this process's.
+    ns: Option<Arc<File>>,
 }
 
 impl Netlink {
@@ -107,7 +110,7 @@ impl Netlink {
             reason: e.to_string(),
         })?;
         tokio::spawn(conn);
-        Ok(Netlink { h })
+        Ok(Netlink { h, ns: None })
     }
 
     /// A connection in the namespace `ns` (made on a thread that enters it).
@@ -116,24 +119,54 @@ impl Netlink {
             what: "netns".into(),
             reason: e.to_string(),
         })?;
+        let kept = Arc::new(ns.try_clone().map_err(|e| NetError {
+            what: "netns".into(),
+            reason: e.to_string(),
+        })?);
         let rt = tokio::runtime::Handle::current();
-        let made = std::thread::spawn(move || -> Result<_, String> {
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| format!("entering the container's namespace: {e}"))?;
+        let made = in_netns(ns, move || {
             let _g = rt.enter();
             rtnetlink::new_connection().map_err(|e| e.to_string())
         })
-        .join()
-        .map_err(|_| NetError {
-            what: "netns".into(),
-            reason: "thread panicked".into(),
-        })?
         .map_err(|reason| NetError {
             what: "netlink socket".into(),
             reason,
         })?;
         tokio::spawn(made.0);
-        Ok(Netlink { h: made.1 })
+        Ok(Netlink {
+            h: made.1,
+            ns: Some(kept),
+        })
+    }
+
+    /// IPv6 on for `ifname` in this connection's namespace: a runtime or a
+    /// host may have switched it off (`disable_ipv6`), and the kernel then
+    /// refuses IPv6 addresses. `ifname` is an existing device's name.
+    fn enable_ipv6(&self, ifname: &str) -> Result<(), NetError> {
+        let err = |reason: String| NetError {
+            what: format!("IPv6 on {ifname}"),
+            reason,
+        };
+        if ifname.is_empty() || ifname.contains('/') || ifname == "." || ifname == ".." {
+            return Err(err("not a device name".into()));
+        }
+        let path = format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6");
+        let write = move || -> Result<(), String> {
+            match std::fs::read_to_string(&path) {
+                Ok(v) if v.trim() == "0" => Ok(()),
+                Ok(_) => std::fs::write(&path, "0").map_err(|e| format!("{path}: {e}")),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    Err("the kernel has no IPv6 (no /proc/sys/net/ipv6)".into())
+                }
+                Err(e) => Err(format!("{path}: {e}")),
+            }
+        };
+        match &self.ns {
+            None => write().map_err(err),
+            Some(ns) => {
+                in_netns(ns.try_clone().map_err(|e| err(e.to_string()))?, write).map_err(err)
+            }
+        }
     }
 
     /// The link called `name`, if there is one.
@@ -160,8 +193,8 @@ impl Netlink {
         })
     }
 
-    /// IPv4 addresses on a link.
-    pub async fn addresses(&self, index: u32) -> Result<Vec<Ipv4Net>, NetError> {
+    /// Addresses on a link, both families.
+    pub async fn addresses(&self, index: u32) -> Result<Vec<IpNet>, NetError> {
         let msgs: Vec<_> = self
             .h
             .address()
@@ -176,9 +209,8 @@ impl Netlink {
             .filter(|m| m.header.index == index)
             .filter_map(|m| {
                 m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Local(IpAddr::V4(ip))
-                    | AddressAttribute::Address(IpAddr::V4(ip)) => {
-                        Ipv4Net::new(*ip, m.header.prefix_len).ok()
+                    AddressAttribute::Local(ip) | AddressAttribute::Address(ip) => {
+                        IpNet::new(*ip, m.header.prefix_len).ok()
                     }
                     _ => None,
                 })
@@ -186,9 +218,10 @@ impl Netlink {
             .collect())
     }
 
-    /// IPv4 routes in the main table: (destination, gateway, output link).
-    pub async fn routes(&self) -> Result<Vec<(Ipv4Net, Option<Ipv4Addr>, Option<u32>)>, NetError> {
-        let msgs: Vec<_> = self
+    /// Routes of both families in the main table: (destination, gateway,
+    /// output link).
+    pub async fn routes(&self) -> Result<Vec<(IpNet, Option<IpAddr>, Option<u32>)>, NetError> {
+        let mut msgs: Vec<_> = self
             .h
             .route()
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
@@ -196,26 +229,40 @@ impl Netlink {
             .try_collect()
             .await
             .map_err(nl("listing routes"))?;
+        let v6: Vec<_> = self
+            .h
+            .route()
+            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing IPv6 routes"))?;
+        msgs.extend(v6);
         Ok(msgs
             .iter()
             .filter(|r| r.header.table == RouteHeader::RT_TABLE_MAIN)
             .map(|r| {
-                let mut dst = Ipv4Addr::UNSPECIFIED;
+                let v4 = r.header.address_family == netlink_packet_route::AddressFamily::Inet;
+                let mut dst = if v4 {
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                } else {
+                    IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                };
                 let mut gw = None;
                 let mut oif = None;
                 for a in &r.attributes {
                     match a {
-                        RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
-                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
+                        RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = (*d).into(),
+                        RouteAttribute::Destination(RouteAddress::Inet6(d)) => dst = (*d).into(),
+                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some((*g).into()),
+                        RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gw = Some((*g).into()),
                         RouteAttribute::Oif(i) => oif = Some(*i),
                         _ => {}
                     }
                 }
-                (
-                    Ipv4Net::new(dst, r.header.destination_prefix_length).unwrap_or_default(),
-                    gw,
-                    oif,
-                )
+                let dst = IpNet::new(dst, r.header.destination_prefix_length)
+                    .unwrap_or_else(|_| IpNet::new(dst, 0).expect("/0"));
+                (dst, gw, oif)
             })
             .collect())
     }
@@ -228,8 +275,8 @@ impl Netlink {
     pub async fn ensure_bridge(
         &self,
         name: &str,
-        gateway: Ipv4Net,
-        cluster: Option<Ipv4Net>,
+        gateways: &[IpNet],
+        clusters: &[IpNet],
         mtu: u32,
     ) -> Result<Link, NetError> {
         let bridge = match self.link(name).await? {
@@ -245,7 +292,14 @@ impl Netlink {
                 })
             }
             None => {
-                let o = gateway.addr().octets();
+                let o = match gateways.first().map(IpNet::addr) {
+                    Some(IpAddr::V4(a)) => a.octets(),
+                    Some(IpAddr::V6(a)) => {
+                        let b = a.octets();
+                        [b[12], b[13], b[14], b[15]]
+                    }
+                    None => [0; 4],
+                };
                 let mac = vec![0x02, 0x77, o[0], o[1], o[2], o[3]];
                 match self
                     .h
@@ -262,11 +316,14 @@ impl Netlink {
             }
         };
         let have = self.addresses(bridge.index).await?;
-        if !have.contains(&gateway) {
-            for old in have
-                .iter()
-                .filter(|a| cluster.is_some_and(|c| c.contains(&a.addr())))
-            {
+        for gateway in gateways {
+            if have.contains(gateway) {
+                continue;
+            }
+            for old in have.iter().filter(|a| {
+                a.addr().is_ipv4() == gateway.addr().is_ipv4()
+                    && clusters.iter().any(|c| c.contains(&a.addr()))
+            }) {
                 let _ = self
                     .h
                     .address()
@@ -274,17 +331,10 @@ impl Netlink {
                     .execute()
                     .await;
             }
-            match self
-                .h
-                .address()
-                .add(
-                    bridge.index,
-                    IpAddr::V4(gateway.addr()),
-                    gateway.prefix_len(),
-                )
-                .execute()
-                .await
-            {
+            if gateway.addr().is_ipv6() {
+                self.enable_ipv6(name)?;
+            }
+            match self.add_address(bridge.index, *gateway).execute().await {
                 Err(e) if is_errno(&e, 17) => {}
                 r => r.map_err(nl(format!("adding {gateway} to {name}")))?,
             }
@@ -356,21 +406,35 @@ impl Netlink {
         Ok(h)
     }
 
+    /// An address to add; IPv6 ones without duplicate address detection
+    /// (weft's IPAM hands each out once, and a tentative address would
+    /// keep the first packets from leaving).
+    fn add_address(&self, index: u32, a: IpNet) -> rtnetlink::AddressAddRequest {
+        let mut req = self.h.address().add(index, a.addr(), a.prefix_len());
+        if a.addr().is_ipv6() {
+            req.message_mut().header.flags = AddressHeaderFlags::Nodad;
+        }
+        req
+    }
+
     /// Inside the container: `ifname` (made by [`Netlink::add_veth`]) up,
-    /// with its address and routes.
+    /// with its addresses and routes.
     pub async fn setup_container_if(
         &self,
         ifname: &str,
-        addr: Ipv4Net,
-        routes: &[(Ipv4Net, Ipv4Addr)],
+        addrs: &[IpNet],
+        routes: &[(IpNet, IpAddr)],
     ) -> Result<Link, NetError> {
         let l = self.must(ifname).await?;
-        self.h
-            .address()
-            .add(l.index, IpAddr::V4(addr.addr()), addr.prefix_len())
-            .execute()
-            .await
-            .map_err(nl(format!("adding {addr} to {ifname}")))?;
+        if addrs.iter().any(|a| a.addr().is_ipv6()) {
+            self.enable_ipv6(ifname)?;
+        }
+        for addr in addrs {
+            self.add_address(l.index, *addr)
+                .execute()
+                .await
+                .map_err(nl(format!("adding {addr} to {ifname}")))?;
+        }
         self.h
             .link()
             .set(LinkUnspec::new_with_index(l.index).up().build())
@@ -378,9 +442,13 @@ impl Netlink {
             .await
             .map_err(nl(format!("bringing {ifname} up")))?;
         for (dst, gw) in routes {
-            let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            let msg = RouteMessageBuilder::<IpAddr>::new()
                 .destination_prefix(dst.network(), dst.prefix_len())
-                .gateway(*gw)
+                .and_then(|b| b.gateway(*gw))
+                .map_err(|e| NetError {
+                    what: format!("route {dst} via {gw}"),
+                    reason: e.to_string(),
+                })?
                 .output_interface(l.index)
                 .build();
             self.h
@@ -419,6 +487,21 @@ impl Netlink {
     }
 }
 
+/// Runs `f` on a thread that has entered the network namespace `ns`
+/// (this process's own namespace stays as it is).
+fn in_netns<T: Send + 'static>(
+    ns: File,
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    std::thread::spawn(move || {
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("entering the container's namespace: {e}"))?;
+        f()
+    })
+    .join()
+    .map_err(|_| "thread panicked".to_string())?
+}
+
 /// What [`Netlink::delete_veth`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Removal {
@@ -449,15 +532,18 @@ pub fn describe(l: &Link) -> String {
     )
 }
 
-fn address_message(index: u32, a: Ipv4Net) -> netlink_packet_route::address::AddressMessage {
+fn address_message(index: u32, a: IpNet) -> netlink_packet_route::address::AddressMessage {
     let mut m = netlink_packet_route::address::AddressMessage::default();
-    m.header.family = netlink_packet_route::AddressFamily::Inet;
+    m.header.family = match a {
+        IpNet::V4(_) => netlink_packet_route::AddressFamily::Inet,
+        IpNet::V6(_) => netlink_packet_route::AddressFamily::Inet6,
+    };
     m.header.prefix_len = a.prefix_len();
     m.header.index = index;
-    m.attributes
-        .push(AddressAttribute::Local(IpAddr::V4(a.addr())));
-    m.attributes
-        .push(AddressAttribute::Address(IpAddr::V4(a.addr())));
+    if a.addr().is_ipv4() {
+        m.attributes.push(AddressAttribute::Local(a.addr()));
+    }
+    m.attributes.push(AddressAttribute::Address(a.addr()));
     m
 }
 

@@ -1,10 +1,10 @@
 //! The CNI specification's types: network configuration in, results and
 //! errors out, with the differences between spec versions.
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use weft_config::cidr;
 
@@ -182,8 +182,8 @@ pub struct Interface {
 /// An address in a result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IpConfig {
-    pub address: Ipv4Net,
-    pub gateway: Ipv4Addr,
+    pub address: IpNet,
+    pub gateway: IpAddr,
     /// Index into `interfaces`.
     pub interface: usize,
 }
@@ -191,8 +191,8 @@ pub struct IpConfig {
 /// A route in a result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
-    pub dst: Ipv4Net,
-    pub gw: Option<Ipv4Addr>,
+    pub dst: IpNet,
+    pub gw: Option<IpAddr>,
 }
 
 /// A plugin's result.
@@ -216,7 +216,7 @@ impl CniResult {
             .map(|ip| {
                 let mut v = json!({"address": ip.address.to_string(), "gateway": ip.gateway.to_string(), "interface": ip.interface});
                 if old {
-                    v["version"] = json!("4");
+                    v["version"] = json!(if ip.address.addr().is_ipv4() { "4" } else { "6" });
                 }
                 v
             })
@@ -238,9 +238,8 @@ impl CniResult {
         })
     }
 
-    /// Reads a previous result (any supported version). IPv6 entries and
-    /// fields we do not use are kept out of the typed view but survive in
-    /// `dns`.
+    /// Reads a previous result (any supported version), both families;
+    /// fields we do not use are left out.
     pub fn from_json(v: &Value) -> Result<Self, CniError> {
         let bad = |what: &str| CniError::new(Code::Decode, format!("prevResult: {what}"));
         let interfaces: Vec<Interface> = match v.get("interfaces") {
@@ -253,14 +252,19 @@ impl CniResult {
                 .get("address")
                 .and_then(Value::as_str)
                 .ok_or_else(|| bad("an ip without address"))?;
-            let Some(address) = cidr::parse_v4(address) else {
+            let Some(address) = parse_net(address) else {
                 continue;
+            };
+            let unspecified = match address {
+                IpNet::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                IpNet::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             };
             let gateway = ip
                 .get("gateway")
                 .and_then(Value::as_str)
-                .and_then(|g| g.parse().ok())
-                .unwrap_or(Ipv4Addr::UNSPECIFIED);
+                .and_then(|g| g.parse::<IpAddr>().ok())
+                .filter(|g| g.is_ipv4() == address.addr().is_ipv4())
+                .unwrap_or(unspecified);
             let interface = ip.get("interface").and_then(Value::as_u64).unwrap_or(0) as usize;
             ips.push(IpConfig {
                 address,
@@ -275,17 +279,16 @@ impl CniResult {
             .into_iter()
             .flatten()
         {
-            let Some(dst) = r
-                .get("dst")
-                .and_then(Value::as_str)
-                .and_then(cidr::parse_v4)
-            else {
+            let Some(dst) = r.get("dst").and_then(Value::as_str).and_then(parse_net) else {
                 continue;
             };
-            let gw = r
-                .get("gw")
-                .and_then(Value::as_str)
-                .and_then(|g| g.parse().ok());
+            let gw = match r.get("gw").and_then(Value::as_str) {
+                None => None,
+                Some(g) => match g.parse::<IpAddr>() {
+                    Ok(g) if g.is_ipv4() == dst.addr().is_ipv4() => Some(g),
+                    _ => return Err(bad(&format!("route to {dst} via {g:?}"))),
+                },
+            };
             routes.push(Route { dst, gw });
         }
         Ok(CniResult {
@@ -300,6 +303,13 @@ impl CniResult {
                 .unwrap_or(Value::Null),
         })
     }
+}
+
+/// A CIDR of either family, as CNI results write them.
+fn parse_net(text: &str) -> Option<IpNet> {
+    cidr::parse_v4(text)
+        .map(IpNet::V4)
+        .or_else(|| cidr::parse_v6(text).map(IpNet::V6))
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! The node daemon's control socket: a Unix socket only root may use
 //! (the daemon checks the caller's credentials), for operations that change
-//! the node, today the ipsec key rotation (`weftctl node rekey`).
+//! the node, today the key rotation of ipsec and wireguard (`weftctl node rekey`).
 //!
 //! The protocol is one request line and one answer line per connection:
 //! the client writes `rekey\n`, the daemon answers with one JSON object
@@ -29,7 +29,7 @@ pub enum ControlReply {
     Rotated { epoch: u64 },
     /// Nothing was done.
     Refused {
-        /// A stable word: `forbidden`, `rate_limited`, `not_ipsec`,
+        /// A stable word: `forbidden`, `rate_limited`, `no_key`,
         /// `unknown_command`, `rekey_failed`, `busy`, `stopping`.
         error: String,
         message: String,

@@ -1,5 +1,5 @@
 //! The control socket (`--control-socket`, default `/run/weft/node.sock`):
-//! `weftctl node rekey` asks for an ipsec key rotation here. The socket is
+//! `weftctl node rekey` asks for a key rotation (ipsec, wireguard) here. The socket is
 //! mode 0600 and every caller's credentials are checked (root only), and
 //! rotations asked for here are at least [`REKEY_SPACING`] apart. The
 //! protocol is in [`weft_lease::node_control`].
@@ -103,7 +103,7 @@ impl ControlSocket {
     }
 
     /// Answers requests until dropped. `rekey` goes to the rotation task;
-    /// when that channel is closed the node does not run ipsec.
+    /// when that channel is closed the node's backend has no key.
     pub async fn serve(self, rekey: mpsc::Sender<RekeyRequest>, policy: Policy) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let last_rekey: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
@@ -213,8 +213,8 @@ async fn rekey_now(
 ) -> ControlReply {
     if rekey.is_closed() {
         return ControlReply::refused(
-            "not_ipsec",
-            "this node does not run the ipsec backend",
+            "no_key",
+            "this node's backend has no key to rotate (ipsec and wireguard have)",
             false,
         );
     }
@@ -245,8 +245,8 @@ async fn rekey_now(
     let (tx, rx) = oneshot::channel();
     if rekey.send(tx).await.is_err() {
         return ControlReply::refused(
-            "not_ipsec",
-            "this node does not run the ipsec backend",
+            "no_key",
+            "this node's backend has no key to rotate (ipsec and wireguard have)",
             false,
         );
     }
@@ -323,7 +323,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn another_uid_unknown_requests_and_no_ipsec_are_refused() {
+    async fn another_uid_unknown_requests_and_no_key_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = socket_path(&dir);
         let (tx, task) = rotator();
@@ -366,13 +366,13 @@ mod tests {
         server.abort();
         let _ = server.await;
         assert_eq!(task.await.unwrap_or(0), 0, "nothing rotated");
-        // No ipsec: the rotation task is gone.
+        // No key (vxlan, host-gw): the rotation task is gone.
         let (closed, rx) = mpsc::channel::<RekeyRequest>(1);
         drop(rx);
         let sock = ControlSocket::bind(&path).unwrap();
         let server = tokio::spawn(sock.serve(closed, policy));
         match request(&path, "rekey", WAIT).await.unwrap() {
-            ControlReply::Refused { error, .. } => assert_eq!(error, "not_ipsec"),
+            ControlReply::Refused { error, .. } => assert_eq!(error, "no_key"),
             other => panic!("{other:?}"),
         }
         server.abort();

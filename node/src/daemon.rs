@@ -16,16 +16,16 @@ use crate::subnet_env::{self, SubnetEnv};
 use crate::{health, masq, system};
 use anyhow::{anyhow, bail, Context, Result};
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use weft_backends::ipsec::Timing;
 use weft_backends::{
-    for_config, Backend, ExternalIface, Ipsec, LocalNode, NetlinkDataplane, Wireguard,
+    for_config, Backend, Context as BackendContext, ExternalIface, Ipsec, Keyed, LocalNode,
+    NetlinkDataplane,
 };
 use weft_config::{BackendConfig, BackendType, NetworkConfig};
 use weft_lease::api::{AcquireRequest, LeaseResponse};
@@ -41,6 +41,8 @@ pub struct Options {
     pub node_name: NodeName,
     pub iface: IfaceChoice,
     pub public_ip: Option<Ipv4Addr>,
+    /// IPv6 address to publish (default: the interface's).
+    pub public_ipv6: Option<Ipv6Addr>,
     pub subnet_file: PathBuf,
     pub ip_masq: bool,
     pub healthz: Option<SocketAddr>,
@@ -54,6 +56,8 @@ pub struct Options {
     pub state_dir: PathBuf,
     /// Rotate the IPsec key this often (zero: only on demand).
     pub ipsec_rekey_interval: Duration,
+    /// Rotate the WireGuard key this often (zero: only on demand).
+    pub wireguard_rekey_interval: Duration,
     /// The cluster PSK for the ipsec backend (a node-local file).
     pub ipsec_psk_file: Option<PathBuf>,
     /// Run ipsec without a PSK.
@@ -68,6 +72,8 @@ struct Keeper {
     client: ControllerClient,
     opts: Options,
     public_ip: Ipv4Addr,
+    /// Published in a network with IPv6.
+    public_ipv6: Option<Ipv6Addr>,
     ext: ExternalIface,
     backend: Arc<dyn Backend>,
     ipsec: Option<Arc<Ipsec>>,
@@ -90,7 +96,7 @@ impl Keeper {
     fn request(&self, previous: Option<&SubnetKey>) -> AcquireRequest {
         AcquireRequest::new(
             Some(self.public_ip),
-            None,
+            self.public_ipv6,
             &self.backend.lease_data(self.opts.node_name.as_str()),
             previous,
         )
@@ -217,6 +223,12 @@ impl Keeper {
                 format!(
                     "now has public IP {} (ours is {})",
                     p.public_ip, self.public_ip
+                )
+            }
+            Some(Ok(p)) if p.public_ipv6 != self.public_ipv6 => {
+                format!(
+                    "now has public IPv6 address {:?} (ours is {:?})",
+                    p.public_ipv6, self.public_ipv6
                 )
             }
             Some(Ok(p)) if p.backend != self.backend.lease_data(name) => {
@@ -382,20 +394,22 @@ async fn network(client: &ControllerClient) -> NetworkConfig {
     .await
 }
 
-/// The backend the network config asks for. The ipsec backend needs more
-/// than the config: a kernel that can do it (checked now, so a node that
-/// cannot encrypt never pretends to), the node's key pair from
-/// `--state-dir`, and the cluster PSK if the config names one.
+/// The backend the network config asks for, and the one whose key
+/// rotates, built by [`for_config`]. What the node adds: a kernel that can
+/// run an encrypting backend (checked first, so a node that cannot encrypt
+/// never pretends to), the cluster PSK for ipsec (a node-local file), and
+/// the logs.
 async fn make_backend(
     network: &NetworkConfig,
     opts: &Options,
     dp: &NetlinkDataplane,
-) -> Result<(Arc<dyn Backend>, Option<Arc<Ipsec>>)> {
+) -> Result<(Arc<dyn Backend>, Option<Keyed>)> {
     check_backend_change(
         network.backend.backend_type(),
         &opts.state_dir,
         opts.allow_backend_change,
     )?;
+    let mut ctx = BackendContext::new(&opts.state_dir);
     match &network.backend {
         BackendConfig::Ipsec(cfg) => {
             dp.probe_ipsec().await.map_err(|e| {
@@ -404,7 +418,6 @@ async fn make_backend(
                     kernel_release()
                 )
             })?;
-            let (key, origin) = keystore::load_or_create(&opts.state_dir, keystore::IPSEC)?;
             if let Some(f) = &cfg.psk_file {
                 tracing::warn!(
                     "the network config names a PSK file ({}); it is ignored: the PSK is a \
@@ -413,7 +426,7 @@ async fn make_backend(
                     f.display()
                 );
             }
-            let psk = match (&opts.ipsec_psk_file, opts.ipsec_allow_no_psk) {
+            ctx.ipsec_psk = match (&opts.ipsec_psk_file, opts.ipsec_allow_no_psk) {
                 (Some(f), _) => Some(keystore::read_psk(f).context("--ipsec-psk-file")?),
                 (None, true) => {
                     tracing::warn!(
@@ -429,38 +442,38 @@ async fn make_backend(
                      SAs with every node)"
                 ),
             };
-            tracing::info!(
-                epoch = key.epoch(),
-                psk = psk.is_some(),
-                rekey_every = ?opts.ipsec_rekey_interval,
-                "ipsec backend: ESP tunnel mode, {}", weft_backends::state::XFRM_AEAD
-            );
-            let ipsec = Arc::new(Ipsec::new(key, psk, Timing::default()));
-            if origin == keystore::KeyOrigin::Loaded {
-                ipsec.key_restored();
-            }
-            Ok((ipsec.clone(), Some(ipsec)))
         }
-        BackendConfig::Wireguard(cfg) => {
+        BackendConfig::Wireguard(_) => {
             dp.probe_wireguard().await.map_err(|e| {
                 anyhow!(
                     "the wireguard backend cannot run on this kernel ({}): {e}",
                     kernel_release()
                 )
             })?;
-            let (key, _) = keystore::load_or_create(&opts.state_dir, keystore::WIREGUARD)?;
-            let wg = Wireguard::new(cfg.clone(), *key.secret_bytes());
-            tracing::info!(
-                public_key = %wg.public_key(),
-                mode = cfg.mode.as_str(),
-                port = cfg.listen_port,
-                psk = cfg.psk.is_some(),
-                "wireguard backend"
-            );
-            Ok((Arc::new(wg), None))
         }
-        other => Ok((Arc::from(for_config(other)?), None)),
+        BackendConfig::Vxlan(_) | BackendConfig::HostGw => {}
     }
+    let psk = ctx.ipsec_psk.is_some();
+    let built = for_config(&network.backend, &ctx)?;
+    match (&network.backend, &built.keyed) {
+        (BackendConfig::Ipsec(_), Some(k)) => tracing::info!(
+            epoch = k.epoch(),
+            psk,
+            rekey_every = ?opts.ipsec_rekey_interval,
+            "ipsec backend: ESP tunnel mode, {}", weft_backends::state::XFRM_AEAD
+        ),
+        (BackendConfig::Wireguard(cfg), Some(k @ Keyed::Wireguard(wg, _))) => tracing::info!(
+            public_key = %wg.public_key(),
+            epoch = k.epoch(),
+            mode = cfg.mode.as_str(),
+            port = cfg.listen_port,
+            psk = cfg.psk.is_some(),
+            rekey_every = ?opts.wireguard_rekey_interval,
+            "wireguard backend"
+        ),
+        _ => {}
+    }
+    Ok((built.backend, built.keyed))
 }
 
 /// Refuses to go from an encrypting backend to one that is not, unless
@@ -563,18 +576,33 @@ async fn start(
 
     // The backend comes from the network config; the lease request carries
     // the backend's data, and the controller checks both agree.
-    let (network, backend, ipsec, lease) = loop {
+    let (network, backend, keyed, lease, public_ipv6) = loop {
         status.phase(format!(
             "waiting for the network config from {}",
             opts.controller
         ));
         let network = network(&client).await;
-        let (backend, ipsec) = make_backend(&network, &opts, &dp).await?;
+        let (backend, keyed) = make_backend(&network, &opts, &dp).await?;
         status.update(|s| s.backend = Some(backend.backend_type().to_string()));
         status.phase(format!("acquiring a lease from {}", opts.controller));
+        // As flannel: a public IPv6 address only in a network with IPv6
+        // (wireguard's auto mode would otherwise reach peers over it).
+        let public_ipv6 = network
+            .ipv6
+            .is_some()
+            .then(|| opts.public_ipv6.or(chosen.public_ipv6))
+            .flatten();
+        if network.ipv6.is_some() && public_ipv6.is_none() {
+            tracing::warn!(
+                iface = %chosen.ext.name,
+                "the network has IPv6 but this node has no public IPv6 address (none on the \
+                 interface, no --public-ipv6): peers reach its IPv6 pods only through backends \
+                 that carry IPv6 over IPv4 (vxlan)"
+            );
+        }
         let req = AcquireRequest::new(
             Some(chosen.public_ip),
-            None,
+            public_ipv6,
             &backend.lease_data(opts.node_name.as_str()),
             previous.as_ref(),
         );
@@ -587,7 +615,7 @@ async fn start(
         })
         .await;
         match got {
-            Some(lease) => break (network, backend, ipsec, lease),
+            Some(lease) => break (network, backend, keyed, lease, public_ipv6),
             None => {
                 tracing::info!("the network's backend changed meanwhile; reading the config again")
             }
@@ -601,6 +629,7 @@ async fn start(
         "lease acquired"
     );
     system::enable_forwarding(network.ipv6.is_some()).map_err(|e| anyhow!(e))?;
+    let ipsec = keyed.as_ref().and_then(Keyed::ipsec).cloned();
     if let Some(i) = &ipsec {
         i.published(i.epoch());
         status.ipsec_keys(&i.key_status());
@@ -611,6 +640,7 @@ async fn start(
         client: client.clone(),
         opts: opts.clone(),
         public_ip: chosen.public_ip,
+        public_ipv6,
         ext: chosen.ext.clone(),
         backend: backend.clone(),
         ipsec: ipsec.clone(),
@@ -633,20 +663,25 @@ async fn start(
         reconciler = reconciler.with_masquerade();
     }
     let heartbeat = reconciler.heartbeat.clone();
-    if let Some(ipsec) = ipsec {
+    if let Some(keyed) = keyed {
+        let interval = match keyed {
+            Keyed::Ipsec(_) => opts.ipsec_rekey_interval,
+            Keyed::Wireguard(..) => opts.wireguard_rekey_interval,
+        };
         let rekeyer = Rekeyer {
-            ipsec,
+            keyed,
             state_dir: opts.state_dir.clone(),
             kicker: reconciler.kicker(),
             client: client.clone(),
             node_name: opts.node_name.to_string(),
             public_ip: chosen.public_ip,
+            public_ipv6,
             local: local_rx.clone(),
             status: status.clone(),
         };
-        tasks.spawn(rekeyer.run(opts.ipsec_rekey_interval, rekey_rx));
+        tasks.spawn(rekeyer.run(interval, rekey_rx));
     } else {
-        // The control socket answers `not_ipsec` from now on.
+        // The control socket answers `no_key` from now on.
         drop(rekey_rx);
     }
     tasks.spawn(reconciler.run(local_rx, peers_rx.clone(), opts.resync));

@@ -4,7 +4,7 @@
 
 use ipnet::{IpNet, Ipv4Net};
 use regex::Regex;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use weft_backends::{ExternalIface, Interface};
 
 /// How the operator asked to pick the interface.
@@ -22,6 +22,22 @@ pub enum IfaceChoice {
 pub struct Chosen {
     pub ext: ExternalIface,
     pub public_ip: Ipv4Addr,
+    /// The interface's first global IPv6 address, if it has one (published
+    /// in a network with IPv6, as flannel's PublicIPv6).
+    pub public_ipv6: Option<Ipv6Addr>,
+}
+
+fn first_v6(i: &Interface) -> Option<Ipv6Addr> {
+    i.addrs.iter().find_map(|a| match a {
+        IpNet::V6(n)
+            if !n.addr().is_loopback()
+                && !n.addr().is_multicast()
+                && !n.addr().is_unicast_link_local() =>
+        {
+            Some(n.addr())
+        }
+        _ => None,
+    })
 }
 
 fn first_v4(i: &Interface) -> Option<Ipv4Net> {
@@ -109,6 +125,7 @@ pub fn choose(
     Ok(Chosen {
         ext: to_ext(iface, addr),
         public_ip: public_ip.unwrap_or(addr.addr()),
+        public_ipv6: first_v6(iface),
     })
 }
 
@@ -127,7 +144,12 @@ mod tests {
         };
         vec![
             i(1, "lo", true, &["127.0.0.1/8"]),
-            i(2, "eth0", true, &["fe80::1/64", "198.18.0.11/16"]),
+            i(
+                2,
+                "eth0",
+                true,
+                &["fe80::1/64", "198.18.0.11/16", "fdc6:7765:6674:18::b/64"],
+            ),
             i(3, "eth1", true, &["203.0.113.5/24"]),
             i(4, "eth2", false, &["198.51.100.2/24"]),
             i(5, "bare", true, &[]),
@@ -143,6 +165,8 @@ mod tests {
             ("eth0", "198.18.0.11".into())
         );
         assert_eq!(c.ext.addr.to_string(), "198.18.0.11/16");
+        // Not the link-local one.
+        assert_eq!(c.public_ipv6, Some("fdc6:7765:6674:18::b".parse().unwrap()));
         let c = choose(
             &all,
             None,
@@ -151,6 +175,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(&*c.ext.name, "eth1");
+        assert_eq!(c.public_ipv6, None);
         let c = choose(
             &all,
             None,

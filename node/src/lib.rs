@@ -10,7 +10,8 @@ pub mod control;
 pub mod daemon;
 pub mod health;
 pub mod iface;
-pub mod keystore;
+/// The key store lives with the backends that have keys.
+pub use weft_backends::keystore;
 pub mod masq;
 pub mod peers;
 pub mod reconcile;

@@ -44,6 +44,10 @@ struct Args {
     /// --iface/--iface-regex is given (e.g. behind NAT).
     #[arg(long, env = "WEFT_NODE_PUBLIC_IP")]
     public_ip: Option<Ipv4Addr>,
+    /// IPv6 address to publish in a network with IPv6 (default: the
+    /// interface's first global IPv6 address).
+    #[arg(long, env = "WEFT_NODE_PUBLIC_IPV6")]
+    public_ipv6: Option<std::net::Ipv6Addr>,
     /// Where to write the lease for CNI plugins.
     #[arg(
         long,
@@ -76,6 +80,12 @@ struct Args {
     /// `24h`, `90m`; `0` only on demand: SIGUSR1 or `weftctl node rekey`).
     #[arg(long, env = "WEFT_NODE_IPSEC_REKEY_INTERVAL", default_value = "24h")]
     ipsec_rekey_interval: String,
+    /// wireguard backend: rotate the key pair this often (`0`, the
+    /// default: only on demand, SIGUSR1 or `weftctl node rekey`).
+    /// WireGuard's sessions take fresh keys every two minutes anyway; the
+    /// key pair is the node's identity.
+    #[arg(long, env = "WEFT_NODE_WIREGUARD_REKEY_INTERVAL", default_value = "0")]
+    wireguard_rekey_interval: String,
     /// ipsec backend: the cluster PSK, a root-owned 0600 file (at most 4
     /// KiB) with the same secret on every node.
     #[arg(long, env = "WEFT_NODE_IPSEC_PSK_FILE")]
@@ -97,6 +107,21 @@ fn host_name() -> anyhow::Result<String> {
     let name =
         std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the host name")?;
     Ok(name.trim().to_string())
+}
+
+/// A rotation interval: `0` (only on demand) or at least a minute (a
+/// rotation takes ipsec's switch delay plus its grace period to settle).
+fn rekey_interval(flag: &str, text: &str) -> anyhow::Result<Duration> {
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let d = weft_config::parse_duration(text).map_err(|e| anyhow!("{flag} {text:?}: {e}"))?;
+    if d < Duration::from_secs(60) {
+        anyhow::bail!(
+            "{flag} must be at least 1m (or 0 for on demand only); a rotation takes a while to settle"
+        );
+    }
+    Ok(d)
 }
 
 fn options(a: Args) -> anyhow::Result<Options> {
@@ -124,18 +149,9 @@ fn options(a: Args) -> anyhow::Result<Options> {
     if a.resync == 0 {
         anyhow::bail!("--resync must be at least 1 second");
     }
-    let ipsec_rekey_interval = if a.ipsec_rekey_interval.trim() == "0" {
-        Duration::ZERO
-    } else {
-        let d = weft_config::parse_duration(&a.ipsec_rekey_interval)
-            .map_err(|e| anyhow!("--ipsec-rekey-interval {:?}: {e}", a.ipsec_rekey_interval))?;
-        if d < Duration::from_secs(60) {
-            anyhow::bail!(
-                "--ipsec-rekey-interval must be at least 1m (or 0 for on demand only); a rotation takes the switch delay plus the grace period to settle"
-            );
-        }
-        d
-    };
+    let ipsec_rekey_interval = rekey_interval("--ipsec-rekey-interval", &a.ipsec_rekey_interval)?;
+    let wireguard_rekey_interval =
+        rekey_interval("--wireguard-rekey-interval", &a.wireguard_rekey_interval)?;
     let tls = ClientTlsFiles::from_flags(a.ca_file, a.cert_file, a.key_file)?;
     Ok(Options {
         controller: a.controller,
@@ -143,6 +159,7 @@ fn options(a: Args) -> anyhow::Result<Options> {
         node_name,
         iface,
         public_ip: a.public_ip,
+        public_ipv6: a.public_ipv6,
         subnet_file: a.subnet_file,
         ip_masq: a.ip_masq,
         healthz,
@@ -154,6 +171,7 @@ fn options(a: Args) -> anyhow::Result<Options> {
         watch_silence: Duration::from_secs(45),
         state_dir: a.state_dir,
         ipsec_rekey_interval,
+        wireguard_rekey_interval,
         ipsec_psk_file: a.ipsec_psk_file,
         ipsec_allow_no_psk: a.ipsec_allow_no_psk,
         allow_backend_change: a.allow_backend_change,

@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use weft_backends::peer::{select, HostView, Skipped};
 use weft_backends::{
-    diff, in_scope, Backend, Change, Dataplane, Delta, LocalNode, NetState, PerPeer, Plan,
-    PlanInputs, RouteChange,
+    diff, in_scope, Backend, Change, Dataplane, Delta, LinkChange, LocalNode, NetState, PerPeer,
+    Plan, PlanInputs, RouteChange,
 };
 
 /// What one pass did.
@@ -258,6 +258,17 @@ impl Reconciler {
         if let Some(changes) = changes {
             outcome.changes = changes.len();
             for c in &changes {
+                if let Change::Link(LinkChange::Delete {
+                    name,
+                    foreign: Some(what),
+                }) = c
+                {
+                    tracing::warn!(
+                        device = %name,
+                        "deleting a {what} device named {name} that weft did not make: \
+                         weft's device takes that name"
+                    );
+                }
                 tracing::debug!(change = %c, "applying");
             }
             let errors = self.dataplane.apply(&changes).await;

@@ -63,6 +63,7 @@ pub struct Status {
     pub watch_restarts: Counter,
     pub ipsec_rekeys: Counter,
     pub ipsec_epoch: Gauge,
+    pub wireguard_rekeys: Counter,
     ready: Gauge,
 }
 
@@ -135,6 +136,12 @@ impl Status {
             "Epoch of the IPsec key in use (ipsec backend)",
             ipsec_epoch.clone(),
         );
+        let wireguard_rekeys = Counter::default();
+        registry.register(
+            "wireguard_key_rotations",
+            "WireGuard key rotations published",
+            wireguard_rekeys.clone(),
+        );
         Status {
             snap: Mutex::new(Snapshot {
                 node: node.to_string(),
@@ -154,6 +161,7 @@ impl Status {
             watch_restarts,
             ipsec_rekeys,
             ipsec_epoch,
+            wireguard_rekeys,
             ready,
         }
     }

@@ -26,7 +26,7 @@ use anyhow::{bail, Context, Result};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -40,6 +40,18 @@ pub const NS_PREFIX: &str = "wl-";
 pub const FABRIC_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// An address outside the cluster network, on the fabric.
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 1);
+/// In a lab with IPv6 ([`LabConfig::ipv6`]): the fabric's /64, a ULA range
+/// of weft's own (never the machine's uplink range), and the fabric's and
+/// the outside's addresses on it.
+pub const FABRIC_IP6: Ipv6Addr = Ipv6Addr::new(0xfdc6, 0x7765, 0x6674, 0x18, 0, 0, 0, 1);
+pub const OUTSIDE_IP6: Ipv6Addr = Ipv6Addr::new(0xfdc6, 0x7765, 0x6674, 0x18, 0, 0, 0, 0xc8);
+/// The pods' IPv6 network in a lab with IPv6 (a /64 per node).
+pub const POD_NETWORK6: &str = "fdc6:7765:6675::/48";
+
+/// Host `i`'s IPv6 address on the fabric, in a lab with IPv6.
+pub fn host_ip6(i: u32) -> Ipv6Addr {
+    Ipv6Addr::new(0xfdc6, 0x7765, 0x6674, 0x18, 0, 0, 0, 10 + i as u16)
+}
 /// The controller's plain-HTTP health listener, inside the fabric.
 pub const HEALTHZ: &str = "127.0.0.1:7071";
 /// The name in the lab's admin certificate (`pki/admin-lab.pem`).
@@ -79,6 +91,9 @@ pub struct LabConfig {
     pub etcd_quota_bytes: Option<u64>,
     /// More arguments for every controller.
     pub controller_args: Vec<String>,
+    /// Dual stack: the fabric also carries IPv6 ([`FABRIC_IP6`]), the
+    /// default network config adds [`POD_NETWORK6`], pods get both families.
+    pub ipv6: bool,
 }
 
 impl LabConfig {
@@ -103,6 +118,7 @@ impl LabConfig {
             controllers: 1,
             etcd_quota_bytes: None,
             controller_args: Vec::new(),
+            ipv6: false,
         }
     }
 
@@ -132,6 +148,9 @@ pub struct ProcState {
 pub struct PodState {
     pub ns: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, in a lab with IPv6.
+    #[serde(default)]
+    pub ip6: Option<Ipv6Addr>,
 }
 
 /// A host.
@@ -174,6 +193,8 @@ pub struct LabState {
     pub service_ns: Vec<String>,
     #[serde(default)]
     pub controller_args: Vec<String>,
+    #[serde(default)]
+    pub ipv6: bool,
 }
 
 /// A running lab. Dropping a test lab tears it down.
@@ -198,6 +219,16 @@ fn veth(ns: &str, name: &str, peer_ns: &str, peer: &str) -> Result<()> {
         &[
             "link", "add", name, "type", "veth", "peer", "name", peer, "netns", peer_ns,
         ],
+    )?;
+    Ok(())
+}
+
+/// Gives `dev` in namespace `ns` the IPv6 address `ip`/64, usable at once
+/// (no duplicate address detection).
+fn addr6(ns: &str, dev: &str, ip: Ipv6Addr) -> Result<()> {
+    ns_run(
+        ns,
+        &["addr", "add", &format!("{ip}/64"), "dev", dev, "nodad"],
     )?;
     Ok(())
 }
@@ -283,6 +314,7 @@ impl Lab {
                 controllers: cfg.controllers.max(1),
                 service_ns: Vec::new(),
                 controller_args: cfg.controller_args.clone(),
+                ipv6: cfg.ipv6,
             },
             dir,
             detached: cfg.detached,
@@ -339,6 +371,10 @@ impl Lab {
         veth(&fab, "out", &out, "eth0")?;
         ns_run(&fab, &["link", "set", "out", "master", "br0", "up"])?;
         addr_up(&out, "eth0", &format!("{OUTSIDE_IP}/16"))?;
+        if self.state.ipv6 {
+            addr6(&fab, "br0", FABRIC_IP6)?;
+            addr6(&out, "eth0", OUTSIDE_IP6)?;
+        }
         self.start_etcd(etcd_quota)?;
         // The lab's PKI, made as an operator makes one.
         let pki = self.pki_dir();
@@ -370,8 +406,13 @@ impl Lab {
             Ok(names.iter().all(|c| self.controller_healthy(c)))
         })?;
         let config = self.state.network.clone().unwrap_or_else(|| {
+            let v6 = if self.state.ipv6 {
+                format!(r#""EnableIPv6":true,"IPv6Network":"{POD_NETWORK6}","#)
+            } else {
+                String::new()
+            };
             format!(
-                r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{}"}}}}"#,
+                r#"{{"Network":"10.244.0.0/16",{v6}"Backend":{{"Type":"{}"}}}}"#,
                 self.state.backend
             )
         });
@@ -987,6 +1028,9 @@ impl Lab {
         veth(&fab, &port, &ns, "eth0")?;
         ns_run(&fab, &["link", "set", &port, "master", "br0", "up"])?;
         addr_up(&ns, "eth0", &format!("{ip}/16"))?;
+        if self.state.ipv6 {
+            addr6(&ns, "eth0", host_ip6(i))?;
+        }
         self.start_node_process(i)?;
         Ok(i)
     }
@@ -1093,9 +1137,12 @@ impl Lab {
             &format!("host-{i} to get a lease"),
             || Ok(weft_node::subnet_env::read(&env_path).ok().flatten()),
         )?;
-        let subnet = env.subnet.context("subnet.env without FLANNEL_SUBNET")?;
+        if env.subnet.is_none() && env.ipv6_subnet.is_none() {
+            bail!("host-{i}'s subnet.env has neither FLANNEL_SUBNET nor FLANNEL_IPV6_SUBNET");
+        }
         let h = self.host_mut(i)?;
-        h.subnet = Some(subnet.trunc());
+        // None in an IPv6-only network.
+        h.subnet = env.subnet.map(|s| s.trunc());
         h.mtu = env.mtu;
         let pods = self.state.pods_per_host;
         for j in 1..=pods {
@@ -1249,6 +1296,7 @@ impl Lab {
         self.host_mut(i)?.pods.push(PodState {
             ns: pod.clone(),
             ip: Ipv4Addr::UNSPECIFIED,
+            ip6: None,
         });
         self.save()?;
         let answer = self.cni(i, "ADD", &pod)?;
@@ -1264,19 +1312,36 @@ impl Lab {
                 answer.stderr.trim()
             );
         }
-        let addr = answer.out["ips"][0]["address"]
-            .as_str()
-            .with_context(|| format!("weft-cni answered without an address: {}", answer.out))?;
-        let ip: Ipv4Addr = addr
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .parse()
-            .with_context(|| format!("weft-cni answered address {addr:?}"))?;
+        let addrs: Vec<IpAddr> = answer.out["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["address"].as_str()?.split('/').next()?.parse().ok())
+            .collect();
+        // IPv4 unspecified: an IPv6-only network.
+        let ip = addrs
+            .iter()
+            .find_map(|a| match a {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let ip6 = addrs.iter().find_map(|a| match a {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        });
+        if ip.is_unspecified() && ip6.is_none() {
+            bail!("weft-cni answered without an address: {}", answer.out);
+        }
+        if self.state.ipv6 && ip6.is_none() {
+            bail!("weft-cni gave {pod} no IPv6 address: {}", answer.out);
+        }
         if let Some(p) = self.host_mut(i)?.pods.iter_mut().find(|p| p.ns == pod) {
             p.ip = ip;
+            p.ip6 = ip6;
         }
-        Ok(())
+        // A lab driven by separate weft-lab commands reads its pods back.
+        self.save()
     }
 
     pub fn host(&self, i: u32) -> Result<&HostState> {
@@ -1336,7 +1401,14 @@ impl Lab {
     }
 
     /// Pings `to` from namespace `from`; returns (sent, received).
-    pub fn ping(&self, from: &str, to: Ipv4Addr, count: u32, interval: &str) -> Result<(u32, u32)> {
+    pub fn ping(
+        &self,
+        from: &str,
+        to: impl Into<IpAddr>,
+        count: u32,
+        interval: &str,
+    ) -> Result<(u32, u32)> {
+        let to: IpAddr = to.into();
         let out = Command::new("ip")
             .args([
                 "netns",
@@ -1359,18 +1431,33 @@ impl Lab {
     }
 
     /// Whether `from` reaches `to` (one ping, a second chance).
-    pub fn reaches(&self, from: &str, to: Ipv4Addr) -> bool {
+    pub fn reaches(&self, from: &str, to: impl Into<IpAddr>) -> bool {
+        let to = to.into();
         (0..2).any(|_| matches!(self.ping(from, to, 1, "0.2"), Ok((_, 1))))
     }
 
-    /// Pod pairs that cannot reach each other, as (from, to) pod IPs.
-    pub fn unreachable_pairs(&self) -> Vec<(Ipv4Addr, Ipv4Addr)> {
+    /// Whether pod `a` reaches pod `b` over IPv4 and over IPv6: `None` for
+    /// a family one of them lacks.
+    pub fn reaches_pod(&self, a: &PodState, b: &PodState) -> (Option<bool>, Option<bool>) {
+        let v4 =
+            (!a.ip.is_unspecified() && !b.ip.is_unspecified()).then(|| self.reaches(&a.ns, b.ip));
+        let v6 = a.ip6.and(b.ip6).map(|b6| self.reaches(&a.ns, b6));
+        (v4, v6)
+    }
+
+    /// Pod pairs that cannot reach each other, as (from, to) pod IPs: over
+    /// IPv4, and over IPv6 between pods that have it.
+    pub fn unreachable_pairs(&self) -> Vec<(IpAddr, IpAddr)> {
         let pods = self.pods();
         let mut bad = Vec::new();
         for (_, a) in &pods {
-            for (_, b) in &pods {
-                if a != b && !self.reaches(&a.ns, b.ip) {
-                    bad.push((a.ip, b.ip));
+            for (_, b) in pods.iter().filter(|(_, b)| a != b) {
+                let (v4, v6) = self.reaches_pod(a, b);
+                if v4 == Some(false) {
+                    bad.push((a.ip.into(), b.ip.into()));
+                }
+                if let (Some(false), Some(a6), Some(b6)) = (v6, a.ip6, b.ip6) {
+                    bad.push((a6.into(), b6.into()));
                 }
             }
         }

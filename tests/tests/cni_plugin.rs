@@ -563,3 +563,170 @@ fn tiny_subnets_and_a_weft0_that_is_not_a_bridge_are_clear_errors() {
     let kind = n.ns.ip(&["-d", "link", "show", "weft0"]).unwrap();
     assert!(kind.contains("veth"), "weft0 left as it was: {kind}");
 }
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn a_dual_stack_node_gives_containers_both_families() {
+    // What weft-node writes for a dual-stack lease (our own ULA range).
+    let n = node("10.244.5.1/24", 1450);
+    std::fs::write(
+        &n.subnet_file,
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.5.1/24\n\
+         FLANNEL_IPV6_NETWORK=fdc6:7765:6674::/48\nFLANNEL_IPV6_SUBNET=fdc6:7765:6674:5::1/64\n\
+         FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+    )
+    .unwrap();
+    let (c1, c2) = (Netns::new("c1").unwrap(), Netns::new("c2").unwrap());
+    let a1 = n.add(&c1, "dual-one");
+    assert!(a1.ok, "{a1:?}");
+    let a2 = n.add(&c2, "dual-two");
+    assert!(a2.ok, "{a2:?}");
+    let r = &a1.out;
+    let ips = r["ips"].as_array().unwrap();
+    assert_eq!(ips.len(), 2, "{r}");
+    assert_eq!(ips[0]["gateway"], "10.244.5.1");
+    assert_eq!(ips[1]["gateway"], "fdc6:7765:6674:5::1");
+    assert_eq!(ips[1]["address"], "fdc6:7765:6674:5::2/64");
+    assert_eq!(ips[1]["interface"], 2);
+    assert_eq!(
+        r["routes"],
+        json!([{"dst": "0.0.0.0/0", "gw": "10.244.5.1"}, {"dst": "::/0", "gw": "fdc6:7765:6674:5::1"}])
+    );
+    // In the container: both addresses (the IPv6 one usable at once, not
+    // tentative), both default routes; the bridge holds both gateways.
+    let addrs = c1.ip_json(&["addr", "show", "dev", "eth0"]).unwrap()[0]["addr_info"].clone();
+    let v6 = addrs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["local"] == "fdc6:7765:6674:5::2")
+        .unwrap_or_else(|| panic!("{addrs}"));
+    assert!(v6.get("tentative").is_none(), "{v6}");
+    let route6 = c1.ip_json(&["-6", "route", "show", "default"]).unwrap();
+    assert_eq!(route6[0]["gateway"], "fdc6:7765:6674:5::1");
+    let bridge = n.ns.ip(&["addr", "show", "dev", "weft0"]).unwrap();
+    assert!(
+        bridge.contains("10.244.5.1/24") && bridge.contains("fdc6:7765:6674:5::1/64"),
+        "{bridge}"
+    );
+    let ip6 = |a: &Answer| {
+        a.out["ips"][1]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert!(pinged(&c1, &ip6(&a2)), "container to container over IPv6");
+    assert!(
+        pinged(&c2, "fdc6:7765:6674:5::1"),
+        "container to its IPv6 gateway"
+    );
+    assert!(pinged(&c1, &ip_of(&a2)), "and over IPv4");
+    // CHECK knows both; host-local's layout keeps both; DEL frees both.
+    let mut conf = n.conf("1.0.0");
+    conf["prevResult"] = a1.out.clone();
+    let ok = n.run("CHECK", &conf, &c1, "dual-one", "eth0");
+    assert!(ok.ok, "{ok:?}");
+    c1.ip(&["-6", "route", "del", "default"]).unwrap();
+    let bad = n.run("CHECK", &conf, &c1, "dual-one", "eth0");
+    assert!(bad.msg().contains("route ::/0"), "{}", bad.msg());
+    let store = n.data_dir.join("weft");
+    for f in [
+        "fdc6:7765:6674:5::2",
+        "fdc6:7765:6674:5::3",
+        "last_reserved_ip.1",
+    ] {
+        assert!(store.join(f).exists(), "{f}");
+    }
+    assert!(n.del(&c1, "dual-one").ok);
+    assert!(!store.join("fdc6:7765:6674:5::2").exists());
+    assert!(!store.join(ip_of(&a1)).exists());
+    // A runtime that switches IPv6 off in its namespaces (new devices get
+    // disable_ipv6=1): weft-cni turns it on for the container's interface.
+    let c4 = Netns::new("c4").unwrap();
+    weft_tests::netns::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            c4.name(),
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ],
+    )
+    .unwrap();
+    let a4 = n.add(&c4, "dual-four");
+    assert!(a4.ok, "{a4:?}");
+    assert!(
+        pinged(&c4, "fdc6:7765:6674:5::1"),
+        "IPv6 works in that namespace"
+    );
+    // Version 0.3.1 results say which family each address is.
+    let c3 = Netns::new("c3").unwrap();
+    let old = n.run("ADD", &n.conf("0.3.1"), &c3, "dual-three", "eth0");
+    assert!(old.ok, "{old:?}");
+    assert_eq!(old.out["ips"][0]["version"], "4");
+    assert_eq!(old.out["ips"][1]["version"], "6");
+}
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn an_ipv6_only_node_gives_containers_ipv6_only() {
+    let n = node("10.244.5.1/24", 1450);
+    std::fs::write(
+        &n.subnet_file,
+        "FLANNEL_IPV6_NETWORK=fdc6:7765:6675::/48\nFLANNEL_IPV6_SUBNET=fdc6:7765:6675:5::1/64\n\
+         FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+    )
+    .unwrap();
+    let (c1, c2) = (Netns::new("c1").unwrap(), Netns::new("c2").unwrap());
+    let (a1, a2) = (n.add(&c1, "six-one"), n.add(&c2, "six-two"));
+    assert!(a1.ok && a2.ok, "{a1:?} {a2:?}");
+    assert_eq!(
+        a1.out["ips"],
+        json!([{"address": "fdc6:7765:6675:5::2/64", "gateway": "fdc6:7765:6675:5::1", "interface": 2}])
+    );
+    assert_eq!(
+        a1.out["routes"],
+        json!([{"dst": "::/0", "gw": "fdc6:7765:6675:5::1"}])
+    );
+    let v4 = c1.ip(&["-4", "addr", "show", "dev", "eth0"]).unwrap();
+    assert!(!v4.contains("inet "), "{v4}");
+    assert!(pinged(&c1, "fdc6:7765:6675:5::3"));
+    let mut conf = n.conf("1.1.0");
+    conf["prevResult"] = a1.out.clone();
+    assert!(n.run("CHECK", &conf, &c1, "six-one", "eth0").ok);
+    assert!(n.call("STATUS", &n.conf("1.1.0"), None).ok);
+    // An IPv6 subnet outside the IPv6 network, or link-local: refused.
+    for (subnet, says) in [
+        ("fdc6:7765:9999:5::1/64", "not inside the network"),
+        ("fe80::1/64", "not a unicast IPv6 network"),
+    ] {
+        std::fs::write(
+            &n.subnet_file,
+            format!(
+                "FLANNEL_IPV6_NETWORK=fdc6:7765:6675::/48\nFLANNEL_IPV6_SUBNET={subnet}\n\
+                 FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
+            ),
+        )
+        .unwrap();
+        let c = Netns::new("cbad").unwrap();
+        let refused = n.add(&c, "six-bad");
+        assert_eq!(refused.code(), Some(7), "{refused:?}");
+        assert!(refused.msg().contains(says), "{}", refused.msg());
+    }
+    // Neither family: try again later, saying so.
+    std::fs::write(&n.subnet_file, "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n").unwrap();
+    let c3 = Netns::new("c3").unwrap();
+    let none = n.add(&c3, "six-three");
+    assert_eq!(none.code(), Some(11), "{none:?}");
+    assert!(
+        none.msg()
+            .contains("neither FLANNEL_SUBNET nor FLANNEL_IPV6_SUBNET"),
+        "{}",
+        none.msg()
+    );
+}

@@ -103,7 +103,7 @@ fn ctr_run_cni_container_reaches_a_pod_on_another_host() {
         "{ip} outside {subnet}"
     );
     // The pod on host 2 reaches the container.
-    if !lab.reaches(&peer.ns, ip.parse().unwrap()) {
+    if !lab.reaches(&peer.ns, ip.parse::<std::net::IpAddr>().unwrap()) {
         fail(
             &format!("{} does not reach the container at {ip}", peer.ip),
             &containerd,

@@ -189,7 +189,7 @@ fn the_control_socket_is_roots_and_says_why_it_refuses() {
         lab.host_weftctl(1, &["node", "rekey", "--socket", &s])
             .unwrap_err()
     );
-    assert!(e.contains("[not_ipsec]"), "{e}");
+    assert!(e.contains("[no_key]"), "{e}");
     // Anyone else: refused before the daemon is reached, exit 1 (a retry
     // does not help).
     let weftctl = weft_tests::bins::workspace_bin("weftctl").unwrap();

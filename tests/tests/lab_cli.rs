@@ -37,11 +37,21 @@ fn lab_processes(name: &str) -> Vec<u32> {
     pids
 }
 
+/// Takes the lab down when the test ends, also when it fails.
+struct Down(String);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = weft_lab(&["down", "--name", &self.0]);
+    }
+}
+
 #[test]
 #[ignore = "needs root; run by scripts/test"]
 fn up_status_ping_down_and_recovery_from_a_crash() {
     weft_tests::netns::require_root();
     let name = format!("cli{}", std::process::id());
+    let _down = Down(name.clone());
     let (code, out, err) = weft_lab(&["up", "2", "--name", &name]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(

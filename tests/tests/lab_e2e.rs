@@ -1,11 +1,12 @@
 //! End to end on the lab, for vxlan and for host-gw: connectivity, joins,
-//! releases, restarts, repairs, outages, masquerading. Needs root.
+//! releases, restarts, repairs, outages, masquerading, dual stack. Needs
+//! root.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
+use std::net::{IpAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use weft_tests::lab::{Lab, LabConfig, OUTSIDE_IP};
+use weft_tests::lab::{host_ip6, Lab, LabConfig, OUTSIDE_IP, OUTSIDE_IP6, POD_NETWORK6};
 use weft_tests::netns::{in_ns, spawn_in_ns};
 
 fn lab(hosts: u32, backend: &str) -> Lab {
@@ -23,10 +24,11 @@ fn converged(lab: &Lab) {
 fn source_seen(
     from: &str,
     server_ns: &str,
-    bind: Ipv4Addr,
-    to: Ipv4Addr,
+    bind: impl Into<IpAddr>,
+    to: impl Into<IpAddr>,
     port: u16,
 ) -> Option<IpAddr> {
+    let (bind, to): (IpAddr, IpAddr) = (bind.into(), to.into());
     let listener = in_ns(server_ns, move || TcpListener::bind((bind, port)))
         .unwrap()
         .unwrap();
@@ -279,6 +281,125 @@ fn masquerade_rewrites_only_traffic_leaving_the_cluster(backend: &str) {
     );
 }
 
+/// A dual-stack network: pods get an address of each family from weft-cni
+/// and reach each other over both (the lab waits for every pair, both
+/// families, before it is up); nodes publish their IPv6 address; IPv6
+/// traffic leaving the cluster is masqueraded, pod-to-pod keeps its
+/// source.
+fn dual_stack_pods_reach_each_other_over_both_families(backend: &str) {
+    weft_tests::netns::require_root();
+    let mut cfg = LabConfig::for_test(2, backend);
+    cfg.ipv6 = true;
+    cfg.ip_masq = true;
+    let lab = Lab::up(cfg).unwrap_or_else(|e| panic!("{e:#}"));
+    let pool6: ipnet::Ipv6Net = POD_NETWORK6.parse().unwrap();
+    let leases: serde_json::Value =
+        serde_json::from_str(&lab.weftctl(&["leases", "list", "-o", "json"]).unwrap()).unwrap();
+    for i in 1..=2u32 {
+        let l = leases["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["node_name"] == format!("host-{i}"))
+            .unwrap_or_else(|| panic!("{leases}"));
+        assert_eq!(l["public_ipv6"], host_ip6(i).to_string(), "{l}");
+        let s6: ipnet::Ipv6Net = l["ipv6_subnet"].as_str().unwrap().parse().unwrap();
+        assert!(pool6.contains(&s6) && s6.prefix_len() == 64, "{s6}");
+        let pod = &lab.host(i).unwrap().pods[0];
+        assert!(s6.contains(&pod.ip6.unwrap()), "{pod:?} in {s6}");
+    }
+    let h1 = lab.host(1).unwrap().clone();
+    let (p1, p2) = (h1.pods[0].clone(), lab.host(2).unwrap().pods[0].clone());
+    // The route to the other node's IPv6 pods is weft's.
+    let routes6 = lab
+        .host_ip(1, &["-6", "route", "show", "proto", "87"])
+        .unwrap();
+    let s2: String = leases["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["node_name"] == "host-2")
+        .unwrap()["ipv6_subnet"]
+        .as_str()
+        .unwrap()
+        .into();
+    assert!(routes6.contains(&s2), "{routes6}");
+    assert!(lab.reaches(&p1.ns, p2.ip6.unwrap()));
+    assert!(lab.reaches(&p2.ns, p1.ip6.unwrap()));
+    let seen = source_seen(&p1.ns, &p2.ns, p2.ip6.unwrap(), p2.ip6.unwrap(), 9111);
+    assert_eq!(
+        seen,
+        Some(IpAddr::V6(p1.ip6.unwrap())),
+        "pod to pod over IPv6 keeps the pod's address"
+    );
+    let seen = source_seen(&p1.ns, &lab.state.outside, OUTSIDE_IP6, OUTSIDE_IP6, 9112);
+    assert_eq!(
+        seen,
+        Some(IpAddr::V6(host_ip6(1))),
+        "IPv6 traffic to the outside leaves with the host's IPv6 address"
+    );
+    let rules = weft_tests::netns::run(
+        "ip",
+        &[
+            "netns", "exec", &h1.ns, "nft", "list", "table", "ip6", "weft",
+        ],
+    )
+    .unwrap();
+    assert!(rules.contains("masquerade"), "{rules}");
+    // IPv4 as before.
+    let seen = source_seen(&p1.ns, &lab.state.outside, OUTSIDE_IP, OUTSIDE_IP, 9113);
+    assert_eq!(seen, Some(IpAddr::V4(h1.ip)));
+}
+
+/// An IPv6-only network: pods get an IPv6 address only (the hosts keep
+/// their IPv4 underlay; vxlan carries IPv6 over it, host-gw routes via the
+/// nodes' IPv6 addresses) and reach each other; IPv6 leaving the cluster is
+/// masqueraded, and there is no IPv4 table.
+fn ipv6_only_pods_reach_each_other(backend: &str) {
+    weft_tests::netns::require_root();
+    let mut cfg = LabConfig::for_test(2, backend);
+    cfg.ipv6 = true;
+    cfg.ip_masq = true;
+    cfg.network = Some(format!(
+        r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"{POD_NETWORK6}","Backend":{{"Type":"{backend}"}}}}"#
+    ));
+    let lab = Lab::up(cfg).unwrap_or_else(|e| panic!("{e:#}"));
+    let leases: serde_json::Value =
+        serde_json::from_str(&lab.weftctl(&["leases", "list", "-o", "json"]).unwrap()).unwrap();
+    let list = leases["leases"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{leases}");
+    for l in list {
+        assert!(l["subnet"].is_null(), "{l}");
+        assert!(l["ipv6_subnet"].is_string(), "{l}");
+    }
+    let h1 = lab.host(1).unwrap().clone();
+    let (p1, p2) = (h1.pods[0].clone(), lab.host(2).unwrap().pods[0].clone());
+    assert!(p1.ip.is_unspecified() && p1.ip6.is_some(), "{p1:?}");
+    let v4 =
+        weft_tests::netns::run("ip", &["-n", &p1.ns, "-4", "addr", "show", "dev", "eth0"]).unwrap();
+    assert!(
+        !v4.contains("inet "),
+        "an IPv6-only pod has no IPv4 address: {v4}"
+    );
+    assert!(lab.reaches(&p1.ns, p2.ip6.unwrap()));
+    assert!(lab.reaches(&p2.ns, p1.ip6.unwrap()));
+    let seen = source_seen(&p1.ns, &lab.state.outside, OUTSIDE_IP6, OUTSIDE_IP6, 9121);
+    assert_eq!(seen, Some(IpAddr::V6(host_ip6(1))));
+    let table = |family: &str| {
+        weft_tests::netns::run(
+            "ip",
+            &[
+                "netns", "exec", &h1.ns, "nft", "list", "table", family, "weft",
+            ],
+        )
+    };
+    assert!(table("ip6").unwrap().contains("masquerade"));
+    assert!(
+        table("ip").is_err(),
+        "no IPv4 table in an IPv6-only network"
+    );
+}
+
 macro_rules! backend_tests {
     ($module:ident, $backend:literal) => {
         mod $module {
@@ -316,6 +437,18 @@ macro_rules! backend_tests {
             #[ignore = "needs root; run by scripts/test"]
             fn masquerade_rewrites_only_traffic_leaving_the_cluster() {
                 super::masquerade_rewrites_only_traffic_leaving_the_cluster($backend);
+            }
+
+            #[test]
+            #[ignore = "needs root; run by scripts/test"]
+            fn dual_stack_pods_reach_each_other_over_both_families() {
+                super::dual_stack_pods_reach_each_other_over_both_families($backend);
+            }
+
+            #[test]
+            #[ignore = "needs root; run by scripts/test"]
+            fn ipv6_only_pods_reach_each_other() {
+                super::ipv6_only_pods_reach_each_other($backend);
             }
         }
     };

@@ -575,3 +575,83 @@ async fn failures_keep_their_errno() {
     let route = ns.ip(&["route", "show", "10.244.9.0/24"]).unwrap();
     assert!(route.contains("proto static"), "{route}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root; run by scripts/test"]
+async fn a_device_with_a_weft_name_that_weft_did_not_make_is_replaced_or_left_alone() {
+    use weft_backends::{dev, Errno, Link, RouteTarget};
+    let (ns, local, dp, b) = vxlan_host();
+    // A veth with the name weft's VXLAN device takes, and a bridge with
+    // a weft name weft does not need, carrying an address of its own.
+    ns.ip(&[
+        "link", "add", "weft.1", "type", "veth", "peer", "name", "wp1",
+    ])
+    .unwrap();
+    ns.ip(&["link", "add", "weft.9", "type", "bridge"]).unwrap();
+    ns.ip(&["addr", "add", "10.9.9.1/24", "dev", "weft.9"])
+        .unwrap();
+    let seen = dp.observe().await.unwrap();
+    assert_eq!(seen.links[&dev("weft.1")], Link::Foreign("veth".into()));
+    assert_eq!(seen.links[&dev("weft.9")], Link::Foreign("bridge".into()));
+    assert!(
+        seen.addresses.is_empty(),
+        "nothing on a device weft did not make is read as weft's: {:?}",
+        seen.addresses
+    );
+    // Nothing goes onto such a device, and the refusal says why.
+    let onto = Change::Route(RouteChange::Set {
+        dst: "10.244.7.0/24".parse().unwrap(),
+        target: RouteTarget::device(&dev("weft.9")),
+        replace: false,
+    });
+    let errors = dp.apply(std::slice::from_ref(&onto)).await;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].errno(), Some(Errno::ENODEV));
+    assert!(
+        errors[0]
+            .to_string()
+            .contains("bridge device weft did not make"),
+        "{}",
+        errors[0]
+    );
+    assert!(routes(&ns).is_empty());
+    // The backend needs weft.1: the veth goes first, saying what it was;
+    // weft.9 is not weft's to delete.
+    let ls = leases(2, vx);
+    let (peers, _) = select(&ls, &local, b.backend_type(), &HostView::default());
+    let (want, _) = b.desired(&local, &peers.iter().collect::<Vec<_>>());
+    let changes = diff(&want, &seen);
+    assert_eq!(
+        changes[0],
+        Change::Link(LinkChange::Delete {
+            name: dev("weft.1"),
+            foreign: Some("veth".into()),
+        })
+    );
+    assert!(changes[0]
+        .to_string()
+        .contains("a veth device weft did not make"));
+    assert_eq!(
+        changes
+            .iter()
+            .filter(|c| matches!(c, Change::Link(LinkChange::Delete { .. })))
+            .count(),
+        1,
+        "{changes:#?}"
+    );
+    let errors = dp.apply(&changes).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let have = dp.observe().await.unwrap();
+    assert_eq!(have.links[&dev("weft.1")], want.links[&dev("weft.1")]);
+    assert_eq!(
+        ns.ip_json(&["-d", "link", "show", "weft.1"]).unwrap()[0]["linkinfo"]["info_kind"],
+        "vxlan"
+    );
+    assert_eq!(routes(&ns).len(), 2);
+    assert!(ns
+        .ip(&["addr", "show", "dev", "weft.9"])
+        .unwrap()
+        .contains("10.9.9.1/24"));
+    // Converged: the bridge it leaves alone is no reason for a change.
+    assert_eq!(diff(&want, &have), []);
+}

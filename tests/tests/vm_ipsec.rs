@@ -768,7 +768,12 @@ fn traffic_to_a_peer_without_a_usable_key_is_dropped_not_sent_in_the_clear() {
     let cap = std::thread::spawn(move || capture(&fab, Duration::from_secs(3), pods()));
     std::thread::sleep(Duration::from_millis(300));
     let (sent, got) = lab
-        .ping(&p1.ns, "10.244.250.1".parse().unwrap(), 5, "0.2")
+        .ping(
+            &p1.ns,
+            "10.244.250.1".parse::<std::net::IpAddr>().unwrap(),
+            5,
+            "0.2",
+        )
         .unwrap_or((5, 0));
     assert_eq!(got, 0, "{got} of {sent} answered");
     let seen = cap.join().unwrap().unwrap();

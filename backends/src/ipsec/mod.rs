@@ -327,6 +327,13 @@ impl Ipsec {
         let mut ring = self.ring();
         let published = ring.published;
         let ext = local.ext.name.clone();
+        // ipsec carries IPv4 only. Pods that also have IPv6 addresses (a
+        // network with IPv6) must not reach other nodes' pods over IPv6 in
+        // the clear: a blackhole for the IPv6 network at the worst metric
+        // drops it (the node's own subnet is more specific, on weft0).
+        if let Some(pool6) = &local.network.ipv6 {
+            st.fallback_routes.insert(IpNet::V6(pool6.network()), ());
+        }
         let Some(my_subnet) = local.subnet.ipv4() else {
             return (st, skipped);
         };
@@ -359,6 +366,13 @@ impl Ipsec {
                 key_epoch,
             } = &p.backend
             else {
+                continue;
+            };
+            let Some(their_subnet) = p.subnet else {
+                skipped.push(Skipped::of(
+                    p,
+                    "no IPv4 subnet (ipsec carries IPv4 only)".into(),
+                ));
                 continue;
             };
             let key = ring.key.clone();
@@ -474,7 +488,7 @@ impl Ipsec {
                     );
                 }
             }
-            let (mine, theirs) = (IpNet::V4(my_subnet), IpNet::V4(p.subnet));
+            let (mine, theirs) = (IpNet::V4(my_subnet), IpNet::V4(their_subnet));
             let out = XfrmTmpl {
                 src: mip,
                 dst: pip,

@@ -13,12 +13,18 @@ use rtnetlink::{LinkUnspec, LinkWireguard};
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 
-/// A device weft owns.
+/// A device weft owns, or one that has a weft name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Link {
     Vxlan(VxlanLink),
     /// Its key, port and peers are [`super::wireguard`]'s.
     Wireguard(WgLink),
+    /// A device with one of weft's names (`weft.<vni>`, `weft-wg`,
+    /// `weft-wg-v6`) that is not of the type weft makes under it, such as a
+    /// `dummy` someone made by hand: what it is. Nothing is ever programmed
+    /// onto it; it is deleted when weft needs the name (as flannel does),
+    /// and otherwise left alone. Only the kernel read-back has these.
+    Foreign(String),
 }
 
 /// A WireGuard device: nothing identifies it but its name and type.
@@ -33,6 +39,7 @@ impl Link {
         match self {
             Link::Vxlan(v) => v.mtu,
             Link::Wireguard(w) => w.mtu,
+            Link::Foreign(_) => 0,
         }
     }
 
@@ -40,6 +47,15 @@ impl Link {
         match self {
             Link::Vxlan(v) => v.up,
             Link::Wireguard(w) => w.up,
+            Link::Foreign(_) => false,
+        }
+    }
+
+    /// What a device with a weft name is, when weft did not make it.
+    pub fn foreign(&self) -> Option<&str> {
+        match self {
+            Link::Foreign(what) => Some(what),
+            _ => None,
         }
     }
 
@@ -56,14 +72,14 @@ impl Link {
     pub fn vxlan(&self) -> Option<&VxlanLink> {
         match self {
             Link::Vxlan(v) => Some(v),
-            Link::Wireguard(_) => None,
+            _ => None,
         }
     }
 
     pub fn vxlan_mut(&mut self) -> Option<&mut VxlanLink> {
         match self {
             Link::Vxlan(v) => Some(v),
-            Link::Wireguard(_) => None,
+            _ => None,
         }
     }
 
@@ -77,6 +93,7 @@ impl Link {
                 w.mtu = mtu;
                 w.up = up;
             }
+            Link::Foreign(_) => {}
         }
     }
 }
@@ -96,6 +113,9 @@ pub enum LinkChange {
     },
     Delete {
         name: Dev,
+        /// What the device is when weft did not make it ([`Link::Foreign`]):
+        /// it is deleted because weft needs its name.
+        foreign: Option<String>,
     },
     /// MTU or admin state of an existing device.
     Update {
@@ -111,8 +131,19 @@ impl fmt::Display for LinkChange {
             LinkChange::Create { name, link } => match link {
                 Link::Vxlan(v) => f.write_str(&v.command(name)),
                 Link::Wireguard(w) => write!(f, "ip link add {name} mtu {} type wireguard", w.mtu),
+                Link::Foreign(what) => write!(f, "ip link add {name} type {what}"),
             },
-            LinkChange::Delete { name } => write!(f, "ip link del {name}"),
+            LinkChange::Delete {
+                name,
+                foreign: None,
+            } => write!(f, "ip link del {name}"),
+            LinkChange::Delete {
+                name,
+                foreign: Some(what),
+            } => write!(
+                f,
+                "ip link del {name} (a {what} device weft did not make, in the way of weft's)"
+            ),
             LinkChange::Update { name, mtu, up } => write!(
                 f,
                 "ip link set {name} mtu {mtu} {}",
@@ -140,7 +171,10 @@ pub(crate) fn add(desired: &NetState, observed: &NetState, out: &mut Vec<Change>
                 made.insert(name.clone());
             }
             Some(have) if !want.same_identity(have) => {
-                out.push(Change::Link(LinkChange::Delete { name: name.clone() }));
+                out.push(Change::Link(LinkChange::Delete {
+                    name: name.clone(),
+                    foreign: have.foreign().map(str::to_owned),
+                }));
                 out.push(create(name, want));
                 made.insert(name.clone());
             }
@@ -158,11 +192,15 @@ pub(crate) fn add(desired: &NetState, observed: &NetState, out: &mut Vec<Change>
 }
 
 /// Adds to `out` the deletion of `observed`'s devices that `desired` does
-/// not have. Deleting a device removes everything on it.
+/// not have (but for those weft did not make). Deleting a device removes
+/// everything on it.
 pub(crate) fn remove(desired: &NetState, observed: &NetState, out: &mut Vec<Change>) {
-    for name in observed.links.keys() {
-        if !desired.links.contains_key(name) {
-            out.push(Change::Link(LinkChange::Delete { name: name.clone() }));
+    for (name, link) in &observed.links {
+        if !desired.links.contains_key(name) && link.foreign().is_none() {
+            out.push(Change::Link(LinkChange::Delete {
+                name: name.clone(),
+                foreign: None,
+            }));
         }
     }
 }
@@ -176,7 +214,7 @@ impl LinkChange {
                 }
                 st.links.insert(name.clone(), link.clone());
             }
-            LinkChange::Delete { name } => {
+            LinkChange::Delete { name, .. } => {
                 st.links.remove(name).ok_or(Failure::of(Errno::ENODEV))?;
                 st.drop_objects_on(name);
             }
@@ -195,6 +233,9 @@ impl LinkChange {
         match self {
             LinkChange::Create { name, link } => match link {
                 Link::Vxlan(v) => v.create(name, k).await,
+                Link::Foreign(what) => Err(Failure::other(format!(
+                    "weft makes no {what} device (a read-back type, never wanted)"
+                ))),
                 Link::Wireguard(w) => {
                     let mut b = LinkWireguard::new(name).mtu(w.mtu);
                     if w.up {
@@ -211,7 +252,7 @@ impl LinkChange {
                     })
                 }
             },
-            LinkChange::Delete { name } => match k.idx.get(&**name) {
+            LinkChange::Delete { name, .. } => match k.idx.get(&**name) {
                 None => Ok(()),
                 Some(i) => ignore_gone(h.link().del(*i).execute().await),
             },
@@ -224,8 +265,10 @@ impl LinkChange {
     }
 }
 
-/// Reads weft's devices among `links` into `st`; returns them by index.
-/// `names`: every device's name by index.
+/// Reads weft's devices among `links` into `st` (and devices with a weft
+/// name that weft did not make, as [`Link::Foreign`]); returns weft's by
+/// index (objects are read on those only). `names`: every device's name by
+/// index.
 pub(crate) fn read(
     links: &[LinkMessage],
     names: &HashMap<u32, Dev>,
@@ -233,41 +276,70 @@ pub(crate) fn read(
 ) -> HashMap<u32, Dev> {
     let mut owned = HashMap::new();
     for l in links {
-        let Some(name) = link_name(l) else { continue };
-        let Some(infos) = l.attributes.iter().find_map(|a| match a {
-            LinkAttribute::LinkInfo(i) => Some(i),
-            _ => None,
-        }) else {
+        let Some((name, link)) = classify(l, names) else {
             continue;
         };
-        let kind = infos.iter().find_map(|i| match i {
-            LinkInfo::Kind(k) => Some(k),
-            _ => None,
-        });
-        let data = infos.iter().find_map(|i| match i {
-            LinkInfo::Data(d) => Some(d),
-            _ => None,
-        });
-        let link = match (kind, data) {
-            (Some(InfoKind::Vxlan), Some(d)) if name.starts_with(VXLAN_PREFIX) => {
-                VxlanLink::read(l, d, names).map(Link::Vxlan)
-            }
-            (Some(InfoKind::Wireguard), _) if WG_NAMES.contains(&name.as_str()) => {
-                Some(Link::Wireguard(WgLink {
-                    mtu: crate::netlink::link_mtu(l),
-                    up: l
-                        .header
-                        .flags
-                        .contains(netlink_packet_route::link::LinkFlags::Up),
-                }))
-            }
-            _ => None,
-        };
-        if let Some(link) = link {
-            let name = dev(&name);
+        let name = dev(&name);
+        if link.foreign().is_none() {
             owned.insert(l.header.index, name.clone());
-            st.links.insert(name, link);
         }
+        st.links.insert(name, link);
     }
     owned
+}
+
+/// Devices with a weft name that weft did not make, by name: what each is.
+pub(crate) fn foreign(links: &[LinkMessage]) -> HashMap<String, String> {
+    let names = HashMap::new();
+    links
+        .iter()
+        .filter_map(|l| match classify(l, &names)? {
+            (name, Link::Foreign(what)) => Some((name, what)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `l` as weft sees it, if it has one of weft's names.
+fn classify(l: &LinkMessage, names: &HashMap<u32, Dev>) -> Option<(String, Link)> {
+    let name = link_name(l)?;
+    let vxlan = name.starts_with(VXLAN_PREFIX);
+    let wg = WG_NAMES.contains(&name.as_str());
+    if !vxlan && !wg {
+        return None;
+    }
+    let infos: &[LinkInfo] = l
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::LinkInfo(i) => Some(i.as_slice()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let kind = infos.iter().find_map(|i| match i {
+        LinkInfo::Kind(k) => Some(k),
+        _ => None,
+    });
+    let data = infos.iter().find_map(|i| match i {
+        LinkInfo::Data(d) => Some(d),
+        _ => None,
+    });
+    let link = match (kind, data) {
+        (Some(InfoKind::Vxlan), Some(d)) if vxlan => VxlanLink::read(l, d, names).map(Link::Vxlan),
+        (Some(InfoKind::Wireguard), _) if wg => Some(Link::Wireguard(WgLink {
+            mtu: crate::netlink::link_mtu(l),
+            up: l
+                .header
+                .flags
+                .contains(netlink_packet_route::link::LinkFlags::Up),
+        })),
+        _ => None,
+    };
+    let link = link.unwrap_or_else(|| {
+        Link::Foreign(match kind {
+            Some(k) => k.to_string(),
+            None => "typeless (physical?)".to_owned(),
+        })
+    });
+    Some((name, link))
 }

@@ -97,9 +97,9 @@ pub struct WgPeer {
 
 /// The settings of a WireGuard device, by device.
 #[derive(Debug)]
-pub struct Wireguard;
+pub struct WireguardDeviceKind;
 
-impl Kind for Wireguard {
+impl Kind for WireguardDeviceKind {
     type Key = Dev;
     type Value = WgDevice;
 
@@ -170,7 +170,12 @@ pub enum WireguardChange {
         device: WgDevice,
     },
     /// Adds the peer, or sets everything of it; its allowed IPs are
-    /// replaced with `replace_ips`, left as they are without.
+    /// replaced with `replace_ips`, left as they are without. A peer whose
+    /// allowed IPs are set (one new to the device: a node that joined, a
+    /// node's new key) is sent a keepalive at once, so the handshake starts
+    /// now: a node that rotated its key and has packets waiting for this
+    /// peer gets them through now, not at its next handshake attempt
+    /// (WireGuard tries every 5 s).
     SetPeer {
         dev: Dev,
         key: WgKey,
@@ -248,10 +253,12 @@ impl WireguardChange {
     }
 
     pub(crate) async fn apply(&self, k: &Applying<'_>) -> Result<(), Failure> {
-        let mut h = k.wireguard()?.clone();
         let name = self.dev().to_string();
         k.index(&name)?;
-        let mut attributes = vec![WireguardAttribute::IfName(name)];
+        let mut attributes = vec![WireguardAttribute::IfName(name.clone())];
+        // The kernel sends a keepalive when a peer's persistent keepalive
+        // goes from 0 to more; with none configured, 1 for a moment.
+        let mut kick = None;
         match self {
             WireguardChange::SetDevice { device, .. } => {
                 let Some(private) = &device.private_key else {
@@ -272,12 +279,23 @@ impl WireguardChange {
                         WireguardPeerFlags::ReplaceAllowedIps,
                     ));
                 }
+                let mut keepalive = peer.keepalive;
+                if *replace_ips && keepalive == 0 {
+                    keepalive = 1;
+                    kick = Some(vec![
+                        WireguardAttribute::IfName(name),
+                        WireguardAttribute::Peers(vec![WireguardPeer(vec![
+                            WireguardPeerAttribute::PublicKey(key.0),
+                            WireguardPeerAttribute::PersistentKeepalive(0),
+                        ])]),
+                    ]);
+                }
                 p.extend([
                     // All zeros: no preshared key.
                     WireguardPeerAttribute::PresharedKey(
                         peer.psk.as_ref().map_or([0; 32], |s| *s.0),
                     ),
-                    WireguardPeerAttribute::PersistentKeepalive(peer.keepalive),
+                    WireguardPeerAttribute::PersistentKeepalive(keepalive),
                 ]);
                 if let Some(e) = peer.endpoint {
                     p.push(WireguardPeerAttribute::Endpoint(e));
@@ -296,35 +314,46 @@ impl WireguardChange {
                 ])]));
             }
         }
-        let mut m = NetlinkMessage::from(GenlMessage::from_payload(WireguardMessage {
-            cmd: WireguardCmd::SetDevice,
-            attributes,
-        }));
-        m.header.flags = NLM_F_REQUEST | NLM_F_ACK;
-        let mut answers = h.request(m).await.map_err(|e| genl_failure(&e))?;
-        while let Some(a) = answers.next().await {
-            let a = a.map_err(|e| Failure::other(format!("decoding WireGuard's answer: {e}")))?;
-            if let NetlinkPayload::Error(e) = a.payload {
-                if e.code.is_some() {
-                    let f = Failure::from_netlink(e.code, || e.to_string());
-                    return Err(match (self, f.errno) {
-                        (WireguardChange::SetDevice { device, .. }, Some(Errno::EADDRINUSE)) => {
-                            Failure::with(
-                                Errno::EADDRINUSE,
-                                format!(
-                                    "UDP port {} is in use (another WireGuard device, flannel-wg?); \
-                                     the device has no key until it is free",
-                                    device.listen_port
-                                ),
-                            )
-                        }
-                        _ => f,
-                    });
+        set_device(k, attributes)
+            .await
+            .map_err(|f| match (self, f.errno) {
+                (WireguardChange::SetDevice { device, .. }, Some(Errno::EADDRINUSE)) => {
+                    Failure::with(
+                        Errno::EADDRINUSE,
+                        format!(
+                            "UDP port {} is in use (another WireGuard device, flannel-wg?); \
+                     the device has no key until it is free",
+                            device.listen_port
+                        ),
+                    )
                 }
+                _ => f,
+            })?;
+        match kick {
+            Some(back) => set_device(k, back).await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// One WG_CMD_SET_DEVICE request, answered.
+async fn set_device(k: &Applying<'_>, attributes: Vec<WireguardAttribute>) -> Result<(), Failure> {
+    let mut h = k.wireguard()?.clone();
+    let mut m = NetlinkMessage::from(GenlMessage::from_payload(WireguardMessage {
+        cmd: WireguardCmd::SetDevice,
+        attributes,
+    }));
+    m.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    let mut answers = h.request(m).await.map_err(|e| genl_failure(&e))?;
+    while let Some(a) = answers.next().await {
+        let a = a.map_err(|e| Failure::other(format!("decoding WireGuard's answer: {e}")))?;
+        if let NetlinkPayload::Error(e) = a.payload {
+            if e.code.is_some() {
+                return Err(Failure::from_netlink(e.code, || e.to_string()));
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 fn allowed_ip(n: &IpNet) -> WireguardAllowedIp {

@@ -20,7 +20,7 @@ use crate::peer::{Claim, Peer, Skipped};
 use crate::state::{dev, Dev, NetState, RouteTarget};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use weft_config::{BackendType, WireguardConfig, WireguardMode};
 use weft_lease::BackendData;
 
@@ -38,45 +38,96 @@ pub const WG_DEVICE_V6: &str = "weft-wg-v6";
 #[derive(Debug, Clone)]
 pub struct Wireguard {
     cfg: WireguardConfig,
-    private_key: WgSecret,
-    public_key: [u8; 32],
+    /// The node's key pair on the device; [`Wireguard::rotate`] replaces
+    /// it.
+    keys: Arc<RwLock<KeyPair>>,
+    /// The public key the lease carries: the device's once a rotation has
+    /// put it in place ([`Wireguard::publish`]), so a lease renewal never
+    /// publishes a key the device does not have yet.
+    published: Arc<RwLock<[u8; 32]>>,
     psk: Option<WgSecret>,
     v4: Dev,
     v6: Dev,
 }
 
+#[derive(Debug, Clone)]
+struct KeyPair {
+    private: WgSecret,
+    public: [u8; 32],
+}
+
+impl KeyPair {
+    fn new(private_key: [u8; 32]) -> Self {
+        let private = WgSecret::private(private_key);
+        let public = *x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(*private.0))
+            .as_bytes();
+        KeyPair { private, public }
+    }
+}
+
 impl Wireguard {
     /// The backend with the node's private key (32 bytes, as stored).
     pub fn new(cfg: WireguardConfig, private_key: [u8; 32]) -> Self {
-        let private_key = WgSecret::private(private_key);
-        let public_key =
-            *x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(*private_key.0))
-                .as_bytes();
         let v6 = match cfg.mode {
             WireguardMode::Separate => dev(WG_DEVICE_V6),
             _ => dev(WG_DEVICE),
         };
+        let keys = KeyPair::new(private_key);
         Wireguard {
             psk: cfg.psk.map(|k| WgSecret(Arc::new(k))),
             cfg,
-            private_key,
-            public_key,
+            published: Arc::new(RwLock::new(keys.public)),
+            keys: Arc::new(RwLock::new(keys)),
             v4: dev(WG_DEVICE),
             v6,
         }
     }
 
-    /// The node's public key, as peers know it.
+    /// Makes `private_key` (already stored) the node's key: the next pass
+    /// sets it on the device. The lease data keeps the old public key
+    /// until [`Wireguard::publish`]. The kernel keeps receiving on the
+    /// sessions made with the old key and holds what it sends to a peer
+    /// until a handshake with the new one succeeds, which it does once the
+    /// peer has the new public key.
+    pub fn rotate(&self, private_key: [u8; 32]) {
+        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = KeyPair::new(private_key);
+    }
+
+    /// The device has the current key: the lease data carries it from now.
+    pub fn publish(&self) {
+        let public = self.key_pair().public;
+        *self
+            .published
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = public;
+    }
+
+    fn published_key(&self) -> [u8; 32] {
+        *self
+            .published
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn key_pair(&self) -> KeyPair {
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The node's public key on the device (peers know it once published).
     pub fn public_key(&self) -> WgKey {
-        WgKey(self.public_key)
+        WgKey(self.key_pair().public)
     }
 
     fn device(&self, mtu: u32) -> (Link, WgDevice) {
+        let keys = self.key_pair();
         (
             Link::Wireguard(WgLink { mtu, up: true }),
             WgDevice {
-                private_key: Some(self.private_key.clone()),
-                public_key: WgKey(self.public_key),
+                private_key: Some(keys.private),
+                public_key: WgKey(keys.public),
                 listen_port: self.cfg.listen_port,
             },
         )
@@ -117,7 +168,7 @@ impl Backend for Wireguard {
 
     fn lease_data(&self, _local_name: &str) -> BackendData {
         BackendData::Wireguard {
-            public_key: self.public_key,
+            public_key: self.published_key(),
         }
     }
 
@@ -177,11 +228,11 @@ impl PerPeer for Wireguard {
         st
     }
 
-    fn refuse(&self, _local: &LocalNode, p: &Peer) -> Option<String> {
+    fn refuse(&self, local: &LocalNode, p: &Peer) -> Option<String> {
         let BackendData::Wireguard { public_key } = &p.backend else {
             return Some("not a wireguard lease".into());
         };
-        if *public_key == self.public_key {
+        if WgKey(*public_key) == self.public_key() || *public_key == self.published_key() {
             return Some(format!(
                 "WireGuard public key {} is ours",
                 WgKey(*public_key)
@@ -189,6 +240,16 @@ impl PerPeer for Wireguard {
         }
         if self.cfg.mode == WireguardMode::Ipv6 && p.public_ipv6.is_none() {
             return Some("no public IPv6 address, and the network's wireguard Mode is ipv6".into());
+        }
+        if self.cfg.mode == WireguardMode::Separate
+            && local.network.ipv4.is_none()
+            && p.public_ipv6.is_none()
+        {
+            return Some(
+                "no public IPv6 address, and weft-wg-v6 reaches peers of an IPv6-only network \
+                 over IPv6"
+                    .into(),
+            );
         }
         None
     }
@@ -212,7 +273,7 @@ impl PerPeer for Wireguard {
             psk: self.psk.clone(),
         };
         let v6 = self.v6_wanted(local).and(p.subnet6).map(IpNet::V6);
-        let mut v4_ips = vec![IpNet::V4(p.subnet)];
+        let mut v4_ips: Vec<IpNet> = p.subnet.map(IpNet::V4).into_iter().collect();
         if self.v4 == self.v6 {
             v4_ips.extend(v6);
             v4_ips.sort();
@@ -222,7 +283,9 @@ impl PerPeer for Wireguard {
                     .insert((self.v6.clone(), key), peer(Some(e), vec![s6]));
             }
         }
-        if local.subnet.ipv4().is_some() && local.network.ipv4.is_some() {
+        // The IPv4 device's peer; in a mode with one device, also (or, in an
+        // IPv6-only network, only) its IPv6 subnet.
+        if !v4_ips.is_empty() {
             st.wg_peers.insert(
                 (self.v4.clone(), key),
                 peer(self.endpoint(p, false), v4_ips),

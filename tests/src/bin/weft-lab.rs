@@ -40,6 +40,10 @@ enum Cmd {
         /// Pods per host.
         #[arg(long, default_value_t = 1)]
         pods: u32,
+        /// Dual stack: IPv6 on the fabric (fdc6:7765:6674:18::/64) and for
+        /// pods (fdc6:7765:6675::/48, a /64 per node) as well as IPv4.
+        #[arg(long)]
+        ipv6: bool,
         /// etcd members; with more than one (or several controllers) each
         /// member and controller runs in a namespace of its own on the
         /// fabric (198.18.1.K and 198.18.2.K).
@@ -170,22 +174,34 @@ fn status(lab: &Lab) -> String {
 /// The matrix; returns it and whether every pair works.
 fn ping(lab: &Lab) -> (String, bool) {
     let pods = lab.pods();
+    // A pod by its IPv4 address, or its IPv6 one in an IPv6-only network.
+    let name = |p: &weft_tests::lab::PodState| match p.ip6 {
+        Some(v6) if p.ip.is_unspecified() => v6.to_string(),
+        _ => p.ip.to_string(),
+    };
     let mut out = format!("{:<20}", "from \\ to");
     for (_, p) in &pods {
-        out.push_str(&format!(" {:<14}", p.ip));
+        out.push_str(&format!(" {:<14}", name(p)));
     }
     out.push('\n');
     let mut all = true;
     for (h, a) in &pods {
-        out.push_str(&format!("{:<20}", format!("{} (h{h})", a.ip)));
+        out.push_str(&format!("{:<20}", format!("{} (h{h})", name(a))));
         for (_, b) in &pods {
+            // Dual stack: "ok ok6", each family on its own.
             let cell = if a == b {
-                "-"
-            } else if lab.reaches(&a.ns, b.ip) {
-                "ok"
+                "-".to_string()
             } else {
-                all = false;
-                "FAIL"
+                let (v4, v6) = lab.reaches_pod(a, b);
+                all &= v4 != Some(false) && v6 != Some(false);
+                let mut c = Vec::new();
+                if let Some(v4) = v4 {
+                    c.push(if v4 { "ok" } else { "FAIL" });
+                }
+                if let Some(v6) = v6 {
+                    c.push(if v6 { "ok6" } else { "FAIL6" });
+                }
+                c.join(" ")
             };
             out.push_str(&format!(" {cell:<14}"));
         }
@@ -201,6 +217,7 @@ fn run(cli: Cli) -> Result<bool> {
             backend,
             ip_masq,
             pods,
+            ipv6,
             etcd_members,
             controllers,
             name,
@@ -221,6 +238,7 @@ fn run(cli: Cli) -> Result<bool> {
                 controllers,
                 etcd_quota_bytes: None,
                 controller_args: Vec::new(),
+                ipv6,
             };
             let lab = Lab::up(cfg)?;
             print!("{}", status(&lab));

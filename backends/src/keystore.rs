@@ -4,13 +4,13 @@
 //! (temporary file, fsync, rename, fsync of the directory), created on
 //! first start and reused after restarts. The private key is never logged.
 
+use crate::ipsec::keys::NodeKey;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use weft_backends::ipsec::keys::NodeKey;
 use zeroize::Zeroizing;
 
 /// Which backend's key, and its file under the state directory.
