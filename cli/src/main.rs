@@ -60,6 +60,9 @@ enum Command {
     Lease(LeaseCmd),
     /// Controller readiness, subnet usage, and every lease with its TTL.
     Status,
+    /// Names that resolve across the cluster (`<name>.<domain>`).
+    #[command(subcommand)]
+    Names(NamesCmd),
     /// Talk to a node daemon on this host (its status listener).
     #[command(subcommand)]
     Node(NodeCmd),
@@ -232,6 +235,27 @@ enum LeasesCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum NamesCmd {
+    /// Every name with its addresses and whose container it is.
+    List {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// A name for something that is not a container (admins); it stays
+    /// until removed. Several addresses may share a name.
+    Add {
+        name: weft_config::DnsName,
+        address: std::net::IpAddr,
+    },
+    /// Remove one name's address (any record; a container's comes back
+    /// while the container has it).
+    Remove {
+        name: weft_config::DnsName,
+        address: std::net::IpAddr,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum LeaseCmd {
     /// Release every lease and reservation of a node.
     Release { node: String },
@@ -377,6 +401,28 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Lease(LeaseCmd::Reserve { subnet, node }) => {
             let v = client.reserve(&subnet, &node).await?;
             println!("reserved {} for {node}", v.key.to_cidrs());
+        }
+        Command::Names(NamesCmd::List { output }) => {
+            let list = client.list_names().await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+                Output::Table => print!("{}", table::names(&list.names)),
+            }
+        }
+        Command::Names(NamesCmd::Add { name, address }) => {
+            let req = weft_lease::api::AddName {
+                name: name.clone(),
+                address,
+            };
+            client.add_name(&req).await?;
+            println!("{name} -> {address} added");
+        }
+        Command::Names(NamesCmd::Remove { name, address }) => {
+            if client.remove_name(&name, address).await?.removed {
+                println!("{name} -> {address} removed");
+            } else {
+                println!("{name} -> {address} was not there");
+            }
         }
         Command::Status => {
             let ready = client.readiness().await?;

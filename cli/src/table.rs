@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 use weft_config::format_duration;
-use weft_lease::api::{LeaseView, Readiness};
+use weft_lease::api::{LeaseView, NameView, Readiness};
 
 /// Left-aligned columns separated by two spaces.
 fn render(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -44,6 +44,30 @@ fn expires(l: &LeaseView) -> String {
 fn human_ttl(secs: u64) -> String {
     let shown = if secs >= 3600 { secs - secs % 60 } else { secs };
     format_duration(Duration::from_secs(shown))
+}
+
+/// The names table: one row per name and address.
+pub(crate) fn names(names: &[NameView]) -> String {
+    if names.is_empty() {
+        return "no names\n".into();
+    }
+    let rows: Vec<Vec<String>> = names
+        .iter()
+        .map(|n| {
+            let r = &n.record;
+            vec![
+                r.name.to_string(),
+                r.address.to_string(),
+                r.node
+                    .as_ref()
+                    .map_or_else(|| "(operator)".into(), |n| n.to_string()),
+                r.container_id
+                    .as_deref()
+                    .map_or_else(|| "-".into(), |c| c.chars().take(12).collect()),
+            ]
+        })
+        .collect();
+    render(&["NAME", "ADDRESS", "NODE", "CONTAINER"], &rows)
 }
 
 /// The lease table.
@@ -173,6 +197,36 @@ mod tests {
         assert_eq!(leases(&[]), "no leases\n");
         assert_eq!(human_ttl(7199), "1h59m");
         assert_eq!(human_ttl(3599), "59m59s");
+    }
+
+    #[test]
+    fn names_table_says_whose_each_name_is() {
+        let rec = |name: &str, addr: &str, node: Option<&str>, id: Option<&str>| NameView {
+            record: weft_lease::names::NameRecord {
+                name: name.parse().unwrap(),
+                address: addr.parse().unwrap(),
+                node: node.map(|n| weft_lease::NodeName::new(n).unwrap()),
+                container_id: id.map(str::to_string),
+            },
+            revision: 3,
+        };
+        let out = names(&[
+            rec(
+                "web",
+                "10.244.3.5",
+                Some("host-1"),
+                Some("0123456789abcdef"),
+            ),
+            rec("gateway", "fdc6:7765:6675::9", None, None),
+        ]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].starts_with("NAME     ADDRESS"), "{out}");
+        assert!(lines[1].ends_with("host-1      0123456789ab"), "{out}");
+        assert!(
+            lines[2].contains("(operator)") && lines[2].ends_with('-'),
+            "{out}"
+        );
+        assert_eq!(names(&[]), "no names\n");
     }
 
     #[test]

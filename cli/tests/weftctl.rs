@@ -356,3 +356,42 @@ async fn a_node_certificate_may_read_but_not_change() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("admin"), "{}", text(&out.stderr));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_add_list_remove_and_only_admins_change_them() {
+    let s = setup(Some(r#"{"Network":"10.244.0.0/16"}"#)).await;
+    let out = weftctl(&s, &["names", "add", "db.shop", "10.99.0.7"], None).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "db.shop -> 10.99.0.7 added\n");
+    let out = weftctl(&s, &["names", "list"], None).await;
+    let table = text(&out.stdout);
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(table.contains("db.shop  10.99.0.7  (operator)"), "{table}");
+    // A node's certificate reads but does not change names.
+    let out = weftctl_as(&s, "node-host-1", &["names", "list", "-o", "json"], None).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["names"][0]["name"], "db.shop");
+    let out = weftctl_as(&s, "node-host-1", &["names", "add", "x", "10.99.0.8"], None).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("forbidden"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Not a name: clap refuses it before anything is sent (usage error).
+    let out = weftctl(&s, &["names", "add", "db_1", "10.99.0.7"], None).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("RFC 1123"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = weftctl(&s, &["names", "remove", "db.shop", "10.99.0.7"], None).await;
+    assert_eq!(text(&out.stdout), "db.shop -> 10.99.0.7 removed\n");
+    let out = weftctl(&s, &["names", "remove", "db.shop", "10.99.0.7"], None).await;
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout), "db.shop -> 10.99.0.7 was not there\n");
+    let out = weftctl(&s, &["names", "list"], None).await;
+    assert_eq!(text(&out.stdout), "no names\n");
+}

@@ -20,6 +20,7 @@
 
 mod backend;
 pub mod cidr;
+mod dns;
 mod duration;
 mod error;
 mod fields;
@@ -30,6 +31,7 @@ mod subnet_env;
 pub use backend::{
     BackendConfig, BackendType, IpsecConfig, VxlanConfig, WireguardConfig, WireguardMode,
 };
+pub use dns::{DnsName, DnsNameError, DEFAULT_DNS_DOMAIN, MAX_DNS_LABEL, MAX_DNS_NAME};
 pub use duration::{format_duration, parse_duration};
 pub use error::ConfigError;
 pub use network::{NetworkConfig, DEFAULT_LEASE_TTL};

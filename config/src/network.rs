@@ -2,6 +2,7 @@
 
 use crate::backend::BackendConfig;
 use crate::cidr;
+use crate::dns::{DnsName, DEFAULT_DNS_DOMAIN};
 use crate::duration::{format_duration, parse_duration};
 use crate::fields::Fields;
 use crate::pool::{Family, Ipv4Pool, Ipv6Pool, SubnetPool, V4, V6};
@@ -31,9 +32,10 @@ const FIELDS: &[&str] = &[
     "IPv6SubnetMax",
     "Backend",
     "LeaseTTL",
+    "DNSDomain",
 ];
 const FIELDS_TEXT: &str = "EnableIPv4, EnableIPv6, EnableNFTables, Network, SubnetLen, SubnetMin, \
-SubnetMax, IPv6Network, IPv6SubnetLen, IPv6SubnetMin, IPv6SubnetMax, Backend, LeaseTTL";
+SubnetMax, IPv6Network, IPv6SubnetLen, IPv6SubnetMin, IPv6SubnetMax, Backend, LeaseTTL, DNSDomain";
 
 /// A validated network configuration with all defaults applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +51,9 @@ pub struct NetworkConfig {
     /// flannel's `EnableNFTables`; weft always uses nftables, kept so that
     /// flannel configs load unchanged.
     pub enable_nftables: bool,
+    /// weft's `DNSDomain`: container names are served as `<name>.<domain>`
+    /// (default `weft`; flannel ignores the field).
+    pub dns_domain: DnsName,
 }
 
 /// The raw, per-family fields before defaults.
@@ -137,6 +142,14 @@ impl NetworkConfig {
             None => DEFAULT_LEASE_TTL,
             Some(s) => parse_lease_ttl(&s)?,
         };
+        let dns_domain = match f.string("DNSDomain")? {
+            None => DEFAULT_DNS_DOMAIN
+                .parse()
+                .expect("the default domain is a name"),
+            Some(s) => s
+                .parse()
+                .map_err(|e: crate::DnsNameError| ConfigError::field("DNSDomain", e.to_string()))?,
+        };
         if !enable_ipv4 && !enable_ipv6 {
             return Err(ConfigError::field(
                 "EnableIPv4",
@@ -163,6 +176,7 @@ impl NetworkConfig {
             backend,
             lease_ttl,
             enable_nftables,
+            dns_domain,
         })
     }
 
@@ -189,6 +203,7 @@ impl NetworkConfig {
         }
         m.insert("Backend".into(), self.backend.to_json());
         m.insert("LeaseTTL".into(), json!(format_duration(self.lease_ttl)));
+        m.insert("DNSDomain".into(), json!(self.dns_domain.as_str()));
         Value::Object(m)
     }
 

@@ -3,7 +3,7 @@
 //! and writing the file is the caller's business.
 
 use crate::cidr;
-use crate::NetworkConfig;
+use crate::{DnsName, NetworkConfig};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 /// What subnet.env says.
@@ -21,6 +21,10 @@ pub struct SubnetEnv {
     /// adds no container after it: the subnet may be handed to another
     /// node.
     pub lease_expires: Option<u64>,
+    /// `WEFT_DNS_DOMAIN`: the node answers DNS for `<name>.<domain>` on the
+    /// bridge gateway (weft's own variable, written only while the node
+    /// serves names). weft-cni puts it in its result's `dns`.
+    pub dns_domain: Option<DnsName>,
 }
 
 fn first_host(n: IpNet) -> IpNet {
@@ -54,6 +58,7 @@ impl SubnetEnv {
             mtu,
             ip_masq,
             lease_expires: None,
+            dns_domain: None,
         }
     }
 
@@ -75,6 +80,9 @@ impl SubnetEnv {
         if let Some(t) = self.lease_expires {
             s.push_str(&format!("WEFT_LEASE_EXPIRES={t}\n"));
         }
+        if let Some(d) = &self.dns_domain {
+            s.push_str(&format!("WEFT_DNS_DOMAIN={d}\n"));
+        }
         s
     }
 
@@ -89,6 +97,7 @@ impl SubnetEnv {
             mtu: 0,
             ip_masq: false,
             lease_expires: None,
+            dns_domain: None,
         };
         for line in text
             .lines()
@@ -117,6 +126,9 @@ impl SubnetEnv {
                 "FLANNEL_IPMASQ" => env.ip_masq = v.parse().map_err(|_| bad("true or false"))?,
                 "WEFT_LEASE_EXPIRES" => {
                     env.lease_expires = Some(v.parse().map_err(|_| bad("a Unix time"))?)
+                }
+                "WEFT_DNS_DOMAIN" => {
+                    env.dns_domain = Some(v.parse().map_err(|_| bad("a DNS name"))?)
                 }
                 _ => {}
             }
@@ -153,6 +165,24 @@ mod tests {
         );
         assert_eq!(SubnetEnv::parse(&env.render()).unwrap(), env);
         assert_eq!(env.subnets().0.unwrap().to_string(), "10.244.3.0/24");
+    }
+
+    #[test]
+    fn the_dns_domain_is_weft_s_own_variable() {
+        let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
+        let mut env = SubnetEnv::new(
+            &cfg,
+            Some("10.244.3.0/24".parse().unwrap()),
+            None,
+            1450,
+            true,
+        );
+        env.dns_domain = Some(cfg.dns_domain.clone());
+        let text = env.render();
+        assert!(text.ends_with("WEFT_DNS_DOMAIN=weft\n"), "{text}");
+        assert_eq!(SubnetEnv::parse(&text).unwrap(), env);
+        let e = SubnetEnv::parse("WEFT_DNS_DOMAIN=a_b\n").unwrap_err();
+        assert!(e.contains("WEFT_DNS_DOMAIN"), "{e}");
     }
 
     #[test]

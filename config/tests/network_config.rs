@@ -250,6 +250,22 @@ fn effective_json_round_trips() {
 }
 
 #[test]
+fn dns_domain_defaults_to_weft_and_must_be_a_name() {
+    let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
+    assert_eq!(cfg.dns_domain.as_str(), "weft");
+    assert_eq!(cfg.to_json()["DNSDomain"], "weft");
+    let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","DNSDomain":"Cluster.Example"}"#)
+        .unwrap();
+    assert_eq!(cfg.dns_domain.as_str(), "cluster.example");
+    assert_eq!(NetworkConfig::from_value(cfg.to_json()).unwrap(), cfg);
+    for bad in ["", "weft.", "a_b", "-x"] {
+        let text = format!(r#"{{"Network":"10.244.0.0/16","DNSDomain":{bad:?}}}"#);
+        let e = NetworkConfig::parse(&text).unwrap_err();
+        assert_eq!(e.field_name(), Some("DNSDomain"), "{bad:?}: {e}");
+    }
+}
+
+#[test]
 fn flannel_enable_nftables_is_accepted() {
     let cfg = NetworkConfig::parse(r#"{"Network":"10.3.0.0/16","EnableNFTables":true}"#).unwrap();
     assert!(cfg.enable_nftables);

@@ -4,7 +4,7 @@
 //! | caller | may |
 //! |---|---|
 //! | `weft:admins` | everything |
-//! | `weft:nodes`, CN = N | `PUT`/`DELETE /v1/leases/N`, `POST /v1/leases/N/renew`; read leases, the watch stream and the network config |
+//! | `weft:nodes`, CN = N | `PUT`/`DELETE /v1/leases/N`, `POST /v1/leases/N/renew`, `PUT /v1/leases/N/names`; read leases, names, their watch streams and the network config |
 //! | anything else | nothing: `403 forbidden` |
 //!
 //! Anything not listed is refused (a route added later is admin-only until
@@ -35,10 +35,12 @@ fn node_right(method: &Method, route: &str, query: Option<&str>) -> NodeRight {
     match (method.as_str(), route) {
         // Not with_ttl: that costs etcd a request per lease.
         ("GET", "/v1/leases") if !asks_ttl(query) => NodeRight::Read,
-        ("GET", "/v1/leases/watch" | "/v1/network") => NodeRight::Read,
-        ("PUT" | "DELETE", "/v1/leases/{node}") | ("POST", "/v1/leases/{node}/renew") => {
-            NodeRight::LeaseInPath
+        ("GET", "/v1/leases/watch" | "/v1/network" | "/v1/names" | "/v1/names/watch") => {
+            NodeRight::Read
         }
+        ("PUT" | "DELETE", "/v1/leases/{node}")
+        | ("POST", "/v1/leases/{node}/renew")
+        | ("PUT", "/v1/leases/{node}/names") => NodeRight::LeaseInPath,
         ("PUT" | "DELETE", "/v1/leases/watch") => NodeRight::LeaseNamedWatch,
         _ => NodeRight::None,
     }
@@ -159,6 +161,7 @@ mod tests {
             (Method::PUT, "/v1/leases/{node}"),
             (Method::DELETE, "/v1/leases/{node}"),
             (Method::POST, "/v1/leases/{node}/renew"),
+            (Method::PUT, "/v1/leases/{node}/names"),
         ] {
             assert!(check(a, m.clone(), r, Some("node-a")), "{m} {r}");
             assert!(!check(a, m.clone(), r, Some("node-b")), "{m} {r}");
@@ -167,9 +170,23 @@ mod tests {
         assert!(!check(a, Method::PUT, "/v1/leases/watch", None));
         let w = cert("watch", Role::Node);
         assert!(check(Some(&w), Method::PUT, "/v1/leases/watch", None));
-        for r in ["/v1/leases", "/v1/leases/watch", "/v1/network"] {
+        for r in [
+            "/v1/leases",
+            "/v1/leases/watch",
+            "/v1/network",
+            "/v1/names",
+            "/v1/names/watch",
+        ] {
             assert!(check(a, Method::GET, r, None), "{r}");
         }
+        // Names of things that are not containers are for operators.
+        assert!(!check(a, Method::POST, "/v1/names", None));
+        assert!(!check(
+            a,
+            Method::DELETE,
+            "/v1/names/{name}/{address}",
+            None
+        ));
         assert!(!check(a, Method::PUT, "/v1/network", None));
         assert!(!check(a, Method::POST, "/v1/reservations", None));
         assert!(!check(a, Method::GET, "/v1/something-new", None));
@@ -198,6 +215,8 @@ mod tests {
             (Method::POST, "/v1/reservations"),
             (Method::DELETE, "/v1/leases/{node}"),
             (Method::GET, "/v1/leases"),
+            (Method::POST, "/v1/names"),
+            (Method::DELETE, "/v1/names/{name}/{address}"),
         ] {
             assert!(check(Some(&admin), m.clone(), r, Some("x")));
             assert!(!check(Some(&none), m.clone(), r, Some("node-a")));

@@ -64,7 +64,7 @@ pub(crate) struct History {
 }
 
 impl History {
-    fn new(capacity: usize, max_bytes: usize) -> Self {
+    pub(crate) fn new(capacity: usize, max_bytes: usize) -> Self {
         History {
             lines: VecDeque::new(),
             start: 0,
@@ -74,7 +74,7 @@ impl History {
         }
     }
 
-    fn push(&mut self, revision: i64, line: Bytes) {
+    pub(crate) fn push(&mut self, revision: i64, line: Bytes) {
         self.bytes += line.len();
         self.lines.push_back((revision, line));
         // The newest line always stays, however large.
@@ -89,7 +89,7 @@ impl History {
     }
 
     /// Forgets everything: history starts at `revision`.
-    fn restart_at(&mut self, revision: i64) {
+    pub(crate) fn restart_at(&mut self, revision: i64) {
         self.lines.clear();
         self.bytes = 0;
         self.start = revision;
@@ -121,8 +121,35 @@ impl History {
     }
 }
 
+/// A line type of a watch stream: what it says when idle and when the
+/// stream must end.
+pub(crate) trait WatchLine: serde::Serialize {
+    fn heartbeat(revision: i64) -> Self;
+    fn error(revision: i64, message: String) -> Self;
+}
+
+impl WatchLine for WatchEvent {
+    fn heartbeat(revision: i64) -> Self {
+        WatchEvent {
+            kind: WatchKind::Heartbeat,
+            revision,
+            lease: None,
+            message: None,
+        }
+    }
+
+    fn error(revision: i64, message: String) -> Self {
+        WatchEvent {
+            kind: WatchKind::Error,
+            revision,
+            lease: None,
+            message: Some(message),
+        }
+    }
+}
+
 /// Encodes one watch line (JSON plus newline).
-pub(crate) fn line(event: &WatchEvent) -> Bytes {
+pub(crate) fn line(event: &impl serde::Serialize) -> Bytes {
     let mut v = serde_json::to_vec(event).expect("watch events always serialize");
     v.push(b'\n');
     Bytes::from(v)
@@ -143,6 +170,8 @@ pub(crate) struct Cache {
     by_node: HashMap<Box<str>, Vec<SubnetKey>>,
     occupancy: Occupancy,
     pub history: History,
+    /// Container names and their own history.
+    pub names: crate::names::Names,
     /// Subnets whose lease ran out (not released through the API): held for
     /// their node until the deadline, so a node cut off for longer than
     /// its TTL finds its subnet unused when it comes back.
@@ -169,6 +198,7 @@ impl Cache {
             by_node: HashMap::new(),
             occupancy: Occupancy::default(),
             history: History::new(history_capacity, history_bytes),
+            names: crate::names::Names::new(History::new(history_capacity, history_bytes)),
             quarantine: HashMap::new(),
             releasing: std::collections::HashSet::new(),
             quarantine_for: None,
@@ -377,6 +407,7 @@ impl Cache {
         }
         self.rebuild_occupancy();
         let rev = snap.revision;
+        self.names.reset(snap.names, rev, first);
         if first {
             self.history.restart_at(rev);
         } else {
@@ -444,6 +475,12 @@ impl Cache {
                     self.set_config(ConfigState::from_text(text, revision))
                 }
                 StoreEvent::ConfigDelete { .. } => self.set_config(ConfigState::Missing),
+                StoreEvent::NamePut(n) => self.names.put(n),
+                StoreEvent::NameDelete {
+                    name,
+                    address,
+                    revision,
+                } => self.names.delete(name, address, revision),
             }
         }
         self.revision = self.revision.max(batch.revision);
@@ -486,6 +523,7 @@ mod tests {
             config: Some((r#"{"Network":"10.244.0.0/16"}"#.into(), 1)),
             leases,
             corrupt: vec![],
+            names: vec![],
         }
     }
 

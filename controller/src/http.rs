@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::sync::Arc;
-use weft_lease::api::{AcquireRequest, ReserveRequest, MAX_BODY_BYTES};
+use weft_lease::api::{AcquireRequest, AddName, NodeNames, ReserveRequest, MAX_BODY_BYTES};
 use weft_lease::NodeName;
 
 type AppState = State<Arc<Shared>>;
@@ -35,6 +35,13 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/v1/leases/{node}", put(acquire).delete(release))
         .route("/v1/leases/{node}/renew", post(renew))
+        .route("/v1/leases/{node}/names", put(node_names))
+        .route("/v1/names", get(list_names).post(add_name))
+        .route("/v1/names/watch", get(watch::names_handler))
+        .route(
+            "/v1/names/{name}/{address}",
+            axum::routing::delete(remove_name),
+        )
         .route("/v1/reservations", post(reserve))
         .route("/v1/network", get(network).put(set_network))
         // Every route above: the caller must be allowed (crate::auth), and
@@ -146,6 +153,46 @@ async fn renew(
 ) -> Result<impl IntoResponse, ControllerError> {
     let node = node_name(node)?;
     Ok(Json(s.renew(&node).await?))
+}
+
+async fn node_names(
+    State(s): AppState,
+    node: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ControllerError> {
+    let node = node_name(node)?;
+    let req: NodeNames = json_body(body)?;
+    Ok(Json(s.sync_node_names(&node, &req).await?))
+}
+
+async fn list_names(State(s): AppState) -> Result<impl IntoResponse, ControllerError> {
+    Ok(Json(s.list_names()?))
+}
+
+async fn add_name(
+    State(s): AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ControllerError> {
+    let req: AddName = json_body(body)?;
+    Ok((StatusCode::CREATED, Json(s.add_name(&req).await?)))
+}
+
+async fn remove_name(
+    State(s): AppState,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<impl IntoResponse, ControllerError> {
+    let Path((name, address)) =
+        path.map_err(|e| ControllerError::bad("invalid_name", format!("path: {}", e.body_text())))?;
+    let name: weft_config::DnsName = name.parse().map_err(|e: weft_config::DnsNameError| {
+        ControllerError::bad("invalid_name", e.to_string())
+    })?;
+    let address: std::net::IpAddr = address.parse().map_err(|_| {
+        ControllerError::bad(
+            "invalid_address",
+            format!("{address:?} is not an IP address"),
+        )
+    })?;
+    Ok(Json(s.remove_name(&name, address).await?))
 }
 
 async fn reserve(

@@ -26,6 +26,7 @@ mod error;
 mod http;
 mod limits;
 mod metrics;
+mod names;
 mod ops;
 mod serve;
 mod sync;

@@ -99,14 +99,14 @@ impl Shared {
         }
     }
 
-    async fn lock_node(&self, node: &NodeName) -> tokio::sync::MutexGuard<'_, ()> {
+    pub(crate) async fn lock_node(&self, node: &NodeName) -> tokio::sync::MutexGuard<'_, ()> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         node.hash(&mut h);
         let stripe = (h.finish() as usize) % self.node_locks.len();
         self.node_locks[stripe].lock().await
     }
 
-    fn store_err(&self, what: &str, e: StoreError) -> ControllerError {
+    pub(crate) fn store_err(&self, what: &str, e: StoreError) -> ControllerError {
         if matches!(e, StoreError::Unavailable(_)) {
             self.store_failed(what, &e);
         }

@@ -1,8 +1,9 @@
 //! `GET /v1/leases/watch?from_revision=N`: an NDJSON stream of lease
 //! changes for nodes, served from the cache's history. One store watch
 //! feeds every stream; each line is serialized once and shared.
+//! `GET /v1/names/watch` serves the name records' changes the same way.
 
-use crate::cache::line;
+use crate::cache::{line, Cache, History, WatchLine};
 use crate::error::ControllerError;
 use crate::Shared;
 use axum::body::{Body, Bytes};
@@ -13,7 +14,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
-use weft_lease::api::{WatchEvent, WatchKind};
+use weft_lease::api::{NameEvent, WatchEvent, WatchKind};
 use weft_lease::{Lease, StoreError, SubnetKey};
 
 #[derive(Debug, Deserialize)]
@@ -35,8 +36,39 @@ impl Drop for ClientGuard {
     }
 }
 
+/// What a stream follows.
+#[derive(Debug, Clone, Copy)]
+enum Feed {
+    Leases,
+    Names,
+}
+
+impl Feed {
+    fn history(self, cache: &Cache) -> &History {
+        match self {
+            Feed::Leases => &cache.history,
+            Feed::Names => &cache.names.history,
+        }
+    }
+
+    fn heartbeat(self, revision: i64) -> Bytes {
+        match self {
+            Feed::Leases => line(&WatchEvent::heartbeat(revision)),
+            Feed::Names => line(&NameEvent::heartbeat(revision)),
+        }
+    }
+
+    fn error(self, revision: i64, message: &str) -> Bytes {
+        match self {
+            Feed::Leases => line(&WatchEvent::error(revision, message.into())),
+            Feed::Names => line(&NameEvent::error(revision, message.into())),
+        }
+    }
+}
+
 /// One node's stream: lines waiting to be sent and how far it has got.
 struct Stream {
+    feed: Feed,
     guard: ClientGuard,
     pending: Vec<Bytes>,
     /// Revision of the last line queued; `None` once the stream must end.
@@ -64,7 +96,7 @@ impl Stream {
                 changed = self.applied.changed() => {
                     changed.ok()?;
                     let cache = shared.read();
-                    match cache.history.since(cursor) {
+                    match self.feed.history(&cache).since(cursor) {
                         Some((lines, last)) => {
                             self.pending.extend(lines);
                             self.cursor = Some(last);
@@ -72,19 +104,17 @@ impl Stream {
                         None => {
                             // Further behind than the history reaches: the
                             // node must re-list.
-                            self.pending.push(line(&WatchEvent {
-                                kind: WatchKind::Error,
-                                revision: cache.revision,
-                                lease: None,
-                                message: Some("watch fell behind the controller's history; list again".into()),
-                            }));
+                            self.pending.push(self.feed.error(
+                                cache.revision,
+                                "watch fell behind the controller's history; list again",
+                            ));
                             self.cursor = None;
                         }
                     }
                 }
                 _ = tokio::time::sleep(shared.opts.heartbeat) => {
                     let revision = shared.read().revision;
-                    self.pending.push(line(&WatchEvent { kind: WatchKind::Heartbeat, revision, lease: None, message: None }));
+                    self.pending.push(self.feed.heartbeat(revision));
                 }
             }
         }
@@ -98,6 +128,51 @@ pub(crate) async fn handler(
     let Query(params) = params.map_err(|e| ControllerError::bad("invalid_query", e.body_text()))?;
     let place = s.limits.watcher()?;
     let (initial, cursor) = catch_up(&s, params.from_revision).await?;
+    Ok(stream(s, Feed::Leases, place, initial, cursor))
+}
+
+/// `GET /v1/names/watch?from_revision=N`: the name records' changes. A
+/// revision older than the controller's history is `410 Gone` (names are
+/// listed again: there are few of them).
+pub(crate) async fn names_handler(
+    State(s): State<Arc<Shared>>,
+    params: Result<Query<WatchParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ControllerError> {
+    let Query(params) = params.map_err(|e| ControllerError::bad("invalid_query", e.body_text()))?;
+    let place = s.limits.watcher()?;
+    let (initial, cursor) = {
+        let cache = s.read();
+        if !cache.synced {
+            return Err(ControllerError::NotReady(
+                "names not loaded from the store yet".into(),
+            ));
+        }
+        match params.from_revision {
+            None => (Vec::new(), cache.revision),
+            Some(n) if n < 1 => {
+                return Err(ControllerError::bad(
+                    "invalid_query",
+                    "from_revision must be at least 1",
+                ))
+            }
+            Some(n) => cache.names.history.since(n - 1).ok_or_else(|| {
+                ControllerError::Gone(format!(
+                    "revision {n} is older than the controller's history; list the names again (GET /v1/names) and watch from the list's revision + 1"
+                ))
+            })?,
+        }
+    };
+    Ok(stream(s, Feed::Names, place, initial, cursor))
+}
+
+/// The streaming response of one watcher.
+fn stream(
+    s: Arc<Shared>,
+    feed: Feed,
+    place: tokio::sync::OwnedSemaphorePermit,
+    initial: Vec<Bytes>,
+    cursor: i64,
+) -> Response {
     let cursor = Some(cursor);
     s.metrics.watch_clients.inc();
     let guard = ClientGuard(s.clone(), place);
@@ -106,6 +181,7 @@ pub(crate) async fn handler(
     // as seen: look at the history once more before waiting.
     applied.mark_changed();
     let state = Stream {
+        feed,
         guard,
         pending: initial,
         cursor,
@@ -116,14 +192,14 @@ pub(crate) async fn handler(
         let chunk = st.next_chunk().await?;
         Some((Ok::<_, Infallible>(chunk), st))
     });
-    Ok((
+    (
         [
             (header::CONTENT_TYPE, "application/x-ndjson"),
             (header::CACHE_CONTROL, "no-store"),
         ],
         Body::from_stream(body),
     )
-        .into_response())
+        .into_response()
 }
 
 /// The lines a new stream starts with, and the revision they bring it to.

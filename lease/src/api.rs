@@ -236,3 +236,92 @@ pub struct ApiError {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total: Option<u64>,
 }
+
+/// Most names one node registers (its containers' names and addresses).
+pub const MAX_NODE_NAMES: usize = 512;
+
+/// One of a node's names in `PUT /v1/leases/{node}/names`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeNameEntry {
+    pub name: weft_config::DnsName,
+    pub address: std::net::IpAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+}
+
+/// `PUT /v1/leases/{node}/names`: every name the node's containers have
+/// now. The controller makes the store hold exactly these for the node,
+/// attached to its lease (idempotent: the same set again changes nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeNames {
+    pub names: Vec<NodeNameEntry>,
+}
+
+/// An entry of [`NodeNames`] the controller did not keep, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedName {
+    pub entry: NodeNameEntry,
+    pub reason: String,
+}
+
+/// The answer to `PUT /v1/leases/{node}/names`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NodeNamesResult {
+    /// Store revision once the changes are in.
+    pub revision: i64,
+    pub added: u64,
+    pub removed: u64,
+    pub unchanged: u64,
+    /// Entries not kept (an address outside the node's subnets, a name
+    /// and address an operator's record already holds).
+    #[serde(default)]
+    pub refused: Vec<RefusedName>,
+}
+
+/// A name record as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameView {
+    #[serde(flatten)]
+    pub record: crate::names::NameRecord,
+    /// Revision of the record's last change.
+    pub revision: i64,
+}
+
+/// `GET /v1/names`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameList {
+    /// Watch from `revision + 1` (`GET /v1/names/watch`) to follow changes.
+    pub revision: i64,
+    pub names: Vec<NameView>,
+}
+
+/// One line of `GET /v1/names/watch` (NDJSON): `put` and `delete` carry
+/// the record, `heartbeat` and `error` as in the lease watch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameEvent {
+    #[serde(rename = "type")]
+    pub kind: WatchKind,
+    pub revision: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<NameView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// `POST /v1/names` (admins): a name for something that is not a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddName {
+    pub name: weft_config::DnsName,
+    pub address: std::net::IpAddr,
+}
+
+/// The answer to `DELETE /v1/names/{name}/{address}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedName {
+    /// Whether there was such a record.
+    pub removed: bool,
+    pub revision: i64,
+}

@@ -2,8 +2,9 @@
 //! and the benchmarks.
 
 use crate::api::{
-    AcquireRequest, ApiError, LeaseList, LeaseResponse, LeaseView, NetworkView, Readiness,
-    ReleaseResponse, ReserveRequest, WatchEvent,
+    AcquireRequest, AddName, ApiError, LeaseList, LeaseResponse, LeaseView, NameEvent, NameList,
+    NameView, NetworkView, NodeNames, NodeNamesResult, Readiness, ReleaseResponse, RemovedName,
+    ReserveRequest, WatchEvent,
 };
 use crate::tls::ClientTlsFiles;
 use bytes::{Buf, BytesMut};
@@ -46,6 +47,9 @@ impl ClientError {
 
 /// A stream of watch lines; ends when the controller closes the stream.
 pub type WatchLines = BoxStream<'static, Result<WatchEvent, ClientError>>;
+
+/// The lines of a names watch, as they arrive.
+pub type NameLines = BoxStream<'static, Result<NameEvent, ClientError>>;
 
 /// Client for the controller: one URL, or several replicas of it. Cheap to
 /// clone (clones share the connection pool, the TLS files' state and which
@@ -509,10 +513,59 @@ impl ControllerClient {
     /// The stream comes from one replica (tried in turn, as requests are);
     /// when it ends the caller watches again, maybe from another.
     pub async fn watch(&self, from_revision: i64) -> Result<WatchLines, ClientError> {
+        self.ndjson(format!("/v1/leases/watch?from_revision={from_revision}"))
+            .await
+    }
+
+    /// Makes the controller hold exactly these names for `node`'s
+    /// containers.
+    pub async fn sync_names(
+        &self,
+        node: &str,
+        names: &NodeNames,
+    ) -> Result<NodeNamesResult, ClientError> {
+        let path = format!("/v1/leases/{}/names", segment(node));
+        self.send(&path, |http, url| http.put(url).json(names))
+            .await
+    }
+
+    /// Every name record.
+    pub async fn list_names(&self) -> Result<NameList, ClientError> {
+        self.send("/v1/names", |http, url| http.get(url)).await
+    }
+
+    /// Adds a name for something that is not a container (admins).
+    pub async fn add_name(&self, req: &AddName) -> Result<NameView, ClientError> {
+        self.send("/v1/names", |http, url| http.post(url).json(req))
+            .await
+    }
+
+    /// Removes a name record (admins).
+    pub async fn remove_name(
+        &self,
+        name: &weft_config::DnsName,
+        address: std::net::IpAddr,
+    ) -> Result<RemovedName, ClientError> {
+        let path = format!("/v1/names/{name}/{}", segment(&address.to_string()));
+        self.send(&path, |http, url| http.delete(url)).await
+    }
+
+    /// Follows name record changes with a revision `>= from_revision`, as
+    /// [`Client::watch`] follows leases (`410`: list the names again).
+    pub async fn watch_names(&self, from_revision: i64) -> Result<NameLines, ClientError> {
+        self.ndjson(format!("/v1/names/watch?from_revision={from_revision}"))
+            .await
+    }
+
+    /// An NDJSON stream of `T` from `path`.
+    async fn ndjson<T: DeserializeOwned + Send + 'static>(
+        &self,
+        path: String,
+    ) -> Result<BoxStream<'static, Result<T, ClientError>>, ClientError> {
         let timeout = self.attempt_timeout(WATCH_START_TIMEOUT);
         let (base, resp) = self
             .over_replicas(|base| {
-                let url = format!("{base}/v1/leases/watch?from_revision={from_revision}");
+                let url = format!("{base}{path}");
                 let send = self.http().get(url).send();
                 async move {
                     let started = match tokio::time::timeout(timeout, send).await {
@@ -553,7 +606,7 @@ impl ControllerClient {
                         if line.iter().all(u8::is_ascii_whitespace) {
                             continue;
                         }
-                        let item = serde_json::from_slice::<WatchEvent>(&line)
+                        let item = serde_json::from_slice::<T>(&line)
                             .map_err(|e| ClientError::Decode(format!("watch line: {e}")));
                         return Some((item, (bytes, buf, base)));
                     }

@@ -42,7 +42,9 @@ macro_rules! conformance_tests {
             claim_checks_the_config_the_subnet_and_the_node,
             concurrent_claims_for_one_node_have_one_winner,
             a_storm_of_claims_ends_as_one_by_one,
-            requests_are_counted
+            requests_are_counted,
+            names_live_and_die_with_their_lease,
+            unreadable_names_are_gone_for_readers
         );
     };
     (@each $attrs:tt $make:path; $($name:ident),*) => {
@@ -813,4 +815,137 @@ pub async fn requests_are_counted(store: Store) {
     assert_eq!(after.grant - before.grant, 1);
     assert_eq!(after.txn - before.txn, 1);
     assert_eq!(after.total() - before.total(), 2);
+}
+
+fn name_record(name: &str, address: &str, node: Option<&str>) -> crate::names::NameRecord {
+    crate::names::NameRecord {
+        name: name.parse().expect("test name"),
+        address: address.parse().expect("test address"),
+        node: node.map(|n| crate::NodeName::new(n).expect("test node")),
+        container_id: node.map(|_| "c0ffee".to_string()),
+    }
+}
+
+pub async fn names_live_and_die_with_their_lease(store: Store) {
+    let id = store.grant(Duration::from_secs(60)).await.unwrap();
+    let web1 = name_record("web", "10.244.3.5", Some("host-1"));
+    let web2 = name_record("web", "fdc6:7765:6675:3::5", Some("host-1"));
+    let db = name_record("db.shop", "10.244.9.9", None);
+    let start = store.snapshot().await.unwrap().revision;
+    store.put_name(&web1, Some(id)).await.unwrap();
+    store.put_name(&web2, Some(id)).await.unwrap();
+    let rev = store.put_name(&db, None).await.unwrap();
+    let snap = store.snapshot().await.unwrap();
+    assert_eq!(snap.revision, rev);
+    assert!(
+        snap.leases.is_empty(),
+        "names are no leases: {:?}",
+        snap.leases
+    );
+    let mut got: Vec<_> = snap
+        .names
+        .iter()
+        .map(|n| (n.record.clone(), n.etcd_lease))
+        .collect();
+    got.sort();
+    let mut want = vec![
+        (web1.clone(), Some(id)),
+        (web2.clone(), Some(id)),
+        (db.clone(), None),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    // The watch sees them, then the lease's end takes its names only.
+    let mut events = Events::new(store.watch(start + 1).await.unwrap());
+    for want in [&web1, &web2, &db] {
+        match events.next(Duration::from_secs(10)).await.unwrap() {
+            StoreEvent::NamePut(n) => assert_eq!(&n.record, want),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    store.revoke(id).await.unwrap();
+    let mut gone = Vec::new();
+    for _ in 0..2 {
+        match events.next(Duration::from_secs(10)).await.unwrap() {
+            StoreEvent::NameDelete {
+                name,
+                address,
+                revision,
+            } => {
+                assert!(revision > rev);
+                gone.push((name.to_string(), address.to_string()));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    gone.sort();
+    assert_eq!(
+        gone,
+        [
+            ("web".to_string(), "10.244.3.5".to_string()),
+            ("web".to_string(), "fdc6:7765:6675:3::5".to_string())
+        ]
+    );
+    let snap = store.snapshot().await.unwrap();
+    assert_eq!(snap.names.len(), 1);
+    assert_eq!(snap.names[0].record, db);
+    // A dead lease takes no new names; deleting is idempotent.
+    assert!(matches!(
+        store.put_name(&web1, Some(id)).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let rev = store.delete_name(&db.name, db.address).await.unwrap();
+    match events.next(Duration::from_secs(10)).await.unwrap() {
+        StoreEvent::NameDelete { name, revision, .. } => {
+            assert_eq!(name, db.name);
+            assert_eq!(revision, rev);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let again = store.delete_name(&db.name, db.address).await.unwrap();
+    assert!(again >= rev);
+    assert!(store.snapshot().await.unwrap().names.is_empty());
+}
+
+pub async fn unreadable_names_are_gone_for_readers(store: Store) {
+    let web = name_record("web", "10.244.3.5", Some("host-1"));
+    let rev = store.put_name(&web, None).await.unwrap();
+    let mut events = Events::new(store.watch(rev + 1).await.unwrap());
+    // Someone writes garbage over the record, and a key that is no name.
+    store.put_raw(&web.key(), "{not json", None).await.unwrap();
+    store
+        .put_raw("names/web_1/10.244.3.6", "{}", None)
+        .await
+        .unwrap();
+    store
+        .put_raw("names/web/not-an-ip", "{}", None)
+        .await
+        .unwrap();
+    let back = store
+        .put_name(&name_record("db", "10.244.3.7", None), None)
+        .await
+        .unwrap();
+    match events.next(Duration::from_secs(10)).await.unwrap() {
+        StoreEvent::NameDelete { name, address, .. } => {
+            assert_eq!((name, address), (web.name.clone(), web.address));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // The unreadable keys make no event; the next good record does.
+    match events.next(Duration::from_secs(10)).await.unwrap() {
+        StoreEvent::NamePut(n) => assert_eq!(n.mod_revision, back),
+        other => panic!("unexpected {other:?}"),
+    }
+    let snap = store.snapshot().await.unwrap();
+    let names: Vec<String> = snap
+        .names
+        .iter()
+        .map(|n| n.record.name.to_string())
+        .collect();
+    assert_eq!(names, ["db"]);
+    assert!(
+        snap.corrupt.is_empty(),
+        "names are not subnets: {:?}",
+        snap.corrupt
+    );
 }

@@ -41,6 +41,7 @@ mod lease;
 mod mac;
 pub mod memory;
 mod name;
+pub mod names;
 #[cfg(feature = "client")]
 pub mod node_control;
 pub mod store;

@@ -5,6 +5,7 @@ use super::{CorruptEntry, StoreEvent};
 use crate::attrs::LeaseAttrs;
 use crate::key::SubnetKey;
 use crate::lease::{Lease, LeaseId};
+use crate::names::{decode_name, names_prefix, parse_name_key, StoredName};
 
 /// The config key, relative to the prefix.
 pub fn config_key() -> &'static str {
@@ -30,6 +31,11 @@ pub(crate) enum Entry {
     Config(String),
     Lease(Lease),
     Corrupt(CorruptEntry),
+    /// A name record.
+    Name(StoredName),
+    /// A key under `names/` that cannot be read: the name and address
+    /// when the key is readable (the record is gone for readers).
+    UnreadableName(Option<(weft_config::DnsName, std::net::IpAddr)>),
     /// Not ours (another directory under the prefix).
     Other,
 }
@@ -46,6 +52,12 @@ pub(crate) fn decode_entry(
         return match std::str::from_utf8(value) {
             Ok(s) => Entry::Config(s.to_string()),
             Err(_) => Entry::Config(String::from_utf8_lossy(value).into_owned()),
+        };
+    }
+    if rel_key.starts_with(names_prefix()) {
+        return match decode_name(rel_key, value, mod_revision, lease) {
+            Ok(n) => Entry::Name(n),
+            Err(_) => Entry::UnreadableName(parse_name_key(rel_key).ok()),
         };
     }
     let Some(name) = rel_key.strip_prefix(subnets_prefix()) else {
@@ -84,6 +96,14 @@ pub(crate) fn decode_delete(rel_key: &str, revision: i64) -> Option<StoreEvent> 
     if rel_key == config_key() {
         return Some(StoreEvent::ConfigDelete { revision });
     }
+    if rel_key.starts_with(names_prefix()) {
+        let (name, address) = parse_name_key(rel_key).ok()?;
+        return Some(StoreEvent::NameDelete {
+            name,
+            address,
+            revision,
+        });
+    }
     let name = rel_key.strip_prefix(subnets_prefix())?;
     Some(match name.parse() {
         Ok(key) => StoreEvent::Delete { key, revision },
@@ -109,6 +129,12 @@ pub(crate) fn decode_put(
         }),
         Entry::Lease(l) => Some(StoreEvent::Put(l)),
         Entry::Corrupt(c) => Some(StoreEvent::Corrupt(c)),
+        Entry::Name(n) => Some(StoreEvent::NamePut(n)),
+        Entry::UnreadableName(key) => key.map(|(name, address)| StoreEvent::NameDelete {
+            name,
+            address,
+            revision: mod_revision,
+        }),
         Entry::Other => None,
     }
 }
@@ -119,7 +145,8 @@ pub(crate) fn add_to_snapshot(snap: &mut super::Snapshot, entry: Entry, mod_revi
         Entry::Config(text) => snap.config = Some((text, mod_revision)),
         Entry::Lease(l) => snap.leases.push(l),
         Entry::Corrupt(c) => snap.corrupt.push(c),
-        Entry::Other => {}
+        Entry::Name(n) => snap.names.push(n),
+        Entry::UnreadableName(_) | Entry::Other => {}
     }
 }
 

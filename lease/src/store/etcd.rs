@@ -1297,6 +1297,18 @@ impl LeaseStore for EtcdStore {
         Ok(header_rev(resp.header()))
     }
 
+    async fn delete_raw(&self, key: &str) -> StoreResult<i64> {
+        bump(&self.counts.txn);
+        let key = self.full(key);
+        let resp = self
+            .on_endpoint(true, |_, c| {
+                let (key, mut kv) = (key.clone(), kv(c));
+                async move { kv.delete(key, None).await.map_err(map_err) }
+            })
+            .await?;
+        Ok(header_rev(resp.header()))
+    }
+
     async fn compact(&self, revision: i64) -> StoreResult<()> {
         bump(&self.counts.other);
         // Compacting again to the same revision reports it compacted.

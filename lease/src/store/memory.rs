@@ -582,6 +582,18 @@ impl LeaseStore for MemoryStore {
         ))
     }
 
+    async fn delete_raw(&self, key: &str) -> StoreResult<i64> {
+        let mut st = self.op(|c| c.txn += 1)?;
+        if !st.kv.contains_key(key) {
+            return Ok(st.revision);
+        }
+        Ok(commit(
+            &mut st,
+            &self.inner.changes,
+            vec![Change::Delete(key.to_string())],
+        ))
+    }
+
     async fn compact(&self, revision: i64) -> StoreResult<()> {
         let mut st = self.op(|c| c.other += 1)?;
         if revision <= st.compacted {

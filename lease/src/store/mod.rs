@@ -22,6 +22,7 @@ pub use memory::MemoryStore;
 use crate::attrs::LeaseAttrs;
 use crate::key::SubnetKey;
 use crate::lease::{Lease, LeaseId};
+use crate::names::{name_key, NameRecord, StoredName};
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use std::time::Duration;
@@ -91,6 +92,8 @@ pub struct Snapshot {
     pub leases: Vec<Lease>,
     /// Unreadable entries under `subnets/`.
     pub corrupt: Vec<CorruptEntry>,
+    /// Readable name records (unreadable ones are left out).
+    pub names: Vec<StoredName>,
 }
 
 /// What a claim expects of its node's guard key.
@@ -136,6 +139,14 @@ pub enum StoreEvent {
     ConfigPut { text: String, revision: i64 },
     /// The config key was deleted.
     ConfigDelete { revision: i64 },
+    /// A name record was written.
+    NamePut(StoredName),
+    /// A name record was deleted (or overwritten with something unreadable).
+    NameDelete {
+        name: weft_config::DnsName,
+        address: std::net::IpAddr,
+        revision: i64,
+    },
 }
 
 impl StoreEvent {
@@ -146,8 +157,10 @@ impl StoreEvent {
             StoreEvent::Delete { revision, .. }
             | StoreEvent::CorruptDeleted { revision, .. }
             | StoreEvent::ConfigPut { revision, .. }
-            | StoreEvent::ConfigDelete { revision } => *revision,
+            | StoreEvent::ConfigDelete { revision }
+            | StoreEvent::NameDelete { revision, .. } => *revision,
             StoreEvent::Corrupt(c) => c.mod_revision,
+            StoreEvent::NamePut(n) => n.mod_revision,
         }
     }
 }
@@ -269,6 +282,25 @@ pub trait LeaseStore: Send + Sync + std::fmt::Debug + 'static {
     /// Writes a raw value under the prefix, with no checks: for tools and for
     /// tests that need to write what another program (flannel) would.
     async fn put_raw(&self, key: &str, value: &str, lease: Option<LeaseId>) -> StoreResult<i64>;
+
+    /// Deletes a key under the prefix if it is there. Returns the store
+    /// revision after the delete (the current one when there was nothing).
+    async fn delete_raw(&self, key: &str) -> StoreResult<i64>;
+
+    /// Writes a name record attached to `lease` (`None`: it stays until
+    /// deleted). `NotFound` when the etcd lease is gone.
+    async fn put_name(&self, record: &NameRecord, lease: Option<LeaseId>) -> StoreResult<i64> {
+        self.put_raw(&record.key(), &record.to_json(), lease).await
+    }
+
+    /// Deletes a name record; deleting one that is not there succeeds.
+    async fn delete_name(
+        &self,
+        name: &weft_config::DnsName,
+        address: std::net::IpAddr,
+    ) -> StoreResult<i64> {
+        self.delete_raw(&name_key(name, address)).await
+    }
 
     /// Discards history before `revision`.
     async fn compact(&self, revision: i64) -> StoreResult<()>;
