@@ -325,6 +325,10 @@ async fn rekey(socket: &Path) -> Result<ExitCode> {
             eprintln!("weftctl: {message} [{error}]");
             Ok(code(retryable))
         }
+        Ok(other) => {
+            eprintln!("weftctl: the node answered {other:?} to a rotation");
+            Ok(code(false))
+        }
         Err(e) => {
             eprintln!("weftctl: {e}");
             Ok(code(e.retryable()))

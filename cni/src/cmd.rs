@@ -17,6 +17,8 @@ pub struct Env {
     pub container_id: String,
     pub netns: String,
     pub ifname: String,
+    /// `CNI_ARGS`: `KEY=VALUE;...` (names come from some of them).
+    pub args: String,
 }
 
 impl Env {
@@ -65,6 +67,7 @@ impl Env {
             container_id,
             netns,
             ifname,
+            args: get("CNI_ARGS").unwrap_or_default(),
         })
     }
 }
@@ -174,6 +177,8 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
     // One range per family the node's lease holds: IPv4, IPv6
     // (FLANNEL_IPV6_SUBNET), or both.
     let (senv, subnets) = held_lease(&conf.subnet_file)?;
+    // Names are checked before anything is made.
+    let names = crate::names::requested(conf, &env.args)?;
     let ranges = subnets
         .iter()
         .map(|s| Range::new(*s))
@@ -224,7 +229,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
         Some(p) => CniResult::from_json(p)?,
         None => CniResult::default(),
     };
-    runtime()?.block_on(async {
+    let result = runtime()?.block_on(async {
         let host = Netlink::here()?;
         let cont = Netlink::in_ns(&ns)?;
         if cont.link(&env.ifname).await?.is_some() {
@@ -354,8 +359,38 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
                 .into_iter()
                 .map(|(dst, gw)| Route { dst, gw: Some(gw) }),
         );
+        // The node's name server on the bridge gateway, when it serves.
+        if let (Some(domain), true) = (&senv.dns_domain, result.dns.is_null()) {
+            let servers: Vec<String> = ranges.iter().map(|r| r.gateway.to_string()).collect();
+            result.dns = serde_json::json!({
+                "nameservers": servers,
+                "domain": domain.as_str(),
+                "search": [domain.as_str()],
+            });
+        }
         Ok(result)
-    })
+    })?;
+    // Kept (and the node told) once the container is attached; an entry
+    // without names removes any a stale attachment of this name had.
+    let store = Store::open(&conf.data_dir, &conf.name)?;
+    let addresses: Vec<IpAddr> = result.ips.iter().map(|ip| ip.address.addr()).collect();
+    let had = crate::names::read(&store)?
+        .attachments
+        .iter()
+        .any(|a| a.container_id == env.container_id && a.ifname == env.ifname);
+    crate::names::update(&store, |f| {
+        f.set(crate::names::entry(
+            &env.container_id,
+            &env.ifname,
+            names.clone(),
+            addresses,
+        ))
+    })?;
+    drop(store);
+    if !names.is_empty() || had {
+        crate::names::tell_node(&conf.node_socket);
+    }
+    Ok(result)
 }
 
 /// DEL: detach the container; succeeds when there is nothing left to do.
@@ -363,7 +398,12 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     let store = Store::open(&conf.data_dir, &conf.name)?;
     store.release(&env.container_id, &env.ifname)?;
     let others = store.entries()?;
+    let mut named = false;
+    crate::names::update(&store, |f| named = f.remove(&env.container_id, &env.ifname))?;
     drop(store);
+    if named {
+        crate::names::tell_node(&conf.node_socket);
+    }
     runtime()?.block_on(async {
         let host = Netlink::here()?;
         remove_host_veth(&host, conf, &env.container_id, &env.ifname, &others).await
@@ -556,11 +596,24 @@ pub fn gc(conf: &NetConf) -> Result<(), CniError> {
         ));
     }
     let valid: Vec<Attachment> = conf.valid_attachments.clone().unwrap_or_default();
-    let freed = Store::open(&conf.data_dir, &conf.name)?.retain(|e| {
+    let is_valid = |container_id: &str, ifname: &str| {
         valid
             .iter()
-            .any(|a| a.container_id == e.container_id && a.ifname == e.ifname)
+            .any(|a| a.container_id == container_id && a.ifname == ifname)
+    };
+    let store = Store::open(&conf.data_dir, &conf.name)?;
+    let freed = store.retain(|e| is_valid(&e.container_id, &e.ifname))?;
+    let mut withdrawn = false;
+    crate::names::update(&store, |f| {
+        let before = f.attachments.len();
+        f.attachments
+            .retain(|a| is_valid(&a.container_id, &a.ifname));
+        withdrawn = f.attachments.len() != before;
     })?;
+    drop(store);
+    if withdrawn {
+        crate::names::tell_node(&conf.node_socket);
+    }
     let kept = Store::open(&conf.data_dir, &conf.name)?.entries()?;
     runtime()?.block_on(async {
         let host = Netlink::here()?;

@@ -128,6 +128,11 @@ impl Store {
         Ok(Store { dir, _lock: lock })
     }
 
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn err(&self, source: io::Error) -> IpamError {
         IpamError::Io {
             dir: self.dir.display().to_string(),

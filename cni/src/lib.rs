@@ -5,5 +5,6 @@
 
 pub mod cmd;
 pub mod ipam;
+pub mod names;
 pub mod net;
 pub mod spec;

@@ -78,6 +78,19 @@ fn yes() -> bool {
     true
 }
 
+fn default_node_socket() -> PathBuf {
+    PathBuf::from("/run/weft/node.sock")
+}
+
+/// What the runtime passes per container (`runtimeConfig`), as far as
+/// weft-cni uses it.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RuntimeConfig {
+    /// The `aliases` capability: names per network.
+    #[serde(default)]
+    pub aliases: std::collections::HashMap<String, Vec<String>>,
+}
+
 /// The network configuration on standard input. Fields the plugin does not
 /// know (runtime settings, other plugins' options) are ignored, as the
 /// spec asks.
@@ -104,6 +117,11 @@ pub struct NetConf {
     pub prev_result: Option<Value>,
     #[serde(default, rename = "cni.dev/valid-attachments")]
     pub valid_attachments: Option<Vec<Attachment>>,
+    #[serde(default)]
+    pub runtime_config: RuntimeConfig,
+    /// weft-node's control socket, told when names change.
+    #[serde(default = "default_node_socket")]
+    pub node_socket: PathBuf,
 }
 
 /// A valid network name: also a directory name under `dataDir`.

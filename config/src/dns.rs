@@ -113,6 +113,65 @@ impl<'de> serde::Deserialize<'de> for DnsName {
     }
 }
 
+/// The names file weft-cni keeps next to its address store
+/// (`<dataDir>/<network>/names.json`) and weft-node reads: which names each
+/// attachment has, with its addresses. It survives restarts of both, so a
+/// node that starts again registers what its containers have.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamesFile {
+    pub attachments: Vec<AttachmentNames>,
+}
+
+/// One attachment's names and addresses.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachmentNames {
+    pub container_id: String,
+    pub ifname: String,
+    pub names: Vec<DnsName>,
+    pub addresses: Vec<std::net::IpAddr>,
+}
+
+/// The file's name in the store directory.
+pub const NAMES_FILE: &str = "names.json";
+
+/// The largest names file read (bytes): room for thousands of attachments.
+pub const MAX_NAMES_FILE: u64 = 4 << 20;
+
+/// Most names one attachment may have.
+pub const MAX_NAMES_PER_CONTAINER: usize = 16;
+
+impl NamesFile {
+    /// Reads the file's text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        serde_json::from_str(text).map_err(|e| format!("not a names file: {e}"))
+    }
+
+    /// The file's text.
+    pub fn render(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).expect("a names file always serializes");
+        s.push('\n');
+        s
+    }
+
+    /// Sets (or with no names, removes) an attachment's entry.
+    pub fn set(&mut self, entry: AttachmentNames) {
+        self.remove(&entry.container_id, &entry.ifname);
+        if !entry.names.is_empty() && !entry.addresses.is_empty() {
+            self.attachments.push(entry);
+        }
+    }
+
+    /// Removes an attachment's entry; whether there was one.
+    pub fn remove(&mut self, container_id: &str, ifname: &str) -> bool {
+        let before = self.attachments.len();
+        self.attachments
+            .retain(|a| !(a.container_id == container_id && a.ifname == ifname));
+        self.attachments.len() != before
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,5 +225,31 @@ mod tests {
         let j: DnsName = "\"Web.Shop\"".trim_matches('"').parse().unwrap();
         assert_eq!(serde_json::to_string(&j).unwrap(), "\"web.shop\"");
         assert!(serde_json::from_str::<DnsName>("\"a_b\"").is_err());
+    }
+
+    #[test]
+    fn the_names_file_keeps_one_entry_per_attachment() {
+        let entry = |id: &str, names: &[&str]| AttachmentNames {
+            container_id: id.into(),
+            ifname: "eth0".into(),
+            names: names.iter().map(|n| n.parse().unwrap()).collect(),
+            addresses: vec!["10.244.3.5".parse().unwrap()],
+        };
+        let mut f = NamesFile::default();
+        f.set(entry("c1", &["web"]));
+        f.set(entry("c2", &["db"]));
+        f.set(entry("c1", &["web", "api"]));
+        assert_eq!(f.attachments.len(), 2);
+        assert_eq!(f.attachments[1], entry("c1", &["web", "api"]));
+        assert_eq!(NamesFile::parse(&f.render()).unwrap(), f);
+        f.set(entry("c2", &[]));
+        assert_eq!(f.attachments.len(), 1);
+        assert!(f.remove("c1", "eth0"));
+        assert!(!f.remove("c1", "eth0"));
+        assert!(NamesFile::parse(
+            r#"{"attachments":[{"container_id":"c","ifname":"e","names":["a_b"],"addresses":[]}]}"#
+        )
+        .is_err());
+        assert!(NamesFile::parse("[]").is_err());
     }
 }

@@ -31,7 +31,10 @@ mod subnet_env;
 pub use backend::{
     BackendConfig, BackendType, IpsecConfig, VxlanConfig, WireguardConfig, WireguardMode,
 };
-pub use dns::{DnsName, DnsNameError, DEFAULT_DNS_DOMAIN, MAX_DNS_LABEL, MAX_DNS_NAME};
+pub use dns::{
+    AttachmentNames, DnsName, DnsNameError, NamesFile, DEFAULT_DNS_DOMAIN, MAX_DNS_LABEL,
+    MAX_DNS_NAME, MAX_NAMES_FILE, MAX_NAMES_PER_CONTAINER, NAMES_FILE,
+};
 pub use duration::{format_duration, parse_duration};
 pub use error::ConfigError;
 pub use network::{NetworkConfig, DEFAULT_LEASE_TTL};

@@ -1,6 +1,7 @@
 //! The node daemon's control socket: a Unix socket only root may use
 //! (the daemon checks the caller's credentials), for operations that change
-//! the node, today the key rotation of ipsec and wireguard (`weftctl node rekey`).
+//! the node: the key rotation of ipsec and wireguard (`weftctl node rekey`),
+//! and `names` from weft-cni when a container's names changed.
 //!
 //! The protocol is one request line and one answer line per connection:
 //! the client writes `rekey\n`, the daemon answers with one JSON object
@@ -27,6 +28,8 @@ pub const MAX_REPLY: usize = 4096;
 pub enum ControlReply {
     /// The key was rotated; peers switch over within seconds.
     Rotated { epoch: u64 },
+    /// `names`: the node reads weft-cni's names file and registers it now.
+    NamesQueued,
     /// Nothing was done.
     Refused {
         /// A stable word: `forbidden`, `rate_limited`, `no_key`,

@@ -104,7 +104,12 @@ impl ControlSocket {
 
     /// Answers requests until dropped. `rekey` goes to the rotation task;
     /// when that channel is closed the node's backend has no key.
-    pub async fn serve(self, rekey: mpsc::Sender<RekeyRequest>, policy: Policy) {
+    pub async fn serve(
+        self,
+        rekey: mpsc::Sender<RekeyRequest>,
+        names: Arc<tokio::sync::Notify>,
+        policy: Policy,
+    ) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let last_rekey: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
         loop {
@@ -123,10 +128,10 @@ impl ControlSocket {
                 ));
                 continue;
             };
-            let (rekey, last_rekey) = (rekey.clone(), last_rekey.clone());
+            let (rekey, last_rekey, names) = (rekey.clone(), last_rekey.clone(), names.clone());
             tokio::spawn(async move {
                 let _slot = slot;
-                handle(stream, rekey, policy, last_rekey).await;
+                handle(stream, rekey, &names, policy, last_rekey).await;
             });
         }
     }
@@ -150,6 +155,7 @@ async fn answer(mut stream: UnixStream, reply: ControlReply) {
 async fn handle(
     mut stream: UnixStream,
     rekey: mpsc::Sender<RekeyRequest>,
+    names: &tokio::sync::Notify,
     policy: Policy,
     last_rekey: Arc<Mutex<Option<Instant>>>,
 ) {
@@ -193,10 +199,15 @@ async fn handle(
     };
     let reply = match command.as_str() {
         "rekey" => rekey_now(&rekey, policy, &last_rekey, pid).await,
+        // weft-cni changed its names file: register it now.
+        "names" => {
+            names.notify_one();
+            ControlReply::NamesQueued
+        }
         other => ControlReply::refused(
             "unknown_command",
             format!(
-                "unknown request {:?}; this node understands: rekey",
+                "unknown request {:?}; this node understands: rekey, names",
                 other.escape_debug().to_string()
             ),
             false,
@@ -298,7 +309,7 @@ mod tests {
             uid: me(),
             rekey_spacing: Duration::from_secs(3600),
         };
-        let server = tokio::spawn(sock.serve(tx, policy));
+        let server = tokio::spawn(sock.serve(tx, Default::default(), policy));
         assert_eq!(
             request(&path, "rekey", WAIT).await.unwrap(),
             ControlReply::Rotated { epoch: 2 }
@@ -333,7 +344,7 @@ mod tests {
             uid: me().wrapping_add(1),
             ..Policy::default()
         };
-        let server = tokio::spawn(sock.serve(tx.clone(), other));
+        let server = tokio::spawn(sock.serve(tx.clone(), Default::default(), other));
         match request(&path, "rekey", WAIT).await.unwrap() {
             ControlReply::Refused { error, message, .. } => {
                 assert_eq!(error, "forbidden");
@@ -348,7 +359,7 @@ mod tests {
             uid: me(),
             ..Policy::default()
         };
-        let server = tokio::spawn(sock.serve(tx, policy));
+        let server = tokio::spawn(sock.serve(tx, Default::default(), policy));
         for bad in ["reboot", "", "rekey now"] {
             match request(&path, bad, WAIT).await.unwrap() {
                 ControlReply::Refused { error, .. } => {
@@ -370,11 +381,46 @@ mod tests {
         let (closed, rx) = mpsc::channel::<RekeyRequest>(1);
         drop(rx);
         let sock = ControlSocket::bind(&path).unwrap();
-        let server = tokio::spawn(sock.serve(closed, policy));
+        let server = tokio::spawn(sock.serve(closed, Default::default(), policy));
         match request(&path, "rekey", WAIT).await.unwrap() {
             ControlReply::Refused { error, .. } => assert_eq!(error, "no_key"),
             other => panic!("{other:?}"),
         }
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn names_wakes_the_registrar_as_weft_cni_asks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(&dir);
+        let sock = ControlSocket::bind(&path).unwrap();
+        let (tx, _task) = rotator();
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let policy = Policy {
+            uid: me(),
+            ..Policy::default()
+        };
+        let server = tokio::spawn(sock.serve(tx, wake.clone(), policy));
+        assert_eq!(
+            request(&path, "names", WAIT).await.unwrap(),
+            ControlReply::NamesQueued
+        );
+        tokio::time::timeout(WAIT, wake.notified())
+            .await
+            .expect("the registrar is woken");
+        // weft-cni's own client (blocking, another process) gets the same.
+        let cni = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || {
+                use std::io::{BufRead, Write};
+                let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+                s.write_all(b"names\n").unwrap();
+                let mut line = String::new();
+                std::io::BufReader::new(s).read_line(&mut line).unwrap();
+                line
+            }
+        });
+        assert_eq!(cni.await.unwrap().trim(), r#"{"result":"names_queued"}"#);
         server.abort();
     }
 

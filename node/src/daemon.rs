@@ -65,6 +65,18 @@ pub struct Options {
     /// Start a backend weaker than the one this node ran before (ipsec to
     /// vxlan or host-gw: pod traffic in the clear).
     pub allow_backend_change: bool,
+    /// Serve names to containers (`None`: `--no-dns`).
+    pub dns: Option<DnsOptions>,
+    /// weft-cni's names file: the names this node's containers have.
+    pub cni_names_file: PathBuf,
+}
+
+/// The name server's settings.
+#[derive(Debug, Clone)]
+pub struct DnsOptions {
+    pub port: u16,
+    /// The host's resolvers, for names outside the cluster.
+    pub resolv_conf: PathBuf,
 }
 
 /// What the lease-keeping task needs.
@@ -117,6 +129,7 @@ impl Keeper {
         let mtu = self.backend.pod_mtu(self.ext.mtu);
         let mut env = SubnetEnv::new(&network, key.ipv4(), key.ipv6(), mtu, self.opts.ip_masq);
         env.lease_expires = lease_expiry(resp);
+        env.dns_domain = self.opts.dns.as_ref().map(|_| network.dns_domain.clone());
         subnet_env::write(&env, &self.opts.subnet_file)
             .with_context(|| format!("writing {}", self.opts.subnet_file.display()))?;
         *self.env.lock().expect("env lock") = Some(env);
@@ -514,6 +527,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     let status = Arc::new(Status::new(opts.node_name.as_str()));
     let mut tasks = JoinSet::new();
     let (rekey_tx, rekey_rx) = mpsc::channel(4);
+    let names_wake = Arc::new(tokio::sync::Notify::new());
     if let Some(addr) = opts.healthz {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -526,10 +540,10 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     if let Some(path) = &opts.control_socket {
         let socket = ControlSocket::bind(path)?;
         tracing::info!(socket = %path.display(), "control socket for weftctl node rekey (root only)");
-        tasks.spawn(socket.serve(rekey_tx, control::Policy::default()));
+        tasks.spawn(socket.serve(rekey_tx, names_wake.clone(), control::Policy::default()));
     }
     tokio::select! {
-        r = start(opts, status, &mut tasks, rekey_rx) => r,
+        r = start(opts, status, &mut tasks, rekey_rx, names_wake) => r,
         _ = shutdown => {
             tracing::info!("stopping; the data plane stays in place");
             system::sd_notify("STOPPING=1");
@@ -544,6 +558,7 @@ async fn start(
     status: Arc<Status>,
     tasks: &mut JoinSet<()>,
     rekey_rx: mpsc::Receiver<RekeyRequest>,
+    names_wake: Arc<tokio::sync::Notify>,
 ) -> Result<()> {
     let dp = Arc::new(NetlinkDataplane::new().context("netlink")?);
     if opts.ip_masq {
@@ -649,7 +664,15 @@ async fn start(
         env: std::sync::Mutex::new(None),
     };
     let network = Arc::new(network);
-    keeper.install(&lease, network).await?;
+    keeper.install(&lease, network.clone()).await?;
+    start_names(
+        &opts,
+        &client,
+        &network,
+        local_rx.clone(),
+        names_wake,
+        tasks,
+    );
 
     let (peers_tx, peers_rx) = watch::channel(PeerTable::default());
     tasks.spawn(peers::follow(
@@ -733,6 +756,85 @@ async fn start(
         Some(Err(e)) if e.is_panic() => Err(anyhow!("a task panicked: {e}")),
         _ => Err(anyhow!("a daemon task stopped unexpectedly")),
     }
+}
+
+/// Names: follows the cluster's, registers this node's containers', and
+/// (unless `--no-dns`) serves them on the bridge gateway.
+fn start_names(
+    opts: &Options,
+    client: &ControllerClient,
+    network: &NetworkConfig,
+    mut local: watch::Receiver<Option<Arc<LocalNode>>>,
+    wake: Arc<tokio::sync::Notify>,
+    tasks: &mut JoinSet<()>,
+) {
+    use crate::names::{self, answer::Zone, forward::Forwarder, server};
+    let table = names::Names::default();
+    tasks.spawn(names::follow::follow(
+        client.clone(),
+        table.clone(),
+        opts.watch_silence,
+    ));
+    tasks.spawn(
+        names::register::Registrar {
+            client: client.clone(),
+            node: opts.node_name.clone(),
+            file: opts.cni_names_file.clone(),
+            names: table.clone(),
+            wake,
+        }
+        .run(),
+    );
+    let Some(dns) = &opts.dns else {
+        tracing::info!("--no-dns: containers' names are registered but not served here");
+        return;
+    };
+    let networks: Vec<ipnet::IpNet> = network
+        .ipv4
+        .as_ref()
+        .map(|p| ipnet::IpNet::V4(p.network()))
+        .into_iter()
+        .chain(network.ipv6.as_ref().map(|p| ipnet::IpNet::V6(p.network())))
+        .collect();
+    // Forwarding into the pod network could reach this server again.
+    let mut forwarder = Forwarder::from_resolv_conf(&dns.resolv_conf, &[]);
+    forwarder.retain(|a| !networks.iter().any(|n| n.contains(&a.ip())));
+    let zone = Zone {
+        domain: network.dns_domain.clone(),
+        networks,
+    };
+    let server = server::Server::new(zone, table, forwarder);
+    // The bridge gateways: the first address of each of the node's subnets.
+    let port = dns.port;
+    let gateways = move |l: &Option<Arc<LocalNode>>| -> Vec<SocketAddr> {
+        let Some(l) = l else { return Vec::new() };
+        let v4 = l
+            .subnet
+            .ipv4()
+            .map(|n| std::net::IpAddr::V4(Ipv4Addr::from(u32::from(n.network()) + 1)));
+        let v6 = l
+            .subnet
+            .ipv6()
+            .map(|n| std::net::IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) + 1)));
+        v4.into_iter()
+            .chain(v6)
+            .map(|a| SocketAddr::new(a, port))
+            .collect()
+    };
+    let (addrs_tx, addrs_rx) = watch::channel(gateways(&local.borrow_and_update()));
+    tasks.spawn(async move {
+        while local.changed().await.is_ok() {
+            let now = gateways(&local.borrow_and_update());
+            addrs_tx.send_if_modified(|a| {
+                let changed = *a != now;
+                *a = now;
+                changed
+            });
+        }
+        // The keeper is gone; the daemon is stopping.
+        std::future::pending::<()>().await
+    });
+    tasks.spawn(server::run(server, addrs_rx));
 }
 
 /// The one-line state `systemctl status` shows (sd_notify's STATUS=).

@@ -13,6 +13,7 @@ pub mod iface;
 /// The key store lives with the backends that have keys.
 pub use weft_backends::keystore;
 pub mod masq;
+pub mod names;
 pub mod peers;
 pub mod reconcile;
 pub mod rekey;

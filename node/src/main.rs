@@ -98,6 +98,28 @@ struct Args {
     /// then unencrypted); refused without this.
     #[arg(long, env = "WEFT_NODE_ALLOW_BACKEND_CHANGE")]
     allow_backend_change: bool,
+    /// Do not serve names (DNS) to containers on the bridge gateway.
+    #[arg(long, env = "WEFT_NODE_NO_DNS")]
+    no_dns: bool,
+    /// Port of the name server on the bridge gateway.
+    #[arg(long, env = "WEFT_NODE_DNS_PORT", default_value_t = 53)]
+    dns_port: u16,
+    /// Where the host's resolvers are (`nameserver` lines): names outside
+    /// the cluster are forwarded to them.
+    #[arg(
+        long,
+        env = "WEFT_NODE_DNS_RESOLV_CONF",
+        default_value = "/etc/resolv.conf"
+    )]
+    dns_resolv_conf: PathBuf,
+    /// weft-cni's names file (`<dataDir>/<network>/names.json`): the names
+    /// this node's containers have, registered with the controller.
+    #[arg(
+        long,
+        env = "WEFT_NODE_CNI_NAMES_FILE",
+        default_value = "/var/lib/cni/networks/weft/names.json"
+    )]
+    cni_names_file: PathBuf,
     /// Log filter, e.g. `info` or `weft_node=debug`.
     #[arg(long, env = "WEFT_NODE_LOG", default_value = "info")]
     log: String,
@@ -175,6 +197,11 @@ fn options(a: Args) -> anyhow::Result<Options> {
         ipsec_psk_file: a.ipsec_psk_file,
         ipsec_allow_no_psk: a.ipsec_allow_no_psk,
         allow_backend_change: a.allow_backend_change,
+        dns: (!a.no_dns).then_some(daemon::DnsOptions {
+            port: a.dns_port,
+            resolv_conf: a.dns_resolv_conf,
+        }),
+        cni_names_file: a.cni_names_file,
     })
 }
 

@@ -1224,6 +1224,13 @@ impl Lab {
             // Read only by the ipsec backend.
             "--ipsec-psk-file".into(),
             self.psk_file()?.display().to_string(),
+            // The names this host's containers have (weft-cni's file in
+            // the lab's store), and resolvers for other names: the lab's
+            // own file, never the machine's.
+            "--cni-names-file".into(),
+            self.cni_names_file(i).display().to_string(),
+            "--dns-resolv-conf".into(),
+            self.resolv_conf()?.display().to_string(),
         ];
         if self.state.ip_masq {
             argv.push("--ip-masq".into());
@@ -1235,11 +1242,42 @@ impl Lab {
     /// weft-cni reading that host's subnet.env, its IPAM store in the lab
     /// directory.
     pub fn cni_conf(&self, i: u32) -> serde_json::Value {
-        crate::cni::weft_conf(
+        let mut conf = crate::cni::weft_conf(
             "1.0.0",
             &self.subnet_file(i),
             &self.dir.join(format!("h{i}-cni")),
-        )
+        );
+        conf["nodeSocket"] = self.control_socket(i).display().to_string().into();
+        conf
+    }
+
+    /// weft-cni's names file on host `i` (`<dataDir>/weft/names.json`).
+    pub fn cni_names_file(&self, i: u32) -> PathBuf {
+        self.dir
+            .join(format!("h{i}-cni"))
+            .join("weft")
+            .join("names.json")
+    }
+
+    /// The resolv.conf every lab node forwards other names to: the
+    /// resolvers `Lab::set_upstream` named, none at first. (A node must
+    /// never send the machine's resolvers anything from the lab.)
+    pub fn resolv_conf(&self) -> Result<PathBuf> {
+        let p = self.dir.join("resolv.conf");
+        if !p.exists() {
+            std::fs::write(
+                &p,
+                "# the lab's resolvers (none: names outside the cluster fail)\n",
+            )?;
+        }
+        Ok(p)
+    }
+
+    /// Makes lab nodes started from now on forward names outside the
+    /// cluster to `server` (an address inside the lab).
+    pub fn set_upstream(&self, server: std::net::IpAddr) -> Result<()> {
+        std::fs::write(self.resolv_conf()?, format!("nameserver {server}\n"))?;
+        Ok(())
     }
 
     /// Creates one more pod on host `i` through weft-cni.
