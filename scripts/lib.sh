@@ -28,8 +28,9 @@ need_cargo() {
 PKGS_BUILD=(gcc libc6-dev protobuf-compiler libprotobuf-dev)
 # The lab: etcd and etcdctl, the tools the lab drives, ping.
 PKGS_LAB=(etcd-server etcd-client iproute2 nftables iputils-ping procps)
-# Benchmarks: iperf3 (data plane), the reference CNI plugins (cni).
-PKGS_BENCH=(iperf3 containernetworking-plugins iptables)
+# Benchmarks: iperf3 (data plane), the reference CNI plugins (cni),
+# dnsmasq (the name server weft-node's is measured against).
+PKGS_BENCH=(iperf3 containernetworking-plugins iptables dnsmasq-base)
 # Tests beyond the lab and the benchmark smoke runs: containerd, runc and
 # busybox-static for `ctr run --cni` with a locally built image; nsenter
 # and unshare (util-linux); openssl (certificates not made by weft).

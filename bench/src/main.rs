@@ -5,6 +5,7 @@ mod cni;
 mod control_plane;
 mod convergence;
 mod dataplane;
+mod dns;
 mod reconcile;
 mod soak;
 mod stats;
@@ -35,6 +36,9 @@ enum Command {
     /// weft-cni ADD and DEL latency against the reference bridge +
     /// host-local plugins, N containers on one host. Needs root.
     Cni(cni::Args),
+    /// Names: how fast a new container's name answers on every other host
+    /// of 20, and weft-node's name server against dnsmasq. Needs root.
+    Dns(dns::Args),
     /// Hosts joining, leaving and restarting for M minutes with short
     /// lease TTLs: memory of the controller and a node, and the lease
     /// history checked at the end. Needs root.
@@ -62,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Soak(args) => tokio::task::spawn_blocking(move || soak::run_bench(args)).await?,
         Command::Cni(args) => tokio::task::spawn_blocking(move || cni::run_bench(args)).await?,
+        Command::Dns(args) => tokio::task::spawn_blocking(move || dns::run_bench(args)).await?,
         Command::InjectLeases { count, skip } => reconcile::inject(count, skip).await,
     }
 }

@@ -61,7 +61,10 @@ Install: /opt/cni/bin/weft-cni, and a network configuration in
 
 Commands (CNI_COMMAND): ADD, DEL, CHECK, STATUS, GC, VERSION.
 Configuration keys: subnetFile, dataDir, bridge, mtu, isDefaultGateway,
-hairpinMode.
+hairpinMode, nodeSocket, args.cni.aliases.
+
+Names (service discovery): runtimeConfig.aliases, CNI_ARGS K8S_POD_NAME and
+K8S_POD_NAMESPACE, CNI_ARGS WEFT_NAME=a,b; weft-node serves <name>.<domain>.
 
 Options:
   -h, --help     Print this help

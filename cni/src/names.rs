@@ -3,8 +3,10 @@
 //!
 //! Names come from the runtime config's `aliases` capability (podman's and
 //! netavark's convention: `{"aliases": {"<network>": ["web", ...]}}`), from
-//! `K8S_POD_NAME` / `K8S_POD_NAMESPACE` in `CNI_ARGS` (`<pod>.<namespace>`)
-//! and from `WEFT_NAME` in `CNI_ARGS` (several separated by commas). They
+//! `args.cni.aliases` in the network config (for runtimes such as `ctr run
+//! --cni` that pass nothing else), from `K8S_POD_NAME` / `K8S_POD_NAMESPACE`
+//! in `CNI_ARGS` (`<pod>.<namespace>`) and from `WEFT_NAME` in `CNI_ARGS`
+//! (several separated by commas). They
 //! are kept in `names.json` in the address store, under its lock, so
 //! weft-node finds them after either restarts; ADD, DEL and GC then wake
 //! weft-node over its control socket (local, root only) to register or
@@ -25,16 +27,26 @@ pub fn requested(conf: &NetConf, cni_args: &str) -> Result<Vec<DnsName>, CniErro
             names.push(n);
         }
     };
-    if let Some(aliases) = conf.runtime_config.aliases.get(&conf.name) {
-        for a in aliases {
-            let n = a.parse().map_err(|e| {
-                CniError::new(
-                    Code::InvalidConfig,
-                    format!("runtimeConfig.aliases of network {}: {e}", conf.name),
-                )
-            })?;
-            push(n);
-        }
+    let runtime = conf.runtime_config.aliases.get(&conf.name);
+    for (a, from) in runtime
+        .into_iter()
+        .flatten()
+        .map(|a| (a, "runtimeConfig.aliases"))
+        .chain(
+            conf.args
+                .cni
+                .aliases
+                .iter()
+                .map(|a| (a, "args.cni.aliases")),
+        )
+    {
+        let n = a.parse().map_err(|e| {
+            CniError::new(
+                Code::InvalidConfig,
+                format!("{from} of network {}: {e}", conf.name),
+            )
+        })?;
+        push(n);
     }
     let (mut pod, mut namespace) = (None, None);
     for pair in cni_args.split(';').filter(|p| !p.is_empty()) {
@@ -182,6 +194,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(names(&got), ["web", "api", "cache", "web-0.shop"]);
+        let c = conf(r#","args":{"cni":{"aliases":["db"],"ips":["10.244.3.9"]}}"#);
+        assert_eq!(names(&requested(&c, "").unwrap()), ["db"]);
+        let c = conf(r#","args":{"cni":{"aliases":["db!"]}}"#);
+        assert!(requested(&c, "")
+            .unwrap_err()
+            .msg
+            .contains("args.cni.aliases"));
         assert!(requested(&conf(""), "").unwrap().is_empty());
         assert_eq!(
             names(&requested(&conf(""), "K8S_POD_NAME=solo").unwrap()),

@@ -82,6 +82,23 @@ fn default_node_socket() -> PathBuf {
     PathBuf::from("/run/weft/node.sock")
 }
 
+/// Per-container arguments a runtime puts in the network config itself
+/// (the CNI conventions' `args`), as far as weft-cni uses them:
+/// `{"args": {"cni": {"aliases": ["web"]}}}`, for runtimes that pass
+/// neither capabilities nor `CNI_ARGS` (containerd's `ctr run --cni`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ConfArgs {
+    #[serde(default)]
+    pub cni: CniConfArgs,
+}
+
+/// The `cni` part of [`ConfArgs`].
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CniConfArgs {
+    #[serde(default)]
+    pub aliases: Vec<String>,
+}
+
 /// What the runtime passes per container (`runtimeConfig`), as far as
 /// weft-cni uses it.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -119,6 +136,8 @@ pub struct NetConf {
     pub valid_attachments: Option<Vec<Attachment>>,
     #[serde(default)]
     pub runtime_config: RuntimeConfig,
+    #[serde(default)]
+    pub args: ConfArgs,
     /// weft-node's control socket, told when names change.
     #[serde(default = "default_node_socket")]
     pub node_socket: PathBuf,

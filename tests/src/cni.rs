@@ -64,8 +64,23 @@ pub fn call(
     conf: &Value,
     attach: Option<&Attach<'_>>,
 ) -> Result<Answer> {
+    call_with_args(plugin, host_ns, command, conf, attach, "")
+}
+
+/// As [`call`], with `CNI_ARGS` (`KEY=VALUE;...`).
+pub fn call_with_args(
+    plugin: &Path,
+    host_ns: &str,
+    command: &str,
+    conf: &Value,
+    attach: Option<&Attach<'_>>,
+    args: &str,
+) -> Result<Answer> {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", host_ns]).arg(plugin);
+    if !args.is_empty() {
+        cmd.env("CNI_ARGS", args);
+    }
     invoke(cmd, plugin, command, conf, attach)
 }
 

@@ -1295,6 +1295,32 @@ impl Lab {
         h.pods.last().cloned().context("the new pod")
     }
 
+    /// Creates one more pod on host `i` with these names (`WEFT_NAME` in
+    /// `CNI_ARGS`); the ADD's error when weft-cni refuses them.
+    pub fn new_named_pod(&mut self, i: u32, names: &[&str]) -> Result<PodState> {
+        let h = self.host(i)?;
+        let j = h
+            .pods
+            .iter()
+            .filter_map(|p| p.ns.rsplit_once("-p")?.1.parse::<u32>().ok())
+            .max()
+            .unwrap_or(0)
+            + 1;
+        self.add_pod_with(i, j, &format!("WEFT_NAME={}", names.join(",")))?;
+        let h = self.host(i)?;
+        h.pods.last().cloned().context("the new pod")
+    }
+
+    /// The bridge gateway of host `i` (its name server): the first address
+    /// of its IPv4 subnet.
+    pub fn gateway(&self, i: u32) -> Result<Ipv4Addr> {
+        let s = self
+            .host(i)?
+            .subnet
+            .context("the host has no IPv4 subnet")?;
+        Ok(Ipv4Addr::from(u32::from(s.network()) + 1))
+    }
+
     /// Removes a pod the way a runtime does: weft-cni DEL, then the
     /// namespace goes.
     pub fn delete_pod(&mut self, i: u32, pod: &str) -> Result<()> {
@@ -1310,24 +1336,33 @@ impl Lab {
     /// Runs weft-cni `command` in host `i`'s namespace for pod namespace
     /// `pod` (its eth0), as a runtime does.
     fn cni(&self, i: u32, command: &str, pod: &str) -> Result<crate::cni::Answer> {
+        self.cni_with(i, command, pod, "")
+    }
+
+    fn cni_with(&self, i: u32, command: &str, pod: &str, args: &str) -> Result<crate::cni::Answer> {
         let netns = format!("/run/netns/{pod}");
         let attach = crate::cni::Attach {
             container_id: pod,
             netns: &netns,
             ifname: "eth0",
         };
-        crate::cni::call(
+        crate::cni::call_with_args(
             &crate::cni::weft_cni()?,
             &self.host(i)?.ns,
             command,
             &self.cni_conf(i),
             Some(&attach),
+            args,
         )
     }
 
     /// Creates pod `j` on host `i` the way a container runtime does: a new
     /// namespace, then weft-cni ADD inside the host's namespace.
     fn add_pod(&mut self, i: u32, j: u32) -> Result<()> {
+        self.add_pod_with(i, j, "")
+    }
+
+    fn add_pod_with(&mut self, i: u32, j: u32, args: &str) -> Result<()> {
         let pod = format!("{}-p{j}", self.host(i)?.ns);
         self.add_ns(&pod)?;
         // Saved before the ADD, so a failure still tears the namespace down.
@@ -1337,7 +1372,7 @@ impl Lab {
             ip6: None,
         });
         self.save()?;
-        let answer = self.cni(i, "ADD", &pod)?;
+        let answer = self.cni_with(i, "ADD", &pod, args)?;
         if !answer.ok {
             // A refused ADD leaves no pod behind (weft-cni made nothing).
             let _ = run("ip", &["netns", "del", &pod]);

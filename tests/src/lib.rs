@@ -16,6 +16,7 @@
 //! - [`cni`]: calling CNI plugins as a runtime does.
 //! - [`containerd`], [`oci`]: a private containerd and a locally built
 //!   busybox image for `ctr run --cni`.
+//! - [`dns`]: asking a name server from inside a namespace.
 //!
 //! Tests that need something this machine lacks (etcd, root) fail with a
 //! message saying what to install; they are never skipped silently.
@@ -25,6 +26,7 @@ pub mod capture;
 pub mod cni;
 pub mod containerd;
 pub mod controller;
+pub mod dns;
 pub mod etcd;
 pub mod etcdctl;
 pub mod history;

@@ -13,6 +13,7 @@ pub const BUSYBOX: &str = "/bin/busybox";
 /// Applets the image links to busybox.
 const APPLETS: &[&str] = &[
     "sh", "ping", "ip", "sleep", "touch", "cat", "ls", "nc", "wget", "echo", "test", "[",
+    "nslookup", "awk",
 ];
 
 fn sha256(data: &[u8]) -> String {

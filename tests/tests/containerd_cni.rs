@@ -146,3 +146,161 @@ fn ctr_run_cni_container_reaches_a_pod_on_another_host() {
         "only the lab's pod is left: {ports}"
     );
 }
+
+/// The conflist of deploy/ for lab host `i`, the container's name in
+/// `args.cni.aliases` (ctr passes no CNI_ARGS or capabilities), weft-cni
+/// and portmap in a bin dir; returns (conf dir, bin dir).
+fn named_conf(
+    lab: &Lab,
+    i: u32,
+    name: &str,
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let conf_dir = dir.join(format!("net.d-{i}"));
+    let bin_dir = dir.join(format!("bin-{i}"));
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/10-weft.conflist");
+    let mut conflist: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(deploy).unwrap()).unwrap();
+    let lab_conf = lab.cni_conf(i);
+    for k in ["subnetFile", "dataDir", "nodeSocket"] {
+        conflist["plugins"][0][k] = lab_conf[k].clone();
+    }
+    conflist["plugins"][0]["args"] = serde_json::json!({"cni": {"aliases": [name]}});
+    std::fs::write(conf_dir.join("10-weft.conflist"), conflist.to_string()).unwrap();
+    for (link, target) in [
+        ("weft-cni", weft_tests::cni::weft_cni().unwrap()),
+        ("portmap", weft_tests::cni::reference("portmap").unwrap()),
+    ] {
+        std::os::unix::fs::symlink(target, bin_dir.join(link)).unwrap();
+    }
+    (conf_dir, bin_dir)
+}
+
+/// A container that finds `peer` by name through its node's name server
+/// (the bridge gateway), pings it, prints `PEER=<address>`, then waits to
+/// be told to exit.
+fn finder(peer: &str) -> String {
+    format!(
+        r#"gw=$(ip route | awk '/^default/ {{print $3}}')
+n=0
+while :; do
+  a=$(nslookup -type=a {peer}.weft $gw 2>/dev/null | awk '/^Address/ {{x=$NF}} END {{print x}}')
+  case "$a" in *:*|"") ;; *) break ;; esac
+  n=$((n+1)); [ $n -gt 60 ] && exit 6; sleep 1
+done
+echo "PEER=$a"
+ping -c 3 -W 2 "$a" || exit 7
+while [ ! -e /tmp/done ]; do sleep 1; done"#
+    )
+}
+
+#[test]
+#[ignore = "needs root; run by scripts/test"]
+fn ctr_run_cni_containers_on_two_hosts_find_each_other_by_name() {
+    require_root();
+    let lab = Lab::up(LabConfig::for_test(2, "vxlan")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("busybox-oci.tar");
+    weft_tests::oci::busybox_image(IMAGE, &image).unwrap();
+    let mut runs = Vec::new();
+    for (i, me, peer) in [(1u32, "alpha", "beta"), (2, "beta", "alpha")] {
+        let ns = lab.host(i).unwrap().ns.clone();
+        let mut c = Containerd::start(&dir.path().join(format!("containerd-{i}")), &ns).unwrap();
+        c.import(&image).unwrap();
+        let (conf_dir, bin_dir) = named_conf(&lab, i, me, dir.path());
+        let log = dir.path().join(format!("ctr-{i}.log"));
+        let child = c
+            .run_cni(
+                &conf_dir,
+                &bin_dir,
+                &[IMAGE, me, "sh", "-c", &finder(peer)],
+                &log,
+            )
+            .unwrap();
+        runs.push((i, me, c, child, log));
+    }
+    let report = |runs: &[(
+        u32,
+        &str,
+        Containerd,
+        std::process::Child,
+        std::path::PathBuf,
+    )]| {
+        runs.iter()
+            .map(|(i, me, c, _, log)| {
+                format!(
+                    "{me} on host {i}: stdout {:?} stderr {:?}\ncontainerd: {}",
+                    std::fs::read_to_string(log).unwrap_or_default(),
+                    std::fs::read_to_string(log.with_extension("err")).unwrap_or_default(),
+                    c.log_tail(10)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    // Each finds the other by name: the address the other's store holds.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let found = runs
+            .iter()
+            .filter(|(_, _, _, _, log)| {
+                std::fs::read_to_string(log)
+                    .unwrap_or_default()
+                    .contains("PEER=")
+            })
+            .count();
+        if found == 2 {
+            break;
+        }
+        if Instant::now() > deadline || runs.iter_mut().any(|r| r.3.try_wait().unwrap().is_some()) {
+            panic!("the containers did not find each other\n{}", report(&runs));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    for (i, me, _, _, log) in &runs {
+        let other = if *i == 1 { 2 } else { 1 };
+        let other_id = if *me == "alpha" {
+            "default-beta"
+        } else {
+            "default-alpha"
+        };
+        let store = lab.dir().join(format!("h{other}-cni")).join("weft");
+        let want = stored_ip(&store, other_id).expect("the other container's address");
+        let out = std::fs::read_to_string(log).unwrap();
+        assert!(out.contains(&format!("PEER={want}\n")), "{me}: {out}");
+    }
+    for (_, me, c, _, _) in &runs {
+        c.ctr_ok(&[
+            "tasks",
+            "exec",
+            "--exec-id",
+            "done",
+            me,
+            "touch",
+            "/tmp/done",
+        ])
+        .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for r in runs.iter_mut() {
+        let status = loop {
+            if let Some(st) = r.3.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "{} did not exit", r.1);
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        // Exit 0: the pings to the address found by name were answered.
+        assert!(status.success(), "{} ended with {status}", r.1);
+    }
+    // ctr's DEL withdrew both names.
+    let pod1 = lab.host(1).unwrap().pods[0].ns.clone();
+    let gw = std::net::IpAddr::V4(lab.gateway(1).unwrap());
+    lab.wait_for(Duration::from_secs(30), "the names to be withdrawn", || {
+        Ok(weft_tests::dns::addresses(&pod1, gw, "beta.weft.")?
+            == Err(hickory_proto::op::ResponseCode::NXDomain))
+    })
+    .unwrap();
+}

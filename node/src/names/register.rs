@@ -82,10 +82,21 @@ pub fn desired(file: &Path) -> Result<BTreeSet<NodeNameEntry>, String> {
     Ok(out)
 }
 
+/// A file's identity and version: read again only when it changes (every
+/// name change in the cluster wakes the registrar).
+type Stamp = (u64, u64, std::time::SystemTime);
+
+fn stamp(file: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(file).ok()?;
+    Some((m.ino(), m.len(), m.modified().ok()?))
+}
+
 impl Registrar {
     /// Keeps the controller's records of this node equal to the file,
     /// forever.
     pub async fn run(self) {
+        let mut read: Option<(Option<Stamp>, BTreeSet<NodeNameEntry>)> = None;
         let mut sent: Option<BTreeSet<NodeNameEntry>> = None;
         let mut refused: BTreeSet<NodeNameEntry> = BTreeSet::new();
         let mut last_try: Option<Instant> = None;
@@ -100,8 +111,16 @@ impl Registrar {
             if !self.names.read().synced {
                 continue;
             }
-            let want = match desired(&self.file) {
-                Ok(w) => w,
+            let now = stamp(&self.file);
+            let want = match read.as_ref().filter(|(s, _)| *s == now && now.is_some()) {
+                Some((_, w)) => Ok(w.clone()),
+                None => desired(&self.file),
+            };
+            let want = match want {
+                Ok(w) => {
+                    read = Some((now, w.clone()));
+                    w
+                }
                 Err(e) => {
                     if e != last_error {
                         tracing::warn!("names of this node's containers: {e}; registered names stay as they are");
