@@ -243,13 +243,13 @@ fn serving(lab: &Lab, args: &Args) -> Result<()> {
     let probe = dns::query(&fqdns[0], RecordType::A, 1)?;
     lab.wait_for(Duration::from_secs(10), "dnsmasq to answer", || {
         let probe = probe.clone();
-        Ok(weft_tests::netns::in_ns(&pod, move || -> Result<bool> {
+        weft_tests::netns::in_ns(&pod, move || -> Result<bool> {
             let s = UdpSocket::bind("0.0.0.0:0")?;
             s.set_read_timeout(Some(Duration::from_millis(200)))?;
             s.send_to(&probe, dm)?;
             let mut buf = [0u8; 512];
             Ok(s.recv(&mut buf).is_ok())
-        })??)
+        })?
     })?;
     let (mut qps_w, mut qps_d, mut lat_w, mut lat_d) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());

@@ -398,8 +398,14 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     let store = Store::open(&conf.data_dir, &conf.name)?;
     store.release(&env.container_id, &env.ifname)?;
     let others = store.entries()?;
+    // DEL succeeds whatever the names file's state (a failure is only
+    // reported): the container is gone.
     let mut named = false;
-    crate::names::update(&store, |f| named = f.remove(&env.container_id, &env.ifname))?;
+    if let Err(e) =
+        crate::names::update(&store, |f| named = f.remove(&env.container_id, &env.ifname))
+    {
+        eprintln!("weft-cni: withdrawing the container's names: {}", e.msg);
+    }
     drop(store);
     if named {
         crate::names::tell_node(&conf.node_socket);
@@ -604,12 +610,17 @@ pub fn gc(conf: &NetConf) -> Result<(), CniError> {
     let store = Store::open(&conf.data_dir, &conf.name)?;
     let freed = store.retain(|e| is_valid(&e.container_id, &e.ifname))?;
     let mut withdrawn = false;
-    crate::names::update(&store, |f| {
+    if let Err(e) = crate::names::update(&store, |f| {
         let before = f.attachments.len();
         f.attachments
             .retain(|a| is_valid(&a.container_id, &a.ifname));
         withdrawn = f.attachments.len() != before;
-    })?;
+    }) {
+        eprintln!(
+            "weft-cni: withdrawing the names of containers that are gone: {}",
+            e.msg
+        );
+    }
     drop(store);
     if withdrawn {
         crate::names::tell_node(&conf.node_socket);

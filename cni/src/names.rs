@@ -69,17 +69,20 @@ pub fn requested(conf: &NetConf, cni_args: &str) -> Result<Vec<DnsName>, CniErro
             _ => {}
         }
     }
+    // Kubernetes allows pod names DNS does not (a label of 64 or more
+    // characters, 253 with the namespace): such a pod still starts,
+    // without the name.
     if let Some(pod) = pod.filter(|p| !p.is_empty()) {
         let full = match namespace.filter(|n| !n.is_empty()) {
             Some(ns) => format!("{pod}.{ns}"),
             None => pod.to_string(),
         };
-        push(full.parse().map_err(|e| {
-            CniError::new(
-                Code::InvalidEnv,
-                format!("CNI_ARGS K8S_POD_NAME and K8S_POD_NAMESPACE: {e}"),
-            )
-        })?);
+        match full.parse() {
+            Ok(n) => push(n),
+            Err(e) => eprintln!(
+                "weft-cni: the pod gets no name from CNI_ARGS K8S_POD_NAME and K8S_POD_NAMESPACE: {e}"
+            ),
+        }
     }
     if names.len() > MAX_NAMES_PER_CONTAINER {
         return Err(CniError::new(
@@ -97,11 +100,27 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> CniError {
     CniError::new(Code::Io, format!("{}: {e}", path.display()))
 }
 
-/// The names file of a store (empty when there is none yet).
+/// The names file of a store (empty when there is none yet). One that
+/// cannot be read as a names file is moved aside (`names.json.corrupt`,
+/// for a person to look at) and counts as empty: it must not stop every
+/// ADD and DEL on the node. weft-node then withdraws the names it listed
+/// until their containers are added again.
 pub fn read(store: &Store) -> Result<NamesFile, CniError> {
     let path = store.dir().join(NAMES_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(text) => NamesFile::parse(&text).map_err(|e| io_err(&path, e)),
+        Ok(text) => match NamesFile::parse(&text) {
+            Ok(f) => Ok(f),
+            Err(e) => {
+                let aside = store.dir().join(format!("{NAMES_FILE}.corrupt"));
+                eprintln!(
+                    "weft-cni: {}: {e}; moved to {} and started anew",
+                    path.display(),
+                    aside.display()
+                );
+                std::fs::rename(&path, &aside).map_err(|e| io_err(&path, e))?;
+                Ok(NamesFile::default())
+            }
+        },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(NamesFile::default()),
         Err(e) => Err(io_err(&path, e)),
     }
@@ -218,12 +237,15 @@ mod tests {
             "{}",
             e.msg
         );
-        for args in [
-            "WEFT_NAME=a b",
-            "WEFT_NAME=",
-            "K8S_POD_NAME=Web_0;K8S_POD_NAMESPACE=x",
-            "novalue",
-        ] {
+        // A Kubernetes pod whose name DNS cannot carry starts without it.
+        let long = format!("K8S_POD_NAME={};K8S_POD_NAMESPACE=x", "p".repeat(70));
+        assert!(requested(&conf(""), &long).unwrap().is_empty());
+        assert!(
+            requested(&conf(""), "K8S_POD_NAME=Web_0;K8S_POD_NAMESPACE=x")
+                .unwrap()
+                .is_empty()
+        );
+        for args in ["WEFT_NAME=a b", "WEFT_NAME=", "novalue"] {
             let e = requested(&conf(""), args).unwrap_err();
             assert_eq!(e.code, Code::InvalidEnv, "{args}: {}", e.msg);
             assert!(e.msg.contains("CNI_ARGS"), "{args}: {}", e.msg);
@@ -259,8 +281,15 @@ mod tests {
         })
         .unwrap();
         assert!(read(&store).unwrap().attachments.is_empty());
+        // Garbage is moved aside, not a failure of every ADD and DEL.
         std::fs::write(dir.path().join("weft").join(NAMES_FILE), "garbage").unwrap();
-        assert_eq!(read(&store).unwrap_err().code, Code::Io);
+        assert_eq!(read(&store).unwrap(), NamesFile::default());
+        let aside = dir
+            .path()
+            .join("weft")
+            .join(format!("{NAMES_FILE}.corrupt"));
+        assert_eq!(std::fs::read_to_string(aside).unwrap(), "garbage");
+        assert!(!dir.path().join("weft").join(NAMES_FILE).exists());
     }
 
     #[test]

@@ -117,15 +117,14 @@ impl<'de> serde::Deserialize<'de> for DnsName {
 /// (`<dataDir>/<network>/names.json`) and weft-node reads: which names each
 /// attachment has, with its addresses. It survives restarts of both, so a
 /// node that starts again registers what its containers have.
+// Unknown fields are read past: a newer weft-cni may write more.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct NamesFile {
     pub attachments: Vec<AttachmentNames>,
 }
 
 /// One attachment's names and addresses.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AttachmentNames {
     pub container_id: String,
     pub ifname: String,

@@ -6,7 +6,9 @@
 //! /v1/leases/{node}/names`); the controller makes the store hold exactly
 //! that set for the node, each record attached to the node's etcd lease,
 //! and only for addresses inside the node's own subnets: a node cannot
-//! answer for another node's containers.
+//! answer for another node's containers. A node may add its containers to
+//! a name other nodes' containers have (that is how a service spans
+//! nodes), but not to a name an operator made (`POST /v1/names`).
 
 use crate::cache::{History, WatchLine};
 use crate::error::ControllerError;
@@ -114,7 +116,7 @@ impl Names {
     }
 
     /// The records of `node`'s containers.
-    fn of_node(&self, node: &NodeName) -> Vec<StoredName> {
+    pub(crate) fn of_node(&self, node: &NodeName) -> Vec<StoredName> {
         self.records
             .values()
             .filter(|n| n.record.node.as_ref() == Some(node))
@@ -167,28 +169,25 @@ impl Shared {
     ) -> Result<NodeNamesResult, ControllerError> {
         check_request(node, req)?;
         let _guard = self.lock_node(node).await;
-        let (leases, current, others) = {
+        let (leases, current, operators) = {
             let cache = self.read();
             if !cache.synced {
                 return Err(ControllerError::NotReady(
                     "names not loaded from the store yet".into(),
                 ));
             }
-            let wanted: BTreeSet<(&DnsName, IpAddr)> =
-                req.names.iter().map(|e| (&e.name, e.address)).collect();
-            let others: BTreeMap<(DnsName, IpAddr), Option<NodeName>> = cache
+            let wanted: BTreeSet<&DnsName> = req.names.iter().map(|e| &e.name).collect();
+            let operators: BTreeSet<DnsName> = cache
                 .names
                 .records
-                .iter()
-                .filter(|(k, n)| {
-                    n.record.node.as_ref() != Some(node) && wanted.contains(&(&k.0, k.1))
-                })
-                .map(|(k, n)| (k.clone(), n.record.node.clone()))
+                .values()
+                .filter(|n| n.record.node.is_none() && wanted.contains(&n.record.name))
+                .map(|n| n.record.name.clone())
                 .collect();
             (
                 cache.leases_of(node.as_str()),
                 cache.names.of_node(node),
-                others,
+                operators,
             )
         };
         if leases.is_empty() {
@@ -227,14 +226,14 @@ impl Shared {
                 )));
                 continue;
             }
-            // Another node's record for an address inside this node's
-            // subnet is left from before the subnet changed hands: this
-            // node's container has the address now. An operator's record
-            // stays the operator's.
-            if let Some(None) = others.get(&(e.name.clone(), e.address)) {
+            // An operator's name stays the operator's. (Another node's
+            // record for an address inside this node's subnet is left from
+            // before the subnet changed hands: this node's container has
+            // the address now.)
+            if operators.contains(&e.name) {
                 result.refused.push(refuse(format!(
-                    "an operator's record already names {} {}",
-                    e.name, e.address
+                    "{} is an operator's name (weftctl names add); containers cannot join it",
+                    e.name
                 )));
                 continue;
             }
@@ -304,12 +303,19 @@ impl Shared {
     /// `POST /v1/names` (admins): a record without a node and without
     /// expiry.
     pub(crate) async fn add_name(&self, req: &AddName) -> Result<NameView, ControllerError> {
-        let existing = self
-            .read()
-            .names
-            .records
-            .get(&(req.name.clone(), req.address))
-            .and_then(|n| n.record.node.clone());
+        let existing = {
+            let cache = self.read();
+            if !cache.synced {
+                return Err(ControllerError::NotReady(
+                    "names not loaded from the store yet".into(),
+                ));
+            }
+            cache
+                .names
+                .records
+                .get(&(req.name.clone(), req.address))
+                .and_then(|n| n.record.node.clone())
+        };
         if let Some(node) = existing {
             return Err(ControllerError::conflict(
                 "name_exists",

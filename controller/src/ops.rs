@@ -529,7 +529,22 @@ impl Shared {
                 }
             }
         }
-        tracing::info!(%node, ?released, "leases released");
+        // Names on an etcd lease went with its revocation; those of a node
+        // that held only a reservation have none and go now.
+        let names = self.read().names.of_node(node);
+        for n in &names {
+            match self
+                .store
+                .delete_name(&n.record.name, n.record.address)
+                .await
+            {
+                Ok(rev) => last = last.max(rev),
+                Err(e) => {
+                    tracing::warn!(%node, name = %n.record.name, address = %n.record.address, error = %e, "could not withdraw a released node's name")
+                }
+            }
+        }
+        tracing::info!(%node, ?released, names = names.len(), "leases released");
         self.wait_applied(last).await;
         Ok(ReleaseResponse { released })
     }

@@ -151,6 +151,34 @@ async fn a_node_answers_only_for_addresses_in_its_subnets() {
 }
 
 #[tokio::test]
+async fn a_reserved_node_s_names_go_when_it_is_released() {
+    let api = Api::new(Some(VXLAN_NET)).await;
+    let (status, v) = api
+        .call(
+            Method::POST,
+            "/v1/reservations",
+            Some(json!({"subnet": "10.244.9.0/24", "node_name": "db-1"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let (_, r) = sync(
+        &api,
+        "db-1",
+        json!([{"name": "db", "address": "10.244.9.5"}]),
+    )
+    .await;
+    assert_eq!(r["added"], 1, "{r}");
+    // No etcd lease to expire with: it stays while the reservation does.
+    assert_eq!(
+        api.store.snapshot().await.unwrap().names[0].etcd_lease,
+        None
+    );
+    let (status, v) = api.call(Method::DELETE, "/v1/leases/db-1", None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert!(records(&api).await.is_empty(), "released with its node");
+}
+
+#[tokio::test]
 async fn bad_requests_are_refused_whole() {
     let api = Api::new(Some(VXLAN_NET)).await;
     let subnet = api.subnet_of("host-1", "198.18.0.11").await;
@@ -200,12 +228,19 @@ async fn operators_add_and_remove_names_nodes_cannot_take_them() {
         .await;
     assert_eq!(status, StatusCode::CREATED, "{v}");
     assert!(v.get("node").is_none(), "{v}");
-    let (_, r) = sync(&api, "host-1", json!([{"name": "gateway", "address": a}])).await;
+    // Containers cannot join an operator's name, at its address or another.
+    let (_, r) = sync(
+        &api,
+        "host-1",
+        json!([{"name": "gateway", "address": a}, {"name": "gateway", "address": addr(&subnet, 8)}]),
+    )
+    .await;
+    let refused = r["refused"].as_array().unwrap();
+    assert_eq!(refused.len(), 2, "{r}");
     assert!(
-        r["refused"][0]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("operator"),
+        refused
+            .iter()
+            .all(|x| x["reason"].as_str().unwrap().contains("operator's name")),
         "{r}"
     );
     assert_eq!(

@@ -93,6 +93,9 @@ struct Keeper {
     local: watch::Sender<Option<Arc<LocalNode>>>,
     /// subnet.env as last written (its expiry moves with each renewal).
     env: std::sync::Mutex<Option<SubnetEnv>>,
+    /// The domain the name server serves (fixed when it starts, whatever a
+    /// later config says), for subnet.env; `None` with `--no-dns`.
+    dns_domain: Option<weft_config::DnsName>,
 }
 
 /// When a lease runs out unless renewed, as Unix time.
@@ -129,7 +132,7 @@ impl Keeper {
         let mtu = self.backend.pod_mtu(self.ext.mtu);
         let mut env = SubnetEnv::new(&network, key.ipv4(), key.ipv6(), mtu, self.opts.ip_masq);
         env.lease_expires = lease_expiry(resp);
-        env.dns_domain = self.opts.dns.as_ref().map(|_| network.dns_domain.clone());
+        env.dns_domain = self.dns_domain.clone();
         subnet_env::write(&env, &self.opts.subnet_file)
             .with_context(|| format!("writing {}", self.opts.subnet_file.display()))?;
         *self.env.lock().expect("env lock") = Some(env);
@@ -662,6 +665,7 @@ async fn start(
         status: status.clone(),
         local: local_tx,
         env: std::sync::Mutex::new(None),
+        dns_domain: opts.dns.as_ref().map(|_| network.dns_domain.clone()),
     };
     let network = Arc::new(network);
     keeper.install(&lease, network.clone()).await?;
@@ -797,8 +801,7 @@ fn start_names(
         .chain(network.ipv6.as_ref().map(|p| ipnet::IpNet::V6(p.network())))
         .collect();
     // Forwarding into the pod network could reach this server again.
-    let mut forwarder = Forwarder::from_resolv_conf(&dns.resolv_conf, &[]);
-    forwarder.retain(|a| !networks.iter().any(|n| n.contains(&a.ip())));
+    let forwarder = Forwarder::from_resolv_conf(&dns.resolv_conf, networks.clone());
     let zone = Zone {
         domain: network.dns_domain.clone(),
         networks,

@@ -83,6 +83,24 @@ fn up_status_ping_down_and_recovery_from_a_crash() {
         6,
         "three pods, six pairs: {out}"
     );
+    // A named pod answers by name on the other host.
+    let (code, out, err) = weft_lab(&["add-pod", "2", "--as", "web", "--name", &name]);
+    assert_eq!(code, 0, "{out}{err}");
+    let web = out.split_whitespace().nth(3).unwrap().to_string();
+    // (It takes a few milliseconds to reach host 1.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (code, out, err) = loop {
+        let r = weft_lab(&["lookup", "1", "web.weft", "--name", &name]);
+        if r.0 == 0 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out, format!("web.weft A {web}\n"));
+    let (code, out, _) = weft_lab(&["lookup", "1", "nobody.weft", "--name", &name]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("Non-Existent Domain"), "{out}");
     let (code, out, err) = weft_lab(&["del-pod", "2", &pod, "--name", &name]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(!lab_namespaces(&name).contains(&pod));

@@ -132,8 +132,13 @@ fn a_restarted_node_answers_again_and_a_dead_node_s_names_expire_with_its_lease(
     converge(&lab, "cache.weft.", Some(&[b.ip.to_string()]));
 
     // Restarted: host 1 answers for its own and the others' names again.
+    // While it is down an operator removes its container's record: the
+    // node, started again, registers it anew from weft-cni's names file.
     lab.signal("node-1", libc::SIGTERM).unwrap();
     lab.wait_exit("node-1", WAIT).unwrap();
+    lab.weftctl(&["names", "remove", "api", &a.ip.to_string()])
+        .unwrap();
+    converge(&lab, "api.weft.", None);
     lab.start("node-1").unwrap();
     converge(&lab, "api.weft.", Some(&[a.ip.to_string()]));
     converge(&lab, "cache.weft.", Some(&[b.ip.to_string()]));
@@ -165,50 +170,54 @@ fn the_name_server_keeps_answering_through_garbage_and_floods() {
     converge(&lab, "web.weft.", Some(&[web.ip.to_string()]));
     let pod = lab.host(1).unwrap().pods[0].ns.clone();
     let gw = IpAddr::V4(lab.gateway(1).unwrap());
-    let sent = weft_tests::netns::in_ns(&pod, move || -> anyhow::Result<u32> {
-        use std::io::Write;
-        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
-        s.connect((gw, 53))?;
-        let mut n = 0u32;
-        // Malformed packets of every size, oversized ones (64000 bytes,
-        // fragmented), and a flood of good queries for unknown names.
-        for i in 0..5000u32 {
-            let len = (i * 7919) % 1500;
-            let junk: Vec<u8> = (0..len).map(|j| (i.wrapping_mul(31) ^ j) as u8).collect();
-            let _ = s.send(&junk);
-            n += 1;
-        }
-        for _ in 0..20 {
-            let _ = s.send(&vec![0xa5u8; 64000]);
-            n += 1;
-        }
-        for i in 0..20000u32 {
-            let q = dns::query(&format!("nope{i}.weft."), RecordType::A, i as u16)?;
-            let _ = s.send(&q);
-            n += 1;
-        }
-        // TCP: more connections than it serves, idle ones, a length
-        // promising 65535 bytes that never come.
-        let mut held = Vec::new();
-        for _ in 0..100 {
-            if let Ok(mut c) = std::net::TcpStream::connect((gw, 53)) {
-                let _ = c.write_all(&[0xff, 0xff, 1, 2, 3]);
-                held.push(c);
+    let (sent, held) = weft_tests::netns::in_ns(
+        &pod,
+        move || -> anyhow::Result<(u32, Vec<std::net::TcpStream>)> {
+            use std::io::Write;
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s.connect((gw, 53))?;
+            let mut n = 0u32;
+            // Malformed packets of every size, oversized ones (64000 bytes,
+            // fragmented), and a flood of good queries for unknown names.
+            for i in 0..5000u32 {
+                let len = (i * 7919) % 1500;
+                let junk: Vec<u8> = (0..len).map(|j| (i.wrapping_mul(31) ^ j) as u8).collect();
+                let _ = s.send(&junk);
+                n += 1;
             }
-        }
-        drop(held);
-        Ok(n)
-    })
+            for _ in 0..20 {
+                let _ = s.send(&vec![0xa5u8; 64000]);
+                n += 1;
+            }
+            for i in 0..20000u32 {
+                let q = dns::query(&format!("nope{i}.weft."), RecordType::A, i as u16)?;
+                let _ = s.send(&q);
+                n += 1;
+            }
+            // TCP: more connections than it serves, idle ones, a length
+            // promising 65535 bytes that never come; kept open.
+            let mut held = Vec::new();
+            for _ in 0..100 {
+                if let Ok(mut c) = std::net::TcpStream::connect((gw, 53)) {
+                    let _ = c.write_all(&[0xff, 0xff, 1, 2, 3]);
+                    held.push(c);
+                }
+            }
+            Ok((n, held))
+        },
+    )
     .unwrap()
     .unwrap();
     eprintln!("sent {sent} packets of garbage and unknown names");
-    // Still answering, over UDP and TCP.
+    // Still answering, over UDP and, while the flooding pod still holds
+    // its connections open, over TCP to another container.
     converge(&lab, "web.weft.", Some(&[web.ip.to_string()]));
     let q = dns::query("web.weft.", RecordType::A, 9).unwrap();
-    let m = weft_tests::netns::in_ns(&pod, move || dns::exchange_tcp(gw, &q))
+    let m = weft_tests::netns::in_ns(&web.ns, move || dns::exchange_tcp(gw, &q))
         .unwrap()
         .unwrap();
     assert_eq!(dns::answers(&m), [web.ip.to_string()]);
+    drop(held);
     assert!(lab.running("node-1"), "{}", lab.log_tail("node-1", 30));
     lab.down().unwrap();
 }

@@ -128,6 +128,17 @@ fn reverse_address(labels: &[&str]) -> Option<IpAddr> {
 /// addresses from one answer to the next; `limit` is the most bytes the
 /// answer may have (the client's UDP buffer, or 65535 over TCP).
 pub fn answer(packet: &[u8], zone: &Zone, table: &NameTable, turn: usize, tcp: bool) -> Outcome {
+    // A query has one question, no answers and no authority, and at most
+    // an OPT (and a signature) in the additional section. Anything else is
+    // refused from the header alone: the parser sizes its vectors by these
+    // counts, and 65535 of each would cost megabytes per packet.
+    if packet.len() < 12 {
+        return Outcome::Drop;
+    }
+    let count = |at: usize| u16::from_be_bytes([packet[at], packet[at + 1]]);
+    if count(4) != 1 || count(6) != 0 || count(8) != 0 || count(10) > 2 {
+        return raw_error(packet, ResponseCode::FormErr);
+    }
     let query = match Message::from_vec(packet) {
         Ok(m) => m,
         Err(_) => return raw_error(packet, ResponseCode::FormErr),
@@ -466,6 +477,10 @@ mod tests {
         ));
         let m = reply_of(answer(&two.to_vec().unwrap(), &zone(), &t, 0, false));
         assert_eq!(m.response_code(), ResponseCode::FormErr);
+        // Huge counts in a bare header: refused before any parsing.
+        let counts = [0x12, 0x34, 1, 0, 0, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        let m = reply_of(answer(&counts, &zone(), &t, 0, false));
+        assert_eq!((m.id(), m.response_code()), (0x1234, ResponseCode::FormErr));
         let mut notify = Message::from_vec(&ask("web.weft.", RecordType::A, false)).unwrap();
         notify.set_op_code(OpCode::Notify);
         let m = reply_of(answer(&notify.to_vec().unwrap(), &zone(), &t, 0, false));

@@ -26,6 +26,16 @@ pub struct NameTable {
     pub revision: i64,
     by_name: BTreeMap<DnsName, BTreeMap<IpAddr, NameRecord>>,
     by_address: BTreeMap<IpAddr, BTreeSet<DnsName>>,
+    /// For each name that is a proper suffix of some names (`shop` of
+    /// `web.shop`), how many: such a name exists in DNS without addresses.
+    below: BTreeMap<DnsName, usize>,
+}
+
+/// The proper suffixes of a name (`b.c` and `c` of `a.b.c`).
+fn suffixes(name: &DnsName) -> impl Iterator<Item = DnsName> + '_ {
+    let s = name.as_str();
+    s.match_indices('.')
+        .filter_map(move |(i, _)| s[i + 1..].parse().ok())
 }
 
 impl NameTable {
@@ -44,6 +54,11 @@ impl NameTable {
             .entry(r.address)
             .or_default()
             .insert(r.name.clone());
+        if !self.by_name.contains_key(&r.name) {
+            for s in suffixes(&r.name) {
+                *self.below.entry(s).or_default() += 1;
+            }
+        }
         self.by_name
             .entry(r.name.clone())
             .or_default()
@@ -55,6 +70,14 @@ impl NameTable {
             m.remove(&address);
             if m.is_empty() {
                 self.by_name.remove(name);
+                for s in suffixes(name) {
+                    if let Some(n) = self.below.get_mut(&s) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.below.remove(&s);
+                        }
+                    }
+                }
             }
         }
         if let Some(s) = self.by_address.get_mut(&address) {
@@ -73,9 +96,7 @@ impl NameTable {
     /// Whether some record names `name` or a name below it (`shop` when
     /// `web.shop` exists): such a name exists in DNS, with no address.
     pub fn has_below(&self, name: &DnsName) -> bool {
-        let suffix = format!(".{name}");
-        self.by_name.contains_key(name)
-            || self.by_name.keys().any(|n| n.as_str().ends_with(&suffix))
+        self.by_name.contains_key(name) || self.below.contains_key(name)
     }
 
     /// The names of `address`.
@@ -172,6 +193,14 @@ mod tests {
         assert_eq!(names, ["api.shop", "web"]);
         assert!(t.has_below(&"shop".parse().unwrap()));
         assert!(!t.has_below(&"hop".parse().unwrap()));
+        t.put(rec("a.b.shop", "10.244.1.6", "a"));
+        assert!(t.has_below(&"b.shop".parse().unwrap()));
+        t.delete(&"a.b.shop".parse().unwrap(), "10.244.1.6".parse().unwrap());
+        assert!(!t.has_below(&"b.shop".parse().unwrap()));
+        assert!(
+            t.has_below(&"shop".parse().unwrap()),
+            "api.shop is still there"
+        );
         assert!(t.addresses(&"shop".parse().unwrap()).is_none());
         let a = NodeName::new("a").unwrap();
         assert_eq!(t.of_node(&a).count(), 2);

@@ -29,6 +29,14 @@ const CHECK_EVERY: Duration = Duration::from_secs(5);
 /// it is sent again (its watch lags the answer a little).
 const DRIFT_WAIT: Duration = Duration::from_secs(2);
 
+/// How often names the controller refused are offered again (an
+/// operator's record may have gone, a lagging replica caught up).
+const REFUSED_RETRY: Duration = Duration::from_secs(60);
+
+/// After a failed registration, the wait before the next one grows from
+/// the first to the second (a wake-up from weft-cni tries at once).
+const ERROR_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+
 /// The registrar of one node.
 #[derive(Debug)]
 pub struct Registrar {
@@ -56,18 +64,20 @@ pub fn desired(file: &Path) -> Result<BTreeSet<NodeNameEntry>, String> {
         Ok(_) => std::fs::read_to_string(file).map_err(|e| format!("{shown}: {e}"))?,
     };
     let parsed = NamesFile::parse(&text).map_err(|e| format!("{shown}: {e}"))?;
-    let mut out = BTreeSet::new();
+    // One entry per name and address, whatever the file repeats.
+    let mut out: std::collections::BTreeMap<_, NodeNameEntry> = Default::default();
     for a in parsed.attachments {
         let container_id = check_container_id(&a.container_id)
             .is_ok()
             .then(|| a.container_id.clone());
         for name in &a.names {
             for address in &a.addresses {
-                out.insert(NodeNameEntry {
-                    name: name.clone(),
-                    address: *address,
-                    container_id: container_id.clone(),
-                });
+                out.entry((name.clone(), *address))
+                    .or_insert_with(|| NodeNameEntry {
+                        name: name.clone(),
+                        address: *address,
+                        container_id: container_id.clone(),
+                    });
             }
         }
     }
@@ -77,9 +87,8 @@ pub fn desired(file: &Path) -> Result<BTreeSet<NodeNameEntry>, String> {
             entries = out.len(),
             "more names and addresses than a node registers ({MAX_NODE_NAMES}); the rest are left out"
         );
-        out = out.into_iter().take(MAX_NODE_NAMES).collect();
     }
-    Ok(out)
+    Ok(out.into_values().take(MAX_NODE_NAMES).collect())
 }
 
 /// A file's identity and version: read again only when it changes (every
@@ -101,11 +110,16 @@ impl Registrar {
         let mut refused: BTreeSet<NodeNameEntry> = BTreeSet::new();
         let mut last_try: Option<Instant> = None;
         let mut last_error = String::new();
+        let mut backoff = crate::retry::Backoff::new(ERROR_BACKOFF.0, ERROR_BACKOFF.1);
+        let mut not_before: Option<Instant> = None;
         loop {
-            tokio::select! {
-                _ = self.wake.notified() => {}
-                _ = self.names.changed() => {}
-                _ = tokio::time::sleep(CHECK_EVERY) => {}
+            let woken = tokio::select! {
+                _ = self.wake.notified() => true,
+                _ = self.names.changed() => false,
+                _ = tokio::time::sleep(CHECK_EVERY) => false,
+            };
+            if !woken && not_before.is_some_and(|t| Instant::now() < t) {
+                continue;
             }
             // Until the list is loaded, what the controller holds is not known.
             if !self.names.read().synced {
@@ -141,8 +155,10 @@ impl Registrar {
                 .collect();
             let expected: BTreeSet<NodeNameEntry> = want.difference(&refused).cloned().collect();
             let new_set = sent.as_ref() != Some(&want);
-            let drifted = have != expected && last_try.is_none_or(|t| t.elapsed() >= DRIFT_WAIT);
-            if !new_set && !drifted {
+            let since = |d: Duration| last_try.is_none_or(|t| t.elapsed() >= d);
+            let drifted = have != expected && since(DRIFT_WAIT);
+            let retry_refused = !refused.is_empty() && since(REFUSED_RETRY);
+            if !new_set && !drifted && !retry_refused {
                 continue;
             }
             last_try = Some(Instant::now());
@@ -166,11 +182,15 @@ impl Registrar {
                     refused = r.refused.into_iter().map(|x| x.entry).collect();
                     sent = Some(want);
                     last_error.clear();
+                    backoff.reset();
+                    not_before = None;
                 }
                 Err(e) => {
+                    let delay = backoff.next_delay();
+                    not_before = Some(Instant::now() + delay);
                     let e = e.to_string();
                     if e != last_error {
-                        tracing::warn!("registering names: {e}; trying again");
+                        tracing::warn!("registering names: {e}; trying again (next in {delay:?} or when a container's names change)");
                         last_error = e;
                     }
                 }

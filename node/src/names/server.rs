@@ -5,7 +5,9 @@
 //! Limits, against a container that floods it: UDP queries are read one
 //! at a time and local answers made at once; forwarded queries are limited
 //! in number (the rest get SERVFAIL); at most [`MAX_TCP`] TCP connections,
-//! each closed after [`TCP_IDLE`] without a query.
+//! [`MAX_TCP_PER_SOURCE`] from one address, each closed after [`TCP_IDLE`]
+//! without a query, when an answer cannot be written within [`TCP_IDLE`],
+//! and after [`TCP_QUERIES`] queries.
 
 use super::answer::{answer, server_failure, Outcome, Zone};
 use super::forward::Forwarder;
@@ -24,8 +26,18 @@ use tokio::task::JoinSet;
 /// TCP connections served at once.
 pub const MAX_TCP: usize = 64;
 
+/// TCP connections from one address at once (one container cannot take
+/// them all).
+pub const MAX_TCP_PER_SOURCE: usize = 8;
+
 /// A TCP connection without a query for this long is closed.
 pub const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// Queries on one TCP connection.
+pub const TCP_QUERIES: usize = 1000;
+
+/// How long until a socket that could not be bound is tried again.
+const BIND_RETRY: Duration = Duration::from_secs(5);
 
 /// What a server needs, shared by its sockets.
 #[derive(Debug)]
@@ -130,11 +142,42 @@ pub async fn serve_udp(server: Arc<Server>, sock: UdpSocket) {
     }
 }
 
+/// Connections per source address, given back on drop.
+#[derive(Debug, Default)]
+struct Sources(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+struct SourceSlot(Arc<Sources>, std::net::IpAddr);
+
+impl Sources {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<SourceSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= MAX_TCP_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
 /// Answers TCP connections on one listener, forever.
 pub async fn serve_tcp(server: Arc<Server>, listener: TcpListener) {
     let slots = Arc::new(Semaphore::new(MAX_TCP));
+    let sources = Arc::new(Sources::default());
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, from) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 tracing::debug!("name server: accepting: {e}");
@@ -142,20 +185,23 @@ pub async fn serve_tcp(server: Arc<Server>, listener: TcpListener) {
                 continue;
             }
         };
-        // Over the limit: closed at once.
+        // Over a limit: closed at once.
+        let Some(source) = sources.take(from.ip()) else {
+            continue;
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
         let server = server.clone();
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, source);
             let _ = connection(&server, stream).await;
         });
     }
 }
 
 async fn connection(server: &Server, mut stream: TcpStream) -> std::io::Result<()> {
-    loop {
+    for _ in 0..TCP_QUERIES {
         let len = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
             Ok(Ok(n)) => usize::from(n),
             _ => return Ok(()),
@@ -171,23 +217,35 @@ async fn connection(server: &Server, mut stream: TcpStream) -> std::io::Result<(
         let Ok(n) = u16::try_from(reply.len()) else {
             continue;
         };
-        stream.write_all(&n.to_be_bytes()).await?;
-        stream.write_all(&reply).await?;
+        let mut framed = Vec::with_capacity(reply.len() + 2);
+        framed.extend_from_slice(&n.to_be_bytes());
+        framed.extend_from_slice(&reply);
+        // A client that does not read gives its place up.
+        match tokio::time::timeout(TCP_IDLE, stream.write_all(&framed)).await {
+            Ok(r) => r?,
+            Err(_) => return Ok(()),
+        }
     }
+    Ok(())
 }
 
 /// Serves on the addresses `addrs` says (the bridge gateways; empty: none
-/// yet), binding again whenever they change.
+/// yet), binding again whenever they change; an address that cannot be
+/// bound (port 53 taken by another server, say) is tried again every few
+/// seconds.
 pub async fn run(server: Arc<Server>, mut addrs: watch::Receiver<Vec<SocketAddr>>) {
     loop {
         let now = addrs.borrow_and_update().clone();
         let mut sockets = JoinSet::new();
-        for addr in &now {
-            match (bind_udp(*addr), bind_tcp(*addr)) {
+        let mut pending: Vec<SocketAddr> = now.clone();
+        let mut told = std::collections::HashSet::new();
+        loop {
+            pending.retain(|addr| match (bind_udp(*addr), bind_tcp(*addr)) {
                 (Ok(u), Ok(t)) => {
                     sockets.spawn(serve_udp(server.clone(), u));
                     sockets.spawn(serve_tcp(server.clone(), t));
                     tracing::info!(%addr, domain = %server.zone.domain, "name server listening (UDP and TCP)");
+                    false
                 }
                 (u, t) => {
                     let e = u
@@ -195,12 +253,28 @@ pub async fn run(server: Arc<Server>, mut addrs: watch::Receiver<Vec<SocketAddr>
                         .or(t.err())
                         .map(|e| e.to_string())
                         .unwrap_or_default();
-                    tracing::error!(%addr, "name server cannot listen: {e}; containers on this node cannot resolve names");
+                    if told.insert(*addr) {
+                        tracing::error!(%addr, "name server cannot listen: {e}; containers on this node cannot resolve names until it can (trying again every {BIND_RETRY:?})");
+                    }
+                    true
                 }
+            });
+            let retry = async {
+                if pending.is_empty() {
+                    std::future::pending::<()>().await
+                } else {
+                    tokio::time::sleep(BIND_RETRY).await
+                }
+            };
+            tokio::select! {
+                changed = addrs.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                _ = retry => {}
             }
-        }
-        if addrs.changed().await.is_err() {
-            return;
         }
         sockets.abort_all();
     }
@@ -292,5 +366,20 @@ mod tests {
             let m = Message::from_vec(&r).unwrap();
             assert_eq!(u16::from(m.response_code()) as u8, code, "{name}");
         }
+        // One address holds at most MAX_TCP_PER_SOURCE connections: with
+        // `idle` and `c` open, six more are served, the next is closed.
+        let mut more = Vec::new();
+        for _ in 0..MAX_TCP_PER_SOURCE - 2 {
+            more.push(TcpStream::connect(taddr).await.unwrap());
+        }
+        let mut over = TcpStream::connect(taddr).await.unwrap();
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), over.read(&mut b))
+            .await
+            .expect("closed at once")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the connection over the limit is closed");
+        drop(more);
+        drop(idle);
     }
 }

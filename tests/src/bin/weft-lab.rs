@@ -8,7 +8,7 @@
 //! weft-lab down [--name NAME | --all]
 //! ```
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use weft_tests::lab::{Lab, LabConfig};
@@ -68,6 +68,18 @@ enum Cmd {
     /// Attach one more pod to host HOST through weft-cni ADD.
     AddPod {
         host: u32,
+        /// Names for the pod (resolvable as NAME.weft on every host).
+        #[arg(long = "as", value_delimiter = ',')]
+        names: Vec<String>,
+        #[arg(long, default_value = "lab")]
+        name: String,
+    },
+    /// Ask host HOST's name server (from its first pod) for NAME's
+    /// addresses, e.g. `weft-lab lookup 2 web.weft`.
+    Lookup {
+        host: u32,
+        /// The name to look up.
+        query: String,
         #[arg(long, default_value = "lab")]
         name: String,
     },
@@ -246,7 +258,7 @@ fn run(cli: Cli) -> Result<bool> {
             println!(
                 "\npods were attached by weft-cni (see weft-lab cni-conf 1; add more with weft-lab add-pod 1)\npod-to-pod reachability:\n{matrix}"
             );
-            println!("try: weft-lab status | weft-lab ping | weft-lab down");
+            println!("try: weft-lab status | weft-lab ping | weft-lab add-pod 1 --as web | weft-lab lookup 2 web.weft | weft-lab down");
             Ok(ok)
         }
         Cmd::Status { name } => {
@@ -258,11 +270,44 @@ fn run(cli: Cli) -> Result<bool> {
             print!("{matrix}");
             Ok(ok)
         }
-        Cmd::AddPod { host, name } => {
+        Cmd::AddPod { host, names, name } => {
             let mut lab = Lab::load(&name)?;
-            let pod = lab.new_pod(host)?;
+            let pod = if names.is_empty() {
+                lab.new_pod(host)?
+            } else {
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                lab.new_named_pod(host, &names)?
+            };
             println!("pod {} has {}", pod.ns, pod.ip);
             Ok(true)
+        }
+        Cmd::Lookup { host, query, name } => {
+            let lab = Lab::load(&name)?;
+            let pod = lab
+                .host(host)?
+                .pods
+                .first()
+                .context("the host has no pod to ask from")?
+                .ns
+                .clone();
+            let server = std::net::IpAddr::V4(lab.gateway(host)?);
+            let fqdn = format!("{}.", query.trim_end_matches('.'));
+            let mut found = false;
+            for rtype in [
+                hickory_proto::rr::RecordType::A,
+                hickory_proto::rr::RecordType::AAAA,
+            ] {
+                let (code, answers) = weft_tests::dns::ask(&pod, server, &fqdn, rtype)?;
+                for a in &answers {
+                    println!("{query} {rtype} {a}");
+                }
+                found |= !answers.is_empty();
+                if code != hickory_proto::op::ResponseCode::NoError {
+                    println!("{query}: {code} (asked {server} from {pod})");
+                    break;
+                }
+            }
+            Ok(found)
         }
         Cmd::DelPod { host, pod, name } => {
             let mut lab = Lab::load(&name)?;
