@@ -120,11 +120,10 @@ pub async fn serve_udp(server: Arc<Server>, sock: UdpSocket) {
                 continue;
             }
         };
-        let packet = buf[..n].to_vec();
         let outcome = {
             let table = server.names.read();
             let turn = server.turn.fetch_add(1, Ordering::Relaxed);
-            answer(&packet, &server.zone, &table, turn, false)
+            answer(&buf[..n], &server.zone, &table, turn, false)
         };
         match outcome {
             Outcome::Reply(b) => {
