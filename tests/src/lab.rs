@@ -1259,9 +1259,9 @@ impl Lab {
             .join("names.json")
     }
 
-    /// The resolv.conf every lab node forwards other names to: the
-    /// resolvers `Lab::set_upstream` named, none at first. (A node must
-    /// never send the machine's resolvers anything from the lab.)
+    /// The resolv.conf every lab node forwards other names to: none, so
+    /// names outside the cluster fail (a node must never send the
+    /// machine's resolvers anything from the lab).
     pub fn resolv_conf(&self) -> Result<PathBuf> {
         let p = self.dir.join("resolv.conf");
         if !p.exists() {
@@ -1273,31 +1273,18 @@ impl Lab {
         Ok(p)
     }
 
-    /// Makes lab nodes started from now on forward names outside the
-    /// cluster to `server` (an address inside the lab).
-    pub fn set_upstream(&self, server: std::net::IpAddr) -> Result<()> {
-        std::fs::write(self.resolv_conf()?, format!("nameserver {server}\n"))?;
-        Ok(())
-    }
-
     /// Creates one more pod on host `i` through weft-cni.
     pub fn new_pod(&mut self, i: u32) -> Result<PodState> {
-        let h = self.host(i)?;
-        let j = h
-            .pods
-            .iter()
-            .filter_map(|p| p.ns.rsplit_once("-p")?.1.parse::<u32>().ok())
-            .max()
-            .unwrap_or(0)
-            + 1;
-        self.add_pod(i, j)?;
-        let h = self.host(i)?;
-        h.pods.last().cloned().context("the new pod")
+        self.new_pod_with(i, "")
     }
 
     /// Creates one more pod on host `i` with these names (`WEFT_NAME` in
     /// `CNI_ARGS`); the ADD's error when weft-cni refuses them.
     pub fn new_named_pod(&mut self, i: u32, names: &[&str]) -> Result<PodState> {
+        self.new_pod_with(i, &format!("WEFT_NAME={}", names.join(",")))
+    }
+
+    fn new_pod_with(&mut self, i: u32, args: &str) -> Result<PodState> {
         let h = self.host(i)?;
         let j = h
             .pods
@@ -1306,7 +1293,7 @@ impl Lab {
             .max()
             .unwrap_or(0)
             + 1;
-        self.add_pod_with(i, j, &format!("WEFT_NAME={}", names.join(",")))?;
+        self.add_pod_with(i, j, args)?;
         let h = self.host(i)?;
         h.pods.last().cloned().context("the new pod")
     }
