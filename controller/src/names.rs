@@ -198,13 +198,20 @@ impl Shared {
                 ),
             ));
         }
-        // Records are attached to the node's newest live etcd lease, so they
-        // go when it runs out; a node holding only a reservation keeps its
-        // names until it withdraws them.
+        // Records are attached to the etcd lease the node's renewals keep
+        // alive (as `renew` picks it: one that fits the network, the oldest),
+        // so they go when it runs out; a node holding only a reservation
+        // keeps its names until it withdraws them or is released.
+        let config = self.read().config.valid().cloned();
+        let fits = |l: &weft_lease::Lease| {
+            config
+                .as_ref()
+                .is_some_and(|c| weft_lease::alloc::key_fits(c, &l.key))
+        };
         let etcd_lease: Option<LeaseId> = leases
             .iter()
             .filter(|l| l.etcd_lease.is_some())
-            .max_by_key(|l| l.create_revision)
+            .min_by_key(|l| (!fits(l), l.create_revision))
             .and_then(|l| l.etcd_lease);
         let inside = |a: IpAddr| {
             leases.iter().any(|l| match a {
