@@ -472,11 +472,21 @@ fn a_peer_that_returns_with_the_same_key_is_reached_again() {
         || Ok(lab.reaches(&p1.ns, p2.ip) && lab.reaches(&p2.ns, p1.ip)),
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.diagnostics()));
-    assert_eq!(
-        lease_of(&lab, 2)["backend_data"],
-        key2,
-        "host 2 kept its key"
-    );
+    // Host 2 keeps its key, unless host 1's new key reached it before its
+    // first pass: a node that has just started cannot tell a generation
+    // it never sent with from one a reboot took from the kernel, so it
+    // rotates as after a reboot (saying why). Both are right; which one
+    // happens is a race between the two nodes, and traffic flows either
+    // way (checked above).
+    let now2 = lease_of(&lab, 2)["backend_data"].clone();
+    if now2 != key2 {
+        assert_eq!(now2["KeyEpoch"], 2, "host 2 rotated once: {now2}");
+        let log = lab.log_tail("node-2", 80);
+        assert!(
+            log.contains("outbound IPsec SAs were lost") && log.contains("198.18.0.11"),
+            "host 2 changed its key for another reason: {log}"
+        );
+    }
     assert_eq!(lease_of(&lab, 1)["backend_data"]["KeyEpoch"], 2);
 }
 
