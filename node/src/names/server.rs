@@ -58,14 +58,16 @@ impl Server {
         })
     }
 
+    /// What to say to one packet, from the table as it is now.
+    fn decide(&self, packet: &[u8], tcp: bool) -> Outcome {
+        let table = self.names.read();
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        answer(packet, &self.zone, &table, turn, tcp)
+    }
+
     /// The answer to one packet, forwarding when it is not ours.
     pub async fn respond(&self, packet: &[u8], tcp: bool) -> Option<Vec<u8>> {
-        let outcome = {
-            let table = self.names.read();
-            let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-            answer(packet, &self.zone, &table, turn, tcp)
-        };
-        match outcome {
+        match self.decide(packet, tcp) {
             Outcome::Reply(b) => Some(b),
             Outcome::Drop => None,
             Outcome::Forward(q) => Some(self.forward(&q, tcp).await),
@@ -120,12 +122,7 @@ pub async fn serve_udp(server: Arc<Server>, sock: UdpSocket) {
                 continue;
             }
         };
-        let outcome = {
-            let table = server.names.read();
-            let turn = server.turn.fetch_add(1, Ordering::Relaxed);
-            answer(&buf[..n], &server.zone, &table, turn, false)
-        };
-        match outcome {
+        match server.decide(&buf[..n], false) {
             Outcome::Reply(b) => {
                 let _ = sock.send_to(&b, from).await;
             }
