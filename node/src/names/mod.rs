@@ -12,7 +12,6 @@ pub mod server;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use weft_config::DnsName;
 use weft_lease::names::NameRecord;
@@ -123,11 +122,10 @@ impl NameTable {
 }
 
 /// The table shared by the follower (one writer), the registrar and the
-/// name server (readers), with a change counter readers can wait on.
+/// name server (readers), with a notification readers can wait on.
 #[derive(Debug, Clone, Default)]
 pub struct Names {
     table: Arc<RwLock<NameTable>>,
-    changes: Arc<AtomicU64>,
     notify: Arc<tokio::sync::Notify>,
 }
 
@@ -143,14 +141,8 @@ impl Names {
             let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
             f(&mut t)
         };
-        self.changes.fetch_add(1, Ordering::Relaxed);
         self.notify.notify_waiters();
         out
-    }
-
-    /// Changes so far.
-    pub fn version(&self) -> u64 {
-        self.changes.load(Ordering::Relaxed)
     }
 
     /// Waits for the next change.
