@@ -374,11 +374,9 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
     // without names removes any a stale attachment of this name had.
     let store = Store::open(&conf.data_dir, &conf.name)?;
     let addresses: Vec<IpAddr> = result.ips.iter().map(|ip| ip.address.addr()).collect();
-    let had = crate::names::read(&store)?
-        .attachments
-        .iter()
-        .any(|a| a.container_id == env.container_id && a.ifname == env.ifname);
+    let mut had = false;
     crate::names::update(&store, |f| {
+        had = f.remove(&env.container_id, &env.ifname);
         f.set(crate::names::entry(
             &env.container_id,
             &env.ifname,
