@@ -3,10 +3,16 @@
 //! (VmRSS) are sampled; after a warm-up, neither may grow by more than 5%
 //! between the first and the last window. At the end the lease history is
 //! checked (weft_tests::history) and every node must route exactly etcd's
-//! other leases. Exits non-zero when anything fails.
+//! other leases. Containers with names come and go on every host at the
+//! same time; at the end each name must resolve, on host-1's name server,
+//! to exactly the containers that still have it. Exits non-zero when
+//! anything fails.
 
 use crate::stats::median;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use hickory_proto::op::ResponseCode;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 use weft_tests::history::{acquires_in_logs, check_views, Recorder};
 use weft_tests::lab::{Lab, LabConfig};
@@ -34,6 +40,9 @@ pub struct Args {
     /// to its bound (16,384 changes by default, about 5 MiB here).
     #[arg(long, default_value_t = 50)]
     watch_history: usize,
+    /// Containers with names alive at once at most (on any host).
+    #[arg(long, default_value_t = 8)]
+    named: usize,
     /// Allowed growth of each process's memory, in percent.
     #[arg(long, default_value_t = 5.0)]
     max_growth: f64,
@@ -61,6 +70,75 @@ struct Counts {
     joins: u32,
     leaves: u32,
     restarts: u32,
+    named: u32,
+    unnamed: u32,
+}
+
+/// The names the soak's containers take: few, so a name often has several
+/// containers and loses and regains them.
+const NAMES: [&str; 4] = ["soak-a", "soak-b", "soak-c", "soak-d"];
+
+/// A container with a name, made by the soak.
+struct Named {
+    host: u32,
+    ns: String,
+    name: &'static str,
+    ip: Ipv4Addr,
+}
+
+/// Adds a named container on a random host or deletes one (a host's
+/// removal takes its containers with it; `named` forgets them there).
+fn churn_names(
+    lab: &mut Lab,
+    rng: &mut Rng,
+    named: &mut Vec<Named>,
+    max: usize,
+    counts: &mut Counts,
+) -> Result<()> {
+    if named.len() < max && (named.is_empty() || rng.next(2) == 0) {
+        let hosts: Vec<u32> = lab.state.hosts.iter().map(|h| h.index).collect();
+        let host = hosts[rng.next(hosts.len())];
+        let name = NAMES[rng.next(NAMES.len())];
+        let pod = lab.new_named_pod(host, &[name])?;
+        named.push(Named {
+            host,
+            ns: pod.ns,
+            name,
+            ip: pod.ip,
+        });
+        counts.named += 1;
+    } else if !named.is_empty() {
+        let gone = named.swap_remove(rng.next(named.len()));
+        lab.delete_pod(gone.host, &gone.ns)?;
+        counts.unnamed += 1;
+    }
+    Ok(())
+}
+
+/// Whether every name resolves on host-1's name server (asked from its
+/// first container) to exactly the addresses of the containers that have
+/// it; the first that does not, when one does not.
+fn names_match(lab: &Lab, named: &[Named]) -> Result<Option<String>> {
+    let mut want: BTreeMap<&str, Vec<String>> = NAMES.iter().map(|n| (*n, vec![])).collect();
+    for n in named {
+        want.entry(n.name).or_default().push(n.ip.to_string());
+    }
+    let host = lab.host(1)?;
+    let asker = &host.pods.first().context("host-1 has no container")?.ns;
+    let server = IpAddr::V4(lab.gateway(1)?);
+    for (name, mut addrs) in want {
+        addrs.sort();
+        // The lab's network has the default domain.
+        let got = weft_tests::dns::addresses(asker, server, &format!("{name}.weft."))?;
+        let right = match &got {
+            Ok(a) => *a == addrs,
+            Err(code) => addrs.is_empty() && *code == ResponseCode::NXDomain,
+        };
+        if !right {
+            return Ok(Some(format!("{name}: {got:?}, want {addrs:?}")));
+        }
+    }
+    Ok(None)
 }
 
 pub fn run_bench(args: Args) -> Result<()> {
@@ -87,6 +165,7 @@ pub fn run_bench(args: Args) -> Result<()> {
     let stable: Vec<u32> = (1..=args.stable).collect();
     let mut rng = Rng(args.seed.max(1));
     let mut counts = Counts::default();
+    let mut named: Vec<Named> = Vec::new();
     let mut samples: Vec<(Duration, u64, u64)> = Vec::new();
     let start = Instant::now();
     let mut next_sample = Duration::ZERO;
@@ -115,7 +194,9 @@ pub fn run_bench(args: Args) -> Result<()> {
                 counts.joins += 1;
             }
             1 => {
-                lab.remove_host(churning[rng.next(churning.len())])?;
+                let gone = churning[rng.next(churning.len())];
+                lab.remove_host(gone)?;
+                named.retain(|n| n.host != gone);
                 counts.leaves += 1;
             }
             _ => {
@@ -125,6 +206,7 @@ pub fn run_bench(args: Args) -> Result<()> {
                 counts.restarts += 1;
             }
         }
+        churn_names(&mut lab, &mut rng, &mut named, args.named, &mut counts)?;
         if start.elapsed() >= next_sample {
             samples.push((start.elapsed(), rss_kib(controller)?, rss_kib(node)?));
             next_sample += Duration::from_secs(5);
@@ -145,6 +227,18 @@ pub fn run_bench(args: Args) -> Result<()> {
         "every node's routes to match etcd's leases",
         || check_views(&lab, &live).map(|()| true),
     )?;
+    let mut wrong = None;
+    let named_ok = lab.wait_for(
+        Duration::from_secs(60),
+        "every name to resolve to exactly its containers on host-1",
+        || {
+            wrong = names_match(&lab, &named)?;
+            Ok(wrong.is_none())
+        },
+    );
+    if let Err(e) = named_ok {
+        bail!("{e}: {}", wrong.unwrap_or_default());
+    }
     let in_window = |from: Duration, to: Duration, pick: fn(&(Duration, u64, u64)) -> u64| {
         let v: Vec<f64> = samples
             .iter()
@@ -164,6 +258,13 @@ pub fn run_bench(args: Args) -> Result<()> {
         counts.restarts,
         history.changes.len(),
         acquires.len()
+    );
+    println!(
+        "{} named containers made, {} deleted (more went with their hosts), {} alive at the \
+         end: every name resolves on host-1 to exactly its containers",
+        counts.named,
+        counts.unnamed,
+        named.len()
     );
     println!(
         "{:<22} {:>12} {:>14} {:>14} {:>8}",
