@@ -7,7 +7,8 @@
 //!    client, over plain HTTP with a lean hand-written client (the same
 //!    request; the nodes' side shares this machine's cores, so this is the
 //!    controller's and etcd's figure), and over HTTPS with weft's client
-//!    and a certificate per node (what TLS costs, against the first).
+//!    and a certificate per node (what TLS costs, against the first), each
+//!    storm on an empty etcd of its own.
 //!    Latency per acquire, total time, each side's CPU, and etcd requests
 //!    per acquire (from the controller's `/metrics`).
 //! 3. Fan-out (over HTTPS): W watch streams follow the leases; K more nodes
