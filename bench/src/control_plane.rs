@@ -452,10 +452,12 @@ fn print_joins(what: &str, n: u32, j: &mut Joins) {
     );
     let per = |op: &str| j.deltas.get(op).copied().unwrap_or(0.0) / f64::from(n);
     println!(
-        "         etcd: {:.2} requests per acquire (grant {:.2}, txn {:.2})",
+        "         etcd: {:.2} requests per acquire (grant {:.2}, txn {:.2}, range {:.2}, time_to_live {:.2})",
         j.per_acquire,
         per("grant"),
-        per("txn")
+        per("txn"),
+        per("range"),
+        per("time_to_live")
     );
     if j.retries > 0 {
         println!(
@@ -499,23 +501,17 @@ pub async fn run(args: Args) -> Result<()> {
     // a controller and an empty etcd of its own: an etcd that already
     // holds a storm's leases and etcd leases spends about a quarter more
     // CPU on the next storm, so sharing one would favour the first.
-    let mut plain = None;
-    for (side, what) in [
-        (NodeSide::Weft, "plain HTTP, weft's client"),
-        (NodeSide::Lean, "plain HTTP, lean client"),
-    ] {
+    let (net, n, at_once) = (network.as_str(), args.nodes, args.concurrency);
+    let plain_storm = |side| async move {
         let etcd = tokio::task::spawn_blocking(EtcdServer::start).await??;
         let etcd_pid = etcd.pid().context("etcd is not running")?;
-        let ctl = start_controller(&etcd.url(), "/weft/network", None, &network).await?;
-        let mut joins = join_storm(&ctl, side, etcd_pid, args.nodes, args.concurrency).await?;
-        drop(ctl);
-        drop(etcd);
-        print_joins(what, args.nodes, &mut joins);
-        if matches!(side, NodeSide::Weft) {
-            plain = Some(joins);
-        }
-    }
-    let plain = plain.context("the plain storm with weft's client")?;
+        let ctl = start_controller(&etcd.url(), "/weft/network", None, net).await?;
+        join_storm(&ctl, side, etcd_pid, n, at_once).await
+    };
+    let mut plain = plain_storm(NodeSide::Weft).await?;
+    print_joins("plain HTTP, weft's client", args.nodes, &mut plain);
+    let mut lean = plain_storm(NodeSide::Lean).await?;
+    print_joins("plain HTTP, lean client", args.nodes, &mut lean);
     let etcd_pid = etcd.pid().context("etcd is not running")?;
     let ctl = start_controller(
         &url,
@@ -543,15 +539,6 @@ pub async fn run(args: Args) -> Result<()> {
         "tls      joins take {:.2}x the plain time (both with weft's client); the controller's CPU {:.2}x",
         tls.total.as_secs_f64() / plain.total.as_secs_f64(),
         tls.controller_cpu / plain.controller_cpu.max(1e-9)
-    );
-    let per = |op: &str| tls.deltas.get(op).copied().unwrap_or(0.0) / f64::from(args.nodes);
-    println!(
-        "etcd     {:.2} requests per acquire (grant {:.2}, txn {:.2}, range {:.2}, time_to_live {:.2})",
-        tls.per_acquire,
-        per("grant"),
-        per("txn"),
-        per("range"),
-        per("time_to_live")
     );
     let per_acquire = tls.per_acquire;
     let client = ctl.client.clone();

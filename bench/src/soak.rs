@@ -98,20 +98,31 @@ fn churn_names(
     if named.len() < max && (named.is_empty() || rng.next(2) == 0) {
         let hosts: Vec<u32> = lab.state.hosts.iter().map(|h| h.index).collect();
         let host = hosts[rng.next(hosts.len())];
-        let name = NAMES[rng.next(NAMES.len())];
-        let pod = lab.new_named_pod(host, &[name])?;
-        named.push(Named {
-            host,
-            ns: pod.ns,
-            name,
-            ip: pod.ip,
-        });
-        counts.named += 1;
+        add_named(lab, host, NAMES[rng.next(NAMES.len())], named, counts)?;
     } else if !named.is_empty() {
         let gone = named.swap_remove(rng.next(named.len()));
         lab.delete_pod(gone.host, &gone.ns)?;
         counts.named_deleted += 1;
     }
+    Ok(())
+}
+
+/// Makes a container named `name` on host `host` and records it.
+fn add_named(
+    lab: &mut Lab,
+    host: u32,
+    name: &'static str,
+    named: &mut Vec<Named>,
+    counts: &mut Counts,
+) -> Result<()> {
+    let pod = lab.new_named_pod(host, &[name])?;
+    named.push(Named {
+        host,
+        ns: pod.ns,
+        name,
+        ip: pod.ip,
+    });
+    counts.named += 1;
     Ok(())
 }
 
@@ -231,15 +242,7 @@ pub fn run_bench(args: Args) -> Result<()> {
     // more container gets one, on the last stable host (another host than
     // the one asked, when there is one).
     if named.is_empty() {
-        let host = args.stable;
-        let pod = lab.new_named_pod(host, &[NAMES[0]])?;
-        named.push(Named {
-            host,
-            ns: pod.ns,
-            name: NAMES[0],
-            ip: pod.ip,
-        });
-        counts.named += 1;
+        add_named(&mut lab, args.stable, NAMES[0], &mut named, &mut counts)?;
     }
     let mut wrong = None;
     let named_ok = lab.wait_for(
